@@ -1,0 +1,58 @@
+# Two commands: `make bench` (the benchmarks) and `make test` (the tests). Both set up .venv first.
+# On a machine whose Python already has CUDA torch, Triton and JAX (no network), pass
+# PYTHON=python3 to use it and install nothing.
+
+PYTHON ?=
+VENV ?= .venv
+ifeq ($(strip $(PYTHON)),)
+PY := $(VENV)/bin/python
+SETUP := $(VENV)/.installed
+else
+PY := $(PYTHON)
+SETUP :=
+endif
+
+OPS ?=
+IMPLS ?=
+TIER ?= smoke
+DTYPES ?=
+MODES ?= fwd
+RUN ?= $(shell date +%Y%m%d-%H%M%S)
+BASE ?=
+HEAD ?=
+THRESHOLD ?= 10
+PYTEST_ARGS ?=
+
+RUN_DIR := reports/runs/$(RUN)
+BENCH_FLAGS = --bench --ops=$(OPS) --impls=$(IMPLS) --tier=$(TIER) --dtypes=$(DTYPES) \
+	--modes=$(MODES) --run-id=$(RUN) --benchmark-json=$(RUN_DIR)/benchmark.json \
+	--benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+.PHONY: bench test compare summary setup clean-venv
+
+setup: $(SETUP)
+
+# Re-installs only when requirements.txt changes.
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $@
+
+bench: $(SETUP)
+	@mkdir -p $(RUN_DIR)
+	$(PY) -m pytest tests/bench -v $(BENCH_FLAGS) $(PYTEST_ARGS)
+
+test: $(SETUP)
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+# Compares the device-time medians of two runs (default: the last two under reports/runs) and
+# fails on a regression over THRESHOLD percent.
+compare: $(SETUP)
+	$(PY) -m harness.compare $(BASE) $(HEAD) --threshold $(THRESHOLD)
+
+summary: $(SETUP)
+	$(PY) -m harness.summary $(if $(RUN),$(RUN_DIR),reports/latest)
+
+clean-venv:
+	rm -rf $(VENV)

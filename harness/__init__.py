@@ -1,0 +1,1 @@
+"""The measuring harness: cases, inputs, checks, timing, memory, compile time, records."""

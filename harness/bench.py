@@ -1,0 +1,258 @@
+"""One benchmark: an implementation meets a case in one dtype (and, for attention, one mode).
+
+It produces one record with everything measured: correctness against float64, device time,
+compile time, peak memory. A failure of the implementation is caught and recorded with its reason;
+it never ends the run.
+"""
+from __future__ import annotations
+
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from harness import cases as cases_mod
+from harness import check, compile as compile_mod, env, inputs as inputs_mod, memory, timing
+from harness.cases import Case
+from kernels import ON_CUDA, reference, registry
+from kernels.registry import Impl
+
+MODES_BY_OP = {"matmul": ("fwd",), "conv2d": ("fwd",), "attention": cases_mod.ATTENTION_MODES}
+STOCK_FOR_ERROR = "torch"  # the stock op whose error in the same dtype sets the budget's scale
+
+
+@dataclass(frozen=True)
+class Bench:
+    op: str
+    impl: str
+    case: Case
+    dtype: str
+    mode: str = "fwd"
+
+    @property
+    def group(self) -> str:
+        suffix = "" if self.mode == "fwd" else f"-{self.mode}"
+        return f"{self.op}/{self.case.name}-{self.dtype}{suffix}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.group}/{self.impl}"
+
+
+def plan(ops, impl_filter, tier, dtypes, modes) -> list[Bench]:
+    """Every benchmark selected, ordered case -> dtype -> mode -> implementation, so all
+    implementations of one case run together and share one reference."""
+    out = []
+    for op in ops:
+        names = sorted(set(registry.impls(op)) | set(registry.disabled(op)))
+        if impl_filter:
+            names = [n for n in names if n in impl_filter]
+        for case in cases_mod.cases(op, tier):
+            for dtype in dtypes:
+                for mode in (m for m in MODES_BY_OP[op] if m in modes):
+                    out += [Bench(op, name, case, dtype, mode) for name in names]
+    return out
+
+
+# ---------------------------------------------------------------- building the calls
+@dataclass
+class Calls:
+    timed: Callable[[], Any]  # steady state, setup done
+    first: Callable[[], Any]  # the checked call: writes into a NaN-poisoned buffer when it can
+    memory: tuple  # (fn, args, kwargs) for memory.peak_bytes
+
+
+def _expected_shape(case: Case) -> tuple[int, ...]:
+    d = case.dims
+    if case.op == "matmul":
+        return (d["M"], d["N"])
+    if case.op == "attention":
+        return (d["B"], d["H"], d["Sq"], d["D"])
+    oh, ow = cases_mod.conv_out_hw(d)
+    return (d["N"], oh, ow, d["K"])
+
+
+def _forward_calls(impl: Impl, case: Case, arrays: dict) -> Calls:
+    args, kwargs = tuple(arrays.values()), inputs_mod.options(case)
+    timed = impl.bind(*args, **kwargs)
+    first = timed
+    if impl.accepts_out:
+        poisoned = torch.full(_expected_shape(case), float("nan"), dtype=args[0].dtype,
+                              device=args[0].device)
+        first = impl.bind(*args, out=poisoned, **kwargs)
+    return Calls(timed, first, (impl.fn, args, kwargs))
+
+
+def _grad_output(case: Case, dtype: str, framework: str, device: str):
+    shape = _expected_shape(case)
+    gen = torch.Generator(device=device).manual_seed(inputs_mod.seed_for(case, dtype, salt=1))
+    do = torch.randn(shape, generator=gen, device=device).to(inputs_mod.TORCH_DTYPES[dtype])
+    return do if framework == "torch" else inputs_mod.to_jax({"do": do})["do"]
+
+
+def _torch_grad_calls(impl: Impl, case: Case, arrays: dict, do, mode: str) -> Calls:
+    leaves = tuple(t.requires_grad_(True) for t in arrays.values())
+    kwargs = inputs_mod.options(case)
+
+    def fwd_bwd():
+        return torch.autograd.grad(impl.fn(*leaves, **kwargs), leaves, do)
+
+    if mode == "fwd_bwd":
+        return Calls(fwd_bwd, fwd_bwd, (lambda *a, **k: fwd_bwd(), leaves, {}))
+    out = impl.fn(*leaves, **kwargs)  # forward once, untimed; each timed call reruns backward
+
+    def bwd():
+        return torch.autograd.grad(out, leaves, do, retain_graph=True)
+
+    return Calls(bwd, bwd, (lambda *a, **k: bwd(), leaves, {}))
+
+
+def _jax_grad_calls(impl: Impl, case: Case, arrays: dict, do, mode: str) -> Calls:
+    import jax
+
+    kwargs = inputs_mod.options(case)
+    leaves = tuple(arrays.values())
+
+    def fn(*xs):
+        return impl.fn(*xs, **kwargs)
+
+    def grads(*xs_and_do):
+        return jax.vjp(fn, *xs_and_do[:-1])[1](xs_and_do[-1])
+
+    if mode == "fwd_bwd":
+        step = jax.jit(grads)
+        call = lambda: step(*leaves, do)  # noqa: E731
+        return Calls(call, call, (grads, leaves + (do,), {}))
+    _, vjp_fn = jax.vjp(fn, *leaves)
+    bwd = jax.jit(lambda f, g: f(g))
+    call = lambda: bwd(vjp_fn, do)  # noqa: E731
+    return Calls(call, call, (grads, leaves + (do,), {}))
+
+
+# ---------------------------------------------------------------- references
+class References:
+    """float64 answers and the stock op's error, per (case, dtype, mode); the latest few kept
+    (a GPU-sized float64 reference is hundreds of MB)."""
+
+    def __init__(self, device: str, keep: int = 2):
+        self.device, self.keep = device, keep
+        self._cache: dict[tuple, tuple] = {}
+
+    def get(self, case: Case, dtype: str, mode: str):
+        key = (case.key, dtype, mode)
+        if key not in self._cache:
+            while len(self._cache) >= self.keep:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = self._compute(case, dtype, mode)
+        return self._cache[key]
+
+    def _compute(self, case: Case, dtype: str, mode: str):
+        arrays = inputs_mod.make_torch(case, dtype, self.device)
+        kwargs = inputs_mod.options(case)
+        oracle = getattr(reference, case.op)
+        if mode == "fwd":
+            ref = oracle(*arrays.values(), **kwargs, device=self.device)
+            stock = registry.get(case.op, STOCK_FOR_ERROR)(*arrays.values(), **kwargs)
+            return ref, check.rel_err(stock, ref)
+        do = _grad_output(case, dtype, "torch", self.device)
+        leaves = [reference.as_float64(t, self.device).requires_grad_(True)
+                  for t in arrays.values()]
+        ref = torch.autograd.grad(oracle(*leaves, **kwargs, device=self.device), leaves,
+                                  reference.as_float64(do, self.device))
+        stock_leaves = [t.requires_grad_(True) for t in arrays.values()]
+        stock = torch.autograd.grad(registry.get(case.op, STOCK_FOR_ERROR)(*stock_leaves, **kwargs),
+                                    stock_leaves, do)
+        return ref, _grads_err(stock, ref)
+
+
+def _grads_err(outs, refs) -> float:
+    """The worst relative error over the gradients (dq, dk, dv)."""
+    return max(check.rel_err(o, r) for o, r in zip(outs, refs))
+
+
+# ---------------------------------------------------------------- the record
+@dataclass
+class Session:
+    run_id: str
+    cache_root: str
+    policy: timing.Policy | None = None
+    device: str = field(default_factory=lambda: "cuda" if ON_CUDA else "cpu")
+
+    def __post_init__(self):
+        self.references = References(self.device)
+
+    def base_record(self, b: Bench) -> dict:
+        rec = {"run_id": self.run_id, "op": b.op, "impl": b.impl, "case": b.case.name,
+               "dims": b.case.dims, "dtype": b.dtype, "mode": b.mode, "status": "failed",
+               "reason": "", "flops": cases_mod.flops(b.case, b.mode),
+               "bytes": cases_mod.min_bytes(b.case, b.dtype, b.mode), "device": env.device_name(),
+               "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "versions": env.versions()}
+        for k in ("median_s", "p20_s", "p80_s", "reps", "timing_method", "tflops", "gbps",
+                  "peak_bytes", "peak_method", "compile_cold_s", "compile_warm_s",
+                  "compile_method", "rel_err", "err_budget", "stock_err"):
+            rec[k] = None
+        return rec
+
+    def run(self, b: Bench) -> tuple[dict, timing.Timing | None]:
+        rec = self.base_record(b)
+        disabled = registry.disabled(b.op)
+        if b.impl in disabled:
+            rec.update(status="skipped", reason=disabled[b.impl])
+            return rec, None
+        impl = registry.get(b.op, b.impl)
+        rec.update(framework=impl.framework, kind=impl.kind, backend=impl.backend)
+        if impl.framework == "jax":
+            rec["jax_device"] = env.jax_device()
+        measured = None
+        try:
+            measured = self._measure(impl, b, rec)
+        except Exception as e:  # the implementation failed: record it and go on
+            rec.update(status="failed", reason=_reason(e))
+        finally:
+            if ON_CUDA:
+                torch.cuda.empty_cache()
+        return rec, measured
+
+    def _measure(self, impl: Impl, b: Bench, rec: dict) -> timing.Timing:
+        ref, stock_err = self.references.get(b.case, b.dtype, b.mode)
+        arrays = inputs_mod.make(b.case, b.dtype, impl.framework, self.device)
+        if b.mode == "fwd":
+            calls = _forward_calls(impl, b.case, arrays)
+        else:
+            do = _grad_output(b.case, b.dtype, impl.framework, self.device)
+            build = _torch_grad_calls if impl.framework == "torch" else _jax_grad_calls
+            calls = build(impl, b.case, arrays, do, b.mode)
+
+        first = compile_mod.first_calls(calls.first, impl.reset, self.cache_root)
+        err = (check.rel_err(first.output, ref) if b.mode == "fwd"
+               else _grads_err(first.output, ref))
+        t = timing.time_fn(calls.timed, impl.framework, ON_CUDA, self.policy)
+        cold, warm = first.compile_times(t.median_s)
+        peak, peak_method = memory.peak_bytes(calls.timed, impl.framework, ON_CUDA,
+                                              *calls.memory)
+        budget = check.budget(b.dtype, stock_err)
+        rec.update(median_s=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, reps=t.reps,
+                   spread=t.spread, timing_method=t.method,
+                   tflops=rec["flops"] / t.median_s / 1e12, gbps=rec["bytes"] / t.median_s / 1e9,
+                   peak_bytes=peak, peak_method=peak_method, compile_cold_s=cold,
+                   compile_warm_s=warm,
+                   compile_method="first call - median" + (
+                       "; warm after in-memory reset" if impl.reset else "; no compile step"),
+                   rel_err=err, err_budget=budget, stock_err=stock_err)
+        if check.passes(err, b.dtype, stock_err):
+            rec.update(status="ok")
+        else:
+            rec.update(status="failed",
+                       reason=f"wrong result: relative error {err:.3g} over budget {budget:.3g}")
+        return t
+
+
+def _reason(e: BaseException) -> str:
+    where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    at = f" (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})" if where else ""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}{at}"[:500]

@@ -1,0 +1,198 @@
+"""Shape cases as data, per op and tier, and the two numbers every case starts from: the
+floating-point operations it does and the fewest bytes it must move (each input read once, each
+output written once).
+
+Tiers: `smoke` runs on a 2-core CPU in minutes (interpreters included); `standard` is the GPU set;
+`full` adds the rest of the grids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TIERS = ("smoke", "standard", "full")
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16",
+                 "half": "float16", "bf16": "bfloat16"}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+ATTENTION_MODES = ("fwd", "bwd", "fwd_bwd")
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    name: str
+    dims: dict = field(hash=False, compare=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.op}/{self.name}"
+
+
+# ---------------------------------------------------------------- matmul: M, K, N
+def _mm(M, K, N):
+    return Case("matmul", f"{M}x{K}x{N}", {"M": M, "K": K, "N": N})
+
+
+_MATMUL_SMOKE = [_mm(128, 128, 128), _mm(256, 256, 256), _mm(16, 512, 256), _mm(257, 131, 67)]
+# LLM-like: MLP up (4096 tokens, 4096 -> 14336) and down projections, an attention-sized
+# projection, and a decode step (16 tokens).
+_MATMUL_STANDARD = [_mm(n, n, n) for n in (1024, 2048, 4096, 8192)] + [
+    _mm(4096, 4096, 14336), _mm(4096, 14336, 4096), _mm(8192, 1024, 4096), _mm(16, 4096, 4096)]
+_MATMUL_FULL = _MATMUL_STANDARD + [_mm(n, n, n) for n in (512, 3072, 6144, 16384)] + [
+    _mm(4097, 4095, 4093), _mm(65536, 256, 256), _mm(256, 65536, 256), _mm(1, 8192, 8192)]
+
+
+# ---------------------------------------------------------------- attention
+def _attn(B, H, Hkv, Sq, Sk, D, causal):
+    mask = "causal" if causal else "full"
+    heads = f"h{H}" if H == Hkv else f"h{H}kv{Hkv}"
+    return Case("attention", f"b{B}_{heads}_q{Sq}_k{Sk}_d{D}_{mask}",
+                {"B": B, "H": H, "Hkv": Hkv, "Sq": Sq, "Sk": Sk, "D": D, "causal": causal})
+
+
+def _flash_grid(seqlens, head_dims, tokens=16384, width=2048):
+    """The FlashAttention paper's grid: batch * seqlen = 16k tokens, heads * D = 2048."""
+    return [_attn(tokens // s, width // d, width // d, s, s, d, causal)
+            for d in head_dims for s in seqlens for causal in (False, True)]
+
+
+_ATTENTION_SMOKE = [
+    _attn(1, 2, 2, 128, 128, 64, False), _attn(1, 2, 2, 128, 128, 64, True),
+    _attn(1, 4, 1, 1, 512, 64, False),  # decode step, multi-query
+    _attn(1, 2, 1, 67, 131, 32, True),  # odd lengths, GQA, Sq < Sk
+]
+_DECODE = [_attn(8, 32, 8, 1, 4096, 128, False), _attn(8, 32, 8, 1, 32768, 128, False)]
+_ATTENTION_ODD = [_attn(2, 16, 4, 1000, 1000, 128, True), _attn(1, 8, 8, 4099, 2053, 64, True)]
+_ATTENTION_STANDARD = _flash_grid((1024, 4096, 16384), (64, 128)) + _DECODE + _ATTENTION_ODD
+_ATTENTION_FULL = _flash_grid((512, 1024, 2048, 4096, 8192, 16384), (64, 128)) + _DECODE + \
+    _ATTENTION_ODD
+
+
+# ---------------------------------------------------------------- conv2d
+def _conv(N, H, W, C, K, KH, KW, stride=1, padding=0, dilation=1, label=""):
+    def fmt(v):
+        return str(v) if isinstance(v, int) else f"{v[0]}x{v[1]}"
+    name = f"{label + '_' if label else ''}n{N}_{H}x{W}x{C}_k{KH}x{KW}x{K}_s{fmt(stride)}" \
+           f"_p{fmt(padding)}_d{fmt(dilation)}"
+    return Case("conv2d", name, {"N": N, "H": H, "W": W, "C": C, "K": K, "KH": KH, "KW": KW,
+                                 "stride": stride, "padding": padding, "dilation": dilation})
+
+
+def _resnet50(batch):
+    """The distinct convolution layers of ResNet-50 (stem, bottleneck 1x1 / 3x3 / 1x1 per stage,
+    the stride-2 3x3 and the projection shortcuts of the transitions), NHWC."""
+    layers = [_conv(batch, 224, 224, 3, 64, 7, 7, 2, 3, label="stem")]
+    # stage: input size, width, input channels of the first block
+    for size, width, cin in ((56, 64, 64), (28, 128, 256), (14, 256, 512), (7, 512, 1024)):
+        stride = 1 if width == 64 else 2
+        in_size = size * stride
+        layers += [
+            _conv(batch, in_size, in_size, cin, width, 1, 1, label=f"c{width}_reduce_first"),
+            _conv(batch, in_size, in_size, cin, width * 4, 1, 1, stride,
+                  label=f"c{width}_shortcut"),
+            _conv(batch, size, size, width * 4, width, 1, 1, label=f"c{width}_reduce"),
+            _conv(batch, size, size, width, width, 3, 3, 1, 1, label=f"c{width}_3x3"),
+            _conv(batch, size, size, width, width * 4, 1, 1, label=f"c{width}_expand"),
+        ]
+        if stride == 2:
+            layers.append(_conv(batch, in_size, in_size, width, width, 3, 3, 2, 1,
+                                label=f"c{width}_3x3_s2"))
+    return layers
+
+
+_CONV_ODD = [
+    _conv(2, 31, 29, 3, 1, 3, 3, 1, 1, label="odd_k1"),
+    _conv(2, 33, 33, 16, 32, 3, 3, 1, 2, 2, label="odd_dilation2"),
+    _conv(2, 35, 35, 8, 24, 5, 5, 3, 1, label="odd_stride3"),
+    _conv(2, 40, 24, 12, 20, 3, 5, 1, (1, 2), label="odd_nonsquare"),
+]
+_CONV_SMOKE = [
+    _conv(2, 16, 16, 16, 32, 3, 3, 1, 1, label="c3x3"),
+    _conv(2, 16, 16, 32, 64, 1, 1, label="c1x1"),
+    _conv(1, 32, 32, 3, 16, 7, 7, 2, 3, label="stem"),
+    _conv(1, 15, 13, 3, 1, 3, 3, 1, 1, label="odd_k1"),
+    _conv(1, 17, 17, 8, 8, 3, 3, 3, 2, 2, label="odd_s3_d2"),
+]
+_CONV_STANDARD = _resnet50(32) + _CONV_ODD
+_CONV_FULL = _resnet50(32) + _resnet50(128) + _CONV_ODD
+
+CASES: dict[str, dict[str, list[Case]]] = {
+    "matmul": {"smoke": _MATMUL_SMOKE, "standard": _MATMUL_STANDARD, "full": _MATMUL_FULL},
+    "attention": {"smoke": _ATTENTION_SMOKE, "standard": _ATTENTION_STANDARD,
+                  "full": _ATTENTION_FULL},
+    "conv2d": {"smoke": _CONV_SMOKE, "standard": _CONV_STANDARD, "full": _CONV_FULL},
+}
+
+
+def cases(op: str, tier: str) -> list[Case]:
+    if op not in CASES:
+        raise ValueError(f"op must be one of {sorted(CASES)}, got {op!r}")
+    if tier not in TIERS:
+        raise ValueError(f"tier must be one of {list(TIERS)}, got {tier!r}")
+    return list(CASES[op][tier])
+
+
+def normalize_dtype(name: str) -> str:
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)} (or {sorted(DTYPE_ALIASES)}), "
+                         f"got {name!r}")
+    return name
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def conv_out_hw(d: dict) -> tuple[int, int]:
+    (sh, sw), (ph, pw), (dh, dw) = _pair(d["stride"]), _pair(d["padding"]), _pair(d["dilation"])
+    oh = (d["H"] + 2 * ph - dh * (d["KH"] - 1) - 1) // sh + 1
+    ow = (d["W"] + 2 * pw - dw * (d["KW"] - 1) - 1) // sw + 1
+    return oh, ow
+
+
+def _attention_pairs(d: dict) -> float:
+    """Query-key pairs computed: all of them, or under the causal mask (top-left) those with
+    j <= i; exactly half when Sq == Sk, as the FlashAttention benchmarks count it."""
+    sq, sk = d["Sq"], d["Sk"]
+    if not d["causal"]:
+        return sq * sk
+    if sq == sk:
+        return sq * sk / 2
+    return sum(min(i + 1, sk) for i in range(sq))
+
+
+# Backward of attention: 2.5x the forward's FLOPs (two matmuls forward, five backward).
+_MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+
+
+def flops(case: Case, mode: str = "fwd") -> float:
+    d = case.dims
+    if case.op == "matmul":
+        return 2.0 * d["M"] * d["N"] * d["K"]
+    if case.op == "attention":
+        return 4.0 * d["B"] * d["H"] * d["D"] * _attention_pairs(d) * _MODE_FLOP_FACTOR[mode]
+    if case.op == "conv2d":
+        oh, ow = conv_out_hw(d)
+        return 2.0 * d["N"] * oh * ow * d["K"] * d["C"] * d["KH"] * d["KW"]
+    raise ValueError(f"unknown op {case.op!r}")
+
+
+def min_bytes(case: Case, dtype: str, mode: str = "fwd") -> float:
+    """Each input read once, each output written once."""
+    d = case.dims
+    if case.op == "matmul":
+        elements = d["M"] * d["K"] + d["K"] * d["N"] + d["M"] * d["N"]
+    elif case.op == "attention":
+        q = d["B"] * d["H"] * d["Sq"] * d["D"]  # q, o, do, dq each have this size
+        kv = d["B"] * d["Hkv"] * d["Sk"] * d["D"]  # k, v, dk, dv each
+        fwd = 2 * q + 2 * kv  # read q, k, v; write o
+        bwd = 3 * q + 2 * kv + q + 2 * kv  # read q, o, do, k, v; write dq, dk, dv
+        elements = {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
+    elif case.op == "conv2d":
+        oh, ow = conv_out_hw(d)
+        elements = (d["N"] * d["H"] * d["W"] * d["C"] + d["KH"] * d["KW"] * d["C"] * d["K"]
+                    + d["N"] * oh * ow * d["K"])
+    else:
+        raise ValueError(f"unknown op {case.op!r}")
+    return float(elements * ITEMSIZE[dtype])

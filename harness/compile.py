@@ -1,0 +1,57 @@
+"""Compile time, cold and warm, measured in-process around the first calls of a benchmark.
+
+cold: every compile cache is empty. In-memory caches are dropped (the implementation's reset:
+      Triton binaries and autotune choices, dynamo's graphs, jax's jit caches) and the on-disk
+      caches point at a fresh directory (TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR; jax runs with
+      no persistent cache).
+warm: in-memory caches dropped again, on-disk caches kept from the cold call: what a second
+      process on the same machine pays.
+Both are reported as (first call) - (median steady-state call); autotuning and cuDNN's algorithm
+search count as compile time. An implementation with no reset hook (eager torch) has nothing to
+recompile: its cold figure is its first-call overhead in this process and warm is not measured.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from harness.timing import sync
+
+_CACHE_ENV = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")
+
+
+@dataclass
+class FirstCalls:
+    cold_s: float
+    warm_s: float | None
+    output: Any  # the cold call's output, checked for correctness
+
+    def compile_times(self, median_s: float) -> tuple[float, float | None]:
+        cold = max(self.cold_s - median_s, 0.0)
+        warm = None if self.warm_s is None else max(self.warm_s - median_s, 0.0)
+        return cold, warm
+
+
+def _timed(call: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = sync(call())
+    return time.perf_counter() - t0, out
+
+
+def first_calls(call: Callable[[], Any], reset: Callable[[], None] | None,
+                cache_root: str) -> FirstCalls:
+    """Runs the cold call (fresh caches) and, where the implementation can be reset, the warm one."""
+    fresh = tempfile.mkdtemp(prefix="compile-", dir=cache_root)
+    for var in _CACHE_ENV:
+        os.environ[var] = os.path.join(fresh, var.lower())
+    if reset is not None:
+        reset()
+    cold_s, out = _timed(call)
+    warm_s = None
+    if reset is not None:
+        reset()
+        warm_s, _ = _timed(call)
+    return FirstCalls(cold_s, warm_s, out)

@@ -1,0 +1,67 @@
+"""What machine and software a record comes from."""
+from __future__ import annotations
+
+import functools
+import platform
+import sys
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
+@functools.cache
+def nvml_info() -> dict:
+    """Driver and GPU from NVML; {} without a GPU (NVMLError_LibraryNotFound is the normal state)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return {}
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return {"driver": pynvml.nvmlSystemGetDriverVersion(),
+                "gpu": pynvml.nvmlDeviceGetName(h),
+                "sm_clock_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
+                "mem_clock_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)}
+    except Exception as e:
+        return {"nvml_error": str(e)}
+
+
+@functools.cache
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU: {cpu}"
+
+
+@functools.cache
+def versions() -> dict:
+    import torch
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "triton": _version("triton"), "jax": _version("jax"), "jaxlib": _version("jaxlib"),
+            "numpy": _version("numpy"), "cuda": torch.version.cuda,
+            "driver": nvml_info().get("driver")}
+
+
+def jax_device() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return f"{d.platform}: {getattr(d, 'device_kind', d)}"

@@ -1,0 +1,112 @@
+"""pytest plugin: the options and fixtures that turn tests/bench into the benchmark run.
+
+    pytest tests/bench --ops matmul --impls triton,torch --tier smoke --dtypes bf16
+
+Each benchmark is one test `test_bench[<op>/<case>-<dtype>/<impl>]`; its record is appended to
+reports/runs/<run-id>/results.jsonl as it ends, and its device-time samples are handed to
+pytest-benchmark (grouped by case) so --benchmark-compare compares device time.
+"""
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+
+from harness import cases as cases_mod
+from harness import results
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("kernels", "kernel benchmarks")
+    g.addoption("--bench", action="store_true", help="run the benchmarks in tests/bench")
+    g.addoption("--ops", default="", help="comma-separated ops (default: all)")
+    g.addoption("--impls", default="", help="comma-separated implementations (default: all)")
+    g.addoption("--tier", default="smoke", help=f"one of {', '.join(cases_mod.TIERS)}")
+    g.addoption("--dtypes", default="", help="comma-separated dtypes, e.g. bf16,fp32 (default: all)")
+    g.addoption("--modes", default="fwd", help="attention modes: fwd, bwd, fwd_bwd (default fwd)")
+    g.addoption("--run-id", default="", help="run directory name under reports/runs")
+
+
+class Selection:
+    """The validated filters; bad values are usage errors naming the valid choices."""
+
+    def __init__(self, config):
+        from kernels import registry
+
+        self.ops = _csv(config.getoption("ops")) or registry.ops()
+        self.impls = _csv(config.getoption("impls"))
+        self.tier = config.getoption("tier")
+        self.dtypes = [cases_mod.normalize_dtype(d) for d in _csv(config.getoption("dtypes"))] \
+            or list(cases_mod.DTYPES)
+        self.modes = _csv(config.getoption("modes")) or ["fwd"]
+        bad_ops = [o for o in self.ops if o not in registry.ops()]
+        if bad_ops:
+            raise pytest.UsageError(f"unknown op(s) {bad_ops}; valid: {registry.ops()}")
+        known = {n for op in self.ops for n in set(registry.impls(op)) | set(registry.disabled(op))}
+        bad_impls = [i for i in self.impls if i not in known]
+        if bad_impls:
+            raise pytest.UsageError(f"unknown implementation(s) {bad_impls}; valid for "
+                                    f"{self.ops}: {sorted(known)}")
+        if self.tier not in cases_mod.TIERS:
+            raise pytest.UsageError(f"unknown tier {self.tier!r}; valid: {list(cases_mod.TIERS)}")
+        bad_modes = [m for m in self.modes if m not in cases_mod.ATTENTION_MODES]
+        if bad_modes:
+            raise pytest.UsageError(f"unknown mode(s) {bad_modes}; valid: "
+                                    f"{list(cases_mod.ATTENTION_MODES)}")
+
+
+def _selection(config) -> Selection:
+    if not hasattr(config, "_kernels_selection"):
+        try:
+            config._kernels_selection = Selection(config)
+        except ValueError as e:  # a bad dtype name
+            raise pytest.UsageError(str(e)) from None
+    return config._kernels_selection
+
+
+def pytest_generate_tests(metafunc):
+    if "bench_item" not in metafunc.fixturenames:
+        return
+    from harness.bench import plan
+
+    sel = _selection(metafunc.config)
+    items = plan(sel.ops, sel.impls, sel.tier, sel.dtypes, sel.modes)
+    metafunc.parametrize("bench_item", items, ids=[b.id for b in items])
+
+
+class RunState:
+    def __init__(self, config):
+        from harness.bench import Session
+
+        run_id = config.getoption("run_id") or results.new_run_id()
+        self.dir = results.start_run(run_id)
+        self.path = self.dir / "results.jsonl"
+        self.cache_root = tempfile.mkdtemp(prefix="kernels-compile-")
+        self.session = Session(run_id, self.cache_root)
+        self.records: list[dict] = []
+
+    def add(self, record: dict) -> None:
+        results.append(self.path, record)
+        self.records.append(record)
+
+
+@pytest.fixture(scope="session")
+def bench_run(request):
+    state = RunState(request.config)
+    request.config._kernels_run = state
+    return state
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    state = getattr(config, "_kernels_run", None)
+    if state is None or not state.records:
+        return
+    from harness.summary import table
+
+    terminalreporter.section("kernel benchmarks")
+    terminalreporter.write_line(table(state.records))
+    terminalreporter.write_line(f"records: {state.path}")

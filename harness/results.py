@@ -1,0 +1,64 @@
+"""Run directories and records.
+
+A run lives in reports/runs/<run-id>/ with results.jsonl (one JSON record per benchmark, appended
+and flushed as each ends, so a killed run keeps what it measured) and benchmark.json
+(pytest-benchmark's). reports/latest points at the newest run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+REPORTS = Path(os.environ.get("KERNELS_REPORTS", Path(__file__).resolve().parent.parent / "reports"))
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def run_dir(run_id: str, reports: Path = REPORTS) -> Path:
+    return reports / "runs" / run_id
+
+
+def point_latest(target: Path, link: Path) -> None:
+    """Atomically repoints the `link` symlink at `target`."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(os.path.relpath(target, link.parent))
+    os.replace(tmp, link)
+
+
+def start_run(run_id: str, reports: Path = REPORTS) -> Path:
+    d = run_dir(run_id, reports)
+    d.mkdir(parents=True, exist_ok=True)
+    point_latest(d, reports / "latest")
+    return d
+
+
+def append(path: Path, record: dict) -> None:
+    line = json.dumps(record, sort_keys=True, default=str)
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load(path: Path) -> list[dict]:
+    """Records of a results.jsonl; a line cut short by a kill is ignored."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def record_key(r: dict) -> str:
+    mode = r.get("mode", "fwd")
+    return f"{r['op']}/{r['impl']}/{r['case']}-{r['dtype']}" + ("" if mode == "fwd" else f"-{mode}")

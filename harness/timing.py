@@ -1,0 +1,142 @@
+"""Device-accurate timers.
+
+CUDA (torch, Triton and JAX on the GPU): the L2 cache is flushed before every repetition by
+writing a buffer larger than it, so each repetition reads its inputs from memory as a one-off
+kernel call would. torch/Triton are timed with CUDA events around the call; JAX with perf_counter
+around the call and block_until_ready (which includes the host dispatch, a few microseconds).
+CPU: perf_counter around the call. Repetitions run until a time budget is spent (at least
+`min_reps`), after warmup; the median and the 20th/80th percentiles summarise them.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+L2_FLUSH_BYTES = 256 * 2**20  # H100 L2 is 50 MB
+
+
+@dataclass(frozen=True)
+class Policy:
+    warmup_s: float
+    budget_s: float
+    min_reps: int
+    max_reps: int
+
+
+GPU_POLICY = Policy(warmup_s=0.05, budget_s=0.4, min_reps=10, max_reps=500)
+CPU_POLICY = Policy(warmup_s=0.0, budget_s=0.3, min_reps=3, max_reps=200)
+
+
+@dataclass
+class Timing:
+    median_s: float
+    p20_s: float
+    p80_s: float
+    reps: int
+    method: str
+    samples: list[float] = field(repr=False)
+
+    @property
+    def spread(self) -> float:
+        """(p80 - p20) / median: the run's own noise, used to judge changes between runs."""
+        return (self.p80_s - self.p20_s) / self.median_s if self.median_s > 0 else 0.0
+
+
+def sync(out: Any) -> Any:
+    """Waits until `out` is computed: jax arrays (and pytrees of them) and CUDA torch tensors."""
+    if isinstance(out, torch.Tensor):
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
+        return out
+    try:
+        import jax
+    except ImportError:
+        return out
+    return jax.block_until_ready(out)
+
+
+def _quantile(sorted_samples: list[float], q: float) -> float:
+    i = q * (len(sorted_samples) - 1)
+    lo, hi = int(i), min(int(i) + 1, len(sorted_samples) - 1)
+    return sorted_samples[lo] + (sorted_samples[hi] - sorted_samples[lo]) * (i - lo)
+
+
+def summarize(samples: list[float], method: str) -> Timing:
+    s = sorted(samples)
+    return Timing(statistics.median(s), _quantile(s, 0.2), _quantile(s, 0.8), len(s), method,
+                  list(samples))
+
+
+class _L2Flusher:
+    def __init__(self):
+        self.buf = None
+
+    def __call__(self):
+        if self.buf is None:
+            self.buf = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+        self.buf.zero_()
+
+
+_flush_l2 = _L2Flusher()
+
+
+def _reps(policy: Policy, one: Callable[[], float]) -> list[float]:
+    samples: list[float] = []
+    spent = 0.0
+    while len(samples) < policy.max_reps and (len(samples) < policy.min_reps
+                                              or spent < policy.budget_s):
+        dt = one()
+        samples.append(dt)
+        spent += dt
+    return samples
+
+
+def _warmup(fn: Callable[[], Any], policy: Policy) -> None:
+    start = time.perf_counter()
+    sync(fn())
+    while time.perf_counter() - start < policy.warmup_s:
+        sync(fn())
+
+
+def time_cuda_events(fn: Callable[[], Any], policy: Policy = GPU_POLICY) -> Timing:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    _warmup(fn, policy)
+
+    def one() -> float:
+        _flush_l2()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    return summarize(_reps(policy, one), "cuda_events+l2_flush")
+
+
+def time_wall(fn: Callable[[], Any], policy: Policy, flush: bool) -> Timing:
+    _warmup(fn, policy)
+
+    def one() -> float:
+        if flush:
+            _flush_l2()
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        sync(fn())
+        return time.perf_counter() - t0
+
+    method = "perf_counter+block_until_ready" + ("+l2_flush" if flush else "")
+    return summarize(_reps(policy, one), method)
+
+
+def time_fn(fn: Callable[[], Any], framework: str, on_cuda: bool,
+            policy: Policy | None = None) -> Timing:
+    """Times a zero-argument callable with the right clock for its framework and device."""
+    if on_cuda and framework == "torch":
+        return time_cuda_events(fn, policy or GPU_POLICY)
+    if on_cuda:
+        return time_wall(fn, policy or GPU_POLICY, flush=True)
+    return time_wall(fn, policy or CPU_POLICY, flush=False)

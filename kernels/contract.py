@@ -1,0 +1,166 @@
+"""The public contract of every implementation: argument checks shared by all backends.
+
+Each check raises TypeError (wrong kind of array, unsupported dtype) or ValueError (wrong rank or
+shape) with a message naming the argument and what was expected, and returns the problem's sizes.
+Zero-sized dimensions are rejected: every op in the suite needs at least one element per dimension.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("float32", "float16", "bfloat16")
+FRAMEWORKS = ("torch", "jax")
+
+
+def dtype_name(x) -> str:
+    """'float32' / 'float16' / 'bfloat16' for a torch tensor or a jax array."""
+    name = str(x.dtype)
+    return name.removeprefix("torch.")
+
+
+def _is_torch(x) -> bool:
+    import torch
+
+    return isinstance(x, torch.Tensor)
+
+
+def _is_jax(x) -> bool:
+    import jax
+
+    return isinstance(x, jax.Array)
+
+
+def check_array(name: str, x, framework: str, rank: int) -> tuple[int, ...]:
+    """Checks the array kind, rank and dtype of argument `name`; returns its shape."""
+    if framework == "torch" and not _is_torch(x):
+        raise TypeError(f"{name} must be a torch.Tensor for this torch implementation, "
+                        f"got {type(x).__module__}.{type(x).__name__}")
+    if framework == "jax" and not _is_jax(x):
+        raise TypeError(f"{name} must be a jax.Array for this jax implementation, "
+                        f"got {type(x).__module__}.{type(x).__name__}")
+    if x.ndim != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(x.shape)}")
+    dtype = dtype_name(x)
+    if dtype not in DTYPES:
+        raise TypeError(f"{name} must have dtype float32, float16 or bfloat16, got {dtype}")
+    shape = tuple(int(s) for s in x.shape)
+    if min(shape) < 1:
+        raise ValueError(f"{name} must have every dimension >= 1, got shape {shape}")
+    return shape
+
+
+def check_same_dtype(**arrays) -> str:
+    names = list(arrays)
+    dtypes = [dtype_name(arrays[n]) for n in names]
+    for n, d in zip(names[1:], dtypes[1:]):
+        if d != dtypes[0]:
+            raise TypeError(f"{n} has dtype {d} but {names[0]} has dtype {dtypes[0]}: "
+                            "all inputs must share one dtype")
+    return dtypes[0]
+
+
+def check_device(name: str, x, device_type: str) -> None:
+    """For kernels bound to one device type (a Triton kernel: 'cuda', or 'cpu' when interpreting)."""
+    if x.device.type != device_type:
+        raise ValueError(f"{name} must be on a {device_type} device for this implementation, "
+                         f"got {x.device}")
+
+
+@dataclass(frozen=True)
+class MatmulDims:
+    M: int
+    K: int
+    N: int
+
+
+def matmul_args(a, b, framework: str) -> MatmulDims:
+    M, K = check_array("a", a, framework, 2)
+    K2, N = check_array("b", b, framework, 2)
+    if K2 != K:
+        raise ValueError(f"b must have shape [K={K}, N] to match a [M, K] = {[M, K]}, "
+                         f"got {[K2, N]}")
+    check_same_dtype(a=a, b=b)
+    return MatmulDims(M, K, N)
+
+
+@dataclass(frozen=True)
+class AttentionDims:
+    B: int
+    H: int
+    Hkv: int
+    Sq: int
+    Sk: int
+    D: int
+    causal: bool
+    scale: float
+
+
+def attention_args(q, k, v, causal, scale, framework: str) -> AttentionDims:
+    B, H, Sq, D = check_array("q", q, framework, 4)
+    kshape = check_array("k", k, framework, 4)
+    vshape = check_array("v", v, framework, 4)
+    if kshape != vshape:
+        raise ValueError(f"k and v must have the same shape [B, Hkv, Sk, D], got k {list(kshape)} "
+                         f"and v {list(vshape)}")
+    Bk, Hkv, Sk, Dk = kshape
+    if Bk != B:
+        raise ValueError(f"k must have batch size {B} like q, got {Bk}")
+    if Dk != D:
+        raise ValueError(f"k must have head dimension D={D} like q, got {Dk}")
+    if H % Hkv:
+        raise ValueError(f"q's heads H={H} must be a multiple of k's heads Hkv={Hkv}")
+    check_same_dtype(q=q, k=k, v=v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is None:
+        scale = D ** -0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    return AttentionDims(B, H, Hkv, Sq, Sk, D, causal, float(scale))
+
+
+def int_pair(name: str, value, minimum: int) -> tuple[int, int]:
+    """An int or an (h, w) pair of ints, each >= minimum."""
+    pair = (value, value) if isinstance(value, int) else value
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(p, int) and not isinstance(p, bool) for p in pair)):
+        raise TypeError(f"{name} must be an int or an (h, w) pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+@dataclass(frozen=True)
+class Conv2dDims:
+    N: int
+    H: int
+    W: int
+    C: int
+    KH: int
+    KW: int
+    K: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    OH: int
+    OW: int
+
+
+def conv2d_args(x, w, stride, padding, dilation, framework: str) -> Conv2dDims:
+    N, H, W, C = check_array("x", x, framework, 4)
+    KH, KW, Cw, K = check_array("w", w, framework, 4)
+    if Cw != C:
+        raise ValueError(f"w must have shape [KH, KW, C={C}, K] to match x [N, H, W, C], "
+                         f"got {[KH, KW, Cw, K]}")
+    check_same_dtype(x=x, w=w)
+    s = int_pair("stride", stride, 1)
+    p = int_pair("padding", padding, 0)
+    d = int_pair("dilation", dilation, 1)
+    extent = (d[0] * (KH - 1) + 1, d[1] * (KW - 1) + 1)
+    padded = (H + 2 * p[0], W + 2 * p[1])
+    if extent[0] > padded[0] or extent[1] > padded[1]:
+        raise ValueError(f"w's dilated kernel extent {extent} is larger than the padded input "
+                         f"{padded} (x [N, H, W, C] = {[N, H, W, C]}, padding={p})")
+    OH = (padded[0] - extent[0]) // s[0] + 1
+    OW = (padded[1] - extent[1]) // s[1] + 1
+    return Conv2dDims(N, H, W, C, KH, KW, K, s, p, d, OH, OW)

@@ -1,0 +1,1 @@
+"""Hand-written Pallas kernels, one module per op (kernel body, block sizes, launcher)."""

@@ -1,0 +1,133 @@
+"""op -> {implementation name -> Impl}: the one place that knows which implementations exist.
+
+Built-in modules register themselves when first asked for (importing torch and jax is slow, so
+`import kernels.registry` alone imports neither). Users add their own with the `register` decorator.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+OPS = ("attention", "conv2d", "matmul")
+KINDS = ("stock", "hand", "plugin")
+
+_BUILTIN_MODULES = (
+    "kernels.stock_torch",
+    "kernels.stock_xla",
+    "kernels.triton.matmul",
+    "kernels.pallas.matmul",
+)
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation of one op. Call it like the op: impl(a, b), impl(q, k, v, ...), ..."""
+
+    op: str
+    name: str
+    fn: Callable[..., Any]
+    framework: str  # "torch" or "jax": the kind of arrays it takes and returns
+    kind: str  # "stock" (vendor library or compiler), "hand" (hand-written kernel), "plugin"
+    backend: str = ""  # what runs underneath, for reports ("cuBLAS", "Triton", "XLA", ...)
+    # (*args, **kwargs) -> zero-argument callable. Untimed setup (layout conversion, jit binding,
+    # weight repacking) happens here so the timed call holds only the op itself.
+    prepare: Callable[..., Callable[[], Any]] | None = None
+    # Drops in-memory compile caches so the next call compiles again (cold/warm compile timing).
+    reset: Callable[[], None] | None = None
+    # The hand-written torch kernels take out= so tests can poison the output buffer with NaN.
+    accepts_out: bool = False
+    tags: tuple[str, ...] = field(default=())
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def bind(self, *args, **kwargs) -> Callable[[], Any]:
+        """A zero-argument callable that runs the op on these inputs (setup done, untimed)."""
+        if self.prepare is not None:
+            return self.prepare(*args, **kwargs)
+        return lambda: self.fn(*args, **kwargs)
+
+
+_IMPLS: dict[str, dict[str, Impl]] = {op: {} for op in OPS}
+_DISABLED: dict[tuple[str, str], str] = {}
+_IMPORT_ERRORS: dict[str, str] = {}
+_loaded = False
+
+
+def register(op: str, name: str, *, framework: str, kind: str = "plugin", backend: str = "",
+             enabled: bool = True, reason: str = "", prepare=None, reset=None,
+             accepts_out: bool = False, tags: tuple[str, ...] = ()):
+    """Decorator adding `fn` as implementation `name` of `op`.
+
+    enabled=False keeps the name known (reported as skipped with `reason`) without making it
+    callable: a backend the machine lacks is a skip, not a crash.
+    """
+    if op not in OPS:
+        raise ValueError(f"op must be one of {list(OPS)}, got {op!r}")
+    if framework not in ("torch", "jax"):
+        raise ValueError(f"framework must be 'torch' or 'jax', got {framework!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+
+    def add(fn):
+        if enabled:
+            _IMPLS[op][name] = Impl(op, name, fn, framework, kind, backend, prepare, reset,
+                                    accepts_out, tuple(tags))
+            _DISABLED.pop((op, name), None)
+        else:
+            _DISABLED[(op, name)] = reason or "not available on this machine"
+        return fn
+
+    return add
+
+
+def load_builtins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # a missing backend must not hide the others
+            _IMPORT_ERRORS[module] = f"{type(e).__name__}: {e}"
+
+
+def ops() -> list[str]:
+    return list(OPS)
+
+
+def impls(op: str) -> list[str]:
+    """Names of the implementations of `op` that can run on this machine, sorted."""
+    load_builtins()
+    _check_op(op)
+    return sorted(_IMPLS[op])
+
+
+def get(op: str, name: str) -> Impl:
+    load_builtins()
+    _check_op(op)
+    if name not in _IMPLS[op]:
+        if (op, name) in _DISABLED:
+            raise KeyError(f"{op} implementation {name!r} is not available here: "
+                           f"{_DISABLED[(op, name)]}")
+        raise KeyError(f"unknown {op} implementation {name!r}; known: {impls(op)}")
+    return _IMPLS[op][name]
+
+
+def disabled(op: str) -> dict[str, str]:
+    """Implementations known but not runnable here, with the reason."""
+    load_builtins()
+    _check_op(op)
+    return {name: why for (o, name), why in sorted(_DISABLED.items()) if o == op}
+
+
+def import_errors() -> dict[str, str]:
+    load_builtins()
+    return dict(_IMPORT_ERRORS)
+
+
+def _check_op(op: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"op must be one of {list(OPS)}, got {op!r}")

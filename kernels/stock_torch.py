@@ -1,0 +1,139 @@
+"""Stock PyTorch ops: cuBLAS (torch.matmul), SDPA and its pinned backends, cuDNN conv, and
+torch.compile of each. Every entry checks the public contract before calling the library."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kernels import ON_CUDA, contract, registry
+
+# cuDNN picks its fastest algorithm per shape; the search runs on the first call of a shape and is
+# reported as compile time by the harness.
+torch.backends.cudnn.benchmark = True
+
+
+def _compiled(fn):
+    # One compiled wrapper per implementation; dynamo recompiles per shape/dtype as a user's would.
+    return torch.compile(fn)
+
+
+# ---------------------------------------------------------------- matmul
+def _mm(a, b):
+    return torch.matmul(a, b)
+
+
+_mm_compiled = _compiled(_mm)
+
+
+@registry.register("matmul", "torch", framework="torch", kind="stock",
+                   backend="cuBLAS" if ON_CUDA else "ATen CPU")
+def matmul(a, b):
+    contract.matmul_args(a, b, "torch")
+    return _mm(a, b)
+
+
+@registry.register("matmul", "torch_compile", framework="torch", kind="stock",
+                   backend="torch.compile (Inductor)", reset=torch._dynamo.reset)
+def matmul_compiled(a, b):
+    contract.matmul_args(a, b, "torch")
+    return _mm_compiled(a, b)
+
+
+# ---------------------------------------------------------------- attention
+def _sdpa(q, k, v, causal, scale):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _attention_formula(q, k, v, causal: bool, scale: float):
+    """The plain formula, for torch.compile to fuse as it can."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    if causal:
+        visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return (torch.softmax(scores, dim=-1).to(q.dtype) @ v)
+
+
+_attention_compiled = _compiled(_attention_formula)
+
+
+@registry.register("attention", "torch", framework="torch", kind="stock",
+                   backend="SDPA (own choice)")
+def attention(q, k, v, causal=False, scale=None):
+    dims = contract.attention_args(q, k, v, causal, scale, "torch")
+    return _sdpa(q, k, v, causal, dims.scale)
+
+
+@registry.register("attention", "torch_compile", framework="torch", kind="stock",
+                   backend="torch.compile (Inductor)", reset=torch._dynamo.reset)
+def attention_compiled(q, k, v, causal=False, scale=None):
+    dims = contract.attention_args(q, k, v, causal, scale, "torch")
+    return _attention_compiled(q, k, v, causal, dims.scale)
+
+
+def _pinned_sdpa(backend: SDPBackend):
+    def run(q, k, v, causal=False, scale=None):
+        dims = contract.attention_args(q, k, v, causal, scale, "torch")
+        with sdpa_kernel(backend):
+            return _sdpa(q, k, v, causal, dims.scale)
+    return run
+
+
+_CUDNN_SDPA = ON_CUDA and torch.backends.cudnn.is_available()
+for _name, _backend, _enabled, _why in (
+        ("torch_flash", SDPBackend.FLASH_ATTENTION, ON_CUDA, "needs a CUDA GPU"),
+        ("torch_efficient", SDPBackend.EFFICIENT_ATTENTION, ON_CUDA, "needs a CUDA GPU"),
+        ("torch_cudnn", SDPBackend.CUDNN_ATTENTION, _CUDNN_SDPA, "needs a CUDA GPU with cuDNN"),
+        ("torch_math", SDPBackend.MATH, True, "")):
+    registry.register("attention", _name, framework="torch", kind="stock",
+                      backend=f"SDPA {_backend.name}", enabled=_enabled,
+                      reason=_why)(_pinned_sdpa(_backend))
+
+
+# ---------------------------------------------------------------- conv2d
+def _nchw_args(x, w, stride, padding, dilation):
+    """Checks the contract; returns x as an NCHW view (channels_last memory, no copy), the weight
+    as OIHW in channels_last memory (one copy: prepare steps do it once, untimed), and the dims."""
+    dims = contract.conv2d_args(x, w, stride, padding, dilation, "torch")
+    x_nchw = x.permute(0, 3, 1, 2)
+    w_oihw = w.permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+    return x_nchw, w_oihw, dims
+
+
+def _conv(x_nchw, w_oihw, dims):
+    out = F.conv2d(x_nchw, w_oihw, stride=dims.stride, padding=dims.padding,
+                   dilation=dims.dilation)
+    return out.permute(0, 2, 3, 1)  # a view: channels_last output is NHWC in memory
+
+
+_conv_compiled = _compiled(_conv)
+
+
+def _conv_prepare(conv_fn, memory_format):
+    def prepare(x, w, stride=1, padding=0, dilation=1):
+        x_nchw, w_oihw, dims = _nchw_args(x, w, stride, padding, dilation)
+        x_nchw = x_nchw.contiguous(memory_format=memory_format)
+        w_oihw = w_oihw.contiguous(memory_format=memory_format)
+        return lambda: conv_fn(x_nchw, w_oihw, dims)
+    return prepare
+
+
+def _conv_impl(name, conv_fn, memory_format, backend, **extra):
+    prepare = _conv_prepare(conv_fn, memory_format)
+
+    def run(x, w, stride=1, padding=0, dilation=1):
+        return prepare(x, w, stride, padding, dilation)()
+
+    registry.register("conv2d", name, framework="torch", kind="stock", backend=backend,
+                      prepare=prepare, **extra)(run)
+
+
+_CUDNN = "cuDNN" if ON_CUDA else "ATen CPU"
+_conv_impl("torch", _conv, torch.channels_last, f"{_CUDNN} channels_last")
+_conv_impl("torch_nchw", _conv, torch.contiguous_format, f"{_CUDNN} NCHW")
+_conv_impl("torch_compile", _conv_compiled, torch.channels_last, "torch.compile (Inductor)",
+           reset=torch._dynamo.reset)

@@ -1,0 +1,62 @@
+"""What every Triton launcher shares: the device it runs on, interpreter quirks, config choice."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import ON_CUDA, TRITON_INTERPRET
+
+DEVICE_TYPE = "cuda" if ON_CUDA else "cpu"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """True when tl.dot operands must be cast to fp32 inside the kernel.
+
+    The Triton 3.6 interpreter multiplies the raw uint16 bit patterns of bf16 tl.dot operands
+    (errors near 1e10), so under the interpreter, and only there, bf16 tiles are widened to fp32
+    before the dot. bf16 -> fp32 is exact and the GPU's bf16 dot also accumulates exact products in
+    fp32, so the result is what the GPU computes; on a GPU the flag is False and the compiled kernel
+    is unchanged (the branch is on a tl.constexpr).
+    """
+    return TRITON_INTERPRET and dtype == torch.bfloat16
+
+
+@triton.jit
+def to_output(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """Casts an fp32 tile to the output dtype. The interpreter truncates fp32 -> bf16 where the GPU
+    rounds to nearest even, doubling the error; with INTERP_BF16 (= upcast_dot(dtype), so never on
+    a GPU) the rounding is done on the bits first and the truncation is then exact."""
+    if INTERP_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's own matmul setting, so the comparison with cuBLAS is like for like:
+    'ieee' (true fp32) unless the user allowed TF32 in torch."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def pick_configs(gpu_configs: list, interpret_configs: list) -> list:
+    """The interpreter would 'autotune' by running every config at interpreter speed: one is enough."""
+    return interpret_configs if TRITON_INTERPRET else gpu_configs
+
+
+def reset_jit(*kernels) -> None:
+    """Forget compiled binaries and autotune choices held in memory by these kernels, so the next
+    launch compiles (from the on-disk cache if warm) and re-tunes: used to time compilation."""
+    for k in kernels:
+        cache = getattr(k, "cache", None)  # Autotuner: key -> best config
+        if isinstance(cache, dict):
+            cache.clear()
+        inner = getattr(k, "fn", None)
+        if inner is not None and inner is not k:
+            reset_jit(inner)
+        device_caches = getattr(k, "device_caches", None)  # JITFunction: device -> binaries
+        if isinstance(device_caches, dict):
+            device_caches.clear()

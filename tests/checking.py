@@ -1,0 +1,20 @@
+"""Shared by the correctness tests: run one implementation on one case through the harness's own
+machinery (seeded inputs, NaN-poisoned output, float64 reference, stock-relative budget)."""
+from __future__ import annotations
+
+from harness import check
+from harness.bench import References, _forward_calls
+from harness.cases import Case
+from harness import inputs
+from kernels import ON_CUDA, registry
+
+DEVICE = "cuda" if ON_CUDA else "cpu"
+_refs = References(DEVICE, keep=4)
+
+
+def error_and_budget(op: str, impl_name: str, case: Case, dtype: str) -> tuple[float, float]:
+    impl = registry.get(op, impl_name)
+    ref, stock_err = _refs.get(case, dtype, "fwd")
+    arrays = inputs.make(case, dtype, impl.framework, DEVICE)
+    out = _forward_calls(impl, case, arrays).first()
+    return check.rel_err(out, ref), check.budget(dtype, stock_err)

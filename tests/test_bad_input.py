@@ -1,0 +1,84 @@
+"""Bad input: every implementation rejects it with a ValueError or TypeError naming the argument."""
+import numpy as np
+import pytest
+import torch
+
+from kernels import registry
+
+
+def _arrays(framework, *shapes, dtype="float32"):
+    out = []
+    for shape in shapes:
+        t = torch.randn(shape).to(getattr(torch, dtype))
+        if framework == "jax":
+            import jax.numpy as jnp
+            t = jnp.asarray(t.float().numpy()).astype(dtype)
+        out.append(t)
+    return out
+
+
+def _other_framework(framework, x):
+    if framework == "torch":
+        import jax.numpy as jnp
+        return jnp.asarray(np.asarray(x.float()))
+    return torch.from_numpy(np.array(x))
+
+
+MATMUL = registry.impls("matmul")
+
+
+@pytest.mark.parametrize("impl", MATMUL)
+@pytest.mark.parametrize("shapes, error, words", [
+    (((4,), (4, 3)), ValueError, ["a", "rank 2"]),
+    (((2, 4, 4), (4, 3)), ValueError, ["a", "rank 2"]),
+    (((4, 5), (6, 3)), ValueError, ["b", "K=5"]),
+    (((0, 5), (5, 3)), ValueError, ["a", ">= 1"]),
+    (((4, 5), (5, 0)), ValueError, ["b", ">= 1"]),
+], ids=["rank1", "rank3", "inner", "zero_m", "zero_n"])
+def test_matmul_shapes(impl, shapes, error, words):
+    fn = registry.get("matmul", impl)
+    with pytest.raises(error) as e:
+        fn(*_arrays(fn.framework, *shapes))
+    for w in words:
+        assert w in str(e.value)
+
+
+@pytest.mark.parametrize("impl", MATMUL)
+def test_matmul_mixed_dtypes(impl):
+    fn = registry.get("matmul", impl)
+    a, = _arrays(fn.framework, (4, 5), dtype="float16")
+    b, = _arrays(fn.framework, (5, 3), dtype="float32")
+    with pytest.raises(TypeError, match="b has dtype float32 but a has dtype float16"):
+        fn(a, b)
+
+
+@pytest.mark.parametrize("impl", MATMUL)
+def test_matmul_unsupported_dtype(impl):
+    fn = registry.get("matmul", impl)
+    a = torch.ones(4, 5, dtype=torch.int32)
+    b = torch.ones(5, 3, dtype=torch.int32)
+    if fn.framework == "jax":
+        import jax.numpy as jnp
+        a, b = jnp.asarray(a.numpy()), jnp.asarray(b.numpy())
+    with pytest.raises(TypeError, match="a must have dtype float32, float16 or bfloat16"):
+        fn(a, b)
+
+
+@pytest.mark.parametrize("impl", MATMUL)
+def test_matmul_other_framework(impl):
+    fn = registry.get("matmul", impl)
+    a, b = _arrays(fn.framework, (4, 5), (5, 3))
+    expected = "torch.Tensor" if fn.framework == "torch" else "jax.Array"
+    with pytest.raises(TypeError, match=f"a must be a {expected}"):
+        fn(_other_framework(fn.framework, a), b)
+
+
+@pytest.mark.parametrize("impl", [n for n in MATMUL
+                                  if registry.get("matmul", n).framework == "torch"])
+def test_matmul_non_contiguous_is_handled(impl):
+    """Transposed and strided views give the right answer (the kernels take strides)."""
+    fn = registry.get("matmul", impl)
+    a = torch.randn(40, 30)[:, ::2]  # [40, 15], column stride 2
+    b = torch.randn(9, 15).t()  # [15, 9], transposed
+    out = fn(a, b)
+    torch.testing.assert_close(out, a @ b, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,34 @@
+"""matmul: every registered implementation against float64, on odd shapes, in every dtype."""
+import pytest
+
+from harness.cases import DTYPES, Case
+from kernels import registry
+from tests.checking import error_and_budget
+
+# 1x1x1, primes, K=1, non-multiples of every block size (16..256), tall-skinny, wide-short
+SHAPES = [(1, 1, 1), (2, 3, 5), (17, 31, 13), (64, 64, 64), (65, 129, 33), (200, 1, 3),
+          (1031, 16, 8), (3, 17, 515), (1, 300, 1)]
+
+
+def _case(M, K, N):
+    return Case("matmul", f"test_{M}x{K}x{N}", {"M": M, "K": K, "N": N})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", registry.impls("matmul"))
+def test_matches_float64(impl, shape, dtype):
+    err, budget = error_and_budget("matmul", impl, _case(*shape), dtype)
+    assert err <= budget, f"{impl} {shape} {dtype}: relative error {err:.3g} > budget {budget:.3g}"
+
+
+@pytest.mark.parametrize("impl", registry.impls("matmul"))
+def test_output_dtype_and_shape(impl):
+    from harness import inputs
+
+    fn = registry.get("matmul", impl)
+    for dtype in DTYPES:
+        arrays = inputs.make(_case(5, 7, 3), dtype, fn.framework)
+        out = fn(arrays["a"], arrays["b"])
+        assert tuple(out.shape) == (5, 3)
+        assert str(out.dtype).removeprefix("torch.") == dtype
