@@ -17,6 +17,10 @@ _BUILTIN_MODULES = (
     "kernels.stock_xla",
     "kernels.triton.matmul",
     "kernels.pallas.matmul",
+    "kernels.triton.conv2d",
+    "kernels.pallas.conv2d",
+    "kernels.triton.attention",
+    "kernels.pallas.attention",
 )
 
 

@@ -32,3 +32,19 @@ def test_output_dtype_and_shape(impl):
         out = fn(arrays["a"], arrays["b"])
         assert tuple(out.shape) == (5, 3)
         assert str(out.dtype).removeprefix("torch.") == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pallas_lowers_for_gpu(dtype, monkeypatch):
+    """The GPU (Triton) lowering checks what interpret mode does not (power-of-two blocks, dot
+    sizes, supported ops): lowering for CUDA here catches that breakage without a GPU."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels.pallas import matmul as pallas_matmul
+
+    monkeypatch.setattr(pallas_matmul, "interpret", lambda: False)
+    a = jnp.ones((37, 300), dtype)
+    b = jnp.ones((300, 129), dtype)
+    lowered = jax.jit(pallas_matmul.matmul).trace(a, b).lower(lowering_platforms=("cuda",))
+    assert "triton" in lowered.as_text()

@@ -25,3 +25,12 @@ def pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
     return jnp.pad(x, widths)
+
+
+def gpu_compiler_params(num_warps: int, num_stages: int):
+    """Compiler params for Pallas' GPU (Triton) lowering (callers pass None in interpret mode).
+    The class was TritonCompilerParams before it became CompilerParams."""
+    from jax.experimental.pallas import triton as plgpu
+
+    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+    return cls(num_warps=num_warps, num_stages=num_stages)

@@ -11,7 +11,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import contract, registry
-from kernels.pallas._common import interpret, pad_axis, round_up
+from kernels.pallas._common import gpu_compiler_params, interpret, pad_axis, round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +56,6 @@ def _kernel(a_ref, b_ref, o_ref, *, blocks: Blocks, grid_m: int, grid_n: int, st
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _compiler_params(blocks: Blocks):
-    if interpret():
-        return None
-    from jax.experimental.pallas import triton as plgpu
-    return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-
-
 @functools.partial(jax.jit, static_argnames=("blocks",))
 def _matmul(a: jax.Array, b: jax.Array, blocks: Blocks) -> jax.Array:
     M, N = a.shape[0], b.shape[1]
@@ -78,13 +71,14 @@ def _matmul(a: jax.Array, b: jax.Array, blocks: Blocks) -> jax.Array:
         return _tile(pid, grid_m, grid_n, blocks.group_m)
 
     whole = pl.BlockSpec(memory_space=pl.ANY)  # tiles are sliced inside the kernel
+    params = None if interpret() else gpu_compiler_params(blocks.num_warps, blocks.num_stages)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), a.dtype),
         grid=(grid_m * grid_n,),
         in_specs=[whole, whole],
         out_specs=pl.BlockSpec((blocks.m, blocks.n), out_index),
-        compiler_params=_compiler_params(blocks),
+        compiler_params=params,
         interpret=interpret(),
     )(a, b)
     return out[:M, :N]

@@ -34,6 +34,17 @@ def to_output(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def grouped_tile(pid, grid_m, grid_n, GROUP_M: tl.constexpr):
+    """(row, column) tile of program `pid` in grouped order: GROUP_M consecutive programs walk
+    down a column band of tiles, so the right-hand operand's tiles are re-read from L2 rather than
+    from memory."""
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = min(grid_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % rows, (pid % per_group) // rows
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 dots follow torch's own matmul setting, so the comparison with cuBLAS is like for like:
     'ieee' (true fp32) unless the user allowed TF32 in torch."""

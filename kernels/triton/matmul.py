@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 
 from kernels import contract, registry
-from kernels.triton._common import (DEVICE_TYPE, dot_precision, pick_configs, reset_jit,
-                                    to_output, upcast_dot)
+from kernels.triton._common import (DEVICE_TYPE, dot_precision, grouped_tile, pick_configs,
+                                    reset_jit, to_output, upcast_dot)
 
 
 def _config(bm, bn, bk, group, stages, warps):
@@ -37,16 +37,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
                    IN_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
-    # Grouped order: GROUP_M consecutive programs share a column band of b, so its tiles are
-    # re-read from L2 rather than from memory.
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    programs_per_group = GROUP_M * grid_n
-    first_m = (pid // programs_per_group) * GROUP_M
-    group_rows = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % programs_per_group) % group_rows
-    pid_n = (pid % programs_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

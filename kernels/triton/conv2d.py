@@ -1,0 +1,136 @@
+"""Hand-written Triton conv2d: implicit GEMM in NHWC, fp32 accumulation, masked edges.
+
+The convolution is the GEMM  y[M, K] = patches[M, R] @ w[R, K]  with M = N*OH*OW output pixels and
+R = KH*KW*C, but the patch matrix is never written to memory: each program maps its output rows to
+(n, oh, ow) and, per kernel tap and channel block, gathers the input tile straight from x, masking
+rows that fall into the padding or past the edges. w in HWIO is already the [R, K] matrix.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import contract, registry
+from kernels.triton._common import (DEVICE_TYPE, dot_precision, grouped_tile, pick_configs,
+                                    reset_jit, to_output, upcast_dot)
+from kernels.triton.matmul import _matmul_kernel, matmul
+
+
+def _config(bm, bn, group, stages, warps):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group},
+                         num_stages=stages, num_warps=warps)
+
+
+# A few Hopper configs: wide output-pixel tiles (M is large for every real conv), narrower K tiles
+# for layers with few output channels. The channel block is chosen by the launcher from C, not
+# tuned. Configs that overflow shared memory (fp32, big tiles) fail to compile and the autotuner
+# skips them.
+_GPU_CONFIGS = [
+    _config(128, 128, 8, 3, 8),
+    _config(128, 64, 8, 4, 4),
+    _config(64, 128, 8, 4, 4),
+    _config(64, 64, 8, 4, 4),
+    _config(128, 32, 8, 4, 4),
+    _config(128, 16, 8, 4, 4),  # K = 1..16: a depthwise-like head or a single-filter output
+]
+_INTERPRET_CONFIGS = [_config(64, 32, 4, 1, 4)]
+
+
+@triton.autotune(configs=pick_configs(_GPU_CONFIGS, _INTERPRET_CONFIGS),
+                 key=["M", "H", "W", "C", "K", "KH", "KW", "SH", "SW", "DH", "DW", "IN_DTYPE"])
+@triton.jit
+def _conv2d_kernel(x_ptr, w_ptr, y_ptr, M, H, W, C, OH, OW, K, KH, KW, SH, SW, PH, PW, DH, DW,
+                   sxn, sxh, sxw, sxc, swh, sww, swc, swk, syn, syh, syw, syk,
+                   IN_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   GROUP_M: tl.constexpr):
+    # Grouped order: programs sharing a band of output channels re-read weight tiles from L2.
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+
+    # Output row -> (n, oh, ow) and the top-left input pixel of its receptive field.
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rc = tl.arange(0, BLOCK_C)
+    m_ok = rm < M
+    ow = rm % OW
+    oh = (rm // OW) % OH
+    n = rm // (OW * OH)
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+    x_rows = x_ptr + n.to(tl.int64) * sxn  # int64: a batch of large images passes 2**31 elements
+    n_ok = rn < K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # fp32 accumulation for accuracy
+    # One flat loop over (tap, channel block) rather than three nested ones: the compiler
+    # software-pipelines the innermost loop only, and with C <= BLOCK_C that loop would be one step.
+    c_steps = tl.cdiv(C, BLOCK_C)
+    for step in range(0, KH * KW * c_steps):
+        tap = step // c_steps
+        c = (step - tap * c_steps) * BLOCK_C + rc
+        kh = tap // KW
+        kw = tap - kh * KW
+        ih = ih0 + kh * DH
+        iw = iw0 + kw * DW
+        # Zero padding is a mask: rows whose input pixel lies outside x load 0 and add nothing.
+        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        c_ok = c < C
+        a = tl.load(x_rows[:, None] + ih[:, None] * sxh + iw[:, None] * sxw + c[None, :] * sxc,
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + kh * swh + kw * sww + c[:, None] * swc + rn[None, :] * swk,
+                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    y_ptrs = (y_ptr + n.to(tl.int64)[:, None] * syn + oh[:, None] * syh + ow[:, None] * syw
+              + rn[None, :] * syk)
+    tl.store(y_ptrs, to_output(acc, y_ptr.dtype.element_ty, UPCAST),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _channel_block(C: int) -> int:
+    # tl.dot needs every dimension >= 16 on a GPU; above 64 channels the tile only costs registers
+    # and shared memory without saving loop steps that matter.
+    return min(64, max(16, triton.next_power_of_2(C)))
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, *,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, H, W, C] (NHWC) conv w [KH, KW, C, K] (HWIO) -> [N, OH, OW, K] in x's dtype.
+
+    Any strides for x, w and `out` (a preallocated NHWC output, e.g. poisoned with NaN by a test).
+    """
+    d = contract.conv2d_args(x, w, stride, padding, dilation, "torch")
+    contract.check_device("x", x, DEVICE_TYPE)
+    contract.check_device("w", w, DEVICE_TYPE)
+    shape = (d.N, d.OH, d.OW, d.K)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must be a {x.dtype} tensor of shape {list(shape)} on {x.device}, "
+                         f"got {out.dtype} {list(out.shape)} on {out.device}")
+
+    pointwise = (d.KH, d.KW, d.stride, d.padding) == (1, 1, (1, 1), (0, 0))
+    if pointwise and out.is_contiguous():
+        # A 1x1 stride-1 conv is exactly the GEMM [N*H*W, C] @ [C, K]: no gather, no masks.
+        matmul(x.reshape(-1, d.C), w.reshape(d.C, d.K), out=out.view(-1, d.K))
+        return out
+
+    M = d.N * d.OH * d.OW
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(d.K, meta["BLOCK_N"]),)
+
+    _conv2d_kernel[grid](x, w, out, M, d.H, d.W, d.C, d.OH, d.OW, d.K, d.KH, d.KW,
+                         *d.stride, *d.padding, *d.dilation, *x.stride(), *w.stride(),
+                         *out.stride(),
+                         IN_DTYPE=str(x.dtype), PRECISION=dot_precision(x.dtype),
+                         UPCAST=upcast_dot(x.dtype), BLOCK_C=_channel_block(d.C))
+    return out
+
+
+registry.register("conv2d", "triton", framework="torch", kind="hand", backend="Triton",
+                  accepts_out=True,
+                  reset=lambda: reset_jit(_conv2d_kernel, _matmul_kernel))(conv2d)

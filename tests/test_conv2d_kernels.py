@@ -1,0 +1,201 @@
+"""Correctness of the hand-written conv2d kernels (Triton and Pallas), runnable on a CPU.
+
+Without a GPU the Triton kernel runs in the Triton interpreter and the Pallas kernel in interpret
+mode; on a GPU the same tests run the compiled kernels.
+
+Error budget: the relative Frobenius error against the float64 reference must satisfy
+
+    err(kernel) <= BUDGET_FACTOR * err(torch F.conv2d, same dtype, same inputs) + FLOOR[dtype]
+
+The stock op's own error sets the scale (it is mostly the rounding of the output to the dtype). The
+factor 4 leaves room for a different summation order; the floor, a quarter of the dtype's machine
+epsilon, only matters when the stock op happens to be almost exact.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels.pallas.conv2d as pallas_conv2d
+import kernels.triton.conv2d  # noqa: F401  (registers the Triton kernel)
+from kernels import reference, registry
+from kernels.triton._common import DEVICE_TYPE
+
+jnp = pytest.importorskip("jax.numpy")
+
+IMPLS = ("triton", "pallas")
+DTYPES = ("float32", "float16", "bfloat16")
+BUDGET_FACTOR = 4.0
+FLOOR = {d: torch.finfo(getattr(torch, d)).eps / 4 for d in DTYPES}
+
+# name: (x shape [N, H, W, C], w shape [KH, KW, C, K], stride, padding, dilation)
+CASES = {
+    "rgb_3x5_kernel_on_11x7": ((1, 11, 7, 3), (3, 5, 3, 4), 1, (1, 2), 1),
+    "single_filter_stride2_batch3": ((3, 9, 10, 5), (3, 3, 5, 1), 2, 1, 1),
+    "one_channel_dilation2": ((1, 13, 12, 1), (3, 3, 1, 6), 1, 2, 2),
+    "stride3_dilation3": ((2, 17, 14, 6), (2, 3, 6, 7), 3, 1, 3),
+    "stride4_kernel_5x4": ((1, 19, 21, 4), (5, 4, 4, 9), 4, (2, 1), 1),
+    "pairs_everywhere": ((1, 10, 15, 33), (3, 2, 33, 18), (2, 3), (1, 0), (2, 1)),
+    "deep_channels": ((1, 6, 5, 70), (3, 3, 70, 40), 1, 1, 1),  # several channel blocks
+    "pointwise": ((3, 5, 7, 20), (1, 1, 20, 17), 1, 0, 1),  # Triton's plain-GEMM fast path
+    "pointwise_stride2": ((2, 9, 8, 6), (1, 1, 6, 33), 2, 0, 1),
+}
+
+
+def _inputs(x_shape, w_shape, dtype: str, seed: int = 0):
+    """Seeded torch tensors in `dtype`, scaled so outputs are O(1) whatever the reduction size."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(x_shape, generator=gen)
+    w = torch.randn(w_shape, generator=gen) / np.sqrt(np.prod(w_shape[:3]))
+    return x.to(getattr(torch, dtype)), w.to(getattr(torch, dtype))
+
+
+def _to_jax(t: torch.Tensor):
+    # float32 holds every float16 / bfloat16 value exactly, so the jax array has the same values.
+    return jnp.asarray(t.float().numpy(), dtype=str(t.dtype).removeprefix("torch."))
+
+
+def _rel_error(y, ref: torch.Tensor) -> float:
+    return float((reference.as_float64(y) - ref).norm() / ref.norm())
+
+
+def _torch_error(x, w, stride, padding, dilation, ref) -> float:
+    """The stock op's error in the same dtype: the scale of the budget."""
+    y = F.conv2d(x.permute(0, 3, 1, 2), w.permute(3, 2, 0, 1), stride=stride, padding=padding,
+                 dilation=dilation)
+    return _rel_error(y.permute(0, 2, 3, 1), ref)
+
+
+def _run(impl_name: str, x: torch.Tensor, w: torch.Tensor, *args, **kwargs):
+    impl = registry.get("conv2d", impl_name)
+    if impl.framework == "jax":
+        return impl(_to_jax(x), _to_jax(w), *args, **kwargs)
+    return impl(x.to(DEVICE_TYPE), w.to(DEVICE_TYPE), *args, **kwargs)
+
+
+def _check(y, x, w, stride, padding, dilation, dtype):
+    ref = reference.conv2d(x, w, stride, padding, dilation)
+    assert tuple(y.shape) == tuple(ref.shape)
+    assert str(y.dtype).removeprefix("torch.") == dtype
+    err = _rel_error(y, ref)
+    budget = BUDGET_FACTOR * _torch_error(x, w, stride, padding, dilation, ref) + FLOOR[dtype]
+    assert err <= budget, f"relative error {err:.3e} over budget {budget:.3e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("impl_name", IMPLS)
+def test_matches_reference(impl_name, case, dtype):
+    x_shape, w_shape, stride, padding, dilation = CASES[case]
+    x, w = _inputs(x_shape, w_shape, dtype)
+    kwargs = {}
+    if registry.get("conv2d", impl_name).accepts_out:
+        # Poison the output: an element the kernel fails to write stays NaN and fails the check.
+        # (Pallas interpret mode fills unwritten outputs with NaN itself.)
+        shape = reference.conv2d(x, w, stride, padding, dilation).shape
+        kwargs["out"] = torch.full(shape, float("nan"), dtype=x.dtype, device=DEVICE_TYPE)
+    y = _run(impl_name, x, w, stride, padding, dilation, **kwargs)
+    if "out" in kwargs:
+        assert y is kwargs["out"]
+    _check(y, x, w, stride, padding, dilation, dtype)
+
+
+@pytest.mark.parametrize("kernel_hw, padding", [((3, 2), 1), ((1, 1), 0)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_triton_non_contiguous_inputs_and_output(dtype, kernel_hw, padding):
+    """x and w made by permuting NCHW / OIHW tensors, the output a strided view. The 1x1 case
+    takes the general kernel: the plain-GEMM fast path needs a contiguous output."""
+    x, w = _inputs((2, 6, 9, 5), (*kernel_hw, 5, 7), dtype)
+    x_strided = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    w_strided = w.permute(3, 2, 0, 1).contiguous().permute(2, 3, 1, 0)
+    assert not x_strided.is_contiguous() and not w_strided.is_contiguous()
+    n, oh, ow, k = reference.conv2d(x, w, 1, padding).shape
+    poisoned = torch.full((n, oh, ow, 2 * k), float("nan"), dtype=x.dtype, device=DEVICE_TYPE)
+    out = poisoned[..., ::2]  # every other channel
+    y = _run("triton", x_strided, w_strided, 1, padding, out=out)
+    _check(y, x, w, 1, padding, 1, dtype)
+    assert torch.isnan(poisoned[..., 1::2]).all(), "wrote outside the output view"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pallas_several_blocks_on_every_axis(dtype):
+    """Small blocks force several output-column, channel and output-channel blocks per problem."""
+    x, w = _inputs((2, 7, 37, 40), (3, 3, 40, 20), dtype)
+    blocks = pallas_conv2d.BlockSizes(block_ow=16, block_c=16, block_k=16)
+    y = pallas_conv2d.conv2d(_to_jax(x), _to_jax(w), 1, (1, 2), (1, 2), block_sizes=blocks)
+    _check(y, x, w, 1, (1, 2), (1, 2), dtype)
+
+
+def test_pallas_rejects_bad_block_sizes():
+    x, w = _inputs((1, 5, 5, 2), (3, 3, 2, 2), "float32")
+    with pytest.raises(ValueError, match="block_c"):
+        pallas_conv2d.conv2d(_to_jax(x), _to_jax(w),
+                             block_sizes=pallas_conv2d.BlockSizes(16, 24, 16))
+
+
+def test_triton_rejects_wrong_out():
+    x, w = _inputs((1, 5, 5, 2), (3, 3, 2, 2), "float32")
+    out = torch.empty((1, 3, 3, 3), device=DEVICE_TYPE)
+    with pytest.raises(ValueError, match="out must be"):
+        _run("triton", x, w, out=out)
+
+
+# Bad input: (x shape, w shape, kwargs, dtype of w, expected error, words the message must hold)
+BAD_INPUTS = {
+    "x_rank_3": ((5, 5, 2), (3, 3, 2, 4), {}, None, ValueError, "x must have rank 4"),
+    "channel_mismatch": ((1, 5, 5, 2), (3, 3, 3, 4), {}, None, ValueError, "w must have shape"),
+    "kernel_larger_than_padded_input": ((1, 4, 4, 2), (3, 3, 2, 4), {"dilation": 2}, None,
+                                        ValueError, "larger than the padded input"),
+    "zero_stride": ((1, 5, 5, 2), (3, 3, 2, 4), {"stride": 0}, None, ValueError, "stride"),
+    "negative_stride_pair": ((1, 5, 5, 2), (3, 3, 2, 4), {"stride": (1, -1)}, None, ValueError,
+                             "stride"),
+    "negative_padding": ((1, 5, 5, 2), (3, 3, 2, 4), {"padding": -1}, None, ValueError, "padding"),
+    "float_stride": ((1, 5, 5, 2), (3, 3, 2, 4), {"stride": 1.5}, None, TypeError, "stride"),
+    "mixed_dtypes": ((1, 5, 5, 2), (3, 3, 2, 4), {}, "float16", TypeError, "dtype"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_INPUTS)
+@pytest.mark.parametrize("impl_name", IMPLS)
+def test_rejects_bad_input(impl_name, bad):
+    x_shape, w_shape, kwargs, w_dtype, error, words = BAD_INPUTS[bad]
+    x, w = _inputs(x_shape, w_shape, "float32")
+    if w_dtype is not None:
+        w = w.to(getattr(torch, w_dtype))
+    with pytest.raises(error, match=words):
+        _run(impl_name, x, w, **kwargs)
+
+
+def test_rejects_other_frameworks_arrays():
+    x, w = _inputs((1, 5, 5, 2), (3, 3, 2, 4), "float32")
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        registry.get("conv2d", "triton")(_to_jax(x), _to_jax(w))
+    with pytest.raises(TypeError, match="jax.Array"):
+        registry.get("conv2d", "pallas")(x, w)
+    with pytest.raises(TypeError, match="jax.Array"):
+        registry.get("conv2d", "pallas")(x.numpy(), w.numpy())
+
+
+def test_registered_as_hand_written_kernels():
+    triton_impl = registry.get("conv2d", "triton")
+    pallas_impl = registry.get("conv2d", "pallas")
+    assert (triton_impl.framework, triton_impl.kind, triton_impl.accepts_out) == ("torch", "hand",
+                                                                                 True)
+    assert (pallas_impl.framework, pallas_impl.kind) == ("jax", "hand")
+    triton_impl.reset()  # must not raise; the next call compiles (and tunes) again
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pallas_lowers_for_gpu(dtype, monkeypatch):
+    """The GPU (Triton) lowering has rules interpret mode does not check (power-of-two arrays, dots
+    with every dim >= 16, supported integer ops): lowering for CUDA catches their breakage on a
+    machine without a GPU. Nothing is compiled or run."""
+    import jax
+
+    monkeypatch.setattr(pallas_conv2d, "interpret", lambda: False)
+    x, w = _inputs((2, 11, 7, 3), (3, 5, 3, 5), dtype)
+    conv = jax.jit(lambda x, w: pallas_conv2d.conv2d(x, w, (2, 1), (1, 2), (1, 2)))
+    lowered = conv.trace(_to_jax(x), _to_jax(w)).lower(lowering_platforms=("cuda",))
+    assert "triton" in lowered.as_text()
