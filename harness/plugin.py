@@ -68,6 +68,11 @@ def _selection(config) -> Selection:
     return config._kernels_selection
 
 
+def pytest_configure(config):
+    if config.getoption("bench"):
+        _selection(config)  # bad filters are refused before anything is collected
+
+
 def pytest_generate_tests(metafunc):
     if "bench_item" not in metafunc.fixturenames:
         return

@@ -35,10 +35,14 @@ def matmul(a, b):
 def _attention(q, k, v, causal, scale, implementation):
     # jax.nn.dot_product_attention takes [B, S, heads, D]; the suite's layout is [B, heads, S, D].
     def bsnd(t):
+        # XLA:CPU has no fp16 x fp16 -> fp32 dot_general, which jax.nn.dot_product_attention asks
+        # for: on CPU only, fp16 inputs are widened to fp32 (exactly) and the output rounded back.
+        if t.dtype == jnp.float16 and not _ON_GPU:
+            t = t.astype(jnp.float32)
         return jnp.swapaxes(t, 1, 2)
     out = jax.nn.dot_product_attention(bsnd(q), bsnd(k), bsnd(v), scale=scale, is_causal=causal,
                                        implementation=implementation)
-    return bsnd(out)
+    return bsnd(out).astype(q.dtype)
 
 
 def _attention_impl(implementation):

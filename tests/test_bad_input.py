@@ -82,3 +82,66 @@ def test_matmul_non_contiguous_is_handled(impl):
     b = torch.randn(9, 15).t()  # [15, 9], transposed
     out = fn(a, b)
     torch.testing.assert_close(out, a @ b, rtol=1e-4, atol=1e-4)
+
+
+ATTENTION = registry.impls("attention")
+CONV = registry.impls("conv2d")
+
+
+@pytest.mark.parametrize("impl", ATTENTION)
+@pytest.mark.parametrize("shapes, error, words", [
+    (((2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), ValueError, ["q", "rank 4"]),
+    (((1, 2, 8, 16), (1, 2, 8, 32), (1, 2, 8, 32)), ValueError, ["head dimension"]),
+    (((1, 3, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), ValueError, ["multiple", "Hkv=2"]),
+    (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 9, 16)), ValueError, ["k and v", "same shape"]),
+    (((2, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), ValueError, ["batch"]),
+], ids=["rank", "head_dim", "groups", "kv_shapes", "batch"])
+def test_attention_shapes(impl, shapes, error, words):
+    fn = registry.get("attention", impl)
+    with pytest.raises(error) as e:
+        fn(*_arrays(fn.framework, *shapes))
+    for w in words:
+        assert w in str(e.value)
+
+
+@pytest.mark.parametrize("impl", ATTENTION)
+def test_attention_dtypes_and_framework(impl):
+    fn = registry.get("attention", impl)
+    q, k = _arrays(fn.framework, (1, 2, 8, 16), (1, 2, 8, 16))
+    v, = _arrays(fn.framework, (1, 2, 8, 16), dtype="float16")
+    with pytest.raises(TypeError, match="v has dtype float16 but q has dtype float32"):
+        fn(q, k, v)
+    with pytest.raises(TypeError, match="q must be a"):
+        fn(_other_framework(fn.framework, q), k, k)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        fn(q, k, k, causal="yes")
+
+
+@pytest.mark.parametrize("impl", CONV)
+@pytest.mark.parametrize("shapes, kwargs, error, words", [
+    (((8, 8, 3), (3, 3, 3, 4)), {}, ValueError, ["x", "rank 4"]),
+    (((1, 8, 8, 3), (3, 3, 2, 4)), {}, ValueError, ["w", "C=3"]),
+    (((1, 4, 4, 3), (7, 7, 3, 4)), {"padding": 1}, ValueError, ["larger than the padded input"]),
+    (((1, 8, 8, 3), (3, 3, 3, 4)), {"stride": 0}, ValueError, ["stride", ">= 1"]),
+    (((1, 8, 8, 3), (3, 3, 3, 4)), {"stride": (1, -2)}, ValueError, ["stride"]),
+    (((1, 8, 8, 3), (3, 3, 3, 4)), {"dilation": 1.5}, TypeError, ["dilation", "int"]),
+    (((1, 8, 8, 3), (3, 3, 3, 4)), {"padding": -1}, ValueError, ["padding", ">= 0"]),
+], ids=["rank", "channels", "too_large", "stride0", "stride_neg", "dilation_float", "pad_neg"])
+def test_conv2d_bad_shapes_and_options(impl, shapes, kwargs, error, words):
+    fn = registry.get("conv2d", impl)
+    with pytest.raises(error) as e:
+        fn(*_arrays(fn.framework, *shapes), **kwargs)
+    for w in words:
+        assert w in str(e.value)
+
+
+@pytest.mark.parametrize("impl", CONV)
+def test_conv2d_dtypes_and_framework(impl):
+    fn = registry.get("conv2d", impl)
+    x, = _arrays(fn.framework, (1, 8, 8, 3))
+    w, = _arrays(fn.framework, (3, 3, 3, 4), dtype="bfloat16")
+    with pytest.raises(TypeError, match="w has dtype bfloat16 but x has dtype float32"):
+        fn(x, w)
+    w32, = _arrays(fn.framework, (3, 3, 3, 4))
+    with pytest.raises(TypeError, match="w must be a"):
+        fn(x, _other_framework(fn.framework, w32))

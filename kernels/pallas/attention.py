@@ -1,0 +1,295 @@
+"""Hand-written Pallas attention, FlashAttention-2 style, with a custom_vjp backward.
+
+Forward: one program per (batch, q head, query block) with an online softmax over key blocks in
+fp32 (base 2: log2(e) folded into the scale; the saved logsumexp is base 2 too). Backward: delta =
+rowsum(dO * O) in plain jnp, then a dQ kernel looping over key blocks and a dK/dV kernel looping
+over query blocks. GQA/MQA: the k/v BlockSpec index_map reads kv head h // (H // Hkv), so k and v
+are never repeated; dK/dV are computed per q head (fp32 when a group has several heads) and summed
+over the group outside the kernel.
+
+Sequences are zero-padded to block multiples and the head dim to a power of two >= 16 (the GPU's
+Triton lowering needs power-of-two shapes; padded head-dim columns add nothing to any dot product);
+padded keys are masked out of the softmax and the outputs are sliced back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels import contract, registry
+from kernels.pallas._common import gpu_compiler_params, interpret, pad_axis
+
+LOG2_E = 1 / math.log(2)
+_SQ = getattr(pl, "squeezed", None)  # a block dim dropped from the kernel's view (None: older jax)
+MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes (powers of two) and GPU launch settings. The forward and dQ kernels own a
+    query block (block_q / block_q_dq) and stream key blocks; the dK/dV kernel owns a key block
+    (block_k_dkv) and streams query blocks."""
+
+    block_q: int = 64
+    block_k: int = 64
+    block_q_dkv: int = 32
+    block_k_dkv: int = 64
+    block_q_dq: int = 64
+    block_k_dq: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def fit(self, sq: int, sk: int) -> "BlockSizes":
+        """Shrinks blocks longer than the (power-of-two rounded) sequence: Sq=1 should not pad to
+        a 64-row tile. Never below 16, the smallest dot the GPU accepts."""
+        def clamp(block, s):
+            return min(block, max(16, pl.next_power_of_2(s)))
+
+        return dataclasses.replace(
+            self, block_q=clamp(self.block_q, sq), block_q_dkv=clamp(self.block_q_dkv, sq),
+            block_q_dq=clamp(self.block_q_dq, sq), block_k=clamp(self.block_k, sk),
+            block_k_dkv=clamp(self.block_k_dkv, sk), block_k_dq=clamp(self.block_k_dq, sk))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the kernels need that is not an array (hashable: a custom_vjp static arg)."""
+
+    causal: bool
+    scale: float
+    sq: int  # true lengths, before padding
+    sk: int
+    groups: int  # H // Hkv
+    blocks: BlockSizes
+
+
+def _dot(a, b, *, trans_b=False):
+    """a @ b (or a @ b.T) accumulated in fp32; fp32 inputs get true fp32 (not TF32) products,
+    like the Triton kernel under torch's default matmul precision."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _visible(rows, keys, st: _Static):
+    """Mask of the scores that exist, from broadcastable query and key indices: a real key and,
+    when causal (top-left aligned like SDPA's is_causal), key j <= query i."""
+    mask = keys < st.sk
+    if st.causal:
+        mask = mask & (keys <= rows)
+    return mask
+
+
+def _num_key_blocks(q_block, block_q, block_k, st: _Static):
+    """Key blocks a query block must visit; causal skips those past its last row."""
+    n = pl.cdiv(st.sk, block_k)
+    if st.causal:
+        n = jnp.minimum(n, pl.cdiv((q_block + 1) * block_q, block_k))
+    return n
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
+    block_q, block_k = st.blocks.block_q, st.blocks.block_k
+    i = pl.program_id(2)
+    q = q_ref[...]
+    rows = i * block_q + jnp.arange(block_q)
+    qk_scale = st.scale * LOG2_E
+
+    def body(j, carry):
+        m, l, acc = carry
+        start = pl.multiple_of(j * block_k, block_k)
+        k = k_ref[pl.ds(start, block_k), :]
+        v = v_ref[pl.ds(start, block_k), :]
+        s = _dot(q, k, trans_b=True) * qk_scale
+        s = jnp.where(_visible(rows[:, None], start + jnp.arange(block_k)[None, :], st), s,
+                      -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = l * alpha + p.sum(axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        return m_new, l, acc
+
+    # Key 0 is visible to every row, padded rows too, so the first block makes m finite.
+    init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+            jnp.zeros(q.shape, jnp.float32))
+    m, l, acc = lax.fori_loop(0, _num_key_blocks(i, block_q, block_k, st), body, init)
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log2(l)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static):
+    block_q, block_k = st.blocks.block_q_dq, st.blocks.block_k_dq
+    i = pl.program_id(2)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    rows = i * block_q + jnp.arange(block_q)
+
+    def body(j, dq):
+        start = pl.multiple_of(j * block_k, block_k)
+        k = k_ref[pl.ds(start, block_k), :]
+        v = v_ref[pl.ds(start, block_k), :]
+        p = jnp.exp2(_dot(q, k, trans_b=True) * (st.scale * LOG2_E) - lse[:, None])
+        p = jnp.where(_visible(rows[:, None], start + jnp.arange(block_k)[None, :], st), p, 0.0)
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = lax.fori_loop(0, _num_key_blocks(i, block_q, block_k, st), body,
+                       jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+                st: _Static):
+    block_q, block_k = st.blocks.block_q_dkv, st.blocks.block_k_dkv
+    j = pl.program_id(2)
+    k, v = k_ref[...], v_ref[...]
+    keys = j * block_k + jnp.arange(block_k)
+
+    def body(i, carry):
+        dk, dv = carry
+        start = pl.multiple_of(i * block_q, block_q)
+        q = q_ref[pl.ds(start, block_q), :]
+        do = do_ref[pl.ds(start, block_q), :]
+        lse = lse_ref[pl.ds(start, block_q)]
+        delta = delta_ref[pl.ds(start, block_q)]
+        rows = start + jnp.arange(block_q)
+        # Transposed scores [keys, queries], so P^T and dS^T feed the dots directly. Padded query
+        # rows are masked too: their lse is not a real row's.
+        p_t = jnp.exp2(_dot(k, q, trans_b=True) * (st.scale * LOG2_E) - lse[None, :])
+        visible = _visible(rows[None, :], keys[:, None], st) & (rows[None, :] < st.sq)
+        p_t = jnp.where(visible, p_t, 0.0)
+        dv = dv + _dot(p_t.astype(do.dtype), do)
+        ds_t = p_t * (_dot(v, do, trans_b=True) - delta[None, :])
+        dk = dk + _dot(ds_t.astype(q.dtype), q)
+        return dk, dv
+
+    # Causal: query blocks that end before this key block's first key see none of it.
+    first = (j * block_k) // block_q if st.causal else 0
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(first, pl.cdiv(st.sq, block_q), body, (zeros, zeros))
+    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _call(kernel, st: _Static, grid, in_specs, out_specs, out_shape, name):
+    # The Triton-lowering params also pick Pallas' Triton backend on a GPU (not Mosaic GPU).
+    params = gpu_compiler_params(st.blocks.num_warps, st.blocks.num_stages)
+    return pl.pallas_call(functools.partial(kernel, st=st), grid=grid, in_specs=in_specs,
+                          out_specs=out_specs, out_shape=out_shape, compiler_params=params,
+                          interpret=interpret(), name=name)
+
+
+# BlockSpecs over [B, heads, S, D] (and [B, heads, S] for lse/delta); batch and head are squeezed.
+# kv_groups maps a q head h to its kv head h // kv_groups, so GQA reads the shared k/v in place.
+def _rows_spec(block, d, kv_groups=1):
+    return pl.BlockSpec((_SQ, _SQ, block, d), lambda b, h, i: (b, h // kv_groups, i, 0))
+
+
+def _whole_spec(s, d, kv_groups=1):
+    return pl.BlockSpec((_SQ, _SQ, s, d), lambda b, h, i: (b, h // kv_groups, 0, 0))
+
+
+def _vec_spec(block):
+    return pl.BlockSpec((_SQ, _SQ, block), lambda b, h, i: (b, h, i))
+
+
+def _forward(q, k, v, st: _Static):
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    bq = st.blocks.block_q
+    return _call(
+        _fwd_kernel, st, (B, H, Sq // bq),
+        in_specs=[_rows_spec(bq, D), _whole_spec(Sk, D, st.groups), _whole_spec(Sk, D, st.groups)],
+        out_specs=[_rows_spec(bq, D), _vec_spec(bq)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((B, H, Sq), jnp.float32)],
+        name="flash_attention_fwd")(q, k, v)
+
+
+def _backward(st: _Static, residuals, do):
+    q, k, v, o, lse = residuals
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    g = st.groups
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+
+    bq = st.blocks.block_q_dq
+    dq = _call(
+        _dq_kernel, st, (B, H, Sq // bq),
+        in_specs=[_rows_spec(bq, D), _whole_spec(Sk, D, g), _whole_spec(Sk, D, g),
+                  _rows_spec(bq, D), _vec_spec(bq), _vec_spec(bq)],
+        out_specs=_rows_spec(bq, D), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        name="flash_attention_dq")(q, k, v, do, lse, delta)
+
+    # One program per (q head, key block); a group's heads are summed below in fp32.
+    bk = st.blocks.block_k_dkv
+    per_head = jax.ShapeDtypeStruct((B, H, Sk, D), jnp.float32 if g > 1 else k.dtype)
+    whole_vec = pl.BlockSpec((_SQ, _SQ, Sq), lambda b, h, j: (b, h, 0))
+    dk, dv = _call(
+        _dkv_kernel, st, (B, H, Sk // bk),
+        in_specs=[_whole_spec(Sq, D), _rows_spec(bk, D, g), _rows_spec(bk, D, g),
+                  _whole_spec(Sq, D), whole_vec, whole_vec],
+        out_specs=[_rows_spec(bk, D), _rows_spec(bk, D)], out_shape=[per_head, per_head],
+        name="flash_attention_dkv")(q, k, v, do, lse, delta)
+    if g > 1:
+        dk = dk.reshape(B, Hkv, g, Sk, D).sum(axis=2).astype(k.dtype)
+        dv = dv.reshape(B, Hkv, g, Sk, D).sum(axis=2).astype(v.dtype)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash(q, k, v, st: _Static):
+    return _forward(q, k, v, st)[0]
+
+
+def _flash_fwd(q, k, v, st: _Static):
+    o, lse = _forward(q, k, v, st)
+    return o, (q, k, v, o, lse)
+
+
+_flash.defvjp(_flash_fwd, _backward)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "blocks"))
+def _attention(q, k, v, *, causal: bool, scale: float, blocks: BlockSizes):
+    _, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    blocks = blocks.fit(Sq, Sk)
+    st = _Static(causal, scale, Sq, Sk, H // Hkv, blocks)
+    # Block sizes are powers of two, so the largest is a multiple of the others: one padding
+    # serves every kernel.
+    q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
+    k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
+    d_padded = max(16, pl.next_power_of_2(D))
+    q = pad_axis(pad_axis(q, 2, q_multiple), 3, d_padded)
+    k = pad_axis(pad_axis(k, 2, k_multiple), 3, d_padded)
+    v = pad_axis(pad_axis(v, 2, k_multiple), 3, d_padded)
+    return _flash(q, k, v, st)[:, :, :Sq, :D]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False,
+              scale: float | None = None, *, block_sizes: BlockSizes | None = None) -> jax.Array:
+    """softmax(q k^T * scale) v: q [B, H, Sq, D], k and v [B, Hkv, Sk, D] -> [B, H, Sq, D].
+
+    Differentiable (jax.grad) in q, k, v. `block_sizes` overrides the default tiles.
+    """
+    dims = contract.attention_args(q, k, v, causal, scale, "jax")
+    if dims.D > MAX_HEAD_DIM:
+        raise ValueError(f"q's head dimension D={dims.D} must be <= {MAX_HEAD_DIM} "
+                         "for this kernel")
+    blocks = block_sizes or BlockSizes()
+    for name, value in dataclasses.asdict(blocks).items():
+        if name.startswith("block") and (value < 16 or value & (value - 1)):
+            raise ValueError(f"block_sizes.{name}={value} must be a power of two >= 16")
+    return _attention(q, k, v, causal=dims.causal, scale=dims.scale, blocks=blocks)
+
+
+registry.register("attention", "pallas", framework="jax", kind="hand", backend="Pallas",
+                  reset=jax.clear_caches)(attention)

@@ -1,0 +1,348 @@
+"""Hand-written Triton attention, FlashAttention-2 style: forward with online softmax, backward in
+three kernels (delta = rowsum(dO * O), dK/dV over query blocks, dQ over key blocks).
+
+Layout [B, H, S, D] with any strides. GQA/MQA read kv head h // (H // Hkv) in place; k and v are
+never repeated. D is padded (by masks, not copies) to a power of two >= 16 for tl.dot. Softmax runs
+in base 2: log2(e) is folded into the scale so the inner loop uses exp2, and the saved logsumexp is
+base 2 as well.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import contract, registry
+from kernels.triton._common import (DEVICE_TYPE, dot_precision, pick_configs, reset_jit,
+                                    to_output, upcast_dot)
+
+LOG2_E = 1 / math.log(2)
+
+
+def _config(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# BLOCK_M tiles queries, BLOCK_N tiles keys. The kernel that owns a query block (forward, dQ) wants
+# a tall BLOCK_M; the one that owns a key block (dK/dV) a wide BLOCK_N. The interpreter configs use
+# unequal blocks so the CPU tests exercise the causal block bounds with BLOCK_M != BLOCK_N.
+_FWD_CONFIGS = pick_configs(
+    [_config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(64, 64, 4, 3),
+     _config(128, 32, 4, 2), _config(64, 32, 4, 2)],
+    [_config(32, 16, 4, 1)])
+_DKV_CONFIGS = pick_configs(
+    [_config(32, 128, 4, 3), _config(64, 128, 8, 3), _config(32, 64, 4, 3),
+     _config(64, 64, 4, 2), _config(32, 32, 4, 2)],
+    [_config(16, 32, 4, 1)])
+_DQ_CONFIGS = pick_configs(
+    [_config(128, 32, 4, 3), _config(128, 64, 8, 3), _config(64, 64, 4, 3),
+     _config(64, 32, 4, 2), _config(32, 32, 4, 2)],
+    [_config(32, 16, 4, 1)])
+_DELTA_BLOCK_M = 64
+_AUTOTUNE_KEY = ["Sq", "Sk", "GROUP", "BLOCK_D", "CAUSAL"]
+
+
+def _prune_wide_tiles(configs, named_args, **kwargs):
+    """Large head dims with large tiles spill registers (or overflow shared memory) on an H100:
+    keep tiles of at most 128x128 elements per operand, and always at least one config."""
+    block_d = {**named_args, **kwargs}["BLOCK_D"]
+    kept = [c for c in configs
+            if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * block_d <= 128 * 128]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+_PRUNE = {"early_config_prune": _prune_wide_tiles}
+
+
+@triton.jit
+def _load(base, rows, n_rows, stride_s, cols, D, stride_d, UPCAST: tl.constexpr):
+    """A [rows, cols] tile, zero past the sequence end and the head dim (zeros add nothing to any
+    dot product, so padded keys and the padded head dim are harmless until they are masked)."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < D)
+    x = tl.load(base + rows[:, None] * stride_s + cols[None, :] * stride_d, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store(base, x, rows, n_rows, stride_s, cols, D, stride_d, UPCAST: tl.constexpr):
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < D)
+    out = to_output(x, base.dtype.element_ty, UPCAST)
+    tl.store(base + rows[:, None] * stride_s + cols[None, :] * stride_d, out, mask=mask)
+
+
+@triton.jit
+def _as_operand(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """An fp32 tile (P or dS) rounded to the input dtype for the next tl.dot, as FlashAttention
+    does on the GPU; widened again when the interpreter cannot dot bf16."""
+    x = to_output(x, dtype, UPCAST)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _visible(rows, keys, Sk, CAUSAL: tl.constexpr):
+    """Mask of the scores that exist, from broadcastable query and key indices: a real key and,
+    when causal (top-left aligned like SDPA's is_causal), key j <= query i."""
+    mask = keys < Sk
+    if CAUSAL:
+        mask = mask & (keys <= rows)
+    return mask
+
+
+@triton.jit
+def _heads(pid_bh, H, GROUP):
+    """(batch, q head, kv head) of the program's [B * H] grid index, as int64 so that base
+    offsets of large tensors cannot overflow int32."""
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    return b, h, h // GROUP
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, qk_scale, Sq, Sk, H, GROUP, D,
+                stride_qb, stride_qh, stride_qs, stride_qd,
+                stride_kb, stride_kh, stride_ks, stride_kd,
+                stride_vb, stride_vh, stride_vs, stride_vd,
+                stride_ob, stride_oh, stride_os, stride_od,
+                CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h, hkv = _heads(pid_bh, H, GROUP)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + hkv * stride_kh
+    V += b * stride_vb + hkv * stride_vh
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    q = _load(Q, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST)
+
+    # Online softmax state in fp32. Key 0 is visible to every row (also padded rows), so the
+    # first block makes every m_i finite and no -inf - -inf ever occurs.
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    # Causal: key blocks past this query block's last row are entirely masked, so skip them.
+    hi = Sk
+    if CAUSAL:
+        hi = min(Sk, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        k = _load(K, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST)
+        v = _load(V, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(_visible(rows[:, None], keys[None, :], Sk, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = _as_operand(p, V.dtype.element_ty, UPCAST)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(LSE + pid_bh.to(tl.int64) * Sq + rows, m_i + tl.log2(l_i), mask=rows < Sq)
+    O += b * stride_ob + h * stride_oh
+    _store(O, acc, rows, Sq, stride_os, cols, D, stride_od, UPCAST)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, Sq, H, D,
+                      stride_ob, stride_oh, stride_os, stride_od,
+                      stride_db, stride_dh, stride_ds, stride_dd,
+                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h, _ = _heads(pid_bh, H, 1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    o = _load(O + b * stride_ob + h * stride_oh, rows, Sq, stride_os, cols, D, stride_od, True)
+    do = _load(DO + b * stride_db + h * stride_dh, rows, Sq, stride_ds, cols, D, stride_dd, True)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Sq + rows, tl.sum(o * do, 1), mask=rows < Sq)
+
+
+@triton.autotune(configs=_DKV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale, Sq, Sk, H, GROUP, D,
+                    stride_qb, stride_qh, stride_qs, stride_qd,
+                    stride_kb, stride_kh, stride_ks, stride_kd,
+                    stride_vb, stride_vh, stride_vs, stride_vd,
+                    stride_db, stride_dh, stride_ds, stride_dd,
+                    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of one kv head; loops over the GROUP query heads that share it, so dK/dV of
+    a GQA group accumulate in fp32 registers with no atomics and no per-q-head copies."""
+    pid_n = tl.program_id(0)
+    pid_bhkv = tl.program_id(1)
+    Hkv = H // GROUP
+    b, hkv, _ = _heads(pid_bhkv, Hkv, 1)
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    k = _load(K + b * stride_kb + hkv * stride_kh, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST)
+    v = _load(V + b * stride_vb + hkv * stride_vh, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    # Causal: queries before this key block's first key see none of it.
+    lo = 0
+    if CAUSAL:
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        h = hkv * GROUP + g
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DO + b * stride_db + h * stride_dh
+        row0 = (b * H + h) * Sq
+        for start_m in range(lo, Sq, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            q = _load(Qh, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST)
+            do = _load(DOh, rows, Sq, stride_ds, cols, D, stride_dd, UPCAST)
+            lse = tl.load(LSE + row0 + rows, mask=rows < Sq, other=0.0)
+            delta = tl.load(DELTA + row0 + rows, mask=rows < Sq, other=0.0)
+            # Transposed scores [keys, queries], so P^T and dS^T feed the dots directly.
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            p_t = tl.exp2(s_t - lse[None, :])
+            # Padded query rows (zero q, dO, lse, delta) would add nothing anyway; masking them
+            # keeps exp2 of garbage out of the sums.
+            visible = _visible(rows[None, :], keys[:, None], Sk, CAUSAL) & (rows[None, :] < Sq)
+            p_t = tl.where(visible, p_t, 0.0)
+            dv = tl.dot(_as_operand(p_t, DO.dtype.element_ty, UPCAST), do, dv,
+                        input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(_as_operand(ds_t, Q.dtype.element_ty, UPCAST), q, dk,
+                        input_precision=PRECISION)
+    # dK/dV are written contiguous [B, Hkv, Sk, D].
+    base = (b * Hkv + hkv) * Sk * D
+    _store(DK + base, dk * scale, keys, Sk, D, cols, D, 1, UPCAST)
+    _store(DV + base, dv, keys, Sk, D, cols, D, 1, UPCAST)
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, scale, Sq, Sk, H, GROUP, D,
+                   stride_qb, stride_qh, stride_qs, stride_qd,
+                   stride_kb, stride_kh, stride_ks, stride_kd,
+                   stride_vb, stride_vh, stride_vs, stride_vd,
+                   stride_db, stride_dh, stride_ds, stride_dd,
+                   CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                   UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h, hkv = _heads(pid_bh, H, GROUP)
+    K += b * stride_kb + hkv * stride_kh
+    V += b * stride_vb + hkv * stride_vh
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    q = _load(Q + b * stride_qb + h * stride_qh, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST)
+    do = _load(DO + b * stride_db + h * stride_dh, rows, Sq, stride_ds, cols, D, stride_dd, UPCAST)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    hi = Sk
+    if CAUSAL:
+        hi = min(Sk, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        k = _load(K, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST)
+        v = _load(V, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(_visible(rows[:, None], keys[None, :], Sk, CAUSAL), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(_as_operand(ds, K.dtype.element_ty, UPCAST), k, dq,
+                    input_precision=PRECISION)
+    # dQ is written contiguous [B, H, Sq, D].
+    _store(DQ + pid_bh.to(tl.int64) * Sq * D, dq * scale, rows, Sq, D, cols, D, 1, UPCAST)
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _forward(q, k, v, dims, out):
+    lse = torch.empty((dims.B, dims.H, dims.Sq), dtype=torch.float32, device=q.device)
+
+    def grid(meta):
+        return (triton.cdiv(dims.Sq, meta["BLOCK_M"]), dims.B * dims.H)
+
+    _fwd_kernel[grid](q, k, v, out, lse, dims.scale * LOG2_E, dims.Sq, dims.Sk, dims.H,
+                      dims.H // dims.Hkv, dims.D,
+                      *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                      CAUSAL=dims.causal, BLOCK_D=_block_d(dims.D),
+                      PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype))
+    return lse
+
+
+def _backward(q, k, v, o, lse, do, dims):
+    block_d = _block_d(dims.D)
+    delta = torch.empty_like(lse)
+    _bwd_delta_kernel[(triton.cdiv(dims.Sq, _DELTA_BLOCK_M), dims.B * dims.H)](
+        o, do, delta, dims.Sq, dims.H, dims.D, *o.stride(), *do.stride(),
+        BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M)
+
+    dq = torch.empty((dims.B, dims.H, dims.Sq, dims.D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((dims.B, dims.Hkv, dims.Sk, dims.D), dtype=k.dtype, device=k.device)
+    dv = torch.empty_like(dk)
+    args = (dims.scale * LOG2_E, dims.scale, dims.Sq, dims.Sk, dims.H, dims.H // dims.Hkv, dims.D,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride())
+    meta = dict(CAUSAL=dims.causal, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype),
+                UPCAST=upcast_dot(q.dtype))
+
+    def dkv_grid(m):
+        return (triton.cdiv(dims.Sk, m["BLOCK_N"]), dims.B * dims.Hkv)
+
+    def dq_grid(m):
+        return (triton.cdiv(dims.Sq, m["BLOCK_M"]), dims.B * dims.H)
+
+    _bwd_dkv_kernel[dkv_grid](q, k, v, do, lse, delta, dk, dv, *args, **meta)
+    _bwd_dq_kernel[dq_grid](q, k, v, do, lse, delta, dq, *args, **meta)
+    return dq, dk, dv
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, dims, out):
+        if out is None:
+            out = torch.empty((dims.B, dims.H, dims.Sq, dims.D), dtype=q.dtype, device=q.device)
+        else:
+            ctx.mark_dirty(out)  # written in place: autograd must know the buffer changed
+        lse = _forward(q, k, v, dims, out)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.dims = dims
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.dims)
+        return dq, dk, dv, None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+              scale: float | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v: q [B, H, Sq, D], k and v [B, Hkv, Sk, D] -> [B, H, Sq, D].
+
+    Differentiable in q, k, v. Any strides; `out` may be given (any strides, written in place).
+    """
+    dims = contract.attention_args(q, k, v, causal, scale, "torch")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        contract.check_device(name, x, DEVICE_TYPE)
+    if dims.D > 256:
+        raise ValueError(f"q's head dimension D={dims.D} must be <= 256 for this kernel")
+    shape = (dims.B, dims.H, dims.Sq, dims.D)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != q.dtype
+                            or out.device != q.device):
+        raise ValueError(f"out must be a {q.dtype} tensor of shape {list(shape)} on {q.device}, "
+                         f"got {out.dtype} {list(out.shape)} on {out.device}")
+    return _Attention.apply(q, k, v, dims, out)
+
+
+registry.register("attention", "triton", framework="torch", kind="hand", backend="Triton",
+                  accepts_out=True,
+                  reset=lambda: reset_jit(_fwd_kernel, _bwd_delta_kernel, _bwd_dkv_kernel,
+                                          _bwd_dq_kernel))(attention)

@@ -1,0 +1,232 @@
+"""Correctness of the hand-written attention kernels (Triton and Pallas) on CPU.
+
+Every case runs the forward and the backward and compares out, dq, dk, dv with float64 autograd by
+relative Frobenius error ||x - ref|| / ||ref||.
+
+Budget: a kernel passes if its error is at most BUDGET_FACTOR (4) times the error of torch's own
+F.scaled_dot_product_attention in the same dtype on the same inputs (the stock op sets the error
+scale, as in the flash-attention tests), plus a floor of 1/16 of the dtype's machine epsilon so an
+(exactly) zero stock error does not demand an exactly zero kernel error.
+
+Triton runs in its interpreter here, Pallas in interpret mode, so shapes stay small (S <= 130).
+The Triton output buffer is pre-filled with NaN via out=, and Pallas interpret mode fills
+unwritten outputs with NaN itself, so an element a kernel fails to write makes the error NaN.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels  # noqa: F401  (switches Triton to its interpreter when there is no GPU)
+from kernels import reference, registry
+from kernels.pallas import attention as pallas_attention
+from kernels.triton import attention as triton_attention
+
+BUDGET_FACTOR = 4
+DTYPES = {"float32": (torch.float32, jnp.float32), "float16": (torch.float16, jnp.float16),
+          "bfloat16": (torch.bfloat16, jnp.bfloat16)}
+GRAD_NAMES = ("out", "dq", "dk", "dv")
+
+# (B, H, Hkv, Sq, Sk, D, causal, scale): decode (Sq=1), primes, Sq < Sk and Sq > Sk with causal
+# (top-left aligned), GQA and MQA, D in 16/32/64/128 and an odd D=80 (padded to 128 by masks).
+CASES = [
+    pytest.param((1, 2, 2, 1, 61, 64, False, None), id="decode-Sq1-D64"),
+    pytest.param((1, 4, 2, 37, 61, 32, True, None), id="gqa-causal-Sq<Sk-D32"),
+    pytest.param((1, 4, 1, 130, 37, 80, True, 0.3), id="mqa-causal-Sq>Sk-D80-scale"),
+    pytest.param((2, 2, 2, 64, 64, 128, True, None), id="mha-causal-square-D128"),
+    pytest.param((1, 2, 1, 61, 130, 16, False, None), id="mqa-Sq<Sk-D16"),
+]
+
+
+def rel_err(x, ref: torch.Tensor) -> float:
+    return float((reference.as_float64(x) - ref).norm() / ref.norm())
+
+
+def make_inputs(case, dtype: torch.dtype, seed: int = 0):
+    """Seeded q, k, v and the output cotangent dO, as torch tensors in `dtype`."""
+    B, H, Hkv, Sq, Sk, D, _, _ = case
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(B, H, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, D), (B, H, Sq, D)]
+    return [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+
+
+def reference_with_grads(q, k, v, do, causal, scale):
+    """float64 out and (dq, dk, dv). reference.attention detaches its inputs, so its math is
+    redone here under autograd, and the forward is checked against it."""
+    q64, k64, v64 = (reference.as_float64(t).requires_grad_() for t in (q, k, v))
+    groups = q64.shape[1] // k64.shape[1]
+    scores = q64 @ k64.repeat_interleave(groups, 1).transpose(-1, -2)
+    scores = scores * (q64.shape[-1] ** -0.5 if scale is None else scale)
+    if causal:
+        visible = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
+    out = torch.softmax(scores, -1) @ v64.repeat_interleave(groups, 1)
+    out.backward(reference.as_float64(do))
+    out = out.detach()
+    torch.testing.assert_close(out, reference.attention(q, k, v, causal, scale), rtol=1e-12,
+                               atol=1e-12)
+    return [out, q64.grad, k64.grad, v64.grad]
+
+
+def sdpa_errors(q, k, v, do, causal, scale, refs):
+    """Errors of torch's own SDPA (out, dq, dk, dv) in the inputs' dtype: the error scale."""
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*x, is_causal=causal, scale=scale, enable_gqa=True)
+    out.backward(do)
+    return [rel_err(t, r) for t, r in zip([out] + [t.grad for t in x], refs)]
+
+
+def check_within_budget(errors, stock_errors, dtype: torch.dtype, what: str):
+    floor = torch.finfo(dtype).eps / 16
+    for name, err, stock in zip(GRAD_NAMES, errors, stock_errors):
+        budget = BUDGET_FACTOR * stock + floor
+        assert err <= budget, (f"{what} {name}: relative error {err:.3g} exceeds the budget "
+                               f"{budget:.3g} ({BUDGET_FACTOR} x SDPA's {stock:.3g} + {floor:.3g})")
+
+
+def run_triton(q, k, v, do, causal, scale):
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    poisoned = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    out = triton_attention.attention(*x, causal, scale, out=poisoned)
+    assert out.data_ptr() == poisoned.data_ptr()
+    out.backward(do)
+    return [out.detach()] + [t.grad for t in x]
+
+
+def to_jax(t: torch.Tensor, dtype) -> jax.Array:
+    return jnp.asarray(t.float().numpy(), dtype=dtype)  # float32 holds every fp16/bf16 value
+
+
+def run_pallas(q, k, v, do, causal, scale, jax_dtype, block_sizes=None):
+    q, k, v, do = (to_jax(t, jax_dtype) for t in (q, k, v, do))
+    out, vjp = jax.vjp(lambda *x: pallas_attention.attention(*x, causal, scale,
+                                                              block_sizes=block_sizes), q, k, v)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    return [out, *vjp(do)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("impl", ["triton", "pallas"])
+def test_forward_and_gradients_match_reference(impl, case, dtype):
+    torch_dtype, jax_dtype = DTYPES[dtype]
+    causal, scale = case[6], case[7]
+    q, k, v, do = make_inputs(case, torch_dtype)
+    refs = reference_with_grads(q, k, v, do, causal, scale)
+    stock = sdpa_errors(q, k, v, do, causal, scale, refs)
+    if impl == "triton":
+        results = run_triton(q, k, v, do, causal, scale)
+        assert all(r.dtype == torch_dtype for r in results)
+    else:
+        results = run_pallas(q, k, v, do, causal, scale, jax_dtype)
+        assert all(r.dtype == jax_dtype for r in results)
+    errors = [rel_err(x, r) for x, r in zip(results, refs)]
+    check_within_budget(errors, stock, torch_dtype, f"{impl} {dtype}")
+
+
+def test_triton_non_contiguous_inputs():
+    """[B, S, H, D] storage viewed as [B, H, S, D]: the kernels take strides, no copies."""
+    case = (1, 4, 2, 37, 61, 32, True, None)
+    q, k, v, do = make_inputs(case, torch.float32)
+    q_t, k_t, v_t, do_t = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, do))
+    assert not q_t.is_contiguous()
+    refs = reference_with_grads(q, k, v, do, True, None)
+    stock = sdpa_errors(q, k, v, do, True, None, refs)
+    x = [t.clone().requires_grad_() for t in (q_t, k_t, v_t)]
+    out = triton_attention.attention(*x, causal=True)
+    out.backward(do_t)
+    errors = [rel_err(t, r) for t, r in zip([out.detach()] + [t.grad for t in x], refs)]
+    check_within_budget(errors, stock, torch.float32, "triton non-contiguous")
+
+
+def test_pallas_small_blocks():
+    """16-wide tiles: many blocks per sequence, every kernel crossing block and padding edges."""
+    case = (1, 4, 2, 37, 61, 80, True, None)
+    q, k, v, do = make_inputs(case, torch.float32)
+    refs = reference_with_grads(q, k, v, do, True, None)
+    stock = sdpa_errors(q, k, v, do, True, None, refs)
+    tiles = dict.fromkeys(["block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq",
+                           "block_k_dq"], 16)
+    blocks = pallas_attention.BlockSizes(**tiles)
+    results = run_pallas(q, k, v, do, True, None, jnp.float32, block_sizes=blocks)
+    errors = [rel_err(x, r) for x, r in zip(results, refs)]
+    check_within_budget(errors, stock, torch.float32, "pallas 16-wide blocks")
+
+
+@pytest.mark.parametrize("impl", ["triton", "pallas"])
+def test_single_key_returns_v(impl):
+    """Sk = 1: every query (causal too) sees only key 0, so the output is v exactly."""
+    q, k, v, _ = make_inputs((1, 2, 1, 5, 1, 16, True, None), torch.float32)
+    if impl == "triton":
+        out = triton_attention.attention(q, k, v, causal=True)
+    else:
+        out = pallas_attention.attention(*(to_jax(t, jnp.float32) for t in (q, k, v)), True)
+    assert torch.equal(reference.as_float64(out), reference.as_float64(v).expand(1, 2, 5, 16))
+
+
+def test_registered():
+    triton_impl = registry.get("attention", "triton")
+    assert triton_impl.fn is triton_attention.attention
+    assert (triton_impl.framework, triton_impl.kind, triton_impl.accepts_out) == ("torch", "hand",
+                                                                                  True)
+    triton_impl.reset()
+    pallas_impl = registry.get("attention", "pallas")
+    assert pallas_impl.fn is pallas_attention.attention
+    assert (pallas_impl.framework, pallas_impl.kind) == ("jax", "hand")
+
+
+def _torch_array(shape, dtype="float32"):
+    return torch.zeros(shape, dtype=getattr(torch, dtype))
+
+
+def _jax_array(shape, dtype="float32"):
+    return jnp.zeros(shape, dtype=dtype)
+
+
+GOOD = {"q": (1, 4, 8, 16), "k": (1, 2, 8, 16), "v": (1, 2, 8, 16)}
+# (what is wrong, argument overrides as (shape, dtype), extra kwargs, error, message fragment)
+BAD_INPUTS = [
+    ("rank", {"q": ((4, 8, 16), "float32")}, {}, ValueError, "q must have rank 4"),
+    ("head dims differ", {"k": ((1, 2, 8, 32), "float32"), "v": ((1, 2, 8, 32), "float32")}, {},
+     ValueError, "head dimension"),
+    ("H not a multiple of Hkv", {"q": ((1, 3, 8, 16), "float32")}, {}, ValueError, "multiple"),
+    ("k and v shapes differ", {"v": ((1, 2, 9, 16), "float32")}, {}, ValueError, "same shape"),
+    ("dtypes differ", {"v": ((1, 2, 8, 16), "float16")}, {}, TypeError, "dtype"),
+    ("unsupported dtype", {"q": ((1, 4, 8, 16), "int32")}, {}, TypeError, "dtype"),
+    ("causal not a bool", {}, {"causal": 1}, TypeError, "causal"),
+    ("negative scale", {}, {"scale": -1.0}, ValueError, "scale"),
+    ("head dim over 256", {"q": ((1, 4, 8, 512), "float32"), "k": ((1, 2, 8, 512), "float32"),
+                           "v": ((1, 2, 8, 512), "float32")}, {}, ValueError, "D=512"),
+]
+
+
+@pytest.mark.parametrize("impl", ["triton", "pallas"])
+@pytest.mark.parametrize("what, overrides, kwargs, error, match",
+                         BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises(impl, what, overrides, kwargs, error, match):
+    make = _torch_array if impl == "triton" else _jax_array
+    fn = registry.get("attention", impl)
+    args = {n: make(*overrides.get(n, (GOOD[n], "float32"))) for n in ("q", "k", "v")}
+    with pytest.raises(error, match=match):
+        fn(args["q"], args["k"], args["v"], **kwargs)
+
+
+@pytest.mark.parametrize("impl", ["triton", "pallas"])
+def test_wrong_framework_array_raises(impl):
+    """A torch kernel given jax arrays (and the reverse), or numpy arrays, is a TypeError."""
+    fn = registry.get("attention", impl)
+    other = _jax_array if impl == "triton" else _torch_array
+    for make in (other, np.zeros):
+        with pytest.raises(TypeError, match="must be a"):
+            fn(*(make(GOOD[n]) for n in ("q", "k", "v")))
+
+
+def test_pallas_rejects_bad_block_sizes():
+    q = _jax_array(GOOD["q"])
+    k = _jax_array(GOOD["k"])
+    with pytest.raises(ValueError, match="block_q=48"):
+        pallas_attention.attention(q, k, k, block_sizes=pallas_attention.BlockSizes(block_q=48))

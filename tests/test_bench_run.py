@@ -1,0 +1,97 @@
+"""End to end: the benchmark run as `make bench` drives it, in a subprocess with its own reports
+directory; then `harness.compare` on two runs, with a regression injected."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import compare, results
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED = ("op", "impl", "framework", "case", "dims", "dtype", "status", "reason", "median_s",
+            "p20_s", "p80_s", "tflops", "gbps", "peak_bytes", "peak_method", "compile_cold_s",
+            "compile_warm_s", "rel_err", "device", "versions")
+
+
+def _bench(reports: Path, run_id: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KERNELS_REPORTS": str(reports)}
+    run_dir = reports / "runs" / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pytest", "tests/bench", "-q", "--bench", f"--run-id={run_id}",
+           f"--benchmark-json={run_dir / 'benchmark.json'}", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    reports = tmp_path_factory.mktemp("reports")
+    args = ("--ops=matmul", "--impls=torch,xla", "--tier=smoke", "--dtypes=fp32")
+    runs = [_bench(reports, rid, *args) for rid in ("run1", "run2")]
+    return reports, runs
+
+
+def test_records_written_for_every_benchmark(two_runs):
+    reports, runs = two_runs
+    assert runs[0].returncode == 0, runs[0].stdout[-3000:] + runs[0].stderr[-3000:]
+    records = results.load(reports / "runs" / "run1" / "results.jsonl")
+    assert len(records) == 4 * 2  # 4 smoke cases x 2 implementations, one dtype
+    for r in records:
+        missing = [k for k in REQUIRED if k not in r]
+        assert not missing, missing
+        assert r["status"] == "ok" and r["median_s"] > 0 and r["rel_err"] <= r["err_budget"]
+        assert r["p20_s"] <= r["median_s"] <= r["p80_s"]
+    assert (reports / "latest").resolve() == (reports / "runs" / "run2").resolve()
+    # the table at the end
+    assert "kernel benchmarks" in runs[0].stdout and "TFLOP/s" in runs[0].stdout
+
+
+def test_pytest_benchmark_holds_device_time(two_runs):
+    reports, _ = two_runs
+    data = json.loads((reports / "runs" / "run1" / "benchmark.json").read_text())
+    records = {results.record_key(r): r for r in
+               results.load(reports / "runs" / "run1" / "results.jsonl")}
+    assert len(data["benchmarks"]) == len(records)
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        rec = records[f"matmul/{info['impl']}/{info['case']}-{info['dtype']}"]
+        assert b["stats"]["median"] == pytest.approx(rec["median_s"], rel=1e-9)
+        assert b["stats"]["rounds"] == rec["reps"]
+        assert b["group"] == f"matmul/{info['case']}-{info['dtype']}"
+
+
+def test_compare_passes_then_fails_on_injected_regression(two_runs, tmp_path):
+    reports, _ = two_runs
+    base = reports / "runs" / "run1" / "benchmark.json"
+    same = compare.main([str(base), str(base), "--no-table"])
+    assert same == 0
+    data = json.loads(base.read_text())
+    for b in data["benchmarks"]:
+        b["stats"]["median"] *= 1.5  # +50%: over the 10% threshold and over the noise
+    slower = tmp_path / "slower.json"
+    slower.write_text(json.dumps(data))
+    assert compare.main([str(base), str(slower), "--no-table"]) == 1
+    assert compare.main([str(base), str(slower), "--no-table", "--threshold", "80"]) == 0
+
+
+def test_regression_must_exceed_noise():
+    noisy = compare.Change("x", base_s=1.0, head_s=1.2, noise=0.3)
+    assert not noisy.regression(0.10)
+    quiet = compare.Change("x", base_s=1.0, head_s=1.2, noise=0.05)
+    assert quiet.regression(0.10)
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--ops=softmax", "unknown op(s) ['softmax']; valid: ['attention', 'conv2d', 'matmul']"),
+    ("--impls=nope", "unknown implementation(s) ['nope']"),
+    ("--tier=huge", "unknown tier 'huge'; valid: ['smoke', 'standard', 'full']"),
+    ("--dtypes=int8", "dtype must be one of"),
+    ("--modes=sideways", "unknown mode(s) ['sideways']"),
+])
+def test_bad_options_list_the_valid_ones(tmp_path, option, message):
+    proc = _bench(tmp_path, "bad", "--ops=matmul", option)
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert message in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr

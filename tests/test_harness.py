@@ -1,0 +1,197 @@
+"""The harness itself: cases, inputs, checks, timing, memory, compile timing, records, registry."""
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from harness import cases, check, compile as compile_mod, inputs, memory, results, timing
+from harness.cases import Case
+from kernels import reference, registry
+
+
+# ---------------------------------------------------------------- cases
+def test_flops_and_bytes_by_formula():
+    mm = Case("matmul", "t", {"M": 3, "K": 5, "N": 7})
+    assert cases.flops(mm) == 2 * 3 * 5 * 7
+    assert cases.min_bytes(mm, "bfloat16") == 2 * (3 * 5 + 5 * 7 + 3 * 7)
+    attn = dict(B=2, H=4, Hkv=2, Sq=8, Sk=8, D=16)
+    full = Case("attention", "t", {**attn, "causal": False})
+    causal = Case("attention", "t", {**attn, "causal": True})
+    assert cases.flops(full) == 4 * 2 * 4 * 8 * 8 * 16
+    assert cases.flops(causal) == cases.flops(full) / 2
+    assert cases.flops(full, "bwd") == 2.5 * cases.flops(full)
+    # Sq != Sk under the top-left causal mask: query i sees min(i + 1, Sk) keys
+    short = Case("attention", "t", {**attn, "Sq": 3, "Sk": 8, "causal": True})
+    assert cases.flops(short) == 4 * 2 * 4 * 16 * (1 + 2 + 3)
+
+
+def test_conv_output_size_matches_reference():
+    case = Case("conv2d", "t", {"N": 2, "H": 11, "W": 7, "C": 3, "K": 4, "KH": 3, "KW": 2,
+                                "stride": (2, 1), "padding": (1, 0), "dilation": (1, 3)})
+    x = inputs.make_torch(case, "float32")
+    out = reference.conv2d(x["x"], x["w"], **inputs.options(case))
+    assert tuple(out.shape) == (2, *cases.conv_out_hw(case.dims), 4)
+    assert cases.flops(case) == 2 * 2 * out.shape[1] * out.shape[2] * 4 * 3 * 3 * 2
+
+
+@pytest.mark.parametrize("op", sorted(cases.CASES))
+@pytest.mark.parametrize("tier", cases.TIERS)
+def test_every_case_is_well_formed(op, tier):
+    listed = cases.cases(op, tier)
+    assert listed, f"{op}/{tier} has no cases"
+    names = [c.name for c in listed]
+    assert len(names) == len(set(names)), "case names must be unique"
+    for c in listed:
+        assert cases.flops(c) > 0 and cases.min_bytes(c, "float16") > 0
+        assert all(min(s) >= 1 for s in inputs.shapes(c).values())
+
+
+def test_bad_tier_and_dtype_names():
+    with pytest.raises(ValueError, match="tier must be one of"):
+        cases.cases("matmul", "huge")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        cases.normalize_dtype("int8")
+    assert cases.normalize_dtype("bf16") == "bfloat16"
+
+
+# ---------------------------------------------------------------- inputs
+def test_inputs_seeded_nonzero_and_same_for_both_frameworks():
+    case = cases.cases("matmul", "smoke")[-1]
+    t1 = inputs.make(case, "bfloat16", "torch")
+    t2 = inputs.make(case, "bfloat16", "torch")
+    j = inputs.make(case, "bfloat16", "jax")
+    for name in t1:
+        assert torch.equal(t1[name], t2[name])
+        assert (t1[name] != 0).float().mean() > 0.99
+        np.testing.assert_array_equal(np.asarray(j[name].astype("float32")),
+                                      t1[name].float().numpy())
+    other = inputs.make(cases.cases("matmul", "smoke")[0], "bfloat16", "torch")
+    assert not torch.equal(other["a"][:4, :4], t1["a"][:4, :4])
+
+
+# ---------------------------------------------------------------- check
+def test_rel_err_and_budget():
+    ref = torch.ones(4, 4, dtype=torch.float64)
+    assert check.rel_err(torch.ones(4, 4), ref) == 0
+    assert check.rel_err(torch.full((4, 4), 1.5), ref) == pytest.approx(0.5)
+    poisoned = torch.ones(4, 4)
+    poisoned[3, 3] = float("nan")
+    assert check.rel_err(poisoned, ref) == math.inf
+    assert not check.passes(math.inf, "float32", 1e-7)
+    assert not check.passes(float("nan"), "float32", 1e-7)
+    # the stock error sets the scale, floored at the unit roundoff
+    assert check.budget("float16", 1e-3) == pytest.approx(4e-3)
+    assert check.budget("float16", 0.0) == pytest.approx(4 * 2 ** -11)
+    with pytest.raises(ValueError, match="shape"):
+        check.rel_err(torch.ones(3), ref)
+
+
+# ---------------------------------------------------------------- timing
+def test_summary_statistics():
+    t = timing.summarize([5.0, 1.0, 3.0, 2.0, 4.0], "test")
+    assert (t.median_s, t.p20_s, t.p80_s, t.reps) == (3.0, 1.8, 4.2, 5)
+    assert t.spread == pytest.approx((4.2 - 1.8) / 3.0)
+
+
+def test_wall_timer_measures_the_call():
+    policy = timing.Policy(warmup_s=0.0, budget_s=0.05, min_reps=5, max_reps=50)
+    t = timing.time_fn(lambda: time.sleep(0.004), "torch", on_cuda=False, policy=policy)
+    assert 5 <= t.reps <= 50
+    assert 0.0035 < t.median_s < 0.02
+
+
+# ---------------------------------------------------------------- memory and compile
+def test_cpu_peak_memory_sees_an_allocation():
+    size = 64 * 2**20
+
+    def alloc():
+        return torch.ones(size // 4, dtype=torch.float32)
+
+    peak, method = memory.peak_bytes(alloc, "torch", False, None, (), {})
+    assert method == "rss_high_water_delta"
+    assert peak >= 0.9 * size
+
+
+def test_jax_peak_memory_from_memory_analysis():
+    import jax.numpy as jnp
+
+    x = jnp.ones((256, 256), jnp.float32)
+    peak, method = memory.peak_bytes(None, "jax", False, lambda a: a @ a, (x,), {})
+    assert method == "xla.memory_analysis"
+    assert peak >= 256 * 256 * 4  # at least the output
+
+
+def test_first_calls_cold_then_warm(tmp_path):
+    resets = []
+    state = {"compiled": False}
+
+    def call():
+        if not state["compiled"]:
+            time.sleep(0.05)  # "compilation"
+            state["compiled"] = True
+        return 1
+
+    def reset():
+        resets.append(1)
+        state["compiled"] = False
+
+    fc = compile_mod.first_calls(call, reset, str(tmp_path))
+    assert len(resets) == 2 and fc.output == 1
+    cold, warm = fc.compile_times(median_s=0.0)
+    assert cold >= 0.045 and warm >= 0.045
+    no_reset = compile_mod.first_calls(lambda: 2, None, str(tmp_path))
+    assert no_reset.warm_s is None
+
+
+# ---------------------------------------------------------------- records
+def test_records_append_load_and_survive_a_torn_line(tmp_path):
+    path = tmp_path / "results.jsonl"
+    results.append(path, {"op": "matmul", "impl": "a", "case": "c", "dtype": "float32"})
+    results.append(path, {"op": "matmul", "impl": "b", "case": "c", "dtype": "float32"})
+    with open(path, "a") as f:
+        f.write('{"op": "matmul", "impl"')  # a write cut short by a kill
+    loaded = results.load(path)
+    assert [r["impl"] for r in loaded] == ["a", "b"]
+    assert results.record_key(loaded[0]) == "matmul/a/c-float32"
+
+
+def test_latest_pointer_is_replaced(tmp_path):
+    a = results.start_run("run-a", tmp_path)
+    b = results.start_run("run-b", tmp_path)
+    assert (tmp_path / "latest").resolve() == b.resolve() != a.resolve()
+
+
+# ---------------------------------------------------------------- registry
+def test_public_api():
+    assert registry.ops() == ["attention", "conv2d", "matmul"]
+    assert {"torch", "torch_compile", "xla", "triton", "pallas"} <= set(registry.impls("matmul"))
+    impl = registry.get("matmul", "triton")
+    assert impl.framework == "torch" and impl.kind == "hand"
+    assert registry.get("matmul", "pallas").framework == "jax"
+    assert registry.import_errors() == {}
+    with pytest.raises(ValueError, match="op must be one of"):
+        registry.impls("softmax")
+    with pytest.raises(KeyError, match="unknown matmul implementation"):
+        registry.get("matmul", "nope")
+
+
+def test_register_adds_and_disables(monkeypatch):
+    monkeypatch.setitem(registry._IMPLS, "matmul", dict(registry._IMPLS["matmul"]))
+    monkeypatch.setattr(registry, "_DISABLED", dict(registry._DISABLED))
+
+    @registry.register("matmul", "mine", framework="torch")
+    def mine(a, b):
+        return a @ b
+
+    assert "mine" in registry.impls("matmul")
+    assert registry.get("matmul", "mine").kind == "plugin"
+    registry.register("matmul", "gone", framework="torch", enabled=False, reason="no GPU")(mine)
+    assert "gone" not in registry.impls("matmul")
+    assert registry.disabled("matmul")["gone"] == "no GPU"
+    with pytest.raises(KeyError, match="no GPU"):
+        registry.get("matmul", "gone")
+    with pytest.raises(ValueError, match="framework must be"):
+        registry.register("matmul", "x", framework="numpy")

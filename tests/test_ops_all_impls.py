@@ -1,0 +1,45 @@
+"""attention and conv2d: every registered implementation (stock ones included) against float64 on
+odd shapes in every dtype, through the harness's own checking path. The hand-written kernels have
+deeper tests of their own (gradients, poisoned outputs, strides) in test_<op>_kernels.py."""
+import pytest
+
+from harness.cases import DTYPES, Case
+from kernels import registry
+from tests.checking import error_and_budget
+
+
+def _attn(B, H, Hkv, Sq, Sk, D, causal):
+    return Case("attention", f"t_b{B}h{H}kv{Hkv}_q{Sq}k{Sk}d{D}{'c' if causal else ''}",
+                dict(B=B, H=H, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, causal=causal))
+
+
+ATTENTION = [_attn(1, 2, 2, 1, 1, 16, False), _attn(2, 4, 2, 37, 61, 32, True),
+             _attn(1, 3, 1, 61, 23, 64, True), _attn(1, 2, 2, 130, 130, 128, True),
+             _attn(1, 2, 1, 17, 70, 80, False)]
+
+
+def _conv(N, H, W, C, K, KH, KW, stride, padding, dilation):
+    return Case("conv2d", f"t_{N}_{H}x{W}x{C}_{KH}x{KW}x{K}_s{stride}_p{padding}_d{dilation}",
+                dict(N=N, H=H, W=W, C=C, K=K, KH=KH, KW=KW, stride=stride, padding=padding,
+                     dilation=dilation))
+
+
+CONV = [_conv(1, 1, 1, 1, 1, 1, 1, 1, 0, 1), _conv(2, 11, 7, 3, 5, 3, 5, 1, (1, 2), 1),
+        _conv(3, 13, 13, 5, 1, 3, 3, 2, 1, 2), _conv(1, 17, 19, 16, 24, 3, 3, (3, 4), 1, (3, 1)),
+        _conv(2, 9, 9, 33, 17, 1, 1, 2, 0, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ATTENTION, ids=lambda c: c.name)
+@pytest.mark.parametrize("impl", registry.impls("attention"))
+def test_attention_matches_float64(impl, case, dtype):
+    err, budget = error_and_budget("attention", impl, case, dtype)
+    assert err <= budget, f"{impl} {case.name} {dtype}: error {err:.3g} > budget {budget:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV, ids=lambda c: c.name)
+@pytest.mark.parametrize("impl", registry.impls("conv2d"))
+def test_conv2d_matches_float64(impl, case, dtype):
+    err, budget = error_and_budget("conv2d", impl, case, dtype)
+    assert err <= budget, f"{impl} {case.name} {dtype}: error {err:.3g} > budget {budget:.3g}"
