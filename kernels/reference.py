@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 def as_float64(x, device: str | torch.device = "cpu") -> torch.Tensor:
     if isinstance(x, torch.Tensor):
-        return x.detach().to(device=device, dtype=torch.float64)
+        return x.to(device=device, dtype=torch.float64)  # differentiable: gradient references
     # jax array: float32 holds every float16 / bfloat16 value exactly
     return torch.from_numpy(np.array(x.astype("float32"))).to(device=device,
                                                                  dtype=torch.float64)
