@@ -17,16 +17,27 @@ IMPLS ?=
 TIER ?= smoke
 DTYPES ?=
 MODES ?= fwd
-RUN ?= $(shell date +%Y%m%d-%H%M%S)
+RUN ?= $(if $(RESUME),$(RESUME),$(shell date +%Y%m%d-%H%M%S))
 BASE ?=
 HEAD ?=
 THRESHOLD ?= 10
 PYTEST_ARGS ?=
+PLUGINS ?= $(KERNELS_PLUGINS)
+ISOLATE ?=
+TIMEOUT ?= 900
+RESUME ?=
+WORKERS ?= 1
 
 RUN_DIR := reports/runs/$(RUN)
+# ISOLATE=1: hand-written kernels run in a worker process too (plugins always do; ISOLATE=0: none)
+ISOLATION := $(if $(filter 1 all,$(ISOLATE)),all,$(if $(filter 0 none,$(ISOLATE)),none,plugins))
+BENCH_JSON := $(RUN_DIR)/benchmark$(if $(RESUME),-resumed-$(shell date +%H%M%S),).json
 BENCH_FLAGS = --bench --ops=$(OPS) --impls=$(IMPLS) --tier=$(TIER) --dtypes=$(DTYPES) \
-	--modes=$(MODES) --run-id=$(RUN) --benchmark-json=$(RUN_DIR)/benchmark.json \
-	--benchmark-columns=median,iqr,rounds --benchmark-sort=name
+	--modes=$(MODES) --run-id=$(RUN) --benchmark-json=$(BENCH_JSON) \
+	--benchmark-columns=median,iqr,rounds --benchmark-sort=name \
+	--isolate=$(ISOLATION) --bench-timeout=$(TIMEOUT) $(if $(RESUME),--resume) \
+	$(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist loadgroup)
+export KERNELS_PLUGINS := $(PLUGINS)
 
 .PHONY: bench test compare summary setup clean-venv
 

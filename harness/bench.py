@@ -6,6 +6,7 @@ it never ends the run.
 """
 from __future__ import annotations
 
+import math
 import socket
 import time
 import traceback
@@ -40,6 +41,12 @@ class Bench:
     @property
     def id(self) -> str:
         return f"{self.group}/{self.impl}"
+
+    @property
+    def key(self) -> str:
+        """The same key as results.record_key of its record."""
+        suffix = "" if self.mode == "fwd" else f"-{self.mode}"
+        return f"{self.op}/{self.impl}/{self.case.name}-{self.dtype}{suffix}"
 
 
 def plan(ops, impl_filter, tier, dtypes, modes) -> list[Bench]:
@@ -197,14 +204,21 @@ class Session:
             rec[k] = None
         return rec
 
-    def run(self, b: Bench) -> tuple[dict, timing.Timing | None]:
-        rec = self.base_record(b)
+    def skipped_or_impl(self, b: Bench, rec: dict) -> Impl | None:
+        """The implementation, its facts filled into `rec`; None (rec marked skipped) if disabled."""
         disabled = registry.disabled(b.op)
         if b.impl in disabled:
             rec.update(status="skipped", reason=disabled[b.impl])
-            return rec, None
+            return None
         impl = registry.get(b.op, b.impl)
         rec.update(framework=impl.framework, kind=impl.kind, backend=impl.backend)
+        return impl
+
+    def run(self, b: Bench) -> tuple[dict, timing.Timing | None]:
+        rec = self.base_record(b)
+        impl = self.skipped_or_impl(b, rec)
+        if impl is None:
+            return rec, None
         if impl.framework == "jax":
             rec["jax_device"] = env.jax_device()
         measured = None
@@ -242,9 +256,12 @@ class Session:
                    compile_warm_s=warm,
                    compile_method="first call - median" + (
                        "; warm after in-memory reset" if impl.reset else "; no compile step"),
-                   rel_err=err, err_budget=budget, stock_err=stock_err)
+                   rel_err=err, err_budget=budget, stock_err=stock_err,
+                   phases=first.phases + t.phases)
         if check.passes(err, b.dtype, stock_err):
             rec.update(status="ok")
+        elif math.isinf(err):
+            rec.update(status="failed", reason="wrong result: output holds NaN or inf")
         else:
             rec.update(status="failed",
                        reason=f"wrong result: relative error {err:.3g} over budget {budget:.3g}")

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from harness.timing import sync
+from harness.timing import span, sync
 
 _CACHE_ENV = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")
 
@@ -28,6 +28,7 @@ class FirstCalls:
     cold_s: float
     warm_s: float | None
     output: Any  # the cold call's output, checked for correctness
+    phases: list[dict]  # cold_compile and warm_compile spans
 
     def compile_times(self, median_s: float) -> tuple[float, float | None]:
         cold = max(self.cold_s - median_s, 0.0)
@@ -49,9 +50,13 @@ def first_calls(call: Callable[[], Any], reset: Callable[[], None] | None,
         os.environ[var] = os.path.join(fresh, var.lower())
     if reset is not None:
         reset()
+    t0 = time.time_ns()
     cold_s, out = _timed(call)
+    phases = [span("cold_compile", t0)]
     warm_s = None
     if reset is not None:
         reset()
+        t0 = time.time_ns()
         warm_s, _ = _timed(call)
-    return FirstCalls(cold_s, warm_s, out)
+        phases.append(span("warm_compile", t0))
+    return FirstCalls(cold_s, warm_s, out, phases)

@@ -32,6 +32,17 @@ def nvml_info() -> dict:
         return {"nvml_error": str(e)}
 
 
+def gpu_count() -> int:
+    """GPUs NVML sees, without initialising CUDA; 0 without a GPU."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetCount()
+    except Exception:
+        return 0
+
+
 @functools.cache
 def device_name() -> str:
     import torch

@@ -8,6 +8,7 @@ pytest-benchmark (grouped by case) so --benchmark-compare compares device time.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 
 import pytest
@@ -29,6 +30,12 @@ def pytest_addoption(parser):
     g.addoption("--dtypes", default="", help="comma-separated dtypes, e.g. bf16,fp32 (default: all)")
     g.addoption("--modes", default="fwd", help="attention modes: fwd, bwd, fwd_bwd (default fwd)")
     g.addoption("--run-id", default="", help="run directory name under reports/runs")
+    g.addoption("--resume", action="store_true",
+                help="skip benchmarks already recorded in the run given by --run-id")
+    g.addoption("--isolate", default="plugins",
+                help="run in a worker process: plugins (default), all (hand-written too), none")
+    g.addoption("--bench-timeout", type=float, default=900.0,
+                help="seconds one benchmark may take before it is failed (default 900)")
 
 
 class Selection:
@@ -53,6 +60,17 @@ class Selection:
                                     f"{self.ops}: {sorted(known)}")
         if self.tier not in cases_mod.TIERS:
             raise pytest.UsageError(f"unknown tier {self.tier!r}; valid: {list(cases_mod.TIERS)}")
+        broken = {p: e for p, e in registry.import_errors().items()
+                  if p in registry.plugin_paths()}
+        if broken:
+            raise pytest.UsageError("plugin(s) failed to import: " + "; ".join(
+                f"{p}: {e}" for p, e in broken.items()))
+        self.isolation = config.getoption("isolate")
+        from harness.runner import ISOLATION
+        if self.isolation not in ISOLATION:
+            raise pytest.UsageError(f"unknown isolation {self.isolation!r}; valid: {list(ISOLATION)}")
+        if config.getoption("resume") and not config.getoption("run_id"):
+            raise pytest.UsageError("--resume needs --run-id (make bench RESUME=<run-id>)")
         bad_modes = [m for m in self.modes if m not in cases_mod.ATTENTION_MODES]
         if bad_modes:
             raise pytest.UsageError(f"unknown mode(s) {bad_modes}; valid: "
@@ -68,8 +86,22 @@ def _selection(config) -> Selection:
     return config._kernels_selection
 
 
+def _pin_gpu(config) -> None:
+    """Under pytest-xdist (WORKERS=N) each worker gets its own GPU when there are several. Runs
+    before anything initialises CUDA, which reads CUDA_VISIBLE_DEVICES once."""
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    if worker is None or "CUDA_VISIBLE_DEVICES" in os.environ:
+        return
+    from harness.env import gpu_count
+
+    gpus = gpu_count()
+    if gpus > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(int(worker.removeprefix("gw")) % gpus)
+
+
 def pytest_configure(config):
     if config.getoption("bench"):
+        _pin_gpu(config)
         _selection(config)  # bad filters are refused before anything is collected
 
 
@@ -80,18 +112,38 @@ def pytest_generate_tests(metafunc):
 
     sel = _selection(metafunc.config)
     items = plan(sel.ops, sel.impls, sel.tier, sel.dtypes, sel.modes)
-    metafunc.parametrize("bench_item", items, ids=[b.id for b in items])
+    # xdist_group keeps a case's implementations on one worker (WORKERS=N, --dist loadgroup), so
+    # they share one float64 reference.
+    metafunc.parametrize("bench_item", [
+        pytest.param(b, id=b.id, marks=pytest.mark.xdist_group(b.group)) for b in items])
+
+
+def pytest_collection_modifyitems(config, items):
+    """--resume: benchmarks whose record the run already holds are deselected."""
+    if not config.getoption("resume"):
+        return
+    path = results.run_dir(config.getoption("run_id")) / "results.jsonl"
+    done = {results.record_key(r) for r in results.load(path)} if path.exists() else set()
+    keep, skip = [], []
+    for item in items:
+        b = getattr(item, "callspec", None) and item.callspec.params.get("bench_item")
+        (skip if b is not None and b.key in done else keep).append(item)
+    if skip:
+        config.hook.pytest_deselected(items=skip)
+        items[:] = keep
 
 
 class RunState:
     def __init__(self, config):
         from harness.bench import Session
+        from harness.runner import Runner
 
         run_id = config.getoption("run_id") or results.new_run_id()
         self.dir = results.start_run(run_id)
         self.path = self.dir / "results.jsonl"
         self.cache_root = tempfile.mkdtemp(prefix="kernels-compile-")
-        self.session = Session(run_id, self.cache_root)
+        self.runner = Runner(Session(run_id, self.cache_root), _selection(config).isolation,
+                             config.getoption("bench_timeout"))
         self.records: list[dict] = []
 
     def add(self, record: dict) -> None:
@@ -103,7 +155,8 @@ class RunState:
 def bench_run(request):
     state = RunState(request.config)
     request.config._kernels_run = state
-    return state
+    yield state
+    state.runner.close()
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -39,6 +39,7 @@ class Timing:
     reps: int
     method: str
     samples: list[float] = field(repr=False)
+    phases: list[dict] = field(default_factory=list, repr=False)  # warmup and timed spans
 
     @property
     def spread(self) -> float:
@@ -65,10 +66,25 @@ def _quantile(sorted_samples: list[float], q: float) -> float:
     return sorted_samples[lo] + (sorted_samples[hi] - sorted_samples[lo]) * (i - lo)
 
 
-def summarize(samples: list[float], method: str) -> Timing:
+def summarize(samples: list[float], method: str, phases: list[dict] | None = None) -> Timing:
     s = sorted(samples)
     return Timing(statistics.median(s), _quantile(s, 0.2), _quantile(s, 0.8), len(s), method,
-                  list(samples))
+                  list(samples), phases or [])
+
+
+def span(name: str, start_ns: int) -> dict:
+    """A phase of a benchmark on the wall clock (epoch ns), for the run timeline."""
+    return {"name": name, "start_ns": start_ns, "end_ns": time.time_ns()}
+
+
+def _warm_then_time(fn: Callable[[], Any], policy: Policy, one: Callable[[], float],
+                    method: str) -> Timing:
+    t0 = time.time_ns()
+    _warmup(fn, policy)
+    warm = span("warmup", t0)
+    t1 = time.time_ns()
+    samples = _reps(policy, one)
+    return summarize(samples, method, [warm, span("timed", t1)])
 
 
 class _L2Flusher:
@@ -104,7 +120,6 @@ def _warmup(fn: Callable[[], Any], policy: Policy) -> None:
 
 def time_cuda_events(fn: Callable[[], Any], policy: Policy = GPU_POLICY) -> Timing:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    _warmup(fn, policy)
 
     def one() -> float:
         _flush_l2()
@@ -114,12 +129,10 @@ def time_cuda_events(fn: Callable[[], Any], policy: Policy = GPU_POLICY) -> Timi
         end.synchronize()
         return start.elapsed_time(end) / 1e3
 
-    return summarize(_reps(policy, one), "cuda_events+l2_flush")
+    return _warm_then_time(fn, policy, one, "cuda_events+l2_flush")
 
 
 def time_wall(fn: Callable[[], Any], policy: Policy, flush: bool) -> Timing:
-    _warmup(fn, policy)
-
     def one() -> float:
         if flush:
             _flush_l2()
@@ -129,7 +142,7 @@ def time_wall(fn: Callable[[], Any], policy: Policy, flush: bool) -> Timing:
         return time.perf_counter() - t0
 
     method = "perf_counter+block_until_ready" + ("+l2_flush" if flush else "")
-    return summarize(_reps(policy, one), method)
+    return _warm_then_time(fn, policy, one, method)
 
 
 def time_fn(fn: Callable[[], Any], framework: str, on_cuda: bool,

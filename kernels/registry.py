@@ -6,6 +6,8 @@ Built-in modules register themselves when first asked for (importing torch and j
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -87,6 +89,7 @@ def register(op: str, name: str, *, framework: str, kind: str = "plugin", backen
 
 
 def load_builtins() -> None:
+    """Imports the built-in implementations, then the plugin files named in KERNELS_PLUGINS."""
     global _loaded
     if _loaded:
         return
@@ -96,6 +99,26 @@ def load_builtins() -> None:
             importlib.import_module(module)
         except Exception as e:  # a missing backend must not hide the others
             _IMPORT_ERRORS[module] = f"{type(e).__name__}: {e}"
+    for path in plugin_paths():
+        load_plugin(path)
+
+
+def plugin_paths() -> list[str]:
+    return [p.strip() for p in os.environ.get("KERNELS_PLUGINS", "").split(",") if p.strip()]
+
+
+def load_plugin(path: str) -> None:
+    """Imports a user's Python file whose `register` calls add implementations. An import failure
+    is kept in import_errors() under the file's path."""
+    name = "kernels_plugin_" + os.path.splitext(os.path.basename(path))[0]
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"not a Python file: {path}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as e:
+        _IMPORT_ERRORS[path] = f"{type(e).__name__}: {e}"
 
 
 def ops() -> list[str]:

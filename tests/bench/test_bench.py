@@ -18,7 +18,7 @@ def _feed_device_time(benchmark, samples):
 
 
 def test_bench(bench_item, bench_run, benchmark):
-    record, timing = bench_run.session.run(bench_item)
+    record, timing = bench_run.runner.run(bench_item)
     bench_run.add(record)
     benchmark.group = bench_item.group
     benchmark.extra_info.update({k: record.get(k) for k in (

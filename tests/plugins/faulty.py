@@ -1,0 +1,50 @@
+"""Matmul plugins that fail in every way a kernel can, beside one that works: the fault-isolation
+tests load this file through KERNELS_PLUGINS and check that every other record survives."""
+import os
+import signal
+import time
+
+import torch
+
+from kernels import registry
+
+
+def _plugin(name):
+    return registry.register("matmul", name, framework="torch")
+
+
+@_plugin("good")
+def good(a, b):
+    return a @ b
+
+
+@_plugin("fault_raise")
+def raises(a, b):
+    raise RuntimeError("kernel launch failed: invalid configuration argument")
+
+
+@_plugin("fault_hang")
+def hangs(a, b):
+    time.sleep(3600)
+
+
+@_plugin("fault_wrong")
+def wrong(a, b):
+    return a @ b + 1
+
+
+@_plugin("fault_nan")
+def nan(a, b):
+    out = a @ b
+    out[0, 0] = float("nan")
+    return out
+
+
+@_plugin("fault_kill")
+def kills_its_process(a, b):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@_plugin("fault_oom")
+def out_of_memory(a, b):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")

@@ -1,0 +1,106 @@
+"""Fault isolation, nothing lost, resume, and parallel workers, end to end through the bench."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import results
+
+ROOT = Path(__file__).resolve().parent.parent
+FAULTY = ROOT / "tests" / "plugins" / "faulty.py"
+EXPECTED_FAILURES = {
+    "fault_raise": "RuntimeError: kernel launch failed",
+    "fault_hang": "timeout: no result after",
+    "fault_wrong": "wrong result: relative error",
+    "fault_nan": "wrong result: output holds NaN or inf",
+    "fault_kill": "worker process died (signal SIGKILL)",
+    "fault_oom": "OutOfMemoryError: CUDA out of memory",
+}
+
+
+def _bench_cmd(reports: Path, run_id: str, *args: str) -> list[str]:
+    run_dir = reports / "runs" / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return [sys.executable, "-m", "pytest", "tests/bench", "-q", "--bench", f"--run-id={run_id}",
+            "--ops=matmul", "--tier=smoke", "--dtypes=fp32",
+            f"--benchmark-json={run_dir / 'benchmark.json'}", *args]
+
+
+def _env(reports: Path, plugins: str = "") -> dict:
+    return {**os.environ, "KERNELS_REPORTS": str(reports), "KERNELS_PLUGINS": plugins}
+
+
+def _keys(reports: Path, run_id: str) -> list[str]:
+    return sorted(results.record_key(r) for r in
+                  results.load(reports / "runs" / run_id / "results.jsonl"))
+
+
+def test_every_fault_is_recorded_and_the_rest_survives(tmp_path):
+    impls = ",".join(["torch", "good", *EXPECTED_FAILURES])
+    proc = subprocess.run(
+        _bench_cmd(tmp_path, "faults", f"--impls={impls}", "--bench-timeout=15",
+                   "-k", "128x128x128"),
+        cwd=ROOT, env=_env(tmp_path, str(FAULTY)), capture_output=True, text=True, timeout=600)
+    records = {r["impl"]: r for r in results.load(tmp_path / "runs/faults/results.jsonl")}
+    assert set(records) == {"torch", "good", *EXPECTED_FAILURES}, proc.stdout[-3000:]
+    for ok in ("torch", "good"):
+        assert records[ok]["status"] == "ok", records[ok]["reason"]
+        assert records[ok]["median_s"] > 0
+    for name, reason in EXPECTED_FAILURES.items():
+        assert records[name]["status"] == "failed"
+        assert reason in records[name]["reason"], (name, records[name]["reason"])
+    assert records["good"]["isolated"] is True  # plugins run in the worker by default
+    assert proc.returncode == 1  # the failures are reported as failed tests
+
+
+def test_a_broken_plugin_file_is_a_usage_error(tmp_path):
+    bad = tmp_path / "bad_plugin.py"
+    bad.write_text("import not_a_module_anywhere\n")
+    proc = subprocess.run(_bench_cmd(tmp_path, "bad"), cwd=ROOT, env=_env(tmp_path, str(bad)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 4
+    assert "plugin(s) failed to import" in proc.stderr and "not_a_module_anywhere" in proc.stderr
+
+
+def test_killed_run_resumes_to_the_same_records(tmp_path):
+    impls = "--impls=torch,xla,triton"
+    full = subprocess.run(_bench_cmd(tmp_path, "whole", impls), cwd=ROOT, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stdout[-3000:]
+    expected = _keys(tmp_path, "whole")
+    assert len(expected) == 12
+
+    killed = subprocess.Popen(_bench_cmd(tmp_path, "cut", impls), cwd=ROOT, env=_env(tmp_path),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    path = tmp_path / "runs" / "cut" / "results.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not path.exists() or len(results.load(path)) < 3):
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    before = _keys(tmp_path, "cut")
+    assert 3 <= len(before) < len(expected), "the kill should land mid-run"
+
+    resumed = subprocess.run(_bench_cmd(tmp_path, "cut", impls, "--resume"), cwd=ROOT,
+                             env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    after = _keys(tmp_path, "cut")
+    assert after == expected  # nothing lost, nothing measured twice
+    assert set(before) <= set(after)
+
+
+def test_two_workers_make_the_same_records_as_one(tmp_path):
+    impls = "--impls=torch,xla"
+    one = subprocess.run(_bench_cmd(tmp_path, "w1", impls), cwd=ROOT, env=_env(tmp_path),
+                         capture_output=True, text=True, timeout=600)
+    two = subprocess.run(_bench_cmd(tmp_path, "w2", impls, "-n", "2", "--dist", "loadgroup"),
+                         cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert _keys(tmp_path, "w1") == _keys(tmp_path, "w2")
+    assert len(_keys(tmp_path, "w2")) == 8
