@@ -39,7 +39,7 @@ BENCH_FLAGS = --bench --ops=$(OPS) --impls=$(IMPLS) --tier=$(TIER) --dtypes=$(DT
 	$(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist loadgroup)
 export KERNELS_PLUGINS := $(PLUGINS)
 
-.PHONY: bench test compare summary setup clean-venv
+.PHONY: bench test compare summary setup clean-venv gpu gpu-wheels
 
 setup: $(SETUP)
 
@@ -67,3 +67,33 @@ summary: $(SETUP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# ---------------------------------------------------------------- the H100 run (issue: baselines)
+# On a CPU machine with network: `make gpu-wheels` fetches what the GPU machine lacks (perfetto and
+# protobuf wheels for its Python 3.12) into wheels/ (ignored by git; carry it along).
+# On the GPU machine (no network, its own CUDA torch / Triton / JAX): `make gpu OUT=<dir>` runs
+# the tests and the `standard` tier of every op in one go and writes records, pytest-benchmark
+# JSON, the report and traces into OUT.
+GPU_VENV := .gpuvenv
+GPU_PY := $(GPU_VENV)/bin/python
+GPU_DTYPES ?= bf16
+GPU_RUN ?= $(shell date +%Y%m%d)-gpu
+OUT ?= reports/gpu-out
+
+gpu-wheels:
+	python3 -m pip download --no-deps -d wheels perfetto==0.59.1
+	python3 -m pip download --no-deps -d wheels protobuf==7.36.2 --python-version 3.12 \
+		--only-binary=:all: --platform manylinux2014_x86_64
+
+gpu:
+	python3 -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_PY) -m pip install --no-index --find-links wheels perfetto protobuf \
+		|| echo "no perfetto wheel in wheels/: the run timeline will be missing"
+	mkdir -p $(OUT)
+	$(GPU_PY) -c "import torch, triton, jax; print(torch.__version__, torch.cuda.get_device_name(0), triton.__version__, jax.__version__, jax.devices())" | tee $(OUT)/env.txt
+	nvidia-smi >> $(OUT)/env.txt 2>&1 || true
+	-$(GPU_PY) -m pytest tests -q -p no:cacheprovider --junitxml=$(OUT)/tests.xml \
+		--ignore=tests/test_faults.py 2>&1 | tail -40 | tee $(OUT)/tests.txt
+	-$(MAKE) bench PYTHON=$(GPU_PY) TIER=standard DTYPES=$(GPU_DTYPES) RUN=$(GPU_RUN) \
+		MODES=fwd,bwd 2>&1 | tail -400 > $(OUT)/bench.txt
+	cp -r reports/runs/$(GPU_RUN) $(OUT)/run

@@ -16,7 +16,9 @@ from typing import Any, Callable
 import torch
 
 from harness import cases as cases_mod
-from harness import check, compile as compile_mod, env, inputs as inputs_mod, memory, timing
+from harness import check, env, guards, memory, timing
+from harness import compile as compile_mod
+from harness import inputs as inputs_mod
 from harness.cases import Case
 from kernels import ON_CUDA, reference, registry
 from kernels.registry import Impl
@@ -245,6 +247,7 @@ class Session:
         err = (check.rel_err(first.output, ref) if b.mode == "fwd"
                else _grads_err(first.output, ref))
         t = timing.time_fn(calls.timed, impl.framework, ON_CUDA, self.policy)
+        rec["flags"] = guards.flags()
         cold, warm = first.compile_times(t.median_s)
         peak, peak_method = memory.peak_bytes(calls.timed, impl.framework, ON_CUDA,
                                               *calls.memory)

@@ -40,7 +40,7 @@ def table(records: list[dict]) -> str:
         lines.append(head)
         for r in rows:
             pct = 100 * r["tflops"] / best if best and r["tflops"] else None
-            note = r["reason"] if r["status"] != "ok" else ""
+            note = r["reason"] if r["status"] != "ok" else " ".join(r.get("flags") or [])
             lines.append(f"  {r['impl']:<16}{r['status']:<9}{_fmt_time(r['median_s']):>11}"
                          f"{_fmt(r['tflops'], '.3g'):>10}{_fmt(pct, '.0f'):>8}"
                          f"{_fmt(r['rel_err'], '.2e'):>10}{_fmt_time(r['compile_cold_s']):>10}"

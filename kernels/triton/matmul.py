@@ -16,7 +16,8 @@ def _config(bm, bn, bk, group, stages, warps):
 
 
 # A small bounded set for Hopper-class GPUs: large tiles for big square problems, narrow tiles for
-# skinny ones. Autotuning runs once per (M, N, K, dtype) key and counts as compile time.
+# skinny ones. Autotuning runs once per key (M, N, K rounded up to powers of two, and the dtype),
+# so odd sizes near a tuned one reuse its choice; it counts as compile time.
 _GPU_CONFIGS = [
     _config(128, 256, 64, 8, 3, 8),
     _config(256, 128, 64, 8, 3, 8),
@@ -30,10 +31,11 @@ _INTERPRET_CONFIGS = [_config(32, 32, 32, 4, 1, 4)]
 
 
 @triton.autotune(configs=pick_configs(_GPU_CONFIGS, _INTERPRET_CONFIGS),
-                 key=["M", "N", "K", "IN_DTYPE"])
+                 key=["M_KEY", "N_KEY", "K_KEY", "IN_DTYPE"])
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                   M_KEY, N_KEY, K_KEY,  # autotune key only
                    IN_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
@@ -78,6 +80,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None)
     _matmul_kernel[grid](a, b, out, dims.M, dims.N, dims.K,
                          a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                          out.stride(0), out.stride(1),
+                         *(triton.next_power_of_2(n) for n in (dims.M, dims.N, dims.K)),
                          IN_DTYPE=str(a.dtype), PRECISION=dot_precision(a.dtype),
                          UPCAST=upcast_dot(a.dtype))
     return out

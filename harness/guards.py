@@ -1,0 +1,54 @@
+"""Measurement guards: reasons not to trust a GPU timing, read from NVML right after it.
+
+Each flag is a short string stored in the record's `flags` and shown in tables and reports:
+  throttled:power / throttled:thermal  the clocks were being held down
+  gpu_shared:N                         N other processes have a context on this GPU
+  low_clock:S/M                        SM clock S MHz, under 80% of its maximum M
+Without a GPU (NVML absent) there is nothing to guard and the list is empty.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+_POWER = ("clocksEventReasonSwPowerCap", "clocksEventReasonHwPowerBrakeSlowdown")
+_THERMAL = ("clocksEventReasonSwThermalSlowdown", "clocksEventReasonHwThermalSlowdown")
+LOW_CLOCK = 0.8
+
+
+def _handle():
+    import pynvml
+
+    pynvml.nvmlInit()
+    index = int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0)
+    return pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+def _mask(pynvml, names) -> int:
+    return sum(getattr(pynvml, "nvml" + n[0].upper() + n[1:], 0) for n in names)
+
+
+def flags() -> list[str]:
+    try:
+        pynvml, h = _handle()
+    except Exception:
+        return []
+    out = []
+    reasons_fn = (getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+                  or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons)
+    reasons = reasons_fn(h)
+    if reasons & _mask(pynvml, _POWER):
+        out.append("throttled:power")
+    if reasons & _mask(pynvml, _THERMAL):
+        out.append("throttled:thermal")
+    ours = {os.getpid(), os.getppid()}
+    others = [p for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h) if p.pid not in ours]
+    if others:
+        out.append(f"gpu_shared:{len(others)}")
+    sm = pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)
+    sm_max = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM)
+    if sm_max and sm < LOW_CLOCK * sm_max:
+        out.append(f"low_clock:{sm}/{sm_max}")
+    if out:
+        warnings.warn(f"measurement guard: {', '.join(out)}", RuntimeWarning, stacklevel=2)
+    return out
