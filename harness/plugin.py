@@ -160,11 +160,20 @@ def bench_run(request):
 
 
 def pytest_terminal_summary(terminalreporter, config):
+    if not config.getoption("bench"):
+        return
     state = getattr(config, "_kernels_run", None)
-    if state is None or not state.records:
+    if state is not None:
+        path, records = state.path, state.records
+    else:  # the xdist controller: the workers wrote the records
+        if not config.getoption("run_id"):
+            return
+        path = results.run_dir(config.getoption("run_id")) / "results.jsonl"
+        records = results.load(path) if path.exists() else []
+    if not records:
         return
     from harness.summary import table
 
     terminalreporter.section("kernel benchmarks")
-    terminalreporter.write_line(table(state.records))
-    terminalreporter.write_line(f"records: {state.path}")
+    terminalreporter.write_line(table(records))
+    terminalreporter.write_line(f"records: {path}")
