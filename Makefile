@@ -27,6 +27,7 @@ ISOLATE ?=
 TIMEOUT ?= 900
 RESUME ?=
 WORKERS ?= 1
+PROFILE ?=
 
 RUN_DIR := reports/runs/$(RUN)
 # ISOLATE=1: hand-written kernels run in a worker process too (plugins always do; ISOLATE=0: none)
@@ -36,10 +37,11 @@ BENCH_FLAGS = --bench --ops=$(OPS) --impls=$(IMPLS) --tier=$(TIER) --dtypes=$(DT
 	--modes=$(MODES) --run-id=$(RUN) --benchmark-json=$(BENCH_JSON) \
 	--benchmark-columns=median,iqr,rounds --benchmark-sort=name \
 	--isolate=$(ISOLATION) --bench-timeout=$(TIMEOUT) $(if $(RESUME),--resume) \
+	$(if $(filter 1,$(PROFILE)),--profile) \
 	$(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist loadgroup)
 export KERNELS_PLUGINS := $(PLUGINS)
 
-.PHONY: bench test compare summary setup clean-venv gpu gpu-wheels
+.PHONY: bench profile test compare summary setup clean-venv gpu gpu-wheels
 
 setup: $(SETUP)
 
@@ -53,6 +55,10 @@ $(VENV)/.installed: requirements.txt
 bench: $(SETUP)
 	@mkdir -p $(RUN_DIR)
 	$(PY) -m pytest tests/bench -v $(BENCH_FLAGS) $(PYTEST_ARGS)
+
+# The benchmarks with a profiler trace each and the run timeline under profiles/<run-id>/.
+profile: $(SETUP)
+	@$(MAKE) --no-print-directory bench PROFILE=1
 
 test: $(SETUP)
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)

@@ -7,10 +7,12 @@ it never ends the run.
 from __future__ import annotations
 
 import math
+import os
 import socket
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -188,6 +190,7 @@ class Session:
     run_id: str
     cache_root: str
     policy: timing.Policy | None = None
+    profile_dir: Path | None = None  # when set, every benchmark also writes a profiler trace
     device: str = field(default_factory=lambda: "cuda" if ON_CUDA else "cpu")
 
     def __post_init__(self):
@@ -251,6 +254,8 @@ class Session:
         cold, warm = first.compile_times(t.median_s)
         peak, peak_method = memory.peak_bytes(calls.timed, impl.framework, ON_CUDA,
                                               *calls.memory)
+        if self.profile_dir is not None:
+            rec.update(self._trace(b, impl, calls.timed))
         budget = check.budget(b.dtype, stock_err)
         rec.update(median_s=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, reps=t.reps,
                    spread=t.spread, timing_method=t.method,
@@ -260,7 +265,7 @@ class Session:
                    compile_method="first call - median" + (
                        "; warm after in-memory reset" if impl.reset else "; no compile step"),
                    rel_err=err, err_budget=budget, stock_err=stock_err,
-                   phases=first.phases + t.phases)
+                   phases=first.phases + t.phases + rec.get("phases", []))
         if check.passes(err, b.dtype, stock_err):
             rec.update(status="ok")
         elif math.isinf(err):
@@ -269,6 +274,21 @@ class Session:
             rec.update(status="failed",
                        reason=f"wrong result: relative error {err:.3g} over budget {budget:.3g}")
         return t
+
+
+    def _trace(self, b: Bench, impl: Impl, call) -> dict:
+        """A few repetitions under the framework's profiler, after the timing; trace_path is
+        relative to the profiles root's parent (the repository), so records stay portable."""
+        from harness import trace
+
+        suffix = "" if b.mode == "fwd" else f"-{b.mode}"
+        base = self.profile_dir / b.op / b.impl / f"{b.case.name}-{b.dtype}{suffix}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time_ns()
+        info = trace.capture(call, impl.framework, base)
+        info["trace_path"] = os.path.relpath(info["trace_path"], self.profile_dir.parent.parent)
+        info["phases"] = [timing.span("trace", t0)]
+        return info
 
 
 def _reason(e: BaseException) -> str:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import warnings
 
-_POWER = ("clocksEventReasonSwPowerCap", "clocksEventReasonHwPowerBrakeSlowdown")
-_THERMAL = ("clocksEventReasonSwThermalSlowdown", "clocksEventReasonHwThermalSlowdown")
+POWER_REASONS = ("clocksEventReasonSwPowerCap", "clocksEventReasonHwPowerBrakeSlowdown")
+THERMAL_REASONS = ("clocksEventReasonSwThermalSlowdown", "clocksEventReasonHwThermalSlowdown")
 LOW_CLOCK = 0.8
 
 
-def _handle():
+def nvml_handle():
     import pynvml
 
     pynvml.nvmlInit()
@@ -24,22 +24,26 @@ def _handle():
     return pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
-def _mask(pynvml, names) -> int:
+def reason_mask(pynvml, names) -> int:
     return sum(getattr(pynvml, "nvml" + n[0].upper() + n[1:], 0) for n in names)
+
+
+def clock_event_reasons(pynvml):
+    """The reasons-bitmask reader; nvmlDeviceGetCurrentClocksThrottleReasons is its pre-12.5 name."""
+    return (getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+            or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons)
 
 
 def flags() -> list[str]:
     try:
-        pynvml, h = _handle()
+        pynvml, h = nvml_handle()
     except Exception:
         return []
     out = []
-    reasons_fn = (getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
-                  or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons)
-    reasons = reasons_fn(h)
-    if reasons & _mask(pynvml, _POWER):
+    reasons = clock_event_reasons(pynvml)(h)
+    if reasons & reason_mask(pynvml, POWER_REASONS):
         out.append("throttled:power")
-    if reasons & _mask(pynvml, _THERMAL):
+    if reasons & reason_mask(pynvml, THERMAL_REASONS):
         out.append("throttled:thermal")
     ours = {os.getpid(), os.getppid()}
     others = [p for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h) if p.pid not in ours]

@@ -9,6 +9,7 @@ pytest-benchmark (grouped by case) so --benchmark-compare compares device time.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 import pytest
@@ -30,6 +31,8 @@ def pytest_addoption(parser):
     g.addoption("--dtypes", default="", help="comma-separated dtypes, e.g. bf16,fp32 (default: all)")
     g.addoption("--modes", default="fwd", help="attention modes: fwd, bwd, fwd_bwd (default fwd)")
     g.addoption("--run-id", default="", help="run directory name under reports/runs")
+    g.addoption("--profile", action="store_true",
+                help="write a profiler trace per benchmark and the run timeline under profiles/")
     g.addoption("--resume", action="store_true",
                 help="skip benchmarks already recorded in the run given by --run-id")
     g.addoption("--isolate", default="plugins",
@@ -134,21 +137,43 @@ def pytest_collection_modifyitems(config, items):
 
 
 class RunState:
+    """One process's part of a run: its records, its runner, its telemetry and traces."""
+
     def __init__(self, config):
         from harness.bench import Session
         from harness.runner import Runner
+        from harness.timeline import Sampler
 
         run_id = config.getoption("run_id") or results.new_run_id()
         self.dir = results.start_run(run_id)
         self.path = self.dir / "results.jsonl"
         self.cache_root = tempfile.mkdtemp(prefix="kernels-compile-")
-        self.runner = Runner(Session(run_id, self.cache_root), _selection(config).isolation,
-                             config.getoption("bench_timeout"))
+        self.profile_dir = results.start_profiles(run_id) if config.getoption("profile") else None
+        self.worker = getattr(config, "workerinput", {}).get("workerid")
+        self.runner = Runner(Session(run_id, self.cache_root, profile_dir=self.profile_dir),
+                             _selection(config).isolation, config.getoption("bench_timeout"))
         self.records: list[dict] = []
+        self.sampler = Sampler().start()
 
     def add(self, record: dict) -> None:
         results.append(self.path, record)
         self.records.append(record)
+
+    def finish(self) -> None:
+        """Telemetry and command into env.json; with --profile the run timeline as well."""
+        from harness import env
+
+        self.runner.close()
+        samples = self.sampler.stop()
+        suffix = f"-{self.worker}" if self.worker else ""
+        results.write_json(self.dir / f"env{suffix}.json", {
+            "command": " ".join(sys.argv), "device": env.device_name(),
+            "versions": env.versions(), "gpu": env.nvml_info(),
+            "telemetry": self.sampler.summary()})
+        if self.profile_dir is not None:
+            from harness.timeline import write_run_trace
+
+            write_run_trace(self.profile_dir / f"run{suffix}.pftrace", self.records, samples)
 
 
 @pytest.fixture(scope="session")
@@ -156,7 +181,7 @@ def bench_run(request):
     state = RunState(request.config)
     request.config._kernels_run = state
     yield state
-    state.runner.close()
+    state.finish()
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -12,7 +12,9 @@ import time
 import uuid
 from pathlib import Path
 
-REPORTS = Path(os.environ.get("KERNELS_REPORTS", Path(__file__).resolve().parent.parent / "reports"))
+_ROOT = Path(__file__).resolve().parent.parent
+REPORTS = Path(os.environ.get("KERNELS_REPORTS", _ROOT / "reports"))
+PROFILES = Path(os.environ.get("KERNELS_PROFILES", _ROOT / "profiles"))
 
 
 def new_run_id() -> str:
@@ -37,6 +39,21 @@ def start_run(run_id: str, reports: Path = REPORTS) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     point_latest(d, reports / "latest")
     return d
+
+
+def start_profiles(run_id: str, profiles: Path = PROFILES) -> Path:
+    """profiles/<run-id>/ for the run's traces, with profiles/latest pointing at it."""
+    d = profiles / run_id
+    d.mkdir(parents=True, exist_ok=True)
+    point_latest(d, profiles / "latest")
+    return d
+
+
+def write_json(path: Path, data) -> None:
+    """Replaces `path` atomically: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
 
 
 def append(path: Path, record: dict) -> None:

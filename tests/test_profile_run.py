@@ -1,0 +1,71 @@
+"""`make profile` end to end on CPU: a parsable trace per benchmark with its phase ranges, and a
+run timeline with one track per implementation and the telemetry counters."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import results, timeline, trace
+
+ROOT = Path(__file__).resolve().parent.parent
+IMPLS = ["pallas", "torch", "torch_compile", "triton", "xla"]
+PHASES = {"cold_compile", "warmup", "timed", "trace"}
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("profiled")
+    run_dir = root / "reports" / "runs" / "prof"
+    run_dir.mkdir(parents=True)
+    env = {**os.environ, "KERNELS_REPORTS": str(root / "reports"),
+           "KERNELS_PROFILES": str(root / "profiles")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/bench", "-q", "--bench", "--profile",
+         "--run-id=prof", "--ops=matmul", f"--impls={','.join(IMPLS)}", "--tier=smoke",
+         "--dtypes=bf16", "-k", "257x131x67", f"--benchmark-json={run_dir / 'b.json'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, results.load(run_dir / "results.jsonl")
+
+
+def test_every_benchmark_has_a_trace_with_its_phases(profiled):
+    root, records = profiled
+    assert sorted(r["impl"] for r in records) == IMPLS
+    for r in records:
+        path = root / r["trace_path"]
+        assert path.is_file() and path.name.endswith(".json.gz"), r["trace_path"]
+        events = trace.read(path)
+        names = {e.get("name") for e in events}
+        assert {"warmup", "rep 0", "rep 1", "rep 2"} <= names, (r["impl"], sorted(names)[:20])
+        assert len(trace.rep_windows(events)) == 3
+        assert r["trace_device_s"] is None  # no device kernels on a CPU
+        assert r["top_kernels"], r["impl"]
+        assert PHASES <= {p["name"] for p in r["phases"]}
+    assert (root / "profiles" / "latest").resolve() == (root / "profiles" / "prof").resolve()
+
+
+def test_run_timeline_has_a_track_per_implementation_and_counters(profiled):
+    root, records = profiled
+    run = timeline.read_run_trace(root / "profiles" / "prof" / "run.pftrace")
+    for impl in IMPLS:
+        slices = run["tracks"][f"matmul/{impl}"]
+        bench = [s for s in slices if s["depth"] == 0]
+        assert [s["name"] for s in bench] == ["257x131x67 bfloat16"]
+        assert bench[0]["args"]["status"] == "ok"
+        inner = {s["name"] for s in slices if s["depth"] == 1}
+        assert PHASES <= inner
+        for s in slices:
+            assert bench[0]["start_ns"] <= s["start_ns"] <= s["end_ns"] <= bench[0]["end_ns"]
+    assert {"rss_bytes", "cpu_percent"} <= set(run["counters"])
+    assert all(len(v) >= 2 for v in run["counters"].values())
+
+
+def test_trace_summary_cli(profiled):
+    root, records = profiled
+    path = root / records[0]["trace_path"]
+    proc = subprocess.run([sys.executable, "-m", "harness.trace", "summary", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert records[0]["top_kernels"][0]["name"] in proc.stdout
