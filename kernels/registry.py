@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,6 +24,9 @@ _BUILTIN_MODULES = (
     "kernels.pallas.conv2d",
     "kernels.triton.attention",
     "kernels.pallas.attention",
+    "kernels.pallas_tpu.matmul",
+    "kernels.pallas_tpu.attention",
+    "kernels.pallas_tpu.conv2d",
 )
 
 
@@ -43,6 +47,7 @@ class Impl:
     reset: Callable[[], None] | None = None
     # The hand-written torch kernels take out= so tests can poison the output buffer with NaN.
     accepts_out: bool = False
+    # "tpu": a TPU kernel; off a TPU it runs only in the TPU interpreter (tested, not timed on GPUs)
     tags: tuple[str, ...] = field(default=())
 
     def __call__(self, *args, **kwargs):
@@ -116,8 +121,10 @@ def load_plugin(path: str) -> None:
         if spec is None or spec.loader is None:
             raise ImportError(f"not a Python file: {path}")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses and pickling look their module up here
         spec.loader.exec_module(module)
     except Exception as e:
+        sys.modules.pop(name, None)
         _IMPORT_ERRORS[path] = f"{type(e).__name__}: {e}"
 
 
