@@ -17,6 +17,7 @@ IMPLS ?=
 TIER ?= smoke
 DTYPES ?=
 MODES ?= fwd
+REPORT_RUN := $(RUN)
 RUN ?= $(if $(RESUME),$(RESUME),$(shell date +%Y%m%d-%H%M%S))
 BASE ?=
 HEAD ?=
@@ -41,7 +42,7 @@ BENCH_FLAGS = --bench --ops=$(OPS) --impls=$(IMPLS) --tier=$(TIER) --dtypes=$(DT
 	$(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist loadgroup)
 export KERNELS_PLUGINS := $(PLUGINS)
 
-.PHONY: bench profile test compare summary setup clean-venv gpu gpu-wheels
+.PHONY: bench report profile test compare summary setup clean-venv gpu gpu-wheels
 
 setup: $(SETUP)
 
@@ -52,9 +53,16 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	touch $@
 
+# The report is written even when some implementations failed; the exit status stays pytest's.
 bench: $(SETUP)
 	@mkdir -p $(RUN_DIR)
-	$(PY) -m pytest tests/bench -v $(BENCH_FLAGS) $(PYTEST_ARGS)
+	@$(PY) -m pytest tests/bench -v $(BENCH_FLAGS) $(PYTEST_ARGS); status=$$?; \
+	$(PY) -m harness.report $(RUN_DIR) || status=1; exit $$status
+
+# reports/<run>/index.html and summary.md; RUN=<run-id> or a directory such as
+# reports/baselines/<gpu>/<date> (default: reports/latest). BASE=<run> adds a comparison.
+report: $(SETUP)
+	$(PY) -m harness.report $(if $(REPORT_RUN),$(REPORT_RUN),reports/latest) $(if $(BASE),--compare $(BASE))
 
 # The benchmarks with a profiler trace each and the run timeline under profiles/<run-id>/.
 profile: $(SETUP)
@@ -66,7 +74,7 @@ test: $(SETUP)
 # Compares the device-time medians of two runs (default: the last two under reports/runs) and
 # fails on a regression over THRESHOLD percent.
 compare: $(SETUP)
-	$(PY) -m harness.compare $(BASE) $(HEAD) --threshold $(THRESHOLD)
+	$(PY) -m harness.compare $(BASE) $(HEAD) --threshold $(THRESHOLD) --report
 
 summary: $(SETUP)
 	$(PY) -m harness.summary $(if $(RUN),$(RUN_DIR),reports/latest)
@@ -75,31 +83,55 @@ clean-venv:
 	rm -rf $(VENV)
 
 # ---------------------------------------------------------------- the H100 run (issue: baselines)
-# On a CPU machine with network: `make gpu-wheels` fetches what the GPU machine lacks (perfetto and
-# protobuf wheels for its Python 3.12) into wheels/ (ignored by git; carry it along).
-# On the GPU machine (no network, its own CUDA torch / Triton / JAX): `make gpu OUT=<dir>` runs
-# the tests and the `standard` tier of every op in one go and writes records, pytest-benchmark
-# JSON, the report and traces into OUT.
-GPU_VENV := .gpuvenv
-GPU_PY := $(GPU_VENV)/bin/python
+# On a CPU machine with network: `make gpu-wheels` fetches what the GPU machine lacks (the perfetto
+# wheel, pure Python; its protobuf is there) into wheels/ (ignored by git; carry it along).
+# On the GPU machine (no network, its own CUDA torch / Triton / JAX): `make gpu OUT=<dir>` runs, in
+# one go, the tests (the GPU timing cross-check alone on the card, the rest in parallel), the
+# `standard` tier of every op, and a few profiled benchmarks, and leaves in OUT: env.txt, tests.txt,
+# tests.xml, bench.txt and run.tar.gz (records, benchmark JSON, report, traces). Each stage has a
+# time limit (GPU_*_S) so the whole stays inside one 10-minute command; a stage cut short keeps
+# what it measured (records are appended as they come; RESUME=<run> finishes a cut bench).
+GPU_PY ?= python3
+GPU_SITE := .gpusite
 GPU_DTYPES ?= bf16
+GPU_MODES ?= fwd,bwd
 GPU_RUN ?= $(shell date +%Y%m%d)-gpu
+GPU_TEST_WORKERS ?= 8
+GPU_TEST_S ?= 170
+GPU_BENCH_S ?= 330
+GPU_PROFILE_S ?= 45
+# the profiled few: the largest square matmul, the 4k-token D=128 causal attention, a ResNet 3x3
+GPU_PROFILE_CASES ?= 8192x8192x8192 or b4_h16_q4096_k4096_d128_causal or c64_3x3_n32
 OUT ?= reports/gpu-out
+STAGE = timeout -s INT -k 20
+GPU_STAGE := reports/runs/.gpu-stage
 
 gpu-wheels:
 	python3 -m pip download --no-deps -d wheels perfetto==0.59.1
-	python3 -m pip download --no-deps -d wheels protobuf==7.36.2 --python-version 3.12 \
-		--only-binary=:all: --platform manylinux2014_x86_64
 
+# The machine's python3 is itself a venv: packages go beside it (PYTHONPATH), not into a new one.
+gpu: export PYTHONPATH := $(abspath $(GPU_SITE))
 gpu:
-	python3 -m venv --system-site-packages $(GPU_VENV)
-	$(GPU_PY) -m pip install --no-index --find-links wheels perfetto protobuf \
+	@mkdir -p $(OUT)
+	$(GPU_PY) -m pip install -q --no-index --no-deps --target $(GPU_SITE) wheels/perfetto-*.whl \
 		|| echo "no perfetto wheel in wheels/: the run timeline will be missing"
-	mkdir -p $(OUT)
-	$(GPU_PY) -c "import torch, triton, jax; print(torch.__version__, torch.cuda.get_device_name(0), triton.__version__, jax.__version__, jax.devices())" | tee $(OUT)/env.txt
-	nvidia-smi >> $(OUT)/env.txt 2>&1 || true
-	-$(GPU_PY) -m pytest tests -q -p no:cacheprovider --junitxml=$(OUT)/tests.xml \
-		--ignore=tests/test_faults.py 2>&1 | tail -40 | tee $(OUT)/tests.txt
-	-$(MAKE) bench PYTHON=$(GPU_PY) TIER=standard DTYPES=$(GPU_DTYPES) RUN=$(GPU_RUN) \
-		MODES=fwd,bwd 2>&1 | tail -400 > $(OUT)/bench.txt
-	cp -r reports/runs/$(GPU_RUN) $(OUT)/run
+	{ git log -1 --format='commit %H %cd' 2>/dev/null; date -u; $(GPU_PY) -c "import json; from harness import env; \
+	  print(json.dumps({'gpu': env.device_name(), **env.versions()}, indent=1))"; \
+	  nvidia-smi; } > $(OUT)/env.txt 2>&1; cat $(OUT)/env.txt
+	-$(STAGE) $(GPU_TEST_S) $(GPU_PY) -m pytest tests -q -p no:cacheprovider -m "not gpu" \
+		-n $(GPU_TEST_WORKERS) --ignore=tests/test_faults.py --durations=20 \
+		--junitxml=$(OUT)/tests.xml > $(OUT)/tests.txt 2>&1; tail -30 $(OUT)/tests.txt
+	-$(STAGE) 60 $(GPU_PY) -m pytest tests -q -p no:cacheprovider -m gpu -rA \
+		>> $(OUT)/tests.txt 2>&1; tail -8 $(OUT)/tests.txt
+	-$(STAGE) $(GPU_BENCH_S) $(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) TIER=standard \
+		DTYPES=$(GPU_DTYPES) MODES=$(GPU_MODES) RUN=$(GPU_RUN) $(if $(RESUME),RESUME=$(RESUME)) \
+		> $(OUT)/bench.txt 2>&1; tail -5 $(OUT)/bench.txt
+	-$(GPU_PY) -m harness.report reports/runs/$(GPU_RUN) >> $(OUT)/bench.txt 2>&1
+	-$(STAGE) $(GPU_PROFILE_S) $(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) TIER=standard \
+		DTYPES=$(GPU_DTYPES) MODES=fwd RUN=$(GPU_RUN)-profile PROFILE=1 \
+		PYTEST_ARGS='-k "$(GPU_PROFILE_CASES)"' >> $(OUT)/bench.txt 2>&1
+	rm -rf $(GPU_STAGE) && mkdir -p $(GPU_STAGE)
+	-cp -r reports/runs/$(GPU_RUN) reports/runs/$(GPU_RUN)-profile $(GPU_STAGE)/
+	-cp -r profiles/$(GPU_RUN)-profile $(GPU_STAGE)/traces
+	tar czf $(OUT)/run.tar.gz -C $(GPU_STAGE) .
+	ls -la $(OUT)

@@ -19,7 +19,7 @@ from pathlib import Path
 from harness import results
 
 
-def _json_path(ref: str) -> Path:
+def json_path(ref: str) -> Path:
     p = Path(ref)
     if p.is_file():
         return p
@@ -53,6 +53,11 @@ class Change:
     def regression(self, threshold: float) -> bool:
         return self.change > threshold and self.change > self.noise
 
+    def verdict(self, threshold: float) -> str:
+        if self.regression(threshold):
+            return "REGRESSION"
+        return "faster" if self.change < -max(threshold, self.noise) else "same"
+
 
 def _medians(path: Path) -> dict[str, tuple[float, float]]:
     data = json.loads(path.read_text())
@@ -74,10 +79,12 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="*", help="BASE HEAD (default: the last two runs)")
     ap.add_argument("--threshold", type=float, default=10.0, help="percent (default 10)")
     ap.add_argument("--no-table", action="store_true", help="skip pytest-benchmark's table")
+    ap.add_argument("--report", action="store_true",
+                    help="also add the comparison to HEAD's report (index.html, summary.md)")
     args = ap.parse_args(argv)
     if len(args.runs) not in (0, 2):
         ap.error("give both BASE and HEAD, or neither")
-    base, head = (map(_json_path, args.runs) if args.runs else last_two())
+    base, head = (map(json_path, args.runs) if args.runs else last_two())
     if not args.no_table:
         subprocess.run([sys.executable, "-m", "pytest_benchmark.cli", "compare", str(base),
                         str(head), "--columns=median,iqr", "--group-by=group", "--sort=name"],
@@ -88,11 +95,14 @@ def main(argv=None) -> int:
     print(f"{'benchmark':<70}{'base':>11}{'head':>11}{'change':>9}{'noise':>8}  verdict")
     bad = 0
     for c in found:
-        verdict = "REGRESSION" if c.regression(threshold) else (
-            "faster" if c.change < -max(threshold, c.noise) else "same")
+        verdict = c.verdict(threshold)
         bad += verdict == "REGRESSION"
         print(f"{c.name[:69]:<70}{c.base_s * 1e6:>9.1f}us{c.head_s * 1e6:>9.1f}us"
               f"{100 * c.change:>+8.1f}%{100 * c.noise:>7.1f}%  {verdict}")
+    if args.report:
+        from harness import report
+
+        print("wrote", report.write(head.parent, str(base), args.threshold))
     print(f"\n{len(found)} benchmarks compared, {bad} regression(s) over {args.threshold:g}% "
           "and over the measured noise")
     return 1 if bad else 0

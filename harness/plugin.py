@@ -153,6 +153,10 @@ class RunState:
         self.runner = Runner(Session(run_id, self.cache_root, profile_dir=self.profile_dir),
                              _selection(config).isolation, config.getoption("bench_timeout"))
         self.records: list[dict] = []
+        if self.worker in (None, "gw0"):  # one process measures the roofline ceilings
+            from harness import peaks
+
+            peaks.save(self.dir, peaks.measure(Session.device_type()))
         self.sampler = Sampler().start()
 
     def add(self, record: dict) -> None:

@@ -49,11 +49,15 @@ def start_profiles(run_id: str, profiles: Path = PROFILES) -> Path:
     return d
 
 
-def write_json(path: Path, data) -> None:
+def write_text(path: Path, text: str) -> None:
     """Replaces `path` atomically: a reader sees the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=1, sort_keys=True, default=str))
 
 
 def append(path: Path, record: dict) -> None:

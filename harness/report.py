@@ -1,0 +1,795 @@
+"""A run's report: index.html (one self-contained file: plots inline, tables sortable by clicking a
+header, nothing fetched from anywhere) and summary.md (the same tables in Markdown), written into
+the run directory.
+
+    python -m harness.report [RUN] [--compare BASE] [--threshold 10]
+
+RUN is a run id under reports/runs, or any directory holding a results.jsonl (a run directory,
+reports/baselines/<gpu>/<date>); default reports/latest. --compare adds the per-benchmark median
+changes against another run (pytest-benchmark files, judged by harness.compare).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import math
+import os
+import re
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import quote
+
+from harness import compare, results
+from harness import peaks as peaks_mod
+from harness.summary import _fmt, _fmt_time
+
+CANDIDATE_KINDS = ("hand", "plugin")  # measured against the best stock op of the same benchmark
+# Peak-memory methods that can only under-count (allocator reuse hides memory from the RSS high
+# water mark): a smaller number from one of them does not show that less memory was used.
+LOWER_BOUND_METHODS = ("rss_high_water_delta",)
+
+
+# ---------------------------------------------------------------- the document
+@dataclass
+class Cell:
+    text: str
+    sort: float | None = None  # numeric value a header click sorts by; None sorts by the text
+    href: str | None = None
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[Cell]]
+
+
+@dataclass
+class Figure:
+    png: bytes
+    alt: str
+
+
+@dataclass
+class Folded:
+    """A block shown on request in the page (a <details>), in full in the Markdown."""
+    summary: str
+    block: object
+
+
+@dataclass
+class Section:
+    title: str
+    anchor: str
+    blocks: list = field(default_factory=list)  # str (paragraph), Table, Figure, Folded, Section
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _num(x, spec: str) -> Cell:
+    return Cell(_fmt(x, spec), x)
+
+
+def _si(x: float | None, unit: str) -> str:
+    if x is None:
+        return "-"
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def _time(s) -> Cell:
+    return Cell(_fmt_time(s), s)
+
+
+def _bytes(n) -> Cell:
+    return Cell(_si(n, "B"), n)
+
+
+def _times(x) -> Cell:
+    return Cell("-" if x is None else f"{x:.3g}x", x)
+
+
+# ---------------------------------------------------------------- rendering
+_CSS = """body{font:14px system-ui,sans-serif;margin:1.5em;max-width:1600px;color:#222}
+table{border-collapse:collapse;margin:.6em 0;font-size:12px}
+th,td{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}
+th{background:#eee;cursor:pointer;position:sticky;top:0}th:hover{background:#dde}
+tr:nth-child(even) td{background:#fafafa}img{max-width:100%;display:block;margin:.5em 0}
+.num{white-space:nowrap}.failed{color:#b00}.skipped{color:#777}nav a{margin-right:1em}"""
+
+# Click a header to sort by it (again to reverse); cells with data-v sort as numbers, first.
+_JS = """document.querySelectorAll("table.sortable th").forEach(th => th.onclick = () => {
+  const body = th.closest("table").tBodies[0], col = th.cellIndex;
+  const asc = th.dataset.dir !== "asc"; th.dataset.dir = asc ? "asc" : "desc";
+  const key = r => { const c = r.cells[col];
+    return "v" in c.dataset ? [0, +c.dataset.v] : [1, c.textContent]; };
+  const rows = [...body.rows].sort((a, b) => { const x = key(a), y = key(b);
+    const c = x[0] - y[0] || (x[1] < y[1] ? -1 : x[1] > y[1] ? 1 : 0); return asc ? c : -c; });
+  rows.forEach(r => body.appendChild(r));
+});"""
+
+
+def _html_cell(c: Cell, tag: str = "td") -> str:
+    sort = "" if c.sort is None or not math.isfinite(c.sort) else f' data-v="{c.sort:.6g}"'
+    text = html.escape(c.text)
+    if c.href:
+        text = f'<a href="{html.escape(c.href)}">{text}</a>'
+    css = {"failed": "failed", "skipped": "skipped"}.get(c.text, "num" if sort else "")
+    css = f' class="{css}"' if css else ""
+    return f"<{tag}{sort}{css}>{text}</{tag}>"
+
+
+def _html_table(t: Table) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in t.headers)
+    body = "\n".join("<tr>" + "".join(map(_html_cell, row)) + "</tr>" for row in t.rows)
+    return f'<table class="sortable"><thead><tr>{head}</tr></thead>\n' \
+           f"<tbody>\n{body}\n</tbody></table>"
+
+
+def _html_block(block, level: int) -> str:
+    if isinstance(block, Section):
+        inner = "\n".join(_html_block(b, level + 1) for b in block.blocks)
+        return f'<section id="{block.anchor}">\n<h{level}>{html.escape(block.title)}</h{level}>' \
+               f"\n{inner}\n</section>"
+    if isinstance(block, Table):
+        return _html_table(block)
+    if isinstance(block, Folded):
+        return f"<details><summary>{html.escape(block.summary)}</summary>\n" \
+               f"{_html_block(block.block, level)}\n</details>"
+    if isinstance(block, Figure):
+        data = base64.b64encode(block.png).decode()
+        return f'<img alt="{html.escape(block.alt)}" src="data:image/png;base64,{data}">'
+    return f"<p>{html.escape(block)}</p>"
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    nav = " ".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in sections)
+    body = "\n".join(_html_block(s, 2) for s in sections)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            f"<h1>{html.escape(title)}</h1>\n<nav>{nav}</nav>\n{body}\n"
+            f"<script>{_JS}</script>\n</body>\n</html>\n")
+
+
+def _md_cell(c: Cell) -> str:
+    text = c.text.replace("|", "\\|").replace("\n", " ")
+    return f"[{text}]({c.href})" if c.href else text
+
+
+def _md_block(block, level: int) -> str:
+    if isinstance(block, Section):
+        inner = "\n\n".join(filter(None, (_md_block(b, level + 1) for b in block.blocks)))
+        return f"{'#' * level} {block.title}\n\n{inner}"
+    if isinstance(block, Table):
+        lines = ["| " + " | ".join(block.headers) + " |", "|" + "---|" * len(block.headers)]
+        lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in block.rows]
+        return "\n".join(lines)
+    if isinstance(block, Folded):
+        return _md_block(block.block, level)
+    if isinstance(block, Figure):
+        return ""  # plots live in index.html only
+    return block
+
+
+def render_markdown(title: str, sections: list[Section]) -> str:
+    body = "\n\n".join(_md_block(s, 2) for s in sections)
+    return f"# {title}\n\nPlots and sortable tables: index.html in this directory.\n\n{body}\n"
+
+
+# ---------------------------------------------------------------- the run
+@dataclass
+class Run:
+    dir: Path
+    records: list[dict]
+    env: dict
+    peaks: dict | None
+
+
+def resolve(ref: str | None) -> Path:
+    """The directory holding the run's results.jsonl."""
+    candidates = [Path(ref), results.run_dir(ref)] if ref else [results.REPORTS / "latest"]
+    for d in candidates:
+        if (d / "results.jsonl").is_file():
+            return d.resolve()
+    raise SystemExit(f"no results.jsonl for run {ref!r} (looked in "
+                     + ", ".join(map(str, candidates)) + ")")
+
+
+def _load_env(run_dir: Path) -> dict:
+    """env.json, or the first pytest-xdist worker's env-gwN.json; {} when the run has none."""
+    for path in [run_dir / "env.json", *sorted(run_dir.glob("env-*.json"))]:
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}
+
+
+def load_run(run_dir: Path) -> Run:
+    return Run(run_dir, results.load(run_dir / "results.jsonl"), _load_env(run_dir),
+               peaks_mod.load(run_dir))
+
+
+def _benchmark(r: dict) -> tuple:
+    return r["op"], r["case"], r["dtype"], r.get("mode", "fwd")
+
+
+def _by_benchmark(records: list[dict]) -> dict[tuple, list[dict]]:
+    groups = defaultdict(list)
+    for r in records:
+        groups[_benchmark(r)].append(r)
+    return groups
+
+
+def _ok(records, metric: str = "median_s") -> list[dict]:
+    return [r for r in records if r["status"] == "ok" and r.get(metric) is not None]
+
+
+def _ordered(records: list[dict]) -> list[dict]:
+    return sorted(records, key=lambda r: (r["op"], r["dtype"], r.get("mode", "fwd"), r["flops"],
+                                          r["case"], r["impl"]))
+
+
+# ---------------------------------------------------------------- roofline
+def ceiling_tflops(peaks: dict | None, dtype: str, intensity: float) -> float | None:
+    """The roofline at this arithmetic intensity (FLOP per byte): compute- or bandwidth-bound."""
+    compute = (peaks or {}).get("matmul_tflops", {}).get(dtype)
+    if compute is None or not peaks.get("copy_gbps"):
+        return None
+    return min(compute, intensity * peaks["copy_gbps"] / 1e3)
+
+
+def _roofline_pct(r: dict, peaks: dict | None) -> float | None:
+    if r.get("tflops") is None or not r.get("bytes"):
+        return None
+    ceiling = ceiling_tflops(peaks, r["dtype"], r["flops"] / r["bytes"])
+    return 100 * r["tflops"] / ceiling if ceiling else None
+
+
+# ---------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _figure(draw: Callable, panels: list[str], alt: str) -> Figure:
+    """One row of log-log panels, `draw(ax, panel)` filling each, and one legend beside them
+    (colours are per implementation across panels, so one legend serves all)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.5 + 5.5 * len(panels), 4.2),
+                             squeeze=False, layout="constrained")
+    legend = {}
+    for ax, panel in zip(axes[0], panels):
+        draw(ax, panel)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _label_log_axis(ax.xaxis, *ax.get_xlim())
+        ax.grid(True, which="both", alpha=0.3)
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return Figure(buf.getvalue(), alt)
+
+
+def _label_log_axis(axis, lo: float, hi: float) -> None:
+    """Short labels (20, 50, 100 k, 1 M) at 1, 2, 5 x 10^k over short ranges, at decades over
+    long ones: matplotlib's own minor labels (2x10^0, 3x10^0, ...) collide on a short log axis."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    subs = (1.0, 2.0, 5.0) if hi / lo < 1e2 else (1.0,)
+    axis.set_major_locator(LogLocator(subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: _si(v, "")))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _series(records: list[dict]) -> dict[str, list[dict]]:
+    """Records per line on a plot: an implementation (and mode, when not the forward)."""
+    out = defaultdict(list)
+    for r in sorted(records, key=lambda r: r["flops"]):
+        mode = r.get("mode", "fwd")
+        out[r["impl"] + ("" if mode == "fwd" else f" {mode}")].append(r)
+    return out
+
+
+def _colors(records: list[dict]) -> dict[str, object]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {impl: cmap(i % 10) for i, impl in enumerate(sorted({r["impl"] for r in records}))}
+
+
+def latency_figure(op: str, ok: list[dict]) -> Figure:
+    colors = _colors(ok)
+
+    def draw(ax, dtype):
+        for label, rows in _series(r for r in ok if r["dtype"] == dtype).items():
+            ax.plot([r["flops"] for r in rows], [r["median_s"] for r in rows], "o-",
+                    label=label, color=colors[rows[0]["impl"]], markersize=4)
+        ax.set(title=f"{op} {dtype}: median latency", xlabel="FLOPs per call",
+               ylabel="median time (s)")
+
+    return _figure(draw, sorted({r["dtype"] for r in ok}), f"{op} latency vs problem size")
+
+
+def roofline_figure(op: str, ok: list[dict], peaks: dict | None) -> Figure:
+    colors = _colors(ok)
+
+    def draw(ax, dtype):
+        rows = [r for r in ok if r["dtype"] == dtype]
+        for label, series in _series(rows).items():
+            ax.plot([r["flops"] / r["bytes"] for r in series], [r["tflops"] for r in series],
+                    "o", label=label, color=colors[series[0]["impl"]], markersize=4)
+        intensities = [r["flops"] / r["bytes"] for r in rows]
+        xs = [min(intensities) / 2 * 1.1 ** i for i in range(1 + int(
+            math.log(4 * max(intensities) / min(intensities), 1.1)))]
+        roof = [ceiling_tflops(peaks, dtype, x) for x in xs]
+        if None not in roof:
+            ax.plot(xs, roof, "k-", linewidth=1, label="measured roofline")
+            title = "roofline"
+        else:
+            title = f"no measured ceiling for {dtype}" if peaks else \
+                "no measured ceilings in this run"
+        ax.set(title=f"{op} {dtype}: {title}", xlabel="arithmetic intensity (FLOP/byte)",
+               ylabel="achieved TFLOP/s")
+
+    return _figure(draw, sorted({r["dtype"] for r in ok}), f"{op} roofline")
+
+
+# ---------------------------------------------------------------- per-op tables
+def _best_stock(records: list[dict]) -> dict[tuple, float]:
+    """The fastest stock median per benchmark: the speed a hand-written kernel has to beat."""
+    best = {}
+    for key, group in _by_benchmark(records).items():
+        stock = [r["median_s"] for r in _ok(group) if r.get("kind") == "stock"]
+        if stock:
+            best[key] = min(stock)
+    return best
+
+
+def _trace_href(run_dir: Path, trace_path: str) -> str | None:
+    """A relative link to the trace, or None when it is not on this disk. Records store the path
+    relative to the repository; a baseline directory may hold the traces beside its records."""
+    for root in (run_dir, Path.cwd(), results.PROFILES.parent):
+        target = root / trace_path
+        if target.is_file():
+            return quote(os.path.relpath(target.resolve(), run_dir))
+    return None
+
+
+def _trace_cell(run: Run, r: dict) -> Cell:
+    path = r.get("trace_path")
+    if not path:
+        return Cell("")
+    href = _trace_href(run.dir, path)
+    return Cell("trace", href=href) if href else Cell(f"{path} (not on this disk)")
+
+
+def _err_cell(r: dict) -> Cell:
+    err, budget = r.get("rel_err"), r.get("err_budget")
+    if err is None:
+        return Cell("-")
+    return Cell(f"{err:.2e} / {_fmt(budget, '.2e')}", err / budget if budget else None)
+
+
+RECORD_HEADERS = ["case", "dtype", "mode", "impl", "kind", "status", "median", "TFLOP/s", "GB/s",
+                  "% roofline", "speedup vs best stock", "peak mem", "cold compile",
+                  "warm compile", "rel err / budget", "flags / reason", "trace"]
+
+
+def _record_row(r: dict, run: Run, best_stock: dict) -> list[Cell]:
+    best = best_stock.get(_benchmark(r))
+    speedup = (best / r["median_s"] if best and r.get("kind") in CANDIDATE_KINDS
+               and r["status"] == "ok" and r.get("median_s") else None)
+    note = r.get("reason") if r["status"] != "ok" else " ".join(r.get("flags") or [])
+    return [Cell(r["case"]), Cell(r["dtype"]), Cell(r.get("mode", "fwd")), Cell(r["impl"]),
+            Cell(r.get("kind") or "-"), Cell(r["status"]), _time(r.get("median_s")),
+            _num(r.get("tflops"), ".3g"), _num(r.get("gbps"), ".3g"),
+            _num(_roofline_pct(r, run.peaks), ".1f"), _times(speedup),
+            _bytes(r.get("peak_bytes")), _time(r.get("compile_cold_s")),
+            _time(r.get("compile_warm_s")), _err_cell(r), Cell(note or ""), _trace_cell(run, r)]
+
+
+def op_section(op: str, run: Run) -> Section:
+    records = _ordered([r for r in run.records if r["op"] == op])
+    ok = _ok(records)
+    counts = ", ".join(f"{sum(r['status'] == s for r in records)} {s}"
+                       for s in ("ok", "failed", "skipped"))
+    blocks = [f"{len(records)} records ({counts}). Speedup: the best stock median of the same "
+              "case, dtype and mode over the hand-written kernel's (above 1: the kernel is "
+              "faster). % roofline: achieved TFLOP/s over the measured ceiling at the record's "
+              "arithmetic intensity (FLOPs / fewest bytes)."]
+    if ok:
+        blocks += [latency_figure(op, ok), roofline_figure(op, ok, run.peaks)]
+    else:
+        blocks.append("no successful records to plot")
+    if not run.peaks:
+        blocks.append("no measured ceilings in this run (no peaks.json): no roofline drawn, "
+                      "no % of roofline (python -m harness.peaks RUN_DIR measures them)")
+    best = _best_stock(records)
+    blocks.append(Table(RECORD_HEADERS, [_record_row(r, run, best) for r in records]))
+    return Section(op, f"op-{op}", blocks)
+
+
+def problems_section(run: Run) -> Section:
+    bad = _ordered([r for r in run.records if r["status"] != "ok"])
+    if not bad:
+        return Section("Failed and skipped", "problems", ["none: every record is ok"])
+    rows = [[Cell(r["op"]), Cell(r["case"]), Cell(r["dtype"]), Cell(r.get("mode", "fwd")),
+             Cell(r["impl"]), Cell(r["status"]), Cell(r.get("reason") or "")] for r in bad]
+    return Section("Failed and skipped", "problems", [
+        Table(["op", "case", "dtype", "mode", "impl", "status", "reason"], rows)])
+
+
+# ---------------------------------------------------------------- environment
+def _telemetry_text(telemetry: dict) -> str:
+    counters = "; ".join(f"{name} {_fmt(v.get('min'), '.4g')}..{_fmt(v.get('max'), '.4g')}"
+                         for name, v in (telemetry.get("counters") or {}).items())
+    return (f"{telemetry.get('source', '?')}, {telemetry.get('samples', 0)} samples, "
+            f"throttling {'SEEN' if telemetry.get('throttled') else 'not seen'}"
+            + (f"; {counters}" if counters else ""))
+
+
+def _peaks_text(peaks: dict | None) -> str:
+    if not peaks:
+        return "no measured ceilings in this run"
+    mm = ", ".join(f"{dt} {tf:.3g} TFLOP/s" for dt, tf in peaks.get("matmul_tflops", {}).items())
+    return f"copy {peaks.get('copy_gbps', 0):.4g} GB/s; matmul {mm} ({peaks.get('method', '')})"
+
+
+def environment_section(run: Run) -> Section:
+    env, recs = run.env, run.records
+    versions = env.get("versions") or (recs[0].get("versions") if recs else None) or {}
+    flags = defaultdict(int)
+    for r in recs:
+        for f in r.get("flags") or []:
+            flags[f] += 1
+    times = sorted(r["time"] for r in recs if r.get("time"))
+
+    def distinct(key):
+        return ", ".join(sorted({str(r[key]) for r in recs if r.get(key)})) or "-"
+
+    rows = [("run", str(run.dir)), ("device", env.get("device") or distinct("device")),
+            ("jax device", distinct("jax_device")), ("host", distinct("host")),
+            ("driver", versions.get("driver") or (env.get("gpu") or {}).get("driver") or "-"),
+            ("versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v)),
+            ("command", env.get("command") or "- (no env.json in this run)"),
+            ("time", f"{times[0]} .. {times[-1]}" if times else "-"),
+            ("clocks / throttling", _telemetry_text(env["telemetry"]) if env.get("telemetry")
+             else "- (no telemetry recorded)"),
+            ("flags on records", ", ".join(f"{f}: {n}" for f, n in sorted(flags.items()))
+             or "none"),
+            ("measured ceilings", _peaks_text(run.peaks))]
+    return Section("Environment", "environment",
+                   [Table(["", ""], [[Cell(k), Cell(v)] for k, v in rows])])
+
+
+# ---------------------------------------------------------------- framework verdicts
+Side = Callable[[dict], bool]
+
+
+def torch_stock(r: dict) -> bool:
+    return r.get("kind") == "stock" and r.get("framework") == "torch"
+
+
+def jax_stock(r: dict) -> bool:
+    return r.get("kind") == "stock" and r.get("framework") == "jax"
+
+
+def torch_compiled(r: dict) -> bool:
+    return torch_stock(r) and "compile" in r["impl"]  # torch_compile and its variants
+
+
+def torch_eager(r: dict) -> bool:
+    return torch_stock(r) and not torch_compiled(r)
+
+
+def static_graph(r: dict) -> bool:
+    return torch_compiled(r) or jax_stock(r)  # every JAX implementation runs under jax.jit
+
+
+@dataclass(frozen=True)
+class Contest:
+    """Side a (the one a claim favours) against side b, each by its best record per benchmark."""
+    label: str
+    a_name: str
+    a: Side
+    b_name: str
+    b: Side
+    metric: str = "median_s"  # smaller is better: "median_s" or "peak_bytes"
+    ops: tuple[str, ...] = ()  # only these ops; () for every op
+
+
+@dataclass(frozen=True)
+class Claim:
+    title: str
+    contests: tuple[Contest, ...]
+    small_size_floor: bool = False  # also show each path's time on the smallest problems
+
+
+CLAIMS = (
+    Claim("JAX is faster than PyTorch", (
+        Contest("best stock JAX vs best stock PyTorch, median time", "JAX", jax_stock,
+                "PyTorch", torch_stock),)),
+    Claim("JAX uses less memory", (
+        Contest("best stock JAX vs best stock PyTorch, peak memory", "JAX", jax_stock,
+                "PyTorch", torch_stock, "peak_bytes"),)),
+    Claim("static graphs (jit / torch.compile) beat eager execution", (
+        Contest("best static graph (torch.compile or XLA jit) vs best eager PyTorch", "static",
+                static_graph, "eager", torch_eager),
+        Contest("torch.compile vs eager PyTorch", "torch.compile", torch_compiled, "eager",
+                torch_eager),
+        Contest("XLA jit vs eager PyTorch", "XLA jit", jax_stock, "eager", torch_eager)),
+        small_size_floor=True),
+    Claim("PyTorch is better for convolutions", (
+        Contest("best stock PyTorch vs best stock JAX on conv2d, median time", "PyTorch",
+                torch_stock, "JAX", jax_stock, ops=("conv2d",)),)),
+)
+
+
+@dataclass
+class Matchup:
+    key: tuple  # (op, case, dtype, mode)
+    flops: float
+    a: dict
+    b: dict
+    metric: str
+
+    @property
+    def ratio(self) -> float:
+        """b's value over a's: above 1, side a is better (smaller)."""
+        va, vb = self.a[self.metric], self.b[self.metric]
+        return 1.0 if va == vb else (math.inf if va == 0 else vb / va)
+
+    @property
+    def noise(self) -> float:
+        """Medians are only as exact as the p20-p80 spread of their repetitions."""
+        if self.metric != "median_s":
+            return 0.0
+        return max(self.a.get("spread") or 0.0, self.b.get("spread") or 0.0)
+
+    @property
+    def winner(self) -> str:
+        """"a", "b", "tie" (within noise) or "bound" (the better value is only a lower bound)."""
+        if self.ratio > 1 + self.noise:
+            better = "a"
+        elif self.ratio < 1 / (1 + self.noise):
+            better = "b"
+        else:
+            return "tie"
+        method = getattr(self, better).get("peak_method") if self.metric == "peak_bytes" else None
+        return "bound" if method in LOWER_BOUND_METHODS else better
+
+
+def _best(records: list[dict], side: Side, metric: str) -> dict | None:
+    return min((r for r in _ok(records, metric) if side(r)), key=lambda r: r[metric], default=None)
+
+
+def matchups(records: list[dict], contest: Contest) -> list[Matchup]:
+    out = []
+    for key, group in _by_benchmark(records).items():
+        if contest.ops and key[0] not in contest.ops:
+            continue
+        a, b = _best(group, contest.a, contest.metric), _best(group, contest.b, contest.metric)
+        if a and b:
+            out.append(Matchup(key, a["flops"], a, b, contest.metric))
+    return sorted(out, key=lambda m: (m.key[0], m.key[2], m.key[3], m.flops, m.key[1]))
+
+
+def _flips(ms: list[Matchup]) -> tuple[list[Matchup], list[int]]:
+    """The matchups with a winner beyond noise, and the indices among them where it changes."""
+    decided = [m for m in ms if m.winner in ("a", "b")]
+    changes = [i for i in range(1, len(decided)) if decided[i].winner != decided[i - 1].winner]
+    return decided, changes
+
+
+def _size_condition(ms: list[Matchup], contest: Contest) -> str:
+    """Where along problem size (FLOPs) the winner changes, if it does."""
+    decided, flips = _flips(ms)
+    name = {"a": contest.a_name, "b": contest.b_name}
+    if not decided:
+        return "no size where one side is clearly better"
+    if not flips:
+        return f"{name[decided[0].winner]} wins at every size measured (" \
+               f"{_si(ms[0].flops, 'FLOP')} .. {_si(ms[-1].flops, 'FLOP')})"
+    if len(flips) == 1:
+        lo, hi = decided[flips[0] - 1], decided[flips[0]]
+        return f"{name[lo.winner]} wins up to {_si(lo.flops, 'FLOP')}, " \
+               f"{name[hi.winner]} from {_si(hi.flops, 'FLOP')} up"
+    return f"no single size threshold: the winner changes {len(flips)} times along size"
+
+
+def _verdict_word(ms: list[Matchup]) -> str:
+    decided, flips = _flips(ms)
+    winners = {m.winner for m in decided}
+    if not winners:
+        return "inconclusive"
+    if winners == {"a"}:
+        return "holds"
+    if winners == {"b"}:
+        return "does not hold"
+    return "depends on size" if len(flips) == 1 else "mixed"
+
+
+def _evidence(ms: list[Matchup], contest: Contest) -> str:
+    count = {w: sum(m.winner == w for m in ms) for w in ("a", "b", "tie", "bound")}
+    finite = [m.ratio for m in ms if 0 < m.ratio < math.inf]
+    what = "time" if contest.metric == "median_s" else "peak memory"
+    gm = f"; geometric mean of {contest.b_name} {what} / {contest.a_name} {what}: " \
+         f"{statistics.geometric_mean(finite):.3g}x" if finite else ""
+    text = (f"{contest.a_name} better at {count['a']} of {len(ms)} sizes, {contest.b_name} at "
+            f"{count['b']}, {count['tie']} within noise{gm}")
+    if count["bound"]:
+        text += (f"; {count['bound']} unclear: the smaller number is a lower bound "
+                 f"({', '.join(LOWER_BOUND_METHODS)})")
+    methods = {r["peak_method"] for m in ms for r in (m.a, m.b) if r.get("peak_method")}
+    if contest.metric == "peak_bytes" and len(methods) > 1:
+        text += f"; measured by different methods: {', '.join(sorted(methods))}"
+    return text
+
+
+def _cold(r: dict) -> float:
+    return r.get("compile_cold_s") or 0.0
+
+
+def _repay_calls(m: Matchup) -> str:
+    """Calls after which the faster side's extra cold compile time is paid back."""
+    if m.winner not in ("a", "b"):
+        return "-"
+    fast, slow = (m.a, m.b) if m.winner == "a" else (m.b, m.a)
+    extra = _cold(fast) - _cold(slow)
+    return "0 (compiles no longer)" if extra <= 0 else \
+        f"{extra / (slow['median_s'] - fast['median_s']):.3g}"
+
+
+def _detail_table(ms: list[Matchup], contest: Contest) -> Table:
+    timed = contest.metric == "median_s"
+    value = _time if timed else _bytes
+    headers = ["op", "case", "dtype", "mode", "FLOPs", f"best {contest.a_name}",
+               f"best {contest.b_name}", f"{contest.b_name} / {contest.a_name}", "better"]
+    headers += ["cold compile a / b", "calls to repay compile"] if timed else ["method a / b"]
+    winner = {"a": contest.a_name, "b": contest.b_name, "tie": "within noise",
+              "bound": "unclear (lower bound)"}
+    rows = []
+    for m in ms:
+        a, b = value(m.a[m.metric]), value(m.b[m.metric])
+        row = [Cell(m.key[0]), Cell(m.key[1]), Cell(m.key[2]), Cell(m.key[3]),
+               Cell(_si(m.flops, "FLOP"), m.flops), Cell(f"{m.a['impl']} {a.text}", a.sort),
+               Cell(f"{m.b['impl']} {b.text}", b.sort), _times(m.ratio),
+               Cell(winner[m.winner])]
+        if timed:
+            row += [Cell(f"{_fmt_time(m.a.get('compile_cold_s'))} / "
+                         f"{_fmt_time(m.b.get('compile_cold_s'))}"), Cell(_repay_calls(m))]
+        else:
+            row.append(Cell(f"{m.a.get('peak_method')} / {m.b.get('peak_method')}"))
+        rows.append(row)
+    return Table(headers, rows)
+
+
+def _contest_blocks(records: list[dict], contest: Contest) -> list:
+    ms = matchups(records, contest)
+    ops = contest.ops or sorted({r["op"] for r in records})
+    rows = []
+    for op in ops:
+        groups = defaultdict(list)
+        for m in ms:
+            if m.key[0] == op:
+                groups[(m.key[2], m.key[3])].append(m)
+        if not groups:
+            rows.append([Cell(op), Cell("-"), Cell("-"), Cell("no data in this run"),
+                         Cell(f"no benchmark with ok records of both {contest.a_name} and "
+                              f"{contest.b_name}"), Cell("-")])
+        for (dtype, mode), group in sorted(groups.items()):
+            rows.append([Cell(op), Cell(dtype), Cell(mode), Cell(_verdict_word(group)),
+                         Cell(_evidence(group, contest)), Cell(_size_condition(group, contest))])
+    blocks = [f"{contest.label}:", Table(["op", "dtype", "mode", "verdict", "evidence",
+                                          "where it flips"], rows)]
+    detail = Folded(f"numbers per size ({len(ms)} benchmarks)", _detail_table(ms, contest))
+    return blocks + ([detail] if ms else [])
+
+
+def _floor_table(records: list[dict]) -> Table | None:
+    """The smallest problem per op and dtype: a fixed per-call cost (host dispatch, launch) shows
+    there, where the arithmetic is negligible."""
+    sides = (("eager PyTorch", torch_eager), ("torch.compile", torch_compiled),
+             ("XLA jit", jax_stock))
+    smallest: dict[tuple, list[dict]] = {}
+    for (op, _, dtype, mode), group in _by_benchmark(records).items():
+        seen = smallest.get((op, dtype, mode))
+        if seen is None or group[0]["flops"] < seen[0]["flops"]:
+            smallest[(op, dtype, mode)] = group
+    rows = []
+    for (op, dtype, mode), group in sorted(smallest.items()):
+        best = [_best(group, side, "median_s") for _, side in sides]
+        if any(best):
+            rows.append([Cell(op), Cell(group[0]["case"]), Cell(dtype), Cell(mode),
+                         Cell(_si(group[0]["flops"], "FLOP"), group[0]["flops"])]
+                        + [_time(b["median_s"] if b else None) for b in best])
+    return Table(["op", "smallest case", "dtype", "mode", "FLOPs"] + [n for n, _ in sides],
+                 rows) if rows else None
+
+
+def verdicts_section(records: list[dict]) -> Section:
+    claims = []
+    for claim in CLAIMS:
+        blocks = [b for contest in claim.contests for b in _contest_blocks(records, contest)]
+        if claim.small_size_floor:
+            floor = _floor_table(records)
+            blocks += ["Smallest problem of each op: the per-call cost each path adds when "
+                       "there is almost no arithmetic.", floor] if floor else []
+        claims.append(Section(claim.title, f"claim-{_slug(claim.title)}", blocks))
+    intro = ("Each claim is tested per op, dtype and mode on the best record of each side for "
+             "the same case (stock implementations only; hand-written kernels are not a "
+             "framework's default). A side is better when its value is smaller by more than the "
+             "p20-p80 spread of either median; the ratio is the other side's value over the "
+             "claimed side's, so above 1 the claim holds. Verdicts say only what these records "
+             "show, on this device.")
+    return Section("Framework verdicts", "verdicts", [intro] + claims)
+
+
+# ---------------------------------------------------------------- comparison with another run
+def compare_section(run: Run, base_ref: str, threshold_pct: float) -> Section:
+    head = run.dir / "benchmark.json"
+    if not head.is_file():
+        return Section("Changes vs base", "compare", [
+            "this run has no benchmark.json (run the benchmarks with --benchmark-json "
+            f"{head}) to compare"])
+    base = compare.json_path(base_ref)
+    threshold = threshold_pct / 100
+    rows, regressions = [], 0
+    for c in compare.changes(base, head):
+        verdict = c.verdict(threshold)
+        regressions += verdict == "REGRESSION"
+        rows.append([Cell(c.name), _time(c.base_s), _time(c.head_s),
+                     Cell(f"{100 * c.change:+.1f}%", c.change), _num(100 * c.noise, ".1f"),
+                     Cell(verdict)])
+    text = (f"base {base}, head {head}: {len(rows)} benchmarks in both, {regressions} "
+            f"regression(s): median grew by more than {threshold_pct:g}% and by more than the "
+            "noise (p20-p80 spread) of either run.")
+    return Section("Changes vs base", "compare", [text, Table(
+        ["benchmark", "base median", "head median", "change", "noise %", "verdict"], rows)])
+
+
+# ---------------------------------------------------------------- writing
+def build(run: Run, compare_to: str | None = None, threshold_pct: float = 10.0) -> list[Section]:
+    ops = sorted({r["op"] for r in run.records})
+    sections = [environment_section(run), verdicts_section(run.records)]
+    sections += [op_section(op, run) for op in ops] + [problems_section(run)]
+    if compare_to:
+        sections.append(compare_section(run, compare_to, threshold_pct))
+    return sections
+
+
+def write(run_dir: Path, compare_to: str | None = None, threshold_pct: float = 10.0) -> Path:
+    run = load_run(run_dir)
+    sections = build(run, compare_to, threshold_pct)
+    title = f"Kernel benchmarks: {run_dir.name}"
+    results.write_text(run_dir / "index.html", render_html(title, sections))
+    results.write_text(run_dir / "summary.md", render_markdown(title, sections))
+    return run_dir / "index.html"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", nargs="?", help="run id, run directory (default reports/latest)")
+    ap.add_argument("--compare", metavar="BASE", help="another run: per-benchmark changes")
+    ap.add_argument("--threshold", type=float, default=10.0, help="regression percent (10)")
+    args = ap.parse_args(argv)
+    page = write(resolve(args.run), args.compare, args.threshold)
+    print(f"wrote {page} and {page.with_name('summary.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""The run report: one self-contained page and a Markdown summary, from synthetic records and from a
+real (tiny) benchmark run."""
+import base64
+import json
+import os
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+from harness import peaks, report, results
+
+ROOT = Path(__file__).resolve().parent.parent
+VOID = {"meta", "img", "br", "hr", "link", "input", "wbr"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAKE_PEAKS = {"copy_gbps": 3000.0, "matmul_tflops": {"bfloat16": 800.0, "float32": 60.0},
+              "device": "test", "method": "made up for the test"}
+
+
+# ---------------------------------------------------------------- reading the page back
+class Page(HTMLParser):
+    """Tags (checked for balance), every src/href, and the text inside each element with an id."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.stack, self.errors, self.links, self.ids = [], [], [], set()
+        self.text_by_id: dict[str, list[str]] = {}
+        self.feed(text)
+        self.close()
+        self.errors += [f"unclosed <{tag}>" for tag, _ in self.stack]
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.links += [(tag, attrs[k]) for k in ("src", "href") if k in attrs]
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+            self.text_by_id[attrs["id"]] = []
+        if tag not in VOID:
+            self.stack.append((tag, attrs.get("id")))
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1][0] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1] if self.stack else 'nothing'}")
+            return
+        self.stack.pop()
+
+    def handle_data(self, data):
+        for _, element_id in self.stack:
+            if element_id:
+                self.text_by_id[element_id].append(data)
+
+    def text(self, element_id: str) -> str:
+        return " ".join(self.text_by_id[element_id])
+
+
+def check_page(run_dir: Path) -> Page:
+    """Balanced tags; nothing fetched from outside: images inline as PNG, links to anchors on the
+    page or to files that exist beside it."""
+    page = Page((run_dir / "index.html").read_text())
+    assert not page.errors, page.errors[:5]
+    images = [src for tag, src in page.links if tag == "img"]
+    assert images, "no plots"
+    for tag, link in page.links:
+        if link.startswith("data:"):
+            assert tag == "img" and link.startswith("data:image/png;base64,"), link[:40]
+            assert base64.b64decode(link.split(",", 1)[1], validate=True).startswith(PNG_MAGIC)
+        elif link.startswith("#"):
+            assert link[1:] in page.ids, link
+        else:
+            parsed = urlparse(link)
+            assert not parsed.scheme and not parsed.netloc and not link.startswith("/"), link
+            assert (run_dir / unquote(link)).is_file(), f"broken link {link}"
+    return page
+
+
+# ---------------------------------------------------------------- a synthetic run
+def _record(op, impl, framework, kind, case, flops, dtype, median_s, **extra) -> dict:
+    nbytes = flops / 20
+    rec = {"op": op, "impl": impl, "framework": framework, "kind": kind, "backend": impl,
+           "case": case, "dims": {}, "dtype": dtype, "mode": "fwd", "status": "ok", "reason": "",
+           "median_s": median_s, "p20_s": median_s * 0.99, "p80_s": median_s * 1.01, "reps": 10,
+           "spread": 0.02, "timing_method": "test", "flops": flops, "bytes": nbytes,
+           "tflops": flops / median_s / 1e12, "gbps": nbytes / median_s / 1e9,
+           "peak_bytes": 1000 if framework == "jax" else 2000, "peak_method": "test_alloc",
+           "compile_cold_s": 1.0 if framework == "jax" else 0.01, "compile_warm_s": 0.1,
+           "compile_method": "test", "rel_err": 1e-7, "err_budget": 1e-6, "stock_err": 2e-7,
+           "device": "Test GPU", "versions": {"torch": "0", "jax": "0"}, "run_id": "syn",
+           "time": "2026-01-01T00:00:00+0000", "flags": []}
+    rec.update(extra)
+    return rec
+
+
+def _failed(rec: dict, status: str, reason: str) -> dict:
+    empty = ("median_s", "p20_s", "p80_s", "tflops", "gbps", "peak_bytes", "compile_cold_s",
+             "compile_warm_s", "rel_err", "spread")
+    return {**rec, "status": status, "reason": reason, **dict.fromkeys(empty)}
+
+
+def synthetic_records() -> list[dict]:
+    """matmul in two dtypes: XLA faster than torch on the small case, slower on the large one;
+    torch.compile in float32 only; a failed and a skipped hand-written kernel; one trace."""
+    out = []
+    for dtype in ("float32", "bfloat16"):
+        for case, flops, torch_s, xla_s in (("64x64x64", 5.2e5, 20e-6, 10e-6),
+                                            ("4096x4096x4096", 1.4e11, 1e-3, 2e-3)):
+            out.append(_record("matmul", "torch", "torch", "stock", case, flops, dtype, torch_s,
+                               trace_path="traces/matmul-torch.json.gz"))
+            out.append(_record("matmul", "xla", "jax", "stock", case, flops, dtype, xla_s))
+            out.append(_record("matmul", "triton", "torch", "hand", case, flops, dtype,
+                               torch_s * 0.8, flags=["throttled:power"]))
+            pallas = _record("matmul", "pallas", "jax", "hand", case, flops, dtype, xla_s)
+            out.append(_failed(pallas, "failed", "wrong result: relative error 1 over budget 1e-6")
+                       if dtype == "bfloat16" else pallas)
+            if dtype == "float32":
+                out.append(_record("matmul", "torch_compile", "torch", "stock", case, flops,
+                                   dtype, torch_s * 1.5))
+    out.append(_failed(out[0], "skipped", "needs a CUDA GPU") | {"impl": "torch_cublaslt"})
+    return out
+
+
+@pytest.fixture
+def synthetic_run(tmp_path) -> Path:
+    run_dir = tmp_path / "runs" / "syn"
+    run_dir.mkdir(parents=True)
+    for rec in synthetic_records():
+        results.append(run_dir / "results.jsonl", rec)
+    (run_dir / "traces").mkdir()
+    (run_dir / "traces" / "matmul-torch.json.gz").write_bytes(b"")
+    results.write_json(run_dir / "env.json", {
+        "command": "pytest tests/bench --bench", "device": "Test GPU",
+        "telemetry": {"source": "nvml", "samples": 3, "throttled": True,
+                      "counters": {"sm_clock_mhz": {"min": 1200, "max": 1980}}}})
+    return run_dir
+
+
+def _benchmark_json(path: Path, medians: dict[str, float]) -> Path:
+    path.write_text(json.dumps({"benchmarks": [
+        {"name": name, "stats": {"median": m}, "extra_info": {"status": "ok", "spread": 0.02}}
+        for name, m in medians.items()]}))
+    return path
+
+
+# ---------------------------------------------------------------- tests
+def test_synthetic_run_report(synthetic_run):
+    report.main([str(synthetic_run)])
+    page = check_page(synthetic_run)
+    html = (synthetic_run / "index.html").read_text()
+    assert "<table" in html and "sortable" in html and "<script>" in html
+    assert "no measured ceilings in this run" in html
+    assert 'href="traces/matmul-torch.json.gz"' in html
+    assert "throttled:power" in html and "needs a CUDA GPU" in html
+    assert "pytest tests/bench --bench" in page.text("environment")
+    assert "throttling SEEN" in page.text("environment")
+    assert "1.25x" in page.text("op-matmul")  # triton over the best stock (torch)
+    assert "wrong result" in page.text("problems")
+
+    verdicts = page.text("verdicts")
+    assert "Framework verdicts" in verdicts
+    faster = page.text("claim-jax-is-faster-than-pytorch")
+    assert "depends on size" in faster
+    assert "JAX wins up to 520 kFLOP, PyTorch from 140 GFLOP up" in faster
+    assert "holds" in page.text("claim-jax-uses-less-memory")
+    assert "no data in this run" in page.text("claim-pytorch-is-better-for-convolutions")
+    static = page.text("claim-static-graphs-jit-torch-compile-beat-eager-execution")
+    assert "torch.compile" in static and "bfloat16" in static
+
+    md = (synthetic_run / "summary.md").read_text()
+    assert "## matmul" in md and "## Framework verdicts" in md
+    assert "| case | dtype | mode | impl |" in md
+    assert "| op | dtype | mode | verdict | evidence | where it flips |" in md
+    conv_claim = md.split("### PyTorch is better for convolutions", 1)[1]
+    assert "no data in this run" in conv_claim.split("\n## ", 1)[0]
+    assert "[trace](traces/matmul-torch.json.gz)" in md
+
+
+def test_peaks_give_a_roofline(synthetic_run):
+    peaks.save(synthetic_run, FAKE_PEAKS)
+    report.write(synthetic_run)
+    page = check_page(synthetic_run)
+    environment = page.text("environment")
+    assert "copy 3000 GB/s" in environment and "bfloat16 800 TFLOP/s" in environment
+    assert "no measured ceilings" not in (synthetic_run / "index.html").read_text()
+    # 64^3 float32 torch: 0.026 TFLOP/s at intensity 20 under a 60 TFLOP/s ceiling
+    assert report.ceiling_tflops(FAKE_PEAKS, "float32", 20.0) == 60.0
+    assert report.ceiling_tflops(FAKE_PEAKS, "float32", 0.01) == pytest.approx(0.03)
+    assert "% roofline" in (synthetic_run / "summary.md").read_text()
+
+
+def test_compare_section(synthetic_run, tmp_path):
+    base = _benchmark_json(tmp_path / "base.json", {"a": 1e-3, "b": 1e-3, "c": 1e-3})
+    _benchmark_json(synthetic_run / "benchmark.json", {"a": 1.5e-3, "b": 0.5e-3, "c": 1.01e-3})
+    report.write(synthetic_run, compare_to=str(base))
+    text = check_page(synthetic_run).text("compare")
+    assert "1 regression(s)" in text
+    assert all(word in text for word in ("REGRESSION", "faster", "same", "+50.0%"))
+
+
+def test_peaks_measure_on_cpu():
+    measured = peaks.measure("cpu")
+    assert measured["copy_gbps"] > 0.1
+    assert set(measured["matmul_tflops"]) == {"bfloat16", "float32"}
+    assert all(v > 0 for v in measured["matmul_tflops"].values())
+    assert "perf_counter" in measured["method"]
+
+
+def test_real_run_report(tmp_path):
+    """A real benchmark run (matmul, torch and xla, fp32) in a scratch reports directory; the
+    report is made by run id, as a user would."""
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    env = {**os.environ, "KERNELS_REPORTS": str(tmp_path), "PYTHONPATH": str(ROOT),
+           "KERNELS_PROFILES": str(tmp_path / "profiles")}
+    bench = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/bench", "-q", "--bench", "--ops", "matmul",
+         "--impls", "torch,xla", "--tier", "smoke", "--dtypes", "fp32", "--run-id", "tiny",
+         "--benchmark-json", str(run_dir / "benchmark.json")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bench.returncode == 0, bench.stdout[-2000:] + bench.stderr[-2000:]
+    made = subprocess.run([sys.executable, "-m", "harness.report", "tiny", "--compare",
+                           str(run_dir / "benchmark.json")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr[-2000:]
+
+    page = check_page(run_dir)
+    assert "no data in this run" in page.text("claim-pytorch-is-better-for-convolutions")
+    faster = page.text("claim-jax-is-faster-than-pytorch")
+    assert "matmul" in faster and "float32" in faster and "no data" not in faster
+    assert "tests/bench" in page.text("environment")  # the command, from env.json
+    assert "0 regression(s)" in page.text("compare")  # the run against itself
+    records = results.load(run_dir / "results.jsonl")
+    assert all(r["case"] in page.text("op-matmul") for r in records)
+    assert "| case | dtype | mode | impl |" in (run_dir / "summary.md").read_text()
