@@ -1,4 +1,4 @@
-"""Shared by the correctness tests: run one implementation on one case through the harness's own
+"""Shared by the tests: run one implementation on one case through the harness's own
 machinery (seeded inputs, NaN-poisoned output, float64 reference, stock-relative budget)."""
 from __future__ import annotations
 
@@ -18,3 +18,12 @@ def error_and_budget(op: str, impl_name: str, case: Case, dtype: str) -> tuple[f
     arrays = inputs.make(case, dtype, impl.framework, DEVICE)
     out = _forward_calls(impl, case, arrays).first()
     return check.rel_err(out, ref), check.budget(dtype, stock_err)
+
+
+def outer_env() -> dict:
+    """The environment for a `pytest` subprocess that runs benchmarks: this one's, less the
+    variables pytest-xdist sets in its workers (with them the inner pytest would take itself for
+    a worker and pytest-benchmark would switch off)."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness import compare, results
+from tests.checking import outer_env
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = ("op", "impl", "framework", "case", "dims", "dtype", "status", "reason", "median_s",
@@ -17,7 +18,7 @@ REQUIRED = ("op", "impl", "framework", "case", "dims", "dtype", "status", "reaso
 
 
 def _bench(reports: Path, run_id: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KERNELS_REPORTS": str(reports)}
+    env = {**outer_env(), "KERNELS_REPORTS": str(reports)}
     run_dir = reports / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pytest", "tests/bench", "-q", "--bench", f"--run-id={run_id}",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness import results
+from tests.checking import outer_env
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTY = ROOT / "tests" / "plugins" / "faulty.py"
@@ -31,7 +32,7 @@ def _bench_cmd(reports: Path, run_id: str, *args: str) -> list[str]:
 
 
 def _env(reports: Path, plugins: str = "") -> dict:
-    return {**os.environ, "KERNELS_REPORTS": str(reports), "KERNELS_PLUGINS": plugins}
+    return {**outer_env(), "KERNELS_REPORTS": str(reports), "KERNELS_PLUGINS": plugins}
 
 
 def _keys(reports: Path, run_id: str) -> list[str]:

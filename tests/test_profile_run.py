@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from harness import results, timeline, trace
+from tests.checking import outer_env
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ["pallas", "torch", "torch_compile", "triton", "xla"]
@@ -19,7 +20,7 @@ def profiled(tmp_path_factory):
     root = tmp_path_factory.mktemp("profiled")
     run_dir = root / "reports" / "runs" / "prof"
     run_dir.mkdir(parents=True)
-    env = {**os.environ, "KERNELS_REPORTS": str(root / "reports"),
+    env = {**outer_env(), "KERNELS_REPORTS": str(root / "reports"),
            "KERNELS_PROFILES": str(root / "profiles")}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "tests/bench", "-q", "--bench", "--profile",
