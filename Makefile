@@ -29,6 +29,7 @@ TIMEOUT ?= 900
 RESUME ?=
 WORKERS ?= 1
 PROFILE ?=
+RETIME ?=
 
 RUN_DIR := reports/runs/$(RUN)
 # ISOLATE=1: hand-written kernels run in a worker process too (plugins always do; ISOLATE=0: none)
@@ -38,7 +39,7 @@ BENCH_FLAGS = --bench --ops=$(OPS) --impls=$(IMPLS) --tier=$(TIER) --dtypes=$(DT
 	--modes=$(MODES) --run-id=$(RUN) --benchmark-json=$(BENCH_JSON) \
 	--benchmark-columns=median,iqr,rounds --benchmark-sort=name \
 	--isolate=$(ISOLATION) --bench-timeout=$(TIMEOUT) $(if $(RESUME),--resume) \
-	$(if $(filter 1,$(PROFILE)),--profile) \
+	$(if $(filter 1,$(PROFILE)),--profile) $(if $(RETIME),--retime=$(RETIME)) \
 	$(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist loadgroup)
 export KERNELS_PLUGINS := $(PLUGINS)
 
@@ -89,19 +90,24 @@ clean-venv:
 # one go, the tests (the GPU timing cross-check alone on the card, the rest in parallel), the
 # `standard` tier of every op, and a few profiled benchmarks, and leaves in OUT: env.txt, tests.txt,
 # tests.xml, bench.txt and run.tar.gz (records, benchmark JSON, report, traces). Each stage has a
-# time limit (GPU_*_S) so the whole stays inside one 10-minute command; a stage cut short keeps
-# what it measured (records are appended as they come; RESUME=<run> finishes a cut bench).
+# time limit (GPU_*_S) so a call fits a 10-minute command; a stage cut short keeps what it
+# measured (records are appended as they come), and `make gpu RESUME=<run>` (no tests) finishes it.
+# The TPU kernels are left out here: off a TPU they only run in the TPU interpreter, which the
+# CPU test run covers.
 GPU_PY ?= python3
 GPU_SITE := .gpusite
 GPU_DTYPES ?= bf16
 GPU_MODES ?= fwd,bwd
-GPU_RUN ?= $(shell date +%Y%m%d)-gpu
+GPU_RUN ?= $(if $(RESUME),$(RESUME),$(shell date +%Y%m%d-%H%M)-gpu)
+GPU_RUN := $(GPU_RUN)  # the date read once
 GPU_TEST_WORKERS ?= 8
+GPU_RETIME ?= torch,triton
 GPU_TEST_S ?= 170
 GPU_BENCH_S ?= 330
 GPU_PROFILE_S ?= 45
 # the profiled few: the largest square matmul, the 4k-token D=128 causal attention, a ResNet 3x3
 GPU_PROFILE_CASES ?= 8192x8192x8192 or b4_h16_q4096_k4096_d128_causal or c64_3x3_n32
+GPU_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
 OUT ?= reports/gpu-out
 STAGE = timeout -s INT -k 20
 GPU_STAGE := reports/runs/.gpu-stage
@@ -115,21 +121,27 @@ gpu:
 	@mkdir -p $(OUT)
 	$(GPU_PY) -m pip install -q --no-index --no-deps --target $(GPU_SITE) wheels/perfetto-*.whl \
 		|| echo "no perfetto wheel in wheels/: the run timeline will be missing"
-	{ git log -1 --format='commit %H %cd' 2>/dev/null; date -u; $(GPU_PY) -c "import json; from harness import env; \
-	  print(json.dumps({'gpu': env.device_name(), **env.versions()}, indent=1))"; \
-	  nvidia-smi; } > $(OUT)/env.txt 2>&1; cat $(OUT)/env.txt
+	{ echo "commit $(GPU_COMMIT)"; echo "run $(GPU_RUN)"; date -u; $(GPU_PY) -c "import json; \
+	  from harness import env; print(json.dumps({'gpu': env.device_name(), **env.versions()}, \
+	  indent=1))"; nvidia-smi; } > $(OUT)/env.txt 2>&1; cat $(OUT)/env.txt
+ifeq ($(RESUME),)
 	-$(STAGE) $(GPU_TEST_S) $(GPU_PY) -m pytest tests -q -p no:cacheprovider -m "not gpu" \
-		-n $(GPU_TEST_WORKERS) --ignore=tests/test_faults.py --durations=20 \
-		--junitxml=$(OUT)/tests.xml > $(OUT)/tests.txt 2>&1; tail -30 $(OUT)/tests.txt
+		-n $(GPU_TEST_WORKERS) --ignore=tests/test_faults.py --ignore=tests/test_pallas_tpu.py \
+		-k "not pallas_tpu" --durations=20 --junitxml=$(OUT)/tests.xml > $(OUT)/tests.txt 2>&1; \
+		tail -30 $(OUT)/tests.txt
 	-$(STAGE) 60 $(GPU_PY) -m pytest tests -q -p no:cacheprovider -m gpu -rA \
 		>> $(OUT)/tests.txt 2>&1; tail -8 $(OUT)/tests.txt
+endif
 	-$(STAGE) $(GPU_BENCH_S) $(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) TIER=standard \
 		DTYPES=$(GPU_DTYPES) MODES=$(GPU_MODES) RUN=$(GPU_RUN) $(if $(RESUME),RESUME=$(RESUME)) \
+		RETIME=$(GPU_RETIME) \
 		> $(OUT)/bench.txt 2>&1; tail -5 $(OUT)/bench.txt
 	-$(GPU_PY) -m harness.report reports/runs/$(GPU_RUN) >> $(OUT)/bench.txt 2>&1
+ifneq ($(GPU_PROFILE_S),0)
 	-$(STAGE) $(GPU_PROFILE_S) $(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) TIER=standard \
 		DTYPES=$(GPU_DTYPES) MODES=fwd RUN=$(GPU_RUN)-profile PROFILE=1 \
 		PYTEST_ARGS='-k "$(GPU_PROFILE_CASES)"' >> $(OUT)/bench.txt 2>&1
+endif
 	rm -rf $(GPU_STAGE) && mkdir -p $(GPU_STAGE)
 	-cp -r reports/runs/$(GPU_RUN) reports/runs/$(GPU_RUN)-profile $(GPU_STAGE)/
 	-cp -r profiles/$(GPU_RUN)-profile $(GPU_STAGE)/traces

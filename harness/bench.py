@@ -195,6 +195,7 @@ class Session:
     cache_root: str
     policy: timing.Policy | None = None
     profile_dir: Path | None = None  # when set, every benchmark also writes a profiler trace
+    retime: tuple[str, ...] = ()  # implementations timed twice: the harness's own noise
     device: str = field(default_factory=lambda: Session.device_type())
 
     @staticmethod
@@ -270,6 +271,9 @@ class Session:
                                               *calls.memory)
         if self.profile_dir is not None:
             rec.update(self._trace(b, impl, calls.timed))
+        if impl.name in self.retime:  # again, with other work in between: the run-to-run noise
+            again = timing.time_fn(calls.timed, impl.framework, ON_CUDA, self.policy)
+            rec.update(median_again_s=again.median_s, again_change=again.median_s / t.median_s - 1)
         budget = check.budget(b.dtype, stock_err)
         rec.update(median_s=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, reps=t.reps,
                    spread=t.spread, timing_method=t.method,

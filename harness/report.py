@@ -433,6 +433,59 @@ def problems_section(run: Run) -> Section:
         Table(["op", "case", "dtype", "mode", "impl", "status", "reason"], rows)])
 
 
+def kernels_section(run: Run) -> Section:
+    """Each hand-written kernel against the best stock op, over the cases both ran: the geometric
+    mean of the throughput ratio (100% = as fast as the best stock), and its share of the roofline."""
+    best = _best_stock(run.records)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in _ok(run.records):
+        if r.get("kind") in CANDIDATE_KINDS and _benchmark(r) in best:
+            groups[(r["op"], r.get("mode", "fwd"), r["dtype"], r["impl"])].append(r)
+    if not groups:
+        return Section("Hand-written kernels vs the best stock", "kernels",
+                       ["no hand-written kernel and stock op measured on the same benchmark"])
+    rows = []
+    for (op, mode, dtype, impl), recs in sorted(groups.items()):
+        ratios = [best[_benchmark(r)] / r["median_s"] for r in recs]
+        roof = [x for x in (_roofline_pct(r, run.peaks) for r in recs) if x is not None]
+        rows.append([Cell(op), Cell(mode), Cell(dtype), Cell(impl), Cell(str(len(recs))),
+                     _num(100 * statistics.geometric_mean(ratios), ".1f"),
+                     _num(100 * min(ratios), ".1f"), _num(100 * max(ratios), ".1f"),
+                     _num(statistics.mean(roof) if roof else None, ".1f")])
+    return Section("Hand-written kernels vs the best stock", "kernels", [
+        "Throughput as a percentage of the fastest stock implementation of the same case, dtype "
+        "and mode (geometric mean, worst and best case), and the mean share of the measured "
+        "roofline.",
+        Table(["op", "mode", "dtype", "impl", "cases", "% of best stock (geomean)", "worst %",
+               "best %", "% roofline (mean)"], rows)])
+
+
+NOISE_MIN_S = 100e-6  # below this, launch and clock jitter dominate any timer
+
+
+def noise_section(run: Run) -> Section:
+    """The harness's own noise: benchmarks timed a second time later in the same run (--retime)."""
+    twice = [r for r in _ok(run.records) if r.get("median_again_s")]
+    if not twice:
+        return Section("Harness noise", "noise", ["no benchmark was timed twice (--retime)"])
+    rows = []
+    for label, recs in (("all", twice),
+                        (f"median >= {NOISE_MIN_S * 1e6:.0f} us",
+                         [r for r in twice if r["median_s"] >= NOISE_MIN_S])):
+        changes = sorted(abs(r["again_change"]) * 100 for r in recs)
+        if changes:
+            rows.append([Cell(label), Cell(str(len(changes))),
+                         _num(statistics.median(changes), ".2f"), _num(changes[-1], ".2f"),
+                         Cell(str(sum(c > 2 for c in changes)))])
+    worst = max(twice, key=lambda r: abs(r["again_change"]))
+    return Section("Harness noise", "noise", [
+        "The same benchmark timed twice in this run, with its memory measurement in between: "
+        "|second median / first - 1|.",
+        Table(["benchmarks", "count", "median |change| %", "max |change| %", "over 2%"], rows),
+        f"largest: {worst['op']} {worst['case']} {worst['dtype']} {worst.get('mode', 'fwd')} "
+        f"{worst['impl']} ({100 * worst['again_change']:+.2f}%)"])
+
+
 # ---------------------------------------------------------------- environment
 def _telemetry_text(telemetry: dict) -> str:
     counters = "; ".join(f"{name} {_fmt(v.get('min'), '.4g')}..{_fmt(v.get('max'), '.4g')}"
@@ -765,7 +818,8 @@ def compare_section(run: Run, base_ref: str, threshold_pct: float) -> Section:
 # ---------------------------------------------------------------- writing
 def build(run: Run, compare_to: str | None = None, threshold_pct: float = 10.0) -> list[Section]:
     ops = sorted({r["op"] for r in run.records})
-    sections = [environment_section(run), verdicts_section(run.records)]
+    sections = [environment_section(run), verdicts_section(run.records), kernels_section(run),
+                noise_section(run)]
     sections += [op_section(op, run) for op in ops] + [problems_section(run)]
     if compare_to:
         sections.append(compare_section(run, compare_to, threshold_pct))

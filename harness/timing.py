@@ -2,8 +2,10 @@
 
 CUDA (torch, Triton and JAX on the GPU): the L2 cache is flushed before every repetition by
 writing a buffer larger than it, so each repetition reads its inputs from memory as a one-off
-kernel call would. torch/Triton are timed with CUDA events around the call; JAX with perf_counter
-around the call and block_until_ready (which includes the host dispatch, a few microseconds).
+kernel call would. torch/Triton are timed with CUDA events around the call, the repetitions queued
+back to back (as triton.testing.do_bench; tests/test_gpu_timing.py checks the two agree); JAX with
+perf_counter around the call and block_until_ready (which includes the host dispatch, a few
+microseconds, and lets the GPU idle between repetitions).
 CPU: perf_counter around the call. Repetitions run until a time budget is spent (at least
 `min_reps`), after warmup; the median and the 20th/80th percentiles summarise them.
 """
@@ -27,7 +29,8 @@ class Policy:
     max_reps: int
 
 
-GPU_POLICY = Policy(warmup_s=0.05, budget_s=0.4, min_reps=10, max_reps=500)
+GPU_POLICY = Policy(warmup_s=0.05, budget_s=0.25, min_reps=10, max_reps=500)
+ESTIMATE_REPS = 5  # CUDA events: calls timed together to size the repetition count
 CPU_POLICY = Policy(warmup_s=0.0, budget_s=0.3, min_reps=3, max_reps=200)
 
 
@@ -119,17 +122,33 @@ def _warmup(fn: Callable[[], Any], policy: Policy) -> None:
 
 
 def time_cuda_events(fn: Callable[[], Any], policy: Policy = GPU_POLICY) -> Timing:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def one() -> float:
+    """As triton.testing.do_bench does: after warmup, every repetition (L2 flush, start event, the
+    call, end event) is queued back to back and the host waits once at the end, so the GPU never
+    idles between repetitions and runs at the clocks of sustained work. The repetition count
+    comes from a short estimate, to fill the policy's time budget."""
+    t0 = time.time_ns()
+    _warmup(fn, policy)
+    first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    first.record()
+    for _ in range(ESTIMATE_REPS):
+        _flush_l2()
+        fn()
+    last.record()
+    last.synchronize()
+    per_rep_s = max(first.elapsed_time(last) / 1e3 / ESTIMATE_REPS, 1e-7)
+    warm = span("warmup", t0)
+    reps = min(max(int(policy.budget_s / per_rep_s), policy.min_reps), policy.max_reps)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    t1 = time.time_ns()
+    for start, end in zip(starts, ends):
         _flush_l2()
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-
-    return _warm_then_time(fn, policy, one, "cuda_events+l2_flush")
+    ends[-1].synchronize()
+    samples = [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]
+    return summarize(samples, "cuda_events+l2_flush", [warm, span("timed", t1)])
 
 
 def time_wall(fn: Callable[[], Any], policy: Policy, flush: bool) -> Timing:

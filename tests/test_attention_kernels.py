@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels  # noqa: F401  (switches Triton to its interpreter when there is no GPU)
-from kernels import reference, registry
+from kernels import ON_CUDA, reference, registry
 from kernels.pallas import attention as pallas_attention
 from kernels.triton import attention as triton_attention
 
@@ -40,6 +40,9 @@ CASES = [
     pytest.param((2, 2, 2, 64, 64, 128, True, None), id="mha-causal-square-D128"),
     pytest.param((1, 2, 1, 61, 130, 16, False, None), id="mqa-Sq<Sk-D16"),
 ]
+
+
+DEVICE = "cuda" if ON_CUDA else "cpu"  # the Triton kernels run where torch's GPU is
 
 
 def rel_err(x, ref: torch.Tensor) -> float:
@@ -92,11 +95,11 @@ def check_within_budget(errors, stock_errors, dtype: torch.dtype, what: str):
 
 
 def run_triton(q, k, v, do, causal, scale):
-    x = [t.clone().requires_grad_() for t in (q, k, v)]
-    poisoned = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    x = [t.to(DEVICE, copy=True).requires_grad_() for t in (q, k, v)]
+    poisoned = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEVICE)
     out = triton_attention.attention(*x, causal, scale, out=poisoned)
     assert out.data_ptr() == poisoned.data_ptr()
-    out.backward(do)
+    out.backward(do.to(DEVICE))
     return [out.detach()] + [t.grad for t in x]
 
 
@@ -135,11 +138,12 @@ def test_triton_non_contiguous_inputs():
     """[B, S, H, D] storage viewed as [B, H, S, D]: the kernels take strides, no copies."""
     case = (1, 4, 2, 37, 61, 32, True, None)
     q, k, v, do = make_inputs(case, torch.float32)
-    q_t, k_t, v_t, do_t = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, do))
+    q_t, k_t, v_t, do_t = (t.to(DEVICE).transpose(1, 2).contiguous().transpose(1, 2)
+                           for t in (q, k, v, do))
     assert not q_t.is_contiguous()
     refs = reference_with_grads(q, k, v, do, True, None)
     stock = sdpa_errors(q, k, v, do, True, None, refs)
-    x = [t.clone().requires_grad_() for t in (q_t, k_t, v_t)]
+    x = [t.detach().requires_grad_() for t in (q_t, k_t, v_t)]
     out = triton_attention.attention(*x, causal=True)
     out.backward(do_t)
     errors = [rel_err(t, r) for t, r in zip([out.detach()] + [t.grad for t in x], refs)]
@@ -165,7 +169,7 @@ def test_single_key_returns_v(impl):
     """Sk = 1: every query (causal too) sees only key 0, so the output is v exactly."""
     q, k, v, _ = make_inputs((1, 2, 1, 5, 1, 16, True, None), torch.float32)
     if impl == "triton":
-        out = triton_attention.attention(q, k, v, causal=True)
+        out = triton_attention.attention(*(t.to(DEVICE) for t in (q, k, v)), causal=True)
     else:
         out = pallas_attention.attention(*(to_jax(t, jnp.float32) for t in (q, k, v)), True)
     assert torch.equal(reference.as_float64(out), reference.as_float64(v).expand(1, 2, 5, 16))
@@ -183,7 +187,7 @@ def test_registered():
 
 
 def _torch_array(shape, dtype="float32"):
-    return torch.zeros(shape, dtype=getattr(torch, dtype))
+    return torch.zeros(shape, dtype=getattr(torch, dtype), device=DEVICE)
 
 
 def _jax_array(shape, dtype="float32"):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kernels import registry
+from tests.checking import DEVICE
 
 
 def _arrays(framework, *shapes, dtype="float32"):
@@ -78,8 +79,8 @@ def test_matmul_other_framework(impl):
 def test_matmul_non_contiguous_is_handled(impl):
     """Transposed and strided views give the right answer (the kernels take strides)."""
     fn = registry.get("matmul", impl)
-    a = torch.randn(40, 30)[:, ::2]  # [40, 15], column stride 2
-    b = torch.randn(9, 15).t()  # [15, 9], transposed
+    a = torch.randn(40, 30, device=DEVICE)[:, ::2]  # [40, 15], column stride 2
+    b = torch.randn(9, 15, device=DEVICE).t()  # [15, 9], transposed
     out = fn(a, b)
     torch.testing.assert_close(out, a @ b, rtol=1e-4, atol=1e-4)
 

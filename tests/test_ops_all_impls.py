@@ -33,7 +33,10 @@ CONV = [_conv(1, 1, 1, 1, 1, 1, 1, 1, 0, 1), _conv(2, 11, 7, 3, 5, 3, 5, 1, (1, 
 @pytest.mark.parametrize("case", ATTENTION, ids=lambda c: c.name)
 @pytest.mark.parametrize("impl", registry.impls("attention"))
 def test_attention_matches_float64(impl, case, dtype):
-    err, budget = error_and_budget("attention", impl, case, dtype)
+    try:
+        err, budget = error_and_budget("attention", impl, case, dtype)
+    except NotImplementedError as e:  # a pinned SDPA backend without a kernel for these inputs
+        pytest.skip(str(e))
     assert err <= budget, f"{impl} {case.name} {dtype}: error {err:.3g} > budget {budget:.3g}"
 
 

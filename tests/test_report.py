@@ -2,7 +2,6 @@
 real (tiny) benchmark run."""
 import base64
 import json
-import os
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -12,6 +11,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from harness import peaks, report, results
+from tests.checking import outer_env
 
 ROOT = Path(__file__).resolve().parent.parent
 VOID = {"meta", "img", "br", "hr", "link", "input", "wbr"}
@@ -211,7 +211,7 @@ def test_real_run_report(tmp_path):
     report is made by run id, as a user would."""
     run_dir = tmp_path / "runs" / "tiny"
     run_dir.mkdir(parents=True)
-    env = {**os.environ, "KERNELS_REPORTS": str(tmp_path), "PYTHONPATH": str(ROOT),
+    env = {**outer_env(), "KERNELS_REPORTS": str(tmp_path), "PYTHONPATH": str(ROOT),
            "KERNELS_PROFILES": str(tmp_path / "profiles")}
     bench = subprocess.run(
         [sys.executable, "-m", "pytest", "tests/bench", "-q", "--bench", "--ops", "matmul",

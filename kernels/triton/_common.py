@@ -53,6 +53,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def autotune_bench(kernel_call, quantiles):
+    """The autotuner's timer: 5 ms of warmup and 25 ms of repetitions per config. Its default
+    (25 + 100 ms per config) made the first call of every new shape spend seconds choosing."""
+    from triton.testing import do_bench
+
+    return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 def pick_configs(gpu_configs: list, interpret_configs: list) -> list:
     """The interpreter would 'autotune' by running every config at interpreter speed: one is enough."""
     return interpret_configs if TRITON_INTERPRET else gpu_configs

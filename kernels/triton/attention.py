@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from kernels import contract, registry
-from kernels.triton._common import (DEVICE_TYPE, dot_precision, pick_configs, reset_jit,
-                                    to_output, upcast_dot)
+from kernels.triton._common import (DEVICE_TYPE, autotune_bench, dot_precision, pick_configs,
+                                    reset_jit, to_output, upcast_dot)
 
 LOG2_E = 1 / math.log(2)
 
@@ -103,7 +103,8 @@ def _heads(pid_bh, H, GROUP):
     return b, h, h // GROUP
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE,
+                 do_bench=autotune_bench)
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, qk_scale, Sq, Sk, H, GROUP, D,
                 stride_qb, stride_qh, stride_qs, stride_qd,
@@ -166,7 +167,8 @@ def _bwd_delta_kernel(O, DO, DELTA, Sq, H, D,
     tl.store(DELTA + pid_bh.to(tl.int64) * Sq + rows, tl.sum(o * do, 1), mask=rows < Sq)
 
 
-@triton.autotune(configs=_DKV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_DKV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE,
+                 do_bench=autotune_bench)
 @triton.jit
 def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale, Sq, Sk, H, GROUP, D,
                     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -221,7 +223,8 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale, Sq, Sk, H,
     _store(DV + base, dv, keys, Sk, D, cols, D, 1, UPCAST)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE,
+                 do_bench=autotune_bench)
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, scale, Sq, Sk, H, GROUP, D,
                    stride_qb, stride_qh, stride_qs, stride_qd,

@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from kernels import contract, registry
-from kernels.triton._common import (DEVICE_TYPE, dot_precision, grouped_tile, pick_configs,
-                                    reset_jit, to_output, upcast_dot)
+from kernels.triton._common import (DEVICE_TYPE, autotune_bench, dot_precision, grouped_tile,
+                                    pick_configs, reset_jit, to_output, upcast_dot)
 from kernels.triton.matmul import _matmul_kernel, matmul
 
 
@@ -38,7 +38,8 @@ _INTERPRET_CONFIGS = [_config(64, 32, 4, 1, 4)]
 
 
 @triton.autotune(configs=pick_configs(_GPU_CONFIGS, _INTERPRET_CONFIGS),
-                 key=["M", "H", "W", "C", "K", "KH", "KW", "SH", "SW", "DH", "DW", "IN_DTYPE"])
+                 key=["M", "H", "W", "C", "K", "KH", "KW", "SH", "SW", "DH", "DW", "IN_DTYPE"],
+                 do_bench=autotune_bench)
 @triton.jit
 def _conv2d_kernel(x_ptr, w_ptr, y_ptr, M, H, W, C, OH, OW, K, KH, KW, SH, SW, PH, PW, DH, DW,
                    sxn, sxh, sxw, sxc, swh, sww, swc, swk, syn, syh, syw, syk,

@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 
 from kernels import contract, registry
-from kernels.triton._common import (DEVICE_TYPE, dot_precision, grouped_tile, pick_configs,
-                                    reset_jit, to_output, upcast_dot)
+from kernels.triton._common import (DEVICE_TYPE, autotune_bench, dot_precision, grouped_tile,
+                                    pick_configs, reset_jit, to_output, upcast_dot)
 
 
 def _config(bm, bn, bk, group, stages, warps):
@@ -31,7 +31,8 @@ _INTERPRET_CONFIGS = [_config(32, 32, 32, 4, 1, 4)]
 
 
 @triton.autotune(configs=pick_configs(_GPU_CONFIGS, _INTERPRET_CONFIGS),
-                 key=["M_KEY", "N_KEY", "K_KEY", "IN_DTYPE"])
+                 key=["M_KEY", "N_KEY", "K_KEY", "IN_DTYPE"],
+                 do_bench=autotune_bench)
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
