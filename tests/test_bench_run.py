@@ -1,7 +1,6 @@
 """End to end: the benchmark run as `make bench` drives it, in a subprocess with its own reports
 directory; then `harness.compare` on two runs, with a regression injected."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

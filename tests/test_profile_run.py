@@ -1,6 +1,5 @@
 """`make profile` end to end on CPU: a parsable trace per benchmark with its phase ranges, and a
 run timeline with one track per implementation and the telemetry counters."""
-import os
 import subprocess
 import sys
 from pathlib import Path
