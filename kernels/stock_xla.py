@@ -3,6 +3,7 @@ lax.conv_general_dilated. Inputs arrive in the suite's layouts; fp32 inputs use 
 (true fp32, like torch's default) and every op accumulates in fp32."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -40,8 +41,12 @@ def _attention(q, k, v, causal, scale, implementation):
         if t.dtype == jnp.float16 and not _ON_GPU:
             t = t.astype(jnp.float32)
         return jnp.swapaxes(t, 1, 2)
-    out = jax.nn.dot_product_attention(bsnd(q), bsnd(k), bsnd(v), scale=scale, is_causal=causal,
-                                       implementation=implementation)
+    # fp32 in true fp32, like the other stock ops (on a GPU, XLA's default for fp32 dots is TF32)
+    precision = (jax.default_matmul_precision("highest") if q.dtype == jnp.float32
+                 else contextlib.nullcontext())
+    with precision:
+        out = jax.nn.dot_product_attention(bsnd(q), bsnd(k), bsnd(v), scale=scale,
+                                           is_causal=causal, implementation=implementation)
     return bsnd(out).astype(q.dtype)
 
 

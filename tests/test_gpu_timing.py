@@ -1,5 +1,12 @@
 """On a CUDA GPU, the harness's device time must agree with an independent timer:
-`triton.testing.do_bench` (CUDA events, its own L2 clear, median) within 3% for torch.matmul."""
+`triton.testing.do_bench` (CUDA events, its own L2 clear, median) within 3% for torch.matmul.
+
+The two timers take turns, three times each, and their medians are compared: an H100 under a
+sustained matmul load slows its clocks by several percent over a second or two (seen on the first
+GPU run: the same timer read 1588 us, then 1692 us), which one-after-the-other timing would
+blame on whichever timer ran second."""
+import statistics
+
 import pytest
 import torch
 
@@ -19,11 +26,12 @@ def test_harness_time_matches_triton_do_bench(n):
     def fn():
         return torch.matmul(a, b)
 
-    ours = timing.time_cuda_events(fn).median_s
-    theirs = do_bench(fn, warmup=50, rep=400, return_mode="median") / 1e3
-    # Timed again after do_bench: a clock that ramped during the first measurement shows up here.
-    ours_again = timing.time_cuda_events(fn).median_s
-    for t in (ours, ours_again):
-        assert abs(t - theirs) / theirs < 0.03, (
-            f"harness {ours * 1e6:.1f} / {ours_again * 1e6:.1f} us vs do_bench "
-            f"{theirs * 1e6:.1f} us for a {n}^3 bf16 matmul")
+    do_bench(fn, warmup=100, rep=500)  # bring the clocks to their loaded state first
+    ours, theirs = [], []
+    for _ in range(3):
+        ours.append(timing.time_cuda_events(fn).median_s)
+        theirs.append(do_bench(fn, warmup=25, rep=250, return_mode="median") / 1e3)
+    ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
+    assert abs(ours_s - theirs_s) / theirs_s < 0.03, (
+        f"{n}^3 bf16 matmul: harness {[round(t * 1e6, 1) for t in ours]} us, do_bench "
+        f"{[round(t * 1e6, 1) for t in theirs]} us")

@@ -3,7 +3,7 @@ import pytest
 
 from harness.cases import DTYPES, Case
 from kernels import registry
-from tests.checking import error_and_budget
+from tests.checking import DEVICE, error_and_budget
 
 # 1x1x1, primes, K=1, non-multiples of every block size (16..256), tall-skinny, wide-short
 SHAPES = [(1, 1, 1), (2, 3, 5), (17, 31, 13), (64, 64, 64), (65, 129, 33), (200, 1, 3),
@@ -28,7 +28,7 @@ def test_output_dtype_and_shape(impl):
 
     fn = registry.get("matmul", impl)
     for dtype in DTYPES:
-        arrays = inputs.make(_case(5, 7, 3), dtype, fn.framework)
+        arrays = inputs.make(_case(5, 7, 3), dtype, fn.framework, DEVICE)
         out = fn(arrays["a"], arrays["b"])
         assert tuple(out.shape) == (5, 3)
         assert str(out.dtype).removeprefix("torch.") == dtype
