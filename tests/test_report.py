@@ -233,3 +233,29 @@ def test_real_run_report(tmp_path):
     records = results.load(run_dir / "results.jsonl")
     assert all(r["case"] in page.text("op-matmul") for r in records)
     assert "| case | dtype | mode | impl |" in (run_dir / "summary.md").read_text()
+
+
+def test_kernels_vs_best_stock_and_noise_sections():
+    """Hand-written kernels as a percentage of the fastest stock op (geometric mean over cases),
+    and the noise of benchmarks timed twice, worked out from the records."""
+    recs = [_record("matmul", "torch", "torch", "stock", "a", 1e9, "bfloat16", 2e-3),
+            _record("matmul", "xla", "jax", "stock", "a", 1e9, "bfloat16", 1e-3),
+            _record("matmul", "triton", "torch", "hand", "a", 1e9, "bfloat16", 2e-3,
+                    median_again_s=2.1e-3, again_change=0.05),
+            _record("matmul", "torch", "torch", "stock", "b", 1e9, "bfloat16", 1e-3,
+                    median_again_s=0.99e-3, again_change=-0.01),
+            _record("matmul", "triton", "torch", "hand", "b", 1e9, "bfloat16", 0.5e-3,
+                    median_again_s=0.5e-3, again_change=0.0),
+            _record("matmul", "triton", "torch", "hand", "c", 1e9, "bfloat16", 1e-3)]  # no stock
+    run = report.Run(Path("unused"), recs, {}, None)
+    kernels = report.render_markdown("t", [report.kernels_section(run)])
+    # triton: 50% of the best stock on "a" (xla, 1 ms vs 2 ms), 200% on "b": geomean 100%
+    row = next(line for line in kernels.splitlines() if "| triton |" in line)
+    assert row.split("|")[5:9] == [" 2 ", " 100.0 ", " 50.0 ", " 200.0 "], row
+    noise = report.render_markdown("t", [report.noise_section(run)])
+    all_row = next(line for line in noise.splitlines() if line.startswith("| all |"))
+    assert all_row.split("|")[2:6] == [" 3 ", " 1.00 ", " 5.00 ", " 1 "], all_row
+    assert "largest: matmul a bfloat16 fwd triton (+5.00%)" in noise
+    empty = report.Run(Path("unused"), recs[:2], {}, None)
+    assert "no benchmark was timed twice" in report.render_markdown(
+        "t", [report.noise_section(empty)])
