@@ -30,6 +30,7 @@ RESUME ?=
 WORKERS ?= 1
 PROFILE ?=
 RETIME ?=
+COLD ?= each
 
 RUN_DIR := reports/runs/$(RUN)
 # ISOLATE=1: hand-written kernels run in a worker process too (plugins always do; ISOLATE=0: none)
@@ -40,6 +41,7 @@ BENCH_FLAGS = --bench --ops=$(OPS) --impls=$(IMPLS) --tier=$(TIER) --dtypes=$(DT
 	--benchmark-columns=median,iqr,rounds --benchmark-sort=name \
 	--isolate=$(ISOLATION) --bench-timeout=$(TIMEOUT) $(if $(RESUME),--resume) \
 	$(if $(filter 1,$(PROFILE)),--profile) $(if $(RETIME),--retime=$(RETIME)) \
+	--compile-cold=$(COLD) \
 	$(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist loadgroup)
 export KERNELS_PLUGINS := $(PLUGINS)
 
@@ -102,6 +104,8 @@ GPU_RUN ?= $(if $(RESUME),$(RESUME),$(shell date +%Y%m%d-%H%M)-gpu)
 GPU_RUN := $(GPU_RUN)  # the date read once
 GPU_TEST_WORKERS ?= 8
 GPU_RETIME ?= torch,triton
+# cold compiles once per implementation, dtype and mode: every case cold would double the run
+GPU_COLD ?= first
 GPU_TEST_S ?= 170
 GPU_BENCH_S ?= 330
 GPU_PROFILE_S ?= 45
@@ -134,7 +138,7 @@ ifeq ($(RESUME),)
 endif
 	-$(STAGE) $(GPU_BENCH_S) $(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) TIER=standard \
 		DTYPES=$(GPU_DTYPES) MODES=$(GPU_MODES) RUN=$(GPU_RUN) $(if $(RESUME),RESUME=$(RESUME)) \
-		RETIME=$(GPU_RETIME) \
+		RETIME=$(GPU_RETIME) COLD=$(GPU_COLD) \
 		> $(OUT)/bench.txt 2>&1; tail -5 $(OUT)/bench.txt
 	-$(GPU_PY) -m harness.report reports/runs/$(GPU_RUN) >> $(OUT)/bench.txt 2>&1
 ifneq ($(GPU_PROFILE_S),0)

@@ -196,6 +196,10 @@ class Session:
     policy: timing.Policy | None = None
     profile_dir: Path | None = None  # when set, every benchmark also writes a profiler trace
     retime: tuple[str, ...] = ()  # implementations timed twice: the harness's own noise
+    # "each": every benchmark compiles cold then warm; "first": cold only for the first benchmark
+    # of each (op, implementation, dtype, mode), warm for the rest (a GPU tier's biggest cost)
+    compile_cold: str = "each"
+    _cold_done: set = field(default_factory=set, repr=False)
     device: str = field(default_factory=lambda: Session.device_type())
 
     @staticmethod
@@ -261,7 +265,10 @@ class Session:
             build = _torch_grad_calls if impl.framework == "torch" else _jax_grad_calls
             calls = build(impl, b.case, arrays, do, b.mode)
 
-        first = compile_mod.first_calls(calls.first, impl.reset, self.cache_root)
+        kind = (b.op, impl.name, b.dtype, b.mode)
+        cold = self.compile_cold == "each" or kind not in self._cold_done
+        first = compile_mod.first_calls(calls.first, impl.reset, self.cache_root, cold)
+        self._cold_done.add(kind)
         err = (check.rel_err(first.output, ref) if b.mode == "fwd"
                else _grads_err(first.output, ref))
         t = timing.time_fn(calls.timed, impl.framework, ON_CUDA, self.policy)
@@ -281,7 +288,9 @@ class Session:
                    peak_bytes=peak, peak_method=peak_method, compile_cold_s=cold,
                    compile_warm_s=warm,
                    compile_method="first call - median" + (
-                       "; warm after in-memory reset" if impl.reset else "; no compile step"),
+                       "; no compile step" if not impl.reset
+                       else "; warm after in-memory reset" if cold
+                       else "; warm only: cold measured on this implementation's first case"),
                    rel_err=err, err_budget=budget, stock_err=stock_err,
                    phases=first.phases + t.phases + rec.get("phases", []))
         if check.passes(err, b.dtype, stock_err):

@@ -39,6 +39,9 @@ def pytest_addoption(parser):
                 help="run in a worker process: plugins (default), all (hand-written too), none")
     g.addoption("--bench-timeout", type=float, default=900.0,
                 help="seconds one benchmark may take before it is failed (default 900)")
+    g.addoption("--compile-cold", default="each", choices=("each", "first"),
+                help="cold compile for every benchmark (each), or only for the first of each "
+                     "implementation, dtype and mode, the others warm (first)")
     g.addoption("--retime", default="",
                 help="comma-separated implementations timed a second time, after the memory "
                      "measurement, to show the harness's own noise (median_again_s)")
@@ -154,7 +157,8 @@ class RunState:
         self.profile_dir = results.start_profiles(run_id) if config.getoption("profile") else None
         self.worker = getattr(config, "workerinput", {}).get("workerid")
         self.runner = Runner(Session(run_id, self.cache_root, profile_dir=self.profile_dir,
-                                     retime=tuple(_csv(config.getoption("retime")))),
+                                     retime=tuple(_csv(config.getoption("retime"))),
+                                     compile_cold=config.getoption("compile_cold")),
                              _selection(config).isolation, config.getoption("bench_timeout"))
         self.records: list[dict] = []
         if self.worker in (None, "gw0"):  # one process measures the roofline ceilings

@@ -195,3 +195,19 @@ def test_register_adds_and_disables(monkeypatch):
         registry.get("matmul", "gone")
     with pytest.raises(ValueError, match="framework must be"):
         registry.register("matmul", "x", framework="numpy")
+
+
+def test_cold_compile_once_per_implementation_when_asked(tmp_path):
+    """compile_cold="first": the first case of an (op, implementation, dtype, mode) compiles cold
+    and warm, later cases warm only; another dtype starts cold again. Results stay checked."""
+    from harness.bench import Bench, Session
+    from harness.cases import cases
+
+    session = Session("t", str(tmp_path), compile_cold="first")
+    small = cases("matmul", "smoke")[:2]
+    recs = [session.run(Bench("matmul", "xla", case, dtype))[0]
+            for dtype in ("float32", "bfloat16") for case in small]
+    assert [r["status"] for r in recs] == ["ok"] * 4
+    assert [r["compile_cold_s"] is None for r in recs] == [False, True, False, True]
+    assert all(r["compile_warm_s"] is not None for r in recs)
+    assert "cold measured on this implementation's first case" in recs[1]["compile_method"]
