@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from harness import env, results
+from harness import env, results, timing
 
 FILE = "peaks.json"
 CUDA_COPY_BYTES = 2**30  # far beyond L2 (50 MB on an H100), so it measures HBM
@@ -81,9 +81,24 @@ def matmul_tflops(device: str, dtype: torch.dtype) -> float:
     return 2.0 * n**3 / _median_seconds(lambda: a @ b, device) / 1e12
 
 
+def jax_call_seconds() -> float | None:
+    """A trivial jitted JAX call timed as the JAX benchmarks are on a GPU (L2 flush, host clock
+    around dispatch and block_until_ready): the host's share of every JAX median there, which
+    the report's framework verdicts allow for. None without JAX."""
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return None
+    x = jnp.ones((8,), jnp.float32)
+    step = jax.jit(lambda v: v + 1)
+    return timing.time_wall(lambda: step(x), timing.GPU_POLICY, flush=True).median_s
+
+
 def measure(device: str) -> dict:
     """{"copy_gbps", "matmul_tflops": {dtype: TFLOP/s}, "device", "method"} on `device`
-    ("cuda", "cuda:0" or "cpu"). float16 only on CUDA, where it costs nothing extra."""
+    ("cuda", "cuda:0" or "cpu"); on CUDA also "jax_call_s" (see jax_call_seconds). float16 only
+    on CUDA, where it costs nothing extra."""
     on_cuda = device.startswith("cuda")
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if on_cuda else (torch.bfloat16,
                                                                              torch.float32)
@@ -94,7 +109,9 @@ def measure(device: str) -> dict:
         timer, copy = "perf_counter", f"{CPU_COPY_BYTES >> 20} MB"
         mm = (f"n^3, n a power of two taking {CPU_MATMUL_MIN_S}-{CPU_MATMUL_MAX_S} s per call "
               f"(at most {CPU_MATMUL_MAX_N})")
+    extra = {"jax_call_s": jax_call_seconds()} if on_cuda else {}
     return {
+        **extra,
         "copy_gbps": copy_gbps(device),
         "matmul_tflops": {str(dt).removeprefix("torch."): matmul_tflops(device, dt)
                           for dt in dtypes},

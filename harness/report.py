@@ -592,6 +592,13 @@ CLAIMS = (
 )
 
 
+def _host_timed_against_events(x: dict, y: dict) -> bool:
+    """x timed on the host clock around dispatch and block_until_ready (JAX on a GPU), y with
+    device events: x's median also holds the host's per-call cost."""
+    return (x.get("timing_method") or "").startswith("perf_counter") and \
+        (y.get("timing_method") or "").startswith("cuda_events")
+
+
 @dataclass
 class Matchup:
     key: tuple  # (op, case, dtype, mode)
@@ -599,6 +606,9 @@ class Matchup:
     a: dict
     b: dict
     metric: str
+    # a trivial JAX call timed as the JAX benchmarks are (peaks.json "jax_call_s"): the least
+    # host time inside a host-timed median; None when the run did not measure it
+    host_call_s: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -622,22 +632,32 @@ class Matchup:
             better = "b"
         else:
             return "tie"
-        method = getattr(self, better).get("peak_method") if self.metric == "peak_bytes" else None
-        return "bound" if method in LOWER_BOUND_METHODS else better
+        if self.metric == "peak_bytes":
+            method = getattr(self, better).get("peak_method")
+            return "bound" if method in LOWER_BOUND_METHODS else better
+        win, lose = (self.a, self.b) if better == "a" else (self.b, self.a)
+        if _host_timed_against_events(lose, win):
+            # the loser's device time is at least its median less the host's per-call cost
+            device_floor = lose["median_s"] - (self.host_call_s if self.host_call_s is not None
+                                               else lose["median_s"])
+            if device_floor <= win["median_s"] * (1 + self.noise):
+                return "bound"
+        return better
 
 
 def _best(records: list[dict], side: Side, metric: str) -> dict | None:
     return min((r for r in _ok(records, metric) if side(r)), key=lambda r: r[metric], default=None)
 
 
-def matchups(records: list[dict], contest: Contest) -> list[Matchup]:
+def matchups(records: list[dict], contest: Contest,
+             host_call_s: float | None = None) -> list[Matchup]:
     out = []
     for key, group in _by_benchmark(records).items():
         if contest.ops and key[0] not in contest.ops:
             continue
         a, b = _best(group, contest.a, contest.metric), _best(group, contest.b, contest.metric)
         if a and b:
-            out.append(Matchup(key, a["flops"], a, b, contest.metric))
+            out.append(Matchup(key, a["flops"], a, b, contest.metric, host_call_s))
     return sorted(out, key=lambda m: (m.key[0], m.key[2], m.key[3], m.flops, m.key[1]))
 
 
@@ -684,9 +704,12 @@ def _evidence(ms: list[Matchup], contest: Contest) -> str:
          f"{statistics.geometric_mean(finite):.3g}x" if finite else ""
     text = (f"{contest.a_name} better at {count['a']} of {len(ms)} sizes, {contest.b_name} at "
             f"{count['b']}, {count['tie']} within noise{gm}")
-    if count["bound"]:
+    if count["bound"] and contest.metric == "peak_bytes":
         text += (f"; {count['bound']} unclear: the smaller number is a lower bound "
                  f"({', '.join(LOWER_BOUND_METHODS)})")
+    elif count["bound"]:
+        text += (f"; {count['bound']} unclear: the slower side was timed on the host clock "
+                 "(dispatch included) against device events, and by less than that host cost")
     methods = {r["peak_method"] for m in ms for r in (m.a, m.b) if r.get("peak_method")}
     if contest.metric == "peak_bytes" and len(methods) > 1:
         text += f"; measured by different methods: {', '.join(sorted(methods))}"
@@ -714,7 +737,7 @@ def _detail_table(ms: list[Matchup], contest: Contest) -> Table:
                f"best {contest.b_name}", f"{contest.b_name} / {contest.a_name}", "better"]
     headers += ["cold compile a / b", "calls to repay compile"] if timed else ["method a / b"]
     winner = {"a": contest.a_name, "b": contest.b_name, "tie": "within noise",
-              "bound": "unclear (lower bound)"}
+              "bound": "unclear (host-timed side)" if timed else "unclear (lower bound)"}
     rows = []
     for m in ms:
         a, b = value(m.a[m.metric]), value(m.b[m.metric])
@@ -731,8 +754,8 @@ def _detail_table(ms: list[Matchup], contest: Contest) -> Table:
     return Table(headers, rows)
 
 
-def _contest_blocks(records: list[dict], contest: Contest) -> list:
-    ms = matchups(records, contest)
+def _contest_blocks(records: list[dict], contest: Contest, host_call_s: float | None) -> list:
+    ms = matchups(records, contest, host_call_s)
     ops = contest.ops or sorted({r["op"] for r in records})
     rows = []
     for op in ops:
@@ -774,10 +797,11 @@ def _floor_table(records: list[dict]) -> Table | None:
                  rows) if rows else None
 
 
-def verdicts_section(records: list[dict]) -> Section:
+def verdicts_section(records: list[dict], host_call_s: float | None = None) -> Section:
     claims = []
     for claim in CLAIMS:
-        blocks = [b for contest in claim.contests for b in _contest_blocks(records, contest)]
+        blocks = [b for contest in claim.contests
+                  for b in _contest_blocks(records, contest, host_call_s)]
         if claim.small_size_floor:
             floor = _floor_table(records)
             blocks += ["Smallest problem of each op: the per-call cost each path adds when "
@@ -789,6 +813,12 @@ def verdicts_section(records: list[dict]) -> Section:
              "p20-p80 spread of either median; the ratio is the other side's value over the "
              "claimed side's, so above 1 the claim holds. Verdicts say only what these records "
              "show, on this device.")
+    if any((r.get("timing_method") or "").startswith("cuda_events") for r in records):
+        intro += (" On this GPU, JAX is timed on the host clock (dispatch included) and torch "
+                  "with device events: a JAX loss counts only when it exceeds the cost of a "
+                  "trivial JAX call timed the same way"
+                  + (f" ({_fmt_time(host_call_s)} in this run)." if host_call_s is not None
+                     else " (not measured in this run: such losses are marked unclear)."))
     return Section("Framework verdicts", "verdicts", [intro] + claims)
 
 
@@ -818,7 +848,9 @@ def compare_section(run: Run, base_ref: str, threshold_pct: float) -> Section:
 # ---------------------------------------------------------------- writing
 def build(run: Run, compare_to: str | None = None, threshold_pct: float = 10.0) -> list[Section]:
     ops = sorted({r["op"] for r in run.records})
-    sections = [environment_section(run), verdicts_section(run.records), kernels_section(run),
+    sections = [environment_section(run),
+                verdicts_section(run.records, (run.peaks or {}).get("jax_call_s")),
+                kernels_section(run),
                 noise_section(run)]
     sections += [op_section(op, run) for op in ops] + [problems_section(run)]
     if compare_to:

@@ -259,3 +259,27 @@ def test_kernels_vs_best_stock_and_noise_sections():
     empty = report.Run(Path("unused"), recs[:2], {}, None)
     assert "no benchmark was timed twice" in report.render_markdown(
         "t", [report.noise_section(empty)])
+
+
+def test_a_host_timed_jax_loss_counts_only_beyond_the_host_cost():
+    """On a GPU, JAX medians hold the host's dispatch; torch's are device events. JAX losing by
+    less than a trivial JAX call's time is unclear, by more it is a loss; a JAX win stands."""
+    def pair(jax_s, torch_s):
+        jax = _record("matmul", "xla", "jax", "stock", "c", 1e9, "bfloat16", jax_s,
+                      timing_method="perf_counter+block_until_ready+l2_flush")
+        torch = _record("matmul", "torch", "torch", "stock", "c", 1e9, "bfloat16", torch_s,
+                        timing_method="cuda_events+l2_flush")
+        return [jax, torch]
+
+    jax_faster = report.CLAIMS[0].contests[0]
+    winner = {}
+    for label, recs, host in (("unmeasured", pair(1.1e-3, 1e-3), None),
+                              ("beyond", pair(1.1e-3, 1e-3), 0.05e-3),
+                              ("within", pair(1.1e-3, 1e-3), 0.2e-3),
+                              ("jax wins", pair(0.5e-3, 1e-3), None)):
+        (m,) = report.matchups(recs, jax_faster, host)
+        winner[label] = m.winner
+    assert winner == {"unmeasured": "bound", "beyond": "b", "within": "bound", "jax wins": "a"}
+    text = report.render_markdown("t", [report.verdicts_section(pair(1.1e-3, 1e-3), None)])
+    assert "1 unclear: the slower side was timed on the host clock" in text
+    assert "not measured in this run" in text
