@@ -101,7 +101,8 @@ GPU_SITE := .gpusite
 GPU_DTYPES ?= bf16
 GPU_MODES ?= fwd,bwd
 GPU_RUN ?= $(if $(RESUME),$(RESUME),$(shell date +%Y%m%d-%H%M)-gpu)
-GPU_RUN := $(GPU_RUN)  # the date read once
+# read the date once (a recursive variable would re-read it at every use)
+GPU_RUN := $(GPU_RUN)
 GPU_TEST_WORKERS ?= 8
 GPU_RETIME ?= torch,triton
 # cold compiles once per implementation, dtype and mode: every case cold would double the run
