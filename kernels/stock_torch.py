@@ -77,23 +77,32 @@ def attention_compiled(q, k, v, causal=False, scale=None):
     return _attention_compiled(q, k, v, causal, dims.scale)
 
 
+# torch's words when a pinned SDPA backend cannot take the inputs (CUDA, CPU)
+_NO_KERNEL = ("No available kernel", "No viable backend")
+
+
 def _pinned_sdpa(backend: SDPBackend):
     def run(q, k, v, causal=False, scale=None):
         dims = contract.attention_args(q, k, v, causal, scale, "torch")
-        with sdpa_kernel(backend), warnings.catch_warnings(record=True) as why:
-            warnings.simplefilter("always")
-            try:
+        try:
+            with sdpa_kernel(backend):
                 return _sdpa(q, k, v, causal, dims.scale)
-            except RuntimeError as e:
-                if "No available kernel" not in str(e):
-                    raise
-                # A backend that does not cover these inputs (fp32 for flash, GQA, a head dim) is
-                # a limit of that backend, not a wrong answer: reported as skipped, with torch's
-                # own reasons (it gives them as warnings).
-                reasons = "; ".join(str(w.message).strip() for w in why)
-                raise NotImplementedError(
-                    f"SDPA {backend.name} has no kernel for {q.dtype} q{tuple(q.shape)} "
-                    f"k{tuple(k.shape)}: {reasons or e}") from None
+        except RuntimeError as e:
+            if not any(m in str(e) for m in _NO_KERNEL):
+                raise
+            # A backend that does not cover these inputs (fp32 for flash, GQA, a head dim) is a
+            # limit of that backend, not a wrong answer: reported as skipped, with torch's own
+            # reasons, which it gives as warnings (collected by asking once more, off the hot path).
+            with sdpa_kernel(backend), warnings.catch_warnings(record=True) as why:
+                warnings.simplefilter("always")
+                try:
+                    _sdpa(q, k, v, causal, dims.scale)
+                except RuntimeError:
+                    pass
+            reasons = "; ".join(str(w.message).strip() for w in why)
+            raise NotImplementedError(
+                f"SDPA {backend.name} has no kernel for {q.dtype} q{tuple(q.shape)} "
+                f"k{tuple(k.shape)}: {reasons or e}") from None
     return run
 
 

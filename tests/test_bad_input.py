@@ -146,3 +146,17 @@ def test_conv2d_dtypes_and_framework(impl):
     w32, = _arrays(fn.framework, (3, 3, 3, 4))
     with pytest.raises(TypeError, match="w must be a"):
         fn(x, _other_framework(fn.framework, w32))
+
+
+def test_pinned_sdpa_backend_without_a_kernel_is_a_skip_not_a_failure():
+    """A pinned SDPA backend that cannot take the inputs (here: the CUDA-only efficient kernel on
+    CPU tensors; on a GPU, flash with fp32) raises NotImplementedError, which the harness records
+    as skipped, with torch's reasons in the message."""
+    from torch.nn.attention import SDPBackend
+
+    from kernels import stock_torch
+
+    run = stock_torch._pinned_sdpa(SDPBackend.EFFICIENT_ATTENTION)
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(NotImplementedError, match="SDPA EFFICIENT_ATTENTION has no kernel"):
+        run(q, q, q)
