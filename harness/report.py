@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from harness import compare, results
+from harness import compare, results, timing
 from harness import peaks as peaks_mod
 from harness.summary import _fmt, _fmt_time
 
@@ -595,8 +595,11 @@ CLAIMS = (
 def _host_timed_against_events(x: dict, y: dict) -> bool:
     """x timed on the host clock around dispatch and block_until_ready (JAX on a GPU), y with
     device events: x's median also holds the host's per-call cost."""
-    return (x.get("timing_method") or "").startswith("perf_counter") and \
-        (y.get("timing_method") or "").startswith("cuda_events")
+    return _timed_by(x, timing.HOST_CLOCK_METHOD) and _timed_by(y, timing.EVENTS_METHOD)
+
+
+def _timed_by(r: dict, method: str) -> bool:
+    return (r.get("timing_method") or "").startswith(method)
 
 
 @dataclass
@@ -813,7 +816,7 @@ def verdicts_section(records: list[dict], host_call_s: float | None = None) -> S
              "p20-p80 spread of either median; the ratio is the other side's value over the "
              "claimed side's, so above 1 the claim holds. Verdicts say only what these records "
              "show, on this device.")
-    if any((r.get("timing_method") or "").startswith("cuda_events") for r in records):
+    if any(_timed_by(r, timing.EVENTS_METHOD) for r in records):
         intro += (" On this GPU, JAX is timed on the host clock (dispatch included) and torch "
                   "with device events: a JAX loss counts only when it exceeds the cost of a "
                   "trivial JAX call timed the same way"

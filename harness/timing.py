@@ -31,6 +31,9 @@ class Policy:
 
 
 GPU_POLICY = Policy(warmup_s=0.05, budget_s=0.25, min_reps=10, max_reps=500)
+# How a record was timed starts with one of these (its timing_method); reports compare them.
+EVENTS_METHOD = "cuda_events"  # device time between CUDA events
+HOST_CLOCK_METHOD = "perf_counter"  # host clock around the call, dispatch included
 ESTIMATE_REPS = 5  # CUDA events: calls timed together to size the repetition count
 CPU_POLICY = Policy(warmup_s=0.0, budget_s=0.3, min_reps=3, max_reps=200)
 
@@ -149,7 +152,7 @@ def time_cuda_events(fn: Callable[[], Any], policy: Policy = GPU_POLICY) -> Timi
         end.record()
     ends[-1].synchronize()
     samples = [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]
-    return summarize(samples, "cuda_events+l2_flush", [warm, span("timed", t1)])
+    return summarize(samples, f"{EVENTS_METHOD}+l2_flush", [warm, span("timed", t1)])
 
 
 def time_wall(fn: Callable[[], Any], policy: Policy, flush: bool) -> Timing:
@@ -161,7 +164,7 @@ def time_wall(fn: Callable[[], Any], policy: Policy, flush: bool) -> Timing:
         sync(fn())
         return time.perf_counter() - t0
 
-    method = "perf_counter+block_until_ready" + ("+l2_flush" if flush else "")
+    method = f"{HOST_CLOCK_METHOD}+block_until_ready" + ("+l2_flush" if flush else "")
     return _warm_then_time(fn, policy, one, method)
 
 

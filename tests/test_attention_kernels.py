@@ -21,10 +21,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from harness.check import rel_err
 import kernels  # noqa: F401  (switches Triton to its interpreter when there is no GPU)
-from kernels import ON_CUDA, reference, registry
+from kernels import reference, registry
 from kernels.pallas import attention as pallas_attention
 from kernels.triton import attention as triton_attention
+from tests.checking import DEVICE  # the Triton kernels run where torch's GPU is
 
 BUDGET_FACTOR = 4
 DTYPES = {"float32": (torch.float32, jnp.float32), "float16": (torch.float16, jnp.float16),
@@ -40,13 +42,6 @@ CASES = [
     pytest.param((2, 2, 2, 64, 64, 128, True, None), id="mha-causal-square-D128"),
     pytest.param((1, 2, 1, 61, 130, 16, False, None), id="mqa-Sq<Sk-D16"),
 ]
-
-
-DEVICE = "cuda" if ON_CUDA else "cpu"  # the Triton kernels run where torch's GPU is
-
-
-def rel_err(x, ref: torch.Tensor) -> float:
-    return float((reference.as_float64(x) - ref).norm() / ref.norm())
 
 
 def make_inputs(case, dtype: torch.dtype, seed: int = 0):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import kernels.pallas.conv2d as pallas_conv2d
 import kernels.triton.conv2d  # noqa: F401  (registers the Triton kernel)
+from harness.check import rel_err
 from kernels import reference, registry
 from kernels.triton._common import DEVICE_TYPE
 
@@ -57,15 +58,11 @@ def _to_jax(t: torch.Tensor):
     return jnp.asarray(t.float().numpy(), dtype=str(t.dtype).removeprefix("torch."))
 
 
-def _rel_error(y, ref: torch.Tensor) -> float:
-    return float((reference.as_float64(y) - ref).norm() / ref.norm())
-
-
 def _torch_error(x, w, stride, padding, dilation, ref) -> float:
     """The stock op's error in the same dtype: the scale of the budget."""
     y = F.conv2d(x.permute(0, 3, 1, 2), w.permute(3, 2, 0, 1), stride=stride, padding=padding,
                  dilation=dilation)
-    return _rel_error(y.permute(0, 2, 3, 1), ref)
+    return rel_err(y.permute(0, 2, 3, 1), ref)
 
 
 def _run(impl_name: str, x: torch.Tensor, w: torch.Tensor, *args, **kwargs):
@@ -79,7 +76,7 @@ def _check(y, x, w, stride, padding, dilation, dtype):
     ref = reference.conv2d(x, w, stride, padding, dilation)
     assert tuple(y.shape) == tuple(ref.shape)
     assert str(y.dtype).removeprefix("torch.") == dtype
-    err = _rel_error(y, ref)
+    err = rel_err(y, ref)
     budget = BUDGET_FACTOR * _torch_error(x, w, stride, padding, dilation, ref) + FLOOR[dtype]
     assert err <= budget, f"relative error {err:.3e} over budget {budget:.3e}"
 
