@@ -134,7 +134,7 @@ ifeq ($(RESUME),)
 		-n $(GPU_TEST_WORKERS) --ignore=tests/test_faults.py --ignore=tests/test_pallas_tpu.py \
 		-k "not pallas_tpu" --durations=20 --junitxml=$(OUT)/tests.xml > $(OUT)/tests.txt 2>&1; \
 		tail -30 $(OUT)/tests.txt
-	-$(STAGE) 60 $(GPU_PY) -m pytest tests -q -p no:cacheprovider -m gpu -rA \
+	-$(STAGE) 90 $(GPU_PY) -m pytest tests -q -p no:cacheprovider -m gpu -rA \
 		>> $(OUT)/tests.txt 2>&1; tail -8 $(OUT)/tests.txt
 endif
 	-$(STAGE) $(GPU_BENCH_S) $(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) TIER=standard \

@@ -82,9 +82,10 @@ def matmul_tflops(device: str, dtype: torch.dtype) -> float:
 
 
 def jax_call_seconds() -> float | None:
-    """A trivial jitted JAX call timed as the JAX benchmarks are on a GPU (L2 flush, host clock
-    around dispatch and block_until_ready): the host's share of every JAX median there, which
-    the report's framework verdicts allow for. None without JAX."""
+    """A trivial jitted JAX call timed on the host clock (L2 flush, dispatch and
+    block_until_ready): the host's share of a JAX median on a GPU when the profiler showed no
+    kernels and the JAX timer fell back to that clock; the report's framework verdicts allow for
+    it. None without JAX."""
     try:
         import jax
         import jax.numpy as jnp

@@ -1,12 +1,17 @@
 """Device-accurate timers.
 
-CUDA (torch, Triton and JAX on the GPU): the L2 cache is flushed before every repetition by
-writing a buffer larger than it, so each repetition reads its inputs from memory as a one-off
-kernel call would. torch/Triton are timed with CUDA events around the call, the repetitions queued
-back to back (as triton.testing.do_bench; tests/test_gpu_timing.py checks the two agree); JAX with
-perf_counter around the call and block_until_ready, which includes the host dispatch and lets
-the GPU idle between repetitions (on the H100, a 1024^3 bf16 matmul read 149 us through XLA
-against 10 us for cuBLAS: below about 0.5 ms the JAX figures are mostly dispatch).
+CUDA: the L2 cache is flushed before every repetition by writing a buffer larger than it, so each
+repetition reads its inputs from memory as a one-off kernel call would.
+  torch / Triton  CUDA events around each call. The repetitions are queued in batches behind a
+                  gate: a spin kernel (torch.cuda._sleep) holds the GPU while the host queues the
+                  batch, so the events time the kernels and never the host's launch path (tens of
+                  microseconds for a Triton launch, more than a small kernel takes). Whether the
+                  gate held is checked per batch and written into the timing method.
+  JAX             the device time of each call read from the JAX profiler: the span from its first
+                  kernel's start to its last kernel's end on the GPU (harness.trace.device_spans).
+                  The host clock around dispatch and block_until_ready read 149 us for a 1024^3
+                  bf16 XLA matmul on the H100, where cuBLAS takes 10 us.
+Both also report `host_s`, the host time of one call (the launch or dispatch path), apart.
 CPU: perf_counter around the call. Repetitions run until a time budget is spent (at least
 `min_reps`), after warmup; the median and the 20th/80th percentiles summarise them.
 """
@@ -33,8 +38,16 @@ class Policy:
 GPU_POLICY = Policy(warmup_s=0.05, budget_s=0.25, min_reps=10, max_reps=500)
 # How a record was timed starts with one of these (its timing_method); reports compare them.
 EVENTS_METHOD = "cuda_events"  # device time between CUDA events
+PROFILER_METHOD = "jax_profiler"  # device time from the JAX profiler's kernel events
 HOST_CLOCK_METHOD = "perf_counter"  # host clock around the call, dispatch included
-ESTIMATE_REPS = 5  # CUDA events: calls timed together to size the repetition count
+DEVICE_METHODS = (EVENTS_METHOD, PROFILER_METHOD)  # device time: comparable with each other
+ESTIMATE_REPS = 5  # calls timed together to size the repetition count
+GATE_BATCH = 25  # repetitions queued behind one gate: a few hundred launches, far inside the
+#                  CUDA launch queue, which would otherwise block the host while the gate holds
+GATE_MARGIN = 2.0  # the gate holds for this multiple of the host's expected time to queue a batch
+GATE_MIN_S = 200e-6
+GATE_TRIES = 3  # a batch whose queueing outlasted its gate is re-run with a longer gate
+PROFILED_MAX_REPS = 100  # JAX repetitions per profiler session: the trace stays small
 CPU_POLICY = Policy(warmup_s=0.0, budget_s=0.3, min_reps=3, max_reps=200)
 
 
@@ -47,6 +60,7 @@ class Timing:
     method: str
     samples: list[float] = field(repr=False)
     phases: list[dict] = field(default_factory=list, repr=False)  # warmup and timed spans
+    host_s: float | None = None  # median host time of one call (launch / dispatch path)
 
     @property
     def spread(self) -> float:
@@ -73,10 +87,11 @@ def _quantile(sorted_samples: list[float], q: float) -> float:
     return sorted_samples[lo] + (sorted_samples[hi] - sorted_samples[lo]) * (i - lo)
 
 
-def summarize(samples: list[float], method: str, phases: list[dict] | None = None) -> Timing:
+def summarize(samples: list[float], method: str, phases: list[dict] | None = None,
+              host: list[float] | None = None) -> Timing:
     s = sorted(samples)
     return Timing(statistics.median(s), _quantile(s, 0.2), _quantile(s, 0.8), len(s), method,
-                  list(samples), phases or [])
+                  list(samples), phases or [], statistics.median(host) if host else None)
 
 
 def span(name: str, start_ns: int) -> dict:
@@ -125,47 +140,157 @@ def _warmup(fn: Callable[[], Any], policy: Policy) -> None:
         sync(fn())
 
 
+class _Gate:
+    """Holds the GPU for a given time with torch.cuda._sleep, a kernel that spins for a number
+    of clock cycles; cycles per second are measured once (the SM clock)."""
+
+    CALIBRATION_CYCLES = 20_000_000  # about 10 ms at the H100's 1.98 GHz
+
+    def __init__(self):
+        self.cycles_per_s: float | None = None
+
+    def calibrate(self) -> None:
+        if self.cycles_per_s is not None:
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        torch.cuda._sleep(self.CALIBRATION_CYCLES)
+        end.record()
+        end.synchronize()
+        self.cycles_per_s = self.CALIBRATION_CYCLES / (start.elapsed_time(end) / 1e3)
+
+    def hold(self, seconds: float) -> None:
+        torch.cuda._sleep(int(seconds * self.cycles_per_s))
+
+
+_gate = _Gate()
+
+
+@dataclass
+class _Batch:
+    samples: list[float]  # device seconds per call
+    host: list[float]  # host seconds per call
+    gated: bool  # the host had queued every call before the gate opened
+
+
+def _gated_batch(fn: Callable[[], Any], n: int, host_per_call_s: float) -> _Batch:
+    """n repetitions (L2 flush, start event, call, end event) queued while the gate holds the
+    GPU. A batch whose queueing took longer than the gate held is re-run with a longer gate: the
+    GPU may have waited for the host inside a timed window."""
+    _gate.calibrate()
+    hold_s = max(GATE_MIN_S, GATE_MARGIN * n * host_per_call_s)
+    for _ in range(GATE_TRIES):
+        gate_start, gate_end, *marks = [torch.cuda.Event(enable_timing=True)
+                                        for _ in range(2 + 2 * n)]
+        starts, ends = marks[:n], marks[n:]
+        host = []
+        torch.cuda.synchronize()
+        gate_start.record()
+        _gate.hold(hold_s)
+        gate_end.record()
+        queue_start = time.perf_counter()
+        for start, end in zip(starts, ends):
+            _flush_l2()
+            start.record()
+            t0 = time.perf_counter()
+            fn()
+            host.append(time.perf_counter() - t0)
+            end.record()
+        queued_s = time.perf_counter() - queue_start
+        ends[-1].synchronize()
+        batch = _Batch([s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)], host,
+                       queued_s < gate_start.elapsed_time(gate_end) / 1e3)
+        if batch.gated:
+            return batch
+        hold_s = max(2 * hold_s, GATE_MARGIN * queued_s)
+    return batch
+
+
 def time_cuda_events(fn: Callable[[], Any], policy: Policy = GPU_POLICY) -> Timing:
-    """As triton.testing.do_bench does: after warmup, every repetition (L2 flush, start event, the
-    call, end event) is queued back to back and the host waits once at the end, so the GPU never
-    idles between repetitions and runs at the clocks of sustained work. The repetition count
-    comes from a short estimate, to fill the policy's time budget."""
+    """After warmup, a short estimate sizes the repetition count to the policy's time budget;
+    the repetitions then run in gated batches (see _gated_batch), each queued back to back as
+    triton.testing.do_bench does, so the GPU runs at the clocks of sustained work. The method
+    ends in "+gated" when every batch was queued before its gate opened, "+partly_ungated"
+    otherwise (then small kernels may include host time, as do_bench's do)."""
     t0 = time.time_ns()
     _warmup(fn, policy)
     first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     first.record()
+    queue_start = time.perf_counter()
     for _ in range(ESTIMATE_REPS):
         _flush_l2()
         fn()
+    host_per_call_s = (time.perf_counter() - queue_start) / ESTIMATE_REPS
     last.record()
     last.synchronize()
     per_rep_s = max(first.elapsed_time(last) / 1e3 / ESTIMATE_REPS, 1e-7)
     warm = span("warmup", t0)
     reps = min(max(int(policy.budget_s / per_rep_s), policy.min_reps), policy.max_reps)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     t1 = time.time_ns()
-    for start, end in zip(starts, ends):
+    batches = []
+    while (done := sum(len(b.samples) for b in batches)) < reps:
+        batches.append(_gated_batch(fn, min(GATE_BATCH, reps - done), host_per_call_s))
+    gated = "+gated" if all(b.gated for b in batches) else "+partly_ungated"
+    return summarize([s for b in batches for s in b.samples], f"{EVENTS_METHOD}+l2_flush{gated}",
+                     [warm, span("timed", t1)], [h for b in batches for h in b.host])
+
+
+def time_jax_device(fn: Callable[[], Any], policy: Policy = GPU_POLICY) -> Timing:
+    """JAX on a GPU: each repetition (L2 flush, then the call in its own "rep i" range, waited
+    for) runs under the JAX profiler, and its device time is the span of its kernels in the
+    trace. Falls back to the host clock, and says so in the method, when the trace holds no
+    kernels for some repetition."""
+    import tempfile
+    from pathlib import Path
+
+    import jax
+
+    from harness import trace
+
+    t0 = time.time_ns()
+    _warmup(fn, policy)
+    estimate = [_host_clock_rep(fn, flush=True) for _ in range(ESTIMATE_REPS)]
+    warm = span("warmup", t0)
+    reps = min(max(int(policy.budget_s / statistics.median(estimate)), policy.min_reps),
+               policy.max_reps, PROFILED_MAX_REPS)
+    host: list[float] = []
+
+    def profiled():
+        for i in range(reps):
+            _flush_l2()
+            torch.cuda.synchronize()
+            with jax.profiler.TraceAnnotation(f"{trace.REP_PREFIX}{i}"):
+                start = time.perf_counter()
+                out = fn()
+                host.append(time.perf_counter() - start)
+                sync(out)
+
+    t1 = time.time_ns()
+    with tempfile.TemporaryDirectory(prefix="jax-timing-") as tmp:
+        path = Path(tmp) / "trace.json.gz"
+        trace.run_jax_profiled(profiled, path)
+        spans = trace.device_spans(trace.read(path))
+    phases = [warm, span("timed", t1)]
+    if len(spans) == reps and None not in spans:
+        return summarize(spans, f"{PROFILER_METHOD}+l2_flush", phases, host)
+    fallback = time_wall(fn, policy, flush=True)
+    fallback.method += "+no_kernels_in_profile"
+    return fallback
+
+
+def _host_clock_rep(fn: Callable[[], Any], flush: bool) -> float:
+    if flush:
         _flush_l2()
-        start.record()
-        fn()
-        end.record()
-    ends[-1].synchronize()
-    samples = [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]
-    return summarize(samples, f"{EVENTS_METHOD}+l2_flush", [warm, span("timed", t1)])
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    sync(fn())
+    return time.perf_counter() - t0
 
 
 def time_wall(fn: Callable[[], Any], policy: Policy, flush: bool) -> Timing:
-    def one() -> float:
-        if flush:
-            _flush_l2()
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        sync(fn())
-        return time.perf_counter() - t0
-
     method = f"{HOST_CLOCK_METHOD}+block_until_ready" + ("+l2_flush" if flush else "")
-    return _warm_then_time(fn, policy, one, method)
+    return _warm_then_time(fn, policy, lambda: _host_clock_rep(fn, flush), method)
 
 
 def time_fn(fn: Callable[[], Any], framework: str, on_cuda: bool,
@@ -174,5 +299,5 @@ def time_fn(fn: Callable[[], Any], framework: str, on_cuda: bool,
     if on_cuda and framework == "torch":
         return time_cuda_events(fn, policy or GPU_POLICY)
     if on_cuda:
-        return time_wall(fn, policy or GPU_POLICY, flush=True)
+        return time_jax_device(fn, policy or GPU_POLICY)
     return time_wall(fn, policy or CPU_POLICY, flush=False)

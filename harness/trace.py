@@ -19,6 +19,7 @@ line up with each other and with the run timeline (harness/timeline.py).
 """
 from __future__ import annotations
 
+import bisect
 import gzip
 import json
 import re
@@ -101,10 +102,10 @@ def _capture_torch(call, path_base: Path, reps: int, warmup: int) -> tuple[Path,
     return path, int(_load(path).get("baseTimeNanoseconds", 0)), "epoch"
 
 
-def _capture_jax(call, path_base: Path, reps: int, warmup: int) -> tuple[Path, int, str]:
+def run_jax_profiled(run: Callable[[], Any], dest: Path) -> Any:
+    """Runs `run` under jax.profiler and leaves its Perfetto JSON trace at `dest`; returns what
+    `run` returned. Also the device timer of JAX benchmarks on a GPU (harness.timing)."""
     import jax
-
-    from harness.timing import sync
 
     options = jax.profiler.ProfileOptions()
     # The Python tracer records every Python call: large, slow traces with nothing a kernel
@@ -113,14 +114,24 @@ def _capture_jax(call, path_base: Path, reps: int, warmup: int) -> tuple[Path, i
     tmp = Path(tempfile.mkdtemp(prefix="jax-trace-"))
     try:
         with jax.profiler.trace(tmp, create_perfetto_trace=True, profiler_options=options):
-            anchor_ns = _run_phases(call, reps, warmup, jax.profiler.TraceAnnotation, sync)
+            result = run()
         found = sorted(tmp.glob("plugins/profile/*/perfetto_trace.json.gz"))
         if not found:
             raise RuntimeError(f"jax.profiler wrote no perfetto_trace.json.gz under {tmp}")
-        path = path_base.with_name(path_base.name + ".perfetto.json.gz")
-        shutil.move(str(found[-1]), path)
+        shutil.move(str(found[-1]), dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def _capture_jax(call, path_base: Path, reps: int, warmup: int) -> tuple[Path, int, str]:
+    import jax
+
+    from harness.timing import sync
+
+    path = path_base.with_name(path_base.name + ".perfetto.json.gz")
+    anchor_ns = run_jax_profiled(
+        lambda: _run_phases(call, reps, warmup, jax.profiler.TraceAnnotation, sync), path)
     warmup_start_us = _ranges(read(path))[WARMUP][0]
     return path, anchor_ns - round(warmup_start_us * 1000), "profile-relative"
 
@@ -210,6 +221,20 @@ def device_time_per_rep(events: list[dict]) -> float | None:
         return None
     per_rep_us = [sum(e["dur"] for e in kernels if lo <= e["ts"] < hi) for lo, hi in windows]
     return statistics.median(per_rep_us) / 1e6
+
+
+def device_spans(events: list[dict]) -> list[float | None]:
+    """Per "rep i" window, in repetition order: seconds from the start of its first device
+    kernel to the end of its last (what CUDA events around the call measure when the host keeps
+    ahead of the GPU); None for a window holding no device kernel."""
+    kernels = sorted(device_kernels(events), key=lambda e: e["ts"])
+    starts = [e["ts"] for e in kernels]
+    out = []
+    for lo, hi in rep_windows(events):
+        inside = kernels[bisect.bisect_left(starts, lo):bisect.bisect_left(starts, hi)]
+        out.append((max(e["ts"] + e["dur"] for e in inside) - inside[0]["ts"]) / 1e6
+                   if inside else None)
+    return out
 
 
 def _self_times(spans: list[dict]) -> list[tuple[dict, float]]:
