@@ -384,19 +384,30 @@ def _err_cell(r: dict) -> Cell:
     return Cell(f"{err:.2e} / {_fmt(budget, '.2e')}", err / budget if budget else None)
 
 
-RECORD_HEADERS = ["case", "dtype", "mode", "impl", "kind", "status", "median", "TFLOP/s", "GB/s",
+RECORD_HEADERS = ["case", "dtype", "mode", "impl", "kind", "status", "median", "host per call",
+                  "TFLOP/s", "GB/s",
                   "% roofline", "speedup vs best stock", "peak mem", "cold compile",
                   "warm compile", "rel err / budget", "flags / reason", "trace"]
+
+
+# timing_method endings that say a GPU timing may hold host time (see harness/timing.py)
+TIMING_CAVEATS = ("partly_ungated", "no_kernels_in_profile")
+
+
+def _timing_caveats(r: dict) -> list[str]:
+    method = (r.get("timing_method") or "").split("+")
+    return [f"timing:{c}" for c in TIMING_CAVEATS if c in method]
 
 
 def _record_row(r: dict, run: Run, best_stock: dict) -> list[Cell]:
     best = best_stock.get(_benchmark(r))
     speedup = (best / r["median_s"] if best and r.get("kind") in CANDIDATE_KINDS
                and r["status"] == "ok" and r.get("median_s") else None)
-    note = r.get("reason") if r["status"] != "ok" else " ".join(r.get("flags") or [])
+    note = r.get("reason") if r["status"] != "ok" else " ".join(
+        (r.get("flags") or []) + _timing_caveats(r))
     return [Cell(r["case"]), Cell(r["dtype"]), Cell(r.get("mode", "fwd")), Cell(r["impl"]),
             Cell(r.get("kind") or "-"), Cell(r["status"]), _time(r.get("median_s")),
-            _num(r.get("tflops"), ".3g"), _num(r.get("gbps"), ".3g"),
+            _time(r.get("host_s")), _num(r.get("tflops"), ".3g"), _num(r.get("gbps"), ".3g"),
             _num(_roofline_pct(r, run.peaks), ".1f"), _times(speedup),
             _bytes(r.get("peak_bytes")), _time(r.get("compile_cold_s")),
             _time(r.get("compile_warm_s")), _err_cell(r), Cell(note or ""), _trace_cell(run, r)]
@@ -795,8 +806,10 @@ def _floor_table(records: list[dict]) -> Table | None:
         if any(best):
             rows.append([Cell(op), Cell(group[0]["case"]), Cell(dtype), Cell(mode),
                          Cell(_si(group[0]["flops"], "FLOP"), group[0]["flops"])]
-                        + [_time(b["median_s"] if b else None) for b in best])
-    return Table(["op", "smallest case", "dtype", "mode", "FLOPs"] + [n for n, _ in sides],
+                        + [_time(b.get(k) if b else None) for b in best
+                           for k in ("median_s", "host_s")])
+    headers = [f"{n} {what}" for n, _ in sides for what in ("time", "host per call")]
+    return Table(["op", "smallest case", "dtype", "mode", "FLOPs"] + headers,
                  rows) if rows else None
 
 
@@ -807,8 +820,10 @@ def verdicts_section(records: list[dict], host_call_s: float | None = None) -> S
                   for b in _contest_blocks(records, contest, host_call_s)]
         if claim.small_size_floor:
             floor = _floor_table(records)
-            blocks += ["Smallest problem of each op: the per-call cost each path adds when "
-                       "there is almost no arithmetic.", floor] if floor else []
+            blocks += ["Smallest problem of each op, where there is almost no arithmetic: each "
+                       "path's time and the host time of one call (its launch or dispatch path; "
+                       "on a GPU the time column is device time, which that host time does not "
+                       "delay while the host keeps ahead of the GPU).", floor] if floor else []
         claims.append(Section(claim.title, f"claim-{_slug(claim.title)}", blocks))
     intro = ("Each claim is tested per op, dtype and mode on the best record of each side for "
              "the same case (stock implementations only; hand-written kernels are not a "
@@ -816,10 +831,11 @@ def verdicts_section(records: list[dict], host_call_s: float | None = None) -> S
              "p20-p80 spread of either median; the ratio is the other side's value over the "
              "claimed side's, so above 1 the claim holds. Verdicts say only what these records "
              "show, on this device.")
-    if any(_timed_by(r, timing.EVENTS_METHOD) for r in records):
-        intro += (" On this GPU, JAX is timed on the host clock (dispatch included) and torch "
-                  "with device events: a JAX loss counts only when it exceeds the cost of a "
-                  "trivial JAX call timed the same way"
+    events = any(_timed_by(r, timing.EVENTS_METHOD) for r in records)
+    if events and any(_timed_by(r, timing.HOST_CLOCK_METHOD) for r in records):
+        intro += (" On this GPU, some JAX records were timed on the host clock (dispatch "
+                  "included) and torch with device events: such a JAX loss counts only when it "
+                  "exceeds the cost of a trivial JAX call timed the same way"
                   + (f" ({_fmt_time(host_call_s)} in this run)." if host_call_s is not None
                      else " (not measured in this run: such losses are marked unclear)."))
     return Section("Framework verdicts", "verdicts", [intro] + claims)

@@ -283,3 +283,26 @@ def test_a_host_timed_jax_loss_counts_only_beyond_the_host_cost():
     text = report.render_markdown("t", [report.verdicts_section(pair(1.1e-3, 1e-3), None)])
     assert "1 unclear: the slower side was timed on the host clock" in text
     assert "not measured in this run" in text
+
+
+def test_device_timed_jax_is_compared_directly_and_host_time_shown_apart():
+    """JAX timed from its profile and torch with gated events are both device times: a JAX loss
+    is a loss. The smallest-problem table shows each side's host time per call beside it, and a
+    record whose timing may hold host time says so."""
+    jax = _record("matmul", "xla", "jax", "stock", "c", 1e9, "bfloat16", 1.1e-3,
+                  timing_method="jax_profiler+l2_flush", host_s=31e-6)
+    torch = _record("matmul", "torch", "torch", "stock", "c", 1e9, "bfloat16", 1e-3,
+                    timing_method="cuda_events+l2_flush+gated", host_s=7e-6)
+    triton = _record("matmul", "triton", "torch", "hand", "c", 1e9, "bfloat16", 1e-3,
+                     timing_method="cuda_events+l2_flush+partly_ungated", host_s=60e-6)
+    (m,) = report.matchups([jax, torch], report.CLAIMS[0].contests[0], None)
+    assert m.winner == "b"
+    text = report.render_markdown("t", [report.verdicts_section([jax, torch], None)])
+    assert "host clock" not in text
+    floor = text.split("Smallest problem of each op")[1]
+    assert "| matmul | c | bfloat16 | fwd | 1 GFLOP | 1 ms | 7 us | - | - | 1.1 ms | 31 us |" \
+        in floor, floor
+    run = report.Run(Path("unused"), [jax, torch, triton], {}, None)
+    rows = report.render_markdown("t", [report.op_section("matmul", run)])
+    assert "timing:partly_ungated" in next(line for line in rows.splitlines()
+                                           if "| triton |" in line)
