@@ -145,6 +145,28 @@ def test_triton_non_contiguous_inputs():
     check_within_budget(errors, stock, torch.float32, "triton non-contiguous")
 
 
+# Many blocks per sequence: with the interpreter's 32x16 and 16x32 tiles each shape below has
+# key (and, for dK/dV, query) blocks seen whole by every row, blocks on the causal diagonal and
+# partial last blocks, so any block-bound error (one block too many or too few) shows.
+SPLIT_CASES = [
+    pytest.param((1, 2, 1, 100, 100, 16, False, None), id="square-100"),
+    pytest.param((1, 2, 1, 100, 100, 16, True, None), id="square-100-causal"),
+    pytest.param((1, 1, 1, 37, 150, 32, True, None), id="causal-Sq<Sk"),
+    pytest.param((1, 1, 1, 150, 37, 32, True, None), id="causal-Sq>Sk"),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_triton_unmasked_and_masked_blocks(case):
+    causal, scale = case[6], case[7]
+    q, k, v, do = make_inputs(case, torch.float32)
+    refs = reference_with_grads(q, k, v, do, causal, scale)
+    stock = sdpa_errors(q, k, v, do, causal, scale, refs)
+    results = run_triton(q, k, v, do, causal, scale)
+    errors = [rel_err(x, r) for x, r in zip(results, refs)]
+    check_within_budget(errors, stock, torch.float32, "triton many blocks")
+
+
 def test_pallas_small_blocks():
     """16-wide tiles: many blocks per sequence, every kernel crossing block and padding edges."""
     case = (1, 4, 2, 37, 61, 80, True, None)
