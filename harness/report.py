@@ -390,21 +390,12 @@ RECORD_HEADERS = ["case", "dtype", "mode", "impl", "kind", "status", "median", "
                   "warm compile", "rel err / budget", "flags / reason", "trace"]
 
 
-# timing_method endings that say a GPU timing may hold host time (see harness/timing.py)
-TIMING_CAVEATS = ("partly_ungated", "no_kernels_in_profile")
-
-
-def _timing_caveats(r: dict) -> list[str]:
-    method = (r.get("timing_method") or "").split("+")
-    return [f"timing:{c}" for c in TIMING_CAVEATS if c in method]
-
-
 def _record_row(r: dict, run: Run, best_stock: dict) -> list[Cell]:
     best = best_stock.get(_benchmark(r))
     speedup = (best / r["median_s"] if best and r.get("kind") in CANDIDATE_KINDS
                and r["status"] == "ok" and r.get("median_s") else None)
     note = r.get("reason") if r["status"] != "ok" else " ".join(
-        (r.get("flags") or []) + _timing_caveats(r))
+        (r.get("flags") or []) + timing.caveats(r.get("timing_method")))
     return [Cell(r["case"]), Cell(r["dtype"]), Cell(r.get("mode", "fwd")), Cell(r["impl"]),
             Cell(r.get("kind") or "-"), Cell(r["status"]), _time(r.get("median_s")),
             _time(r.get("host_s")), _num(r.get("tflops"), ".3g"), _num(r.get("gbps"), ".3g"),

@@ -8,7 +8,7 @@ import sys
 from itertools import groupby
 from pathlib import Path
 
-from harness import results
+from harness import results, timing
 
 
 def _fmt_time(s):
@@ -25,8 +25,10 @@ def _fmt(x, spec):
 
 
 def table(records: list[dict]) -> str:
-    """Per case: each implementation's median, TFLOP/s, percent of the best, error, compile time."""
-    head = f"  {'impl':<16}{'status':<9}{'median':>11}{'TFLOP/s':>10}{'% best':>8}" \
+    """Per case: each implementation's median, host time per call (GPU), TFLOP/s, percent of the
+    best, error, compile time."""
+    head = f"  {'impl':<16}{'status':<9}{'median':>11}{'host/call':>11}{'TFLOP/s':>10}" \
+           f"{'% best':>8}" \
            f"{'rel err':>10}{'cold':>10}{'warm':>10}  note"
     lines = []
 
@@ -40,9 +42,10 @@ def table(records: list[dict]) -> str:
         lines.append(head)
         for r in rows:
             pct = 100 * r["tflops"] / best if best and r["tflops"] else None
-            note = r["reason"] if r["status"] != "ok" else " ".join(r.get("flags") or [])
+            note = r["reason"] if r["status"] != "ok" else " ".join(
+                (r.get("flags") or []) + timing.caveats(r.get("timing_method")))
             lines.append(f"  {r['impl']:<16}{r['status']:<9}{_fmt_time(r['median_s']):>11}"
-                         f"{_fmt(r['tflops'], '.3g'):>10}{_fmt(pct, '.0f'):>8}"
+                         f"{_fmt_time(r.get('host_s')):>11}{_fmt(r['tflops'], '.3g'):>10}{_fmt(pct, '.0f'):>8}"
                          f"{_fmt(r['rel_err'], '.2e'):>10}{_fmt_time(r['compile_cold_s']):>10}"
                          f"{_fmt_time(r['compile_warm_s']):>10}  {note[:90]}")
         lines.append("")

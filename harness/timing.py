@@ -48,6 +48,8 @@ GATE_MARGIN = 2.0  # the gate holds for this multiple of the host's expected tim
 GATE_MIN_S = 200e-6
 GATE_TRIES = 3  # a batch whose queueing outlasted its gate is re-run with a longer gate
 PROFILED_MAX_REPS = 100  # JAX repetitions per profiler session: the trace stays small
+# timing_method endings saying that a GPU figure may hold host time (see the timers below)
+CAVEATS = ("partly_ungated", "no_kernels_in_profile")
 CPU_POLICY = Policy(warmup_s=0.0, budget_s=0.3, min_reps=3, max_reps=200)
 
 
@@ -66,6 +68,12 @@ class Timing:
     def spread(self) -> float:
         """(p80 - p20) / median: the run's own noise, used to judge changes between runs."""
         return (self.p80_s - self.p20_s) / self.median_s if self.median_s > 0 else 0.0
+
+
+def caveats(method: str | None) -> list[str]:
+    """Flags for a record whose timing method carries a caveat, e.g. "timing:partly_ungated"."""
+    parts = (method or "").split("+")
+    return [f"timing:{c}" for c in CAVEATS if c in parts]
 
 
 def sync(out: Any) -> Any:

@@ -23,7 +23,7 @@ def test_bench(bench_item, bench_run, benchmark):
     benchmark.group = bench_item.group
     benchmark.extra_info.update({k: record.get(k) for k in (
         "op", "impl", "case", "dtype", "mode", "status", "reason", "tflops", "gbps", "rel_err",
-        "peak_bytes", "compile_cold_s", "compile_warm_s", "spread", "timing_method")})
+        "peak_bytes", "compile_cold_s", "compile_warm_s", "spread", "timing_method", "host_s")})
     if timing is not None:
         _feed_device_time(benchmark, timing.samples)
     if record["status"] == "skipped":
