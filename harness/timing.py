@@ -49,7 +49,7 @@ GATE_MIN_S = 200e-6
 GATE_TRIES = 3  # a batch whose queueing outlasted its gate is re-run with a longer gate
 PROFILED_MAX_REPS = 100  # JAX repetitions per profiler session: the trace stays small
 # timing_method endings saying that a GPU figure may hold host time (see the timers below)
-CAVEATS = ("partly_ungated", "no_kernels_in_profile")
+CAVEATS = ("partly_ungated", "no_kernels_in_profile", "profiler_failed")
 CPU_POLICY = Policy(warmup_s=0.0, budget_s=0.3, min_reps=3, max_reps=200)
 
 
@@ -248,7 +248,7 @@ def time_jax_device(fn: Callable[[], Any], policy: Policy = GPU_POLICY) -> Timin
     """JAX on a GPU: each repetition (L2 flush, then the call in its own "rep i" range, waited
     for) runs under the JAX profiler, and its device time is the span of its kernels in the
     trace. Falls back to the host clock, and says so in the method, when the trace holds no
-    kernels for some repetition."""
+    kernels for some repetition or the profiler could not run."""
     import tempfile
     from pathlib import Path
 
@@ -277,13 +277,16 @@ def time_jax_device(fn: Callable[[], Any], policy: Policy = GPU_POLICY) -> Timin
     t1 = time.time_ns()
     with tempfile.TemporaryDirectory(prefix="jax-timing-") as tmp:
         path = Path(tmp) / "trace.json.gz"
-        trace.run_jax_profiled(profiled, path)
-        spans = trace.device_spans(trace.read(path))
+        try:
+            trace.run_jax_profiled(profiled, path)
+            spans, caveat = trace.device_spans(trace.read(path)), "no_kernels_in_profile"
+        except Exception:  # the profiler could not run; a failing call fails again below
+            spans, caveat = [], "profiler_failed"
     phases = [warm, span("timed", t1)]
     if len(spans) == reps and None not in spans:
         return summarize(spans, f"{PROFILER_METHOD}+l2_flush", phases, host)
     fallback = time_wall(fn, policy, flush=True)
-    fallback.method += "+no_kernels_in_profile"
+    fallback.method += f"+{caveat}"
     return fallback
 
 

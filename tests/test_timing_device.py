@@ -169,3 +169,27 @@ def test_jax_timer_falls_back_to_the_host_clock_without_kernels(jax_on_cpu):
     assert t.method.startswith(timing.HOST_CLOCK_METHOD)
     assert t.method.endswith("+no_kernels_in_profile")
     assert t.reps == 5
+
+
+def test_jax_timer_falls_back_when_the_profiler_cannot_run(jax_on_cpu, monkeypatch):
+    def busy(run, dest):
+        raise RuntimeError("a profiler session is already running")
+
+    monkeypatch.setattr(trace, "run_jax_profiled", busy)
+    t = timing.time_jax_device(jax_on_cpu, timing.Policy(0.0, 0.0, 5, 5))
+    assert t.method.endswith("+profiler_failed") and t.reps == 5
+    assert timing.caveats(t.method) == ["timing:profiler_failed"]
+
+
+def test_a_failing_jax_call_still_fails(monkeypatch):
+    monkeypatch.setattr(timing, "_flush_l2", lambda: None)
+    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: None)
+    calls = [0]
+
+    def breaks_after_warmup():
+        calls[0] += 1
+        if calls[0] > 6:
+            raise ValueError("the kernel broke")
+
+    with pytest.raises(ValueError, match="the kernel broke"):
+        timing.time_jax_device(breaks_after_warmup, timing.Policy(0.0, 0.0, 5, 5))
