@@ -40,7 +40,6 @@ GPU_POLICY = Policy(warmup_s=0.05, budget_s=0.25, min_reps=10, max_reps=500)
 EVENTS_METHOD = "cuda_events"  # device time between CUDA events
 PROFILER_METHOD = "jax_profiler"  # device time from the JAX profiler's kernel events
 HOST_CLOCK_METHOD = "perf_counter"  # host clock around the call, dispatch included
-DEVICE_METHODS = (EVENTS_METHOD, PROFILER_METHOD)  # device time: comparable with each other
 ESTIMATE_REPS = 5  # calls timed together to size the repetition count
 GATE_BATCH = 25  # repetitions queued behind one gate: a few hundred launches, far inside the
 #                  CUDA launch queue, which would otherwise block the host while the gate holds
@@ -49,7 +48,10 @@ GATE_MIN_S = 200e-6
 GATE_TRIES = 3  # a batch whose queueing outlasted its gate is re-run with a longer gate
 PROFILED_MAX_REPS = 100  # JAX repetitions per profiler session: the trace stays small
 # timing_method endings saying that a GPU figure may hold host time (see the timers below)
-CAVEATS = ("partly_ungated", "no_kernels_in_profile", "profiler_failed")
+UNGATED = "partly_ungated"  # the gate did not always hold while the host queued
+NO_KERNELS = "no_kernels_in_profile"  # JAX on the host clock: its trace held no kernels
+PROFILER_FAILED = "profiler_failed"  # JAX on the host clock: the profiler did not run
+CAVEATS = (UNGATED, NO_KERNELS, PROFILER_FAILED)
 CPU_POLICY = Policy(warmup_s=0.0, budget_s=0.3, min_reps=3, max_reps=200)
 
 
@@ -239,7 +241,7 @@ def time_cuda_events(fn: Callable[[], Any], policy: Policy = GPU_POLICY) -> Timi
     batches = []
     while (done := sum(len(b.samples) for b in batches)) < reps:
         batches.append(_gated_batch(fn, min(GATE_BATCH, reps - done), host_per_call_s))
-    gated = "+gated" if all(b.gated for b in batches) else "+partly_ungated"
+    gated = "+gated" if all(b.gated for b in batches) else f"+{UNGATED}"
     return summarize([s for b in batches for s in b.samples], f"{EVENTS_METHOD}+l2_flush{gated}",
                      [warm, span("timed", t1)], [h for b in batches for h in b.host])
 
@@ -279,9 +281,9 @@ def time_jax_device(fn: Callable[[], Any], policy: Policy = GPU_POLICY) -> Timin
         path = Path(tmp) / "trace.json.gz"
         try:
             trace.run_jax_profiled(profiled, path)
-            spans, caveat = trace.device_spans(trace.read(path)), "no_kernels_in_profile"
+            spans, caveat = trace.device_spans(trace.read(path)), NO_KERNELS
         except Exception:  # the profiler could not run; a failing call fails again below
-            spans, caveat = [], "profiler_failed"
+            spans, caveat = [], PROFILER_FAILED
     phases = [warm, span("timed", t1)]
     if len(spans) == reps and None not in spans:
         return summarize(spans, f"{PROFILER_METHOD}+l2_flush", phases, host)

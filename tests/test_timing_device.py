@@ -72,7 +72,7 @@ POLICY = timing.Policy(warmup_s=0.0, budget_s=0.01, min_reps=10, max_reps=60)
 
 
 def test_gate_keeps_the_launch_path_out_of_device_time(gpu):
-    # a 10 us kernel behind an 250 us launch path: longer than the L2 flush that precedes it,
+    # a 10 us kernel behind a 250 us launch path: longer than the L2 flush that precedes it,
     # so without the gate each event pair would also hold ~160 us of the GPU waiting
     t = timing.time_cuda_events(kernel_call(gpu, 250 * US, 10 * US), POLICY)
     assert t.method.endswith("+gated")
