@@ -30,7 +30,7 @@ RESUME ?=
 WORKERS ?= 1
 PROFILE ?=
 RETIME ?=
-COLD ?= each
+COLD ?= first
 
 RUN_DIR := reports/runs/$(RUN)
 # ISOLATE=1: hand-written kernels run in a worker process too (plugins always do; ISOLATE=0: none)
@@ -100,6 +100,8 @@ GPU_PY ?= python3
 GPU_SITE := .gpusite
 GPU_DTYPES ?= bf16
 GPU_MODES ?= fwd,bwd
+# cheapest first: a bench stage cut at its time limit still leaves whole ops behind it
+GPU_OPS ?= matmul,conv2d,attention
 GPU_RUN ?= $(if $(RESUME),$(RESUME),$(shell date +%Y%m%d-%H%M)-gpu)
 # read the date once (a recursive variable would re-read it at every use)
 GPU_RUN := $(GPU_RUN)
@@ -138,8 +140,8 @@ ifeq ($(RESUME),)
 		>> $(OUT)/tests.txt 2>&1; tail -8 $(OUT)/tests.txt
 endif
 	-$(STAGE) $(GPU_BENCH_S) $(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) TIER=standard \
-		DTYPES=$(GPU_DTYPES) MODES=$(GPU_MODES) RUN=$(GPU_RUN) $(if $(RESUME),RESUME=$(RESUME)) \
-		RETIME=$(GPU_RETIME) COLD=$(GPU_COLD) \
+		OPS=$(GPU_OPS) DTYPES=$(GPU_DTYPES) MODES=$(GPU_MODES) RUN=$(GPU_RUN) \
+		$(if $(RESUME),RESUME=$(RESUME)) RETIME=$(GPU_RETIME) COLD=$(GPU_COLD) \
 		> $(OUT)/bench.txt 2>&1; tail -5 $(OUT)/bench.txt
 	-$(GPU_PY) -m harness.report reports/runs/$(GPU_RUN) >> $(OUT)/bench.txt 2>&1
 ifneq ($(GPU_PROFILE_S),0)

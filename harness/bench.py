@@ -27,6 +27,10 @@ from kernels.registry import Impl
 
 MODES_BY_OP = {"matmul": ("fwd",), "conv2d": ("fwd",), "attention": cases_mod.ATTENTION_MODES}
 STOCK_FOR_ERROR = "torch"  # the stock op whose error in the same dtype sets the budget's scale
+# Off a TPU a TPU kernel runs only in the TPU interpreter: its timings say nothing about the kernel
+# and cost minutes on CPU (race detection, simulated cores). `make test` checks it there.
+TPU_ONLY = ("a TPU kernel, benchmarked on a TPU only: elsewhere it runs in the TPU interpreter, "
+            "whose timings say nothing about the kernel (the tests check its results there)")
 
 
 @dataclass(frozen=True)
@@ -230,9 +234,8 @@ class Session:
             return None
         impl = registry.get(b.op, b.impl)
         rec.update(framework=impl.framework, kind=impl.kind, backend=impl.backend)
-        if "tpu" in impl.tags and self.device == "cuda":
-            rec.update(status="skipped", reason="a TPU kernel: on a GPU it runs only in the TPU "
-                       "interpreter, whose timings say nothing about the kernel")
+        if "tpu" in impl.tags and not env.jax_device().startswith("tpu"):
+            rec.update(status="skipped", reason=TPU_ONLY)
             return None
         return impl
 

@@ -39,9 +39,9 @@ def pytest_addoption(parser):
                 help="run in a worker process: plugins (default), all (hand-written too), none")
     g.addoption("--bench-timeout", type=float, default=900.0,
                 help="seconds one benchmark may take before it is failed (default 900)")
-    g.addoption("--compile-cold", default="each", choices=("each", "first"),
-                help="cold compile for every benchmark (each), or only for the first of each "
-                     "implementation, dtype and mode, the others warm (first)")
+    g.addoption("--compile-cold", default="first", choices=("each", "first"),
+                help="cold compile only for the first benchmark of each implementation, dtype "
+                     "and mode, the others warm (first, the default), or for every one (each)")
     g.addoption("--retime", default="",
                 help="comma-separated implementations timed a second time, after the memory "
                      "measurement, to show the harness's own noise (median_again_s)")

@@ -52,6 +52,8 @@ UNGATED = "partly_ungated"  # the gate did not always hold while the host queued
 NO_KERNELS = "no_kernels_in_profile"  # JAX on the host clock: its trace held no kernels
 PROFILER_FAILED = "profiler_failed"  # JAX on the host clock: the profiler did not run
 CAVEATS = (UNGATED, NO_KERNELS, PROFILER_FAILED)
+# No warmup on CPU: there are no clocks to raise, the bench has just made its checked first calls,
+# and one call of an interpreted kernel takes up to seconds.
 CPU_POLICY = Policy(warmup_s=0.0, budget_s=0.3, min_reps=3, max_reps=200)
 
 
@@ -144,6 +146,9 @@ def _reps(policy: Policy, one: Callable[[], float]) -> list[float]:
 
 
 def _warmup(fn: Callable[[], Any], policy: Policy) -> None:
+    """Calls fn for policy.warmup_s, at least once; a policy with no warmup time makes no call."""
+    if policy.warmup_s <= 0:
+        return
     start = time.perf_counter()
     sync(fn())
     while time.perf_counter() - start < policy.warmup_s:

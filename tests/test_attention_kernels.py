@@ -145,14 +145,15 @@ def test_triton_non_contiguous_inputs():
     check_within_budget(errors, stock, torch.float32, "triton non-contiguous")
 
 
-# Many blocks per sequence: with the interpreter's 32x16 and 16x32 tiles each shape below has
-# key (and, for dK/dV, query) blocks seen whole by every row, blocks on the causal diagonal and
-# partial last blocks, so any block-bound error (one block too many or too few) shows.
+# Many blocks per sequence: with the interpreter's tiles (32x64 forward and dK/dV, 64x32 dQ) each
+# shape below has key (and, for dK/dV, query) blocks seen whole by every row, blocks on the causal
+# diagonal, partial last blocks and, for Sq < Sk, key blocks no query sees, so any block-bound
+# error (one block too many or too few) shows.
 SPLIT_CASES = [
-    pytest.param((1, 2, 1, 100, 100, 16, False, None), id="square-100"),
-    pytest.param((1, 2, 1, 100, 100, 16, True, None), id="square-100-causal"),
-    pytest.param((1, 1, 1, 37, 150, 32, True, None), id="causal-Sq<Sk"),
-    pytest.param((1, 1, 1, 150, 37, 32, True, None), id="causal-Sq>Sk"),
+    pytest.param((1, 2, 1, 200, 200, 16, False, None), id="square-200"),
+    pytest.param((1, 2, 1, 200, 200, 16, True, None), id="square-200-causal"),
+    pytest.param((1, 1, 1, 100, 300, 32, True, None), id="causal-Sq<Sk"),
+    pytest.param((1, 1, 1, 300, 100, 32, True, None), id="causal-Sq>Sk"),
 ]
 
 

@@ -211,3 +211,23 @@ def test_cold_compile_once_per_implementation_when_asked(tmp_path):
     assert [r["compile_cold_s"] is None for r in recs] == [False, True, False, True]
     assert all(r["compile_warm_s"] is not None for r in recs)
     assert "cold measured on this implementation's first case" in recs[1]["compile_method"]
+
+
+def test_tpu_kernels_are_benchmarked_on_a_tpu_only(tmp_path, monkeypatch):
+    """Off a TPU the bench records a TPU kernel as skipped, with the reason, and never calls it;
+    the kernel itself is checked in the interpreter by tests/test_pallas_tpu.py."""
+    from harness import bench
+    from harness.cases import cases
+
+    import dataclasses
+
+    calls = []
+    spy = dataclasses.replace(registry.get("matmul", "pallas_tpu"),
+                              fn=lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(bench.registry, "get", lambda op, name: spy)
+    session = bench.Session("t", str(tmp_path))
+    rec, timed = session.run(bench.Bench("matmul", "pallas_tpu", cases("matmul", "smoke")[0],
+                                         "float32"))
+    assert (rec["status"], rec["reason"], timed, calls) == ("skipped", bench.TPU_ONLY, None, [])
+    assert rec["median_s"] is None and rec["framework"] == "jax"
+
