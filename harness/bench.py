@@ -259,6 +259,10 @@ class Session:
         return rec, measured
 
     def _measure(self, impl: Impl, b: Bench, rec: dict) -> timing.Timing:
+        # Every step's wall-clock span goes into rec["phases"] as it ends, so a benchmark that
+        # fails still shows where its time went (run timeline, report's time breakdown).
+        phases = rec.setdefault("phases", [])
+        t0 = time.time_ns()
         ref, stock_err = self.references.get(b.case, b.dtype, b.mode)
         arrays = inputs_mod.make(b.case, b.dtype, impl.framework, self.device)
         if b.mode == "fwd":
@@ -267,22 +271,31 @@ class Session:
             do = _grad_output(b.case, b.dtype, impl.framework, self.device)
             build = _torch_grad_calls if impl.framework == "torch" else _jax_grad_calls
             calls = build(impl, b.case, arrays, do, b.mode)
+        phases.append(timing.span("setup", t0))  # float64 reference (once per case), inputs
 
         kind = (b.op, impl.name, b.dtype, b.mode)
         cold = self.compile_cold == "each" or kind not in self._cold_done
         first = compile_mod.first_calls(calls.first, impl.reset, self.cache_root, cold)
+        phases += first.phases
         self._cold_done.add(kind)
         err = (check.rel_err(first.output, ref) if b.mode == "fwd"
                else _grads_err(first.output, ref))
         t = timing.time_fn(calls.timed, impl.framework, ON_CUDA, self.policy)
+        phases += t.phases
         rec["flags"] = guards.flags()
         cold, warm = first.compile_times(t.median_s)
+        t0 = time.time_ns()
         peak, peak_method = memory.peak_bytes(calls.timed, impl.framework, ON_CUDA,
                                               *calls.memory)
+        phases.append(timing.span("memory", t0))
         if self.profile_dir is not None:
+            t0 = time.time_ns()
             rec.update(self._trace(b, impl, calls.timed))
+            phases.append(timing.span("trace", t0))
         if impl.name in self.retime:  # again, with other work in between: the run-to-run noise
+            t0 = time.time_ns()
             again = timing.time_fn(calls.timed, impl.framework, ON_CUDA, self.policy)
+            phases.append(timing.span("retime", t0))
             rec.update(median_again_s=again.median_s, again_change=again.median_s / t.median_s - 1)
         budget = check.budget(b.dtype, stock_err)
         rec.update(median_s=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, reps=t.reps,
@@ -294,8 +307,7 @@ class Session:
                        "; no compile step" if not impl.reset
                        else "; warm after in-memory reset" if cold
                        else "; warm only: cold measured on this implementation's first case"),
-                   rel_err=err, err_budget=budget, stock_err=stock_err,
-                   phases=first.phases + t.phases + rec.get("phases", []))
+                   rel_err=err, err_budget=budget, stock_err=stock_err)
         if check.passes(err, b.dtype, stock_err):
             rec.update(status="ok")
         elif math.isinf(err):
@@ -305,7 +317,6 @@ class Session:
                        reason=f"wrong result: relative error {err:.3g} over budget {budget:.3g}")
         return t
 
-
     def _trace(self, b: Bench, impl: Impl, call) -> dict:
         """A few repetitions under the framework's profiler, after the timing; trace_path is
         relative to the profiles root's parent (the repository), so records stay portable."""
@@ -314,10 +325,8 @@ class Session:
         suffix = "" if b.mode == "fwd" else f"-{b.mode}"
         base = self.profile_dir / b.op / b.impl / f"{b.case.name}-{b.dtype}{suffix}"
         base.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.time_ns()
         info = trace.capture(call, impl.framework, base)
         info["trace_path"] = os.path.relpath(info["trace_path"], self.profile_dir.parent.parent)
-        info["phases"] = [timing.span("trace", t0)]
         return info
 
 

@@ -488,6 +488,57 @@ def noise_section(run: Run) -> Section:
         f"{worst['impl']} ({100 * worst['again_change']:+.2f}%)"])
 
 
+# Each record's phases, in the order a benchmark runs them (harness.bench.Session._measure).
+PHASES = ("setup", "cold_compile", "warm_compile", "warmup", "timed", "memory", "retime", "trace")
+RESUMED_GAP_S = 60.0  # a longer pause between two benchmarks is a run stopped and resumed
+
+
+def time_section(run: Run) -> Section:
+    """Where the run's wall-clock time went: per op and implementation, the sum of each phase over
+    its benchmarks; per op, the time between benchmarks (pytest, writing records, freeing memory)."""
+    placed = sorted((r for r in run.records if r.get("phases")),
+                    key=lambda r: min(p["start_ns"] for p in r["phases"]))
+    if not placed:
+        return Section("Where the time went", "time", ["no record holds its phases"])
+    spent: dict[tuple, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    counts: dict[tuple, int] = defaultdict(int)
+    between: dict[str, float] = defaultdict(float)
+    prev_end = None
+    for r in placed:
+        start = min(p["start_ns"] for p in r["phases"])
+        gap_s = (start - prev_end) / 1e9 if prev_end is not None else None
+        if gap_s is not None and 0 <= gap_s < RESUMED_GAP_S:
+            between[r["op"]] += gap_s
+        prev_end = max(prev_end or 0, max(p["end_ns"] for p in r["phases"]))
+        key = (r["op"], r["impl"])
+        counts[key] += 1
+        for p in r["phases"]:
+            name = p["name"] if p["name"] in PHASES else "other"
+            spent[key][name] += (p["end_ns"] - p["start_ns"]) / 1e9
+    columns = [c for c in PHASES + ("other",) if any(v.get(c) for v in spent.values())]
+    total = sum(sum(v.values()) for v in spent.values()) + sum(between.values())
+    rows = []
+    for op in sorted({op for op, _ in spent}):
+        keys = sorted((k for k in spent if k[0] == op), key=lambda k: -sum(spent[k].values()))
+        for key in keys + [(op, None)]:
+            if key[1] is None:  # the op's total row, with the time between its benchmarks
+                phase_s = {c: sum(spent[k][c] for k in keys) for c in columns}
+                n, label, gap = sum(counts[k] for k in keys), "all", between[op]
+            else:
+                phase_s, n, label, gap = spent[key], counts[key], key[1], None
+            own = sum(phase_s.values()) + (gap or 0)
+            rows.append([Cell(op), Cell(label), Cell(str(n))]
+                        + [_num(phase_s.get(c, 0.0), ".1f") for c in columns]
+                        + [_num(gap, ".1f"), _num(own, ".1f"), _num(100 * own / total, ".1f")])
+    return Section("Where the time went", "time", [
+        f"{total:.0f} s of wall-clock time in all, in seconds per phase of each benchmark: setup "
+        "(float64 reference, computed once per case, and inputs), compiles, warmup (and the "
+        "estimate that sizes the repetitions), timed repetitions, the memory measurement, the "
+        "second timing (--retime) and the profiler trace. Pauses over "
+        f"{RESUMED_GAP_S:.0f} s between benchmarks (a run stopped and resumed) are left out.",
+        Table(["op", "impl", "benchmarks", *columns, "between", "total s", "% of run"], rows)])
+
+
 # ---------------------------------------------------------------- environment
 def _telemetry_text(telemetry: dict) -> str:
     counters = "; ".join(f"{name} {_fmt(v.get('min'), '.4g')}..{_fmt(v.get('max'), '.4g')}"
@@ -861,7 +912,8 @@ def build(run: Run, compare_to: str | None = None, threshold_pct: float = 10.0) 
     sections = [environment_section(run),
                 verdicts_section(run.records, (run.peaks or {}).get("jax_call_s")),
                 kernels_section(run),
-                noise_section(run)]
+                noise_section(run),
+                time_section(run)]
     sections += [op_section(op, run) for op in ops] + [problems_section(run)]
     if compare_to:
         sections.append(compare_section(run, compare_to, threshold_pct))

@@ -9,9 +9,9 @@ value).
 
 write_run_trace() lays the records of a run out on that clock: one track per implementation
 ("<op>/<impl>"), on it one slice per benchmark ("<case> <dtype>", its results as arguments) holding
-its phases (cold_compile, warm_compile, warmup, timed, trace), and one counter track per sampled
-counter. Open the file in ui.perfetto.dev. It needs the `perfetto` package (and protobuf), imported
-only here and only when a trace is written or read.
+its phases (setup, cold_compile, warm_compile, warmup, timed, memory, retime, trace), and one
+counter track per sampled counter. Open the file in ui.perfetto.dev. It needs the `perfetto`
+package (and protobuf), imported only here and only when a trace is written or read.
 """
 from __future__ import annotations
 

@@ -231,3 +231,23 @@ def test_tpu_kernels_are_benchmarked_on_a_tpu_only(tmp_path, monkeypatch):
     assert (rec["status"], rec["reason"], timed, calls) == ("skipped", bench.TPU_ONLY, None, [])
     assert rec["median_s"] is None and rec["framework"] == "jax"
 
+
+def test_a_failed_benchmark_keeps_the_phases_it_ran(tmp_path, monkeypatch):
+    """The record of an implementation that raises still says where its time went."""
+    import dataclasses
+
+    from harness import bench
+    from harness.cases import cases
+
+    def broken(a, b):
+        raise RuntimeError("kernel exploded")
+
+    get = registry.get
+    spy = dataclasses.replace(get("matmul", "xla"), fn=broken)
+    monkeypatch.setattr(registry, "get", lambda op, name: spy if name == "xla" else get(op, name))
+    session = bench.Session("t", str(tmp_path))
+    rec, timed = session.run(bench.Bench("matmul", "xla", cases("matmul", "smoke")[0],
+                                         "float32"))
+    assert rec["status"] == "failed" and "kernel exploded" in rec["reason"] and timed is None
+    assert [p["name"] for p in rec["phases"]] == ["setup"]
+    assert rec["phases"][0]["end_ns"] >= rec["phases"][0]["start_ns"]

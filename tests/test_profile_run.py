@@ -11,7 +11,7 @@ from tests.checking import outer_env
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ["pallas", "torch", "torch_compile", "triton", "xla"]
-PHASES = {"cold_compile", "warmup", "timed", "trace"}
+PHASES = {"setup", "cold_compile", "warmup", "timed", "memory", "trace"}
 
 
 @pytest.fixture(scope="module")

@@ -261,6 +261,48 @@ def test_kernels_vs_best_stock_and_noise_sections():
         "t", [report.noise_section(empty)])
 
 
+def _phases(start_s: float, *steps: tuple[str, float]) -> list[dict]:
+    out, t = [], start_s
+    for name, seconds in steps:
+        out.append({"name": name, "start_ns": int(t * 1e9), "end_ns": int((t + seconds) * 1e9)})
+        t += seconds
+    return out
+
+
+def test_time_section_sums_phases_and_the_time_between_benchmarks():
+    """Per implementation the sum of each phase; per op the gaps between its benchmarks, except a
+    pause longer than a minute (a run stopped and resumed); unknown phase names go to "other"."""
+    base = 1_800_000_000.0
+    recs = [_record("matmul", "torch", "torch", "stock", "a", 1e9, "bfloat16", 1e-3,
+                    phases=_phases(base, ("setup", 1.0), ("timed", 2.0))),
+            _record("matmul", "triton", "torch", "hand", "a", 1e9, "bfloat16", 1e-3,
+                    phases=_phases(base + 3.5, ("cold_compile", 2.0), ("timed", 0.5),
+                                   ("mystery", 0.3))),
+            _failed(_record("matmul", "pallas", "jax", "hand", "a", 1e9, "bfloat16", 1e-3),
+                    "skipped", "no phases: takes no time"),
+            _record("conv2d", "torch", "torch", "stock", "b", 1e9, "bfloat16", 1e-3,
+                    phases=_phases(base + 126.3, ("timed", 1.0)))]
+    md = report.render_markdown("t", [report.time_section(report.Run(Path("u"), recs, {}, None))])
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| op |"))
+    assert [c.strip() for c in header.split("|")[1:-1]] == [
+        "op", "impl", "benchmarks", "setup", "cold_compile", "timed", "other", "between",
+        "total s", "% of run"]
+
+    def row(op, impl):
+        line = next(line for line in lines if line.startswith(f"| {op} | {impl} |"))
+        return [c.strip() for c in line.split("|")[3:-1]]
+
+    assert row("matmul", "torch") == ["1", "1.0", "0.0", "2.0", "0.0", "-", "3.0", "41.1"]
+    assert row("matmul", "triton") == ["1", "0.0", "2.0", "0.5", "0.3", "-", "2.8", "38.4"]
+    assert row("matmul", "all") == ["2", "1.0", "2.0", "2.5", "0.3", "0.5", "6.3", "86.3"]
+    assert row("conv2d", "all") == ["1", "0.0", "0.0", "1.0", "0.0", "0.0", "1.0", "13.7"]
+    assert "7 s of wall-clock time in all" in md
+    no_phases = report.Run(Path("u"), [recs[2]], {}, None)
+    assert "no record holds its phases" in report.render_markdown(
+        "t", [report.time_section(no_phases)])
+
+
 def test_a_host_timed_jax_loss_counts_only_beyond_the_host_cost():
     """On a GPU, JAX medians hold the host's dispatch; torch's are device events. JAX losing by
     less than a trivial JAX call's time is unclear, by more it is a loss; a JAX win stands."""
