@@ -47,7 +47,9 @@ class Impl:
     reset: Callable[[], None] | None = None
     # The hand-written torch kernels take out= so tests can poison the output buffer with NaN.
     accepts_out: bool = False
-    # "tpu": a TPU kernel; off a TPU it runs only in the TPU interpreter (tested, not timed on GPUs)
+    # "tpu": a TPU kernel; off a TPU it runs only in the TPU interpreter (tested, benchmarked on a
+    # TPU only). "interpreted": runs in an interpreter on this machine (Triton without CUDA,
+    # Pallas interpret mode), so its memory is the interpreter's and is not measured.
     tags: tuple[str, ...] = field(default=())
 
     def __call__(self, *args, **kwargs):

@@ -40,6 +40,9 @@ CASES = {
     "stride4_kernel_5x4": ((1, 19, 21, 4), (5, 4, 4, 9), 4, (2, 1), 1),
     "pairs_everywhere": ((1, 10, 15, 33), (3, 2, 33, 18), (2, 3), (1, 0), (2, 1)),
     "deep_channels": ((1, 6, 5, 70), (3, 3, 70, 40), 1, 1, 1),  # several channel blocks
+    # 286 output pixels by 40 filters: three row tiles and two filter tiles of the interpreter's
+    # 128x32 config, in grouped order with a partial group
+    "many_rows": ((2, 13, 11, 5), (3, 3, 5, 40), 1, 1, 1),
     "pointwise": ((3, 5, 7, 20), (1, 1, 20, 17), 1, 0, 1),  # Triton's plain-GEMM fast path
     "pointwise_stride2": ((2, 9, 8, 6), (1, 1, 6, 33), 2, 0, 1),
 }

@@ -251,3 +251,23 @@ def test_a_failed_benchmark_keeps_the_phases_it_ran(tmp_path, monkeypatch):
     assert rec["status"] == "failed" and "kernel exploded" in rec["reason"] and timed is None
     assert [p["name"] for p in rec["phases"]] == ["setup"]
     assert rec["phases"][0]["end_ns"] >= rec["phases"][0]["start_ns"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels are compiled on a GPU")
+def test_interpreted_kernels_have_no_memory_figure(tmp_path):
+    """Off a GPU the hand-written Triton and Pallas kernels run in interpreters: their records
+    say so instead of giving the interpreter's memory as the kernel's; stock ops are measured."""
+    from harness import bench
+    from harness.cases import cases
+
+    case = cases("matmul", "smoke")[0]
+    session = bench.Session("t", str(tmp_path))
+    for name in ("triton", "pallas"):
+        assert "interpreted" in registry.get("matmul", name).tags
+        rec, _ = session.run(bench.Bench("matmul", name, case, "float32"))
+        assert rec["status"] == "ok", rec["reason"]
+        assert (rec["peak_bytes"], rec["peak_method"]) == (None, bench.INTERPRETED_MEMORY)
+        assert "memory" not in {p["name"] for p in rec["phases"]}
+    rec, _ = session.run(bench.Bench("matmul", "xla", case, "float32"))
+    assert "interpreted" not in registry.get("matmul", "xla").tags
+    assert rec["peak_bytes"] > 0 and rec["peak_method"] == "xla.memory_analysis"

@@ -13,6 +13,11 @@ def interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
+def tags() -> tuple[str, ...]:
+    """Registry tags: "interpreted" where the kernels run in interpret mode."""
+    return ("interpreted",) if interpret() else ()
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 

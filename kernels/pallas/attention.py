@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import contract, registry
-from kernels.pallas._common import gpu_compiler_params, interpret, pad_axis
+from kernels.pallas._common import gpu_compiler_params, interpret, pad_axis, tags
 
 LOG2_E = 1 / math.log(2)
 _SQ = getattr(pl, "squeezed", None)  # a block dim dropped from the kernel's view (None: older jax)
@@ -292,4 +292,4 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False,
 
 
 registry.register("attention", "pallas", framework="jax", kind="hand", backend="Pallas",
-                  reset=jax.clear_caches)(attention)
+                  reset=jax.clear_caches, tags=tags())(attention)

@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import contract, registry
-from kernels.pallas._common import gpu_compiler_params, interpret, round_up
+from kernels.pallas._common import gpu_compiler_params, interpret, round_up, tags
 
 def _fit(n: int, cap: int) -> int:
     # Power-of-two blocks for the Triton lowering, >= 16 because its dot needs every dim >= 16.
@@ -113,4 +113,4 @@ def conv2d(x: jax.Array, w: jax.Array, stride=1, padding=0, dilation=1, *,
 
 
 registry.register("conv2d", "pallas", framework="jax", kind="hand", backend="Pallas",
-                  reset=jax.clear_caches)(conv2d)
+                  reset=jax.clear_caches, tags=tags())(conv2d)

@@ -11,7 +11,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import contract, registry
-from kernels.pallas._common import gpu_compiler_params, interpret, pad_axis, round_up
+from kernels.pallas._common import gpu_compiler_params, interpret, pad_axis, round_up, tags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,4 +91,4 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 registry.register("matmul", "pallas", framework="jax", kind="hand", backend="Pallas",
-                  reset=jax.clear_caches)(matmul)
+                  reset=jax.clear_caches, tags=tags())(matmul)

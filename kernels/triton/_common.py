@@ -8,6 +8,8 @@ import triton.language as tl
 from kernels import ON_CUDA, TRITON_INTERPRET
 
 DEVICE_TYPE = "cuda" if ON_CUDA else "cpu"
+# Registry tags: "interpreted" where the kernels run in the Triton interpreter (no CUDA device).
+TAGS = ("interpreted",) if TRITON_INTERPRET else ()
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:

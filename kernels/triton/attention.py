@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from kernels import contract, registry
-from kernels.triton._common import (DEVICE_TYPE, autotune_bench, dot_precision, pick_configs,
-                                    reset_jit, to_output, upcast_dot)
+from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_precision,
+                                    pick_configs, reset_jit, to_output, upcast_dot)
 
 LOG2_E = 1 / math.log(2)
 
@@ -348,6 +348,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
 
 registry.register("attention", "triton", framework="torch", kind="hand", backend="Triton",
-                  accepts_out=True,
+                  accepts_out=True, tags=TAGS,
                   reset=lambda: reset_jit(_fwd_kernel, _bwd_delta_kernel, _bwd_dkv_kernel,
                                           _bwd_dq_kernel))(attention)

@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from kernels import contract, registry
-from kernels.triton._common import (DEVICE_TYPE, autotune_bench, dot_precision, grouped_tile,
-                                    pick_configs, reset_jit, to_output, upcast_dot)
+from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_precision,
+                                    grouped_tile, pick_configs, reset_jit, to_output, upcast_dot)
 from kernels.triton.matmul import _matmul_kernel, matmul
 
 
@@ -34,7 +34,9 @@ _GPU_CONFIGS = [
     _config(128, 32, 8, 4, 4),
     _config(128, 16, 8, 4, 4),  # K = 1..16: a depthwise-like head or a single-filter output
 ]
-_INTERPRET_CONFIGS = [_config(64, 32, 4, 1, 4)]
+# The interpreter's cost is per program and loop step: 128-pixel tiles halve the CPU benches' time
+# against 64, and tests/test_conv2d_kernels.py has cases crossing several of them.
+_INTERPRET_CONFIGS = [_config(128, 32, 4, 1, 4)]
 
 
 @triton.autotune(configs=pick_configs(_GPU_CONFIGS, _INTERPRET_CONFIGS),
@@ -133,5 +135,5 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, *,
 
 
 registry.register("conv2d", "triton", framework="torch", kind="hand", backend="Triton",
-                  accepts_out=True,
+                  accepts_out=True, tags=TAGS,
                   reset=lambda: reset_jit(_conv2d_kernel, _matmul_kernel))(conv2d)

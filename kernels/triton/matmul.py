@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 
 from kernels import contract, registry
-from kernels.triton._common import (DEVICE_TYPE, autotune_bench, dot_precision, grouped_tile,
-                                    pick_configs, reset_jit, to_output, upcast_dot)
+from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_precision,
+                                    grouped_tile, pick_configs, reset_jit, to_output, upcast_dot)
 
 
 def _config(bm, bn, bk, group, stages, warps):
@@ -90,4 +90,4 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None)
 
 
 registry.register("matmul", "triton", framework="torch", kind="hand", backend="Triton",
-                  accepts_out=True, reset=lambda: reset_jit(_matmul_kernel))(matmul)
+                  accepts_out=True, tags=TAGS, reset=lambda: reset_jit(_matmul_kernel))(matmul)
