@@ -29,10 +29,10 @@ MODES_BY_OP = {"matmul": ("fwd",), "conv2d": ("fwd",), "attention": cases_mod.AT
 STOCK_FOR_ERROR = "torch"  # the stock op whose error in the same dtype sets the budget's scale
 # Off a TPU a TPU kernel runs only in the TPU interpreter: its timings say nothing about the kernel
 # and cost minutes on CPU (race detection, simulated cores). `make test` checks it there.
-# An interpreted kernel's memory (numpy arrays, XLA's emulation buffers) is not the kernel's.
-INTERPRETED_MEMORY = "not measured: the kernel runs in an interpreter here"
 TPU_ONLY = ("a TPU kernel, benchmarked on a TPU only: elsewhere it runs in the TPU interpreter, "
             "whose timings say nothing about the kernel (the tests check its results there)")
+# An interpreted kernel's memory (numpy arrays, XLA's emulation buffers) is not the kernel's.
+INTERPRETED_MEMORY = "not measured: the kernel runs in an interpreter here"
 
 
 @dataclass(frozen=True)
