@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import compare, results
+from harness import compare, plugin, results
 from tests.checking import outer_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +83,19 @@ def test_regression_must_exceed_noise():
     assert quiet.regression(0.10)
 
 
+class _Options:
+    """The bench options as pytest's config hands them to the plugin: defaults, then `given`."""
+
+    DEFAULTS = {"ops": "matmul", "impls": "", "tier": "smoke", "dtypes": "", "modes": "",
+                "isolate": "plugins", "resume": False, "run_id": ""}
+
+    def __init__(self, **given):
+        self.values = {**self.DEFAULTS, **given}
+
+    def getoption(self, name):
+        return self.values[name]
+
+
 @pytest.mark.parametrize("option, message", [
     ("--ops=softmax", "unknown op(s) ['softmax']; valid: ['attention', 'conv2d', 'matmul']"),
     ("--impls=nope", "unknown implementation(s) ['nope']"),
@@ -90,8 +103,16 @@ def test_regression_must_exceed_noise():
     ("--dtypes=int8", "dtype must be one of"),
     ("--modes=sideways", "unknown mode(s) ['sideways']"),
 ])
-def test_bad_options_list_the_valid_ones(tmp_path, option, message):
-    proc = _bench(tmp_path, "bad", "--ops=matmul", option)
+def test_bad_options_list_the_valid_ones(option, message):
+    name, value = option.removeprefix("--").split("=")
+    with pytest.raises(pytest.UsageError) as refused:
+        plugin._selection(_Options(**{name: value}))
+    assert message in str(refused.value)
+
+
+def test_a_bad_option_stops_the_run_as_a_usage_error(tmp_path):
+    """End to end, once: pytest's usage-error exit (4), the message, no traceback."""
+    proc = _bench(tmp_path, "bad", "--ops=matmul", "--tier=huge")
     assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert message in proc.stderr + proc.stdout
+    assert "unknown tier 'huge'; valid: ['smoke', 'standard', 'full']" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
