@@ -59,11 +59,20 @@ _PRUNE = {"early_config_prune": _prune_wide_tiles}
 
 
 @triton.jit
-def _load(base, rows, n_rows, stride_s, cols, D, stride_d, UPCAST: tl.constexpr):
-    """A [rows, cols] tile, zero past the sequence end and the head dim (zeros add nothing to any
-    dot product, so padded keys and the padded head dim are harmless until they are masked)."""
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < D)
-    x = tl.load(base + rows[:, None] * stride_s + cols[None, :] * stride_d, mask=mask, other=0.0)
+def _load(base, rows, n_rows, stride_s, cols, D, stride_d, UPCAST: tl.constexpr,
+          ROW_EDGE: tl.constexpr, D_EDGE: tl.constexpr):
+    """A [rows, cols] tile, zero past the sequence end (ROW_EDGE) and the head dim (D_EDGE): zeros
+    add nothing to any dot product, so padded keys and the padded head dim are harmless until
+    they are masked. A tile known to lie inside both needs no mask, and is loaded without one."""
+    ptrs = base + rows[:, None] * stride_s + cols[None, :] * stride_d
+    if ROW_EDGE and D_EDGE:
+        x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < D), other=0.0)
+    elif ROW_EDGE:
+        x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    elif D_EDGE:
+        x = tl.load(ptrs, mask=cols[None, :] < D, other=0.0)
+    else:
+        x = tl.load(ptrs)
     if UPCAST:
         x = x.to(tl.float32)
     return x
@@ -105,6 +114,50 @@ def _heads(pid_bh, H, GROUP):
     return b, h, h // GROUP
 
 
+@triton.jit
+def _query_block(pid, CAUSAL: tl.constexpr):
+    """The query block of a program owning one: under causal the last blocks see the most keys,
+    so they are scheduled first (reversed order) and the short ones fill in at the end."""
+    if CAUSAL:
+        pid = tl.num_programs(0) - 1 - pid
+    return pid
+
+
+@triton.jit
+def _key_ranges(row0, Sk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query rows row0 .. row0 + BLOCK_M: key blocks before `whole_end` are visible in full
+    to every row (no mask needed); blocks from there to `end` need the mask (the sequence end, the
+    causal diagonal); keys from `end` on are seen by no row and skipped."""
+    end = Sk
+    whole_end = Sk
+    if CAUSAL:
+        end = min(Sk, row0 + BLOCK_M)
+        whole_end = min(Sk, row0 + 1)  # key j is seen by every row of the block iff j <= row0
+    return whole_end // BLOCK_N * BLOCK_N, end
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, K, V, rows, start_n, Sk, stride_ks, stride_kd, stride_vs,
+              stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+              UPCAST: tl.constexpr, D_EDGE: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr):
+    """One key block of the online softmax; the scale is applied inside the exponent's
+    multiply-add, after the row max (a positive scale does not change which score is largest)."""
+    keys = start_n + tl.arange(0, BLOCK_N)
+    k = _load(K, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED, D_EDGE)
+    v = _load(V, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED, D_EDGE)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if MASKED:
+        s = tl.where(_visible(rows[:, None], keys[None, :], Sk, CAUSAL), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = _as_operand(p, V.dtype.element_ty, UPCAST)
+    acc = tl.dot(p, v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE,
                  do_bench=autotune_bench)
 @triton.jit
@@ -113,9 +166,10 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale, Sq, Sk, H, GROUP, D,
                 stride_kb, stride_kh, stride_ks, stride_kd,
                 stride_vb, stride_vh, stride_vs, stride_vd,
                 stride_ob, stride_oh, stride_os, stride_od,
-                CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+                CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, D_EDGE: tl.constexpr,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = _query_block(tl.program_id(0), CAUSAL)
     pid_bh = tl.program_id(1)
     b, h, hkv = _heads(pid_bh, H, GROUP)
     Q += b * stride_qb + h * stride_qh
@@ -123,30 +177,23 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale, Sq, Sk, H, GROUP, D,
     V += b * stride_vb + hkv * stride_vh
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    q = _load(Q, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST)
+    q = _load(Q, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST, True, D_EDGE)
 
-    # Online softmax state in fp32. Key 0 is visible to every row (also padded rows), so the
-    # first block makes every m_i finite and no -inf - -inf ever occurs.
+    # Online softmax state in fp32. Key 0 is visible to every row (also padded rows) and is in
+    # the first block either loop runs, so every m_i is finite from then on and no -inf - -inf
+    # ever occurs.
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    # Causal: key blocks past this query block's last row are entirely masked, so skip them.
-    hi = Sk
-    if CAUSAL:
-        hi = min(Sk, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        keys = start_n + tl.arange(0, BLOCK_N)
-        k = _load(K, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST)
-        v = _load(V, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(_visible(rows[:, None], keys[None, :], Sk, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p = _as_operand(p, V.dtype.element_ty, UPCAST)
-        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+    whole_end, end = _key_ranges(pid_m * BLOCK_M, Sk, CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(0, whole_end, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, rows, start_n, Sk, stride_ks,
+                                  stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
+                                  PRECISION, UPCAST, D_EDGE, BLOCK_N, False)
+    for start_n in range(whole_end, end, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, rows, start_n, Sk, stride_ks,
+                                  stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
+                                  PRECISION, UPCAST, D_EDGE, BLOCK_N, True)
 
     acc = acc / l_i[:, None]
     tl.store(LSE + pid_bh.to(tl.int64) * Sq + rows, m_i + tl.log2(l_i), mask=rows < Sq)
@@ -164,9 +211,41 @@ def _bwd_delta_kernel(O, DO, DELTA, Sq, H, D,
     b, h, _ = _heads(pid_bh, H, 1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    o = _load(O + b * stride_ob + h * stride_oh, rows, Sq, stride_os, cols, D, stride_od, True)
-    do = _load(DO + b * stride_db + h * stride_dh, rows, Sq, stride_ds, cols, D, stride_dd, True)
+    o = _load(O + b * stride_ob + h * stride_oh, rows, Sq, stride_os, cols, D, stride_od, True,
+              True, True)
+    do = _load(DO + b * stride_db + h * stride_dh, rows, Sq, stride_ds, cols, D, stride_dd, True,
+               True, True)
     tl.store(DELTA + pid_bh.to(tl.int64) * Sq + rows, tl.sum(o * do, 1), mask=rows < Sq)
+
+
+@triton.jit
+def _dkv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, row0, keys, start_m, Sq, Sk, stride_qs,
+              stride_qd, stride_ds, stride_dd, cols, D, qk_scale, CAUSAL: tl.constexpr,
+              PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
+              BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+    """One query block's contribution to a key block's dK and dV."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    q = _load(Qh, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST, MASKED, D_EDGE)
+    do = _load(DOh, rows, Sq, stride_ds, cols, D, stride_dd, UPCAST, MASKED, D_EDGE)
+    if MASKED:
+        lse = tl.load(LSE + row0 + rows, mask=rows < Sq, other=0.0)
+        delta = tl.load(DELTA + row0 + rows, mask=rows < Sq, other=0.0)
+    else:
+        lse = tl.load(LSE + row0 + rows)
+        delta = tl.load(DELTA + row0 + rows)
+    # Transposed scores [keys, queries], so P^T and dS^T feed the dots directly.
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+    p_t = tl.exp2(s_t * qk_scale - lse[None, :])
+    if MASKED:
+        # Padded query rows (zero q, dO, lse, delta) would add nothing anyway; masking them
+        # keeps exp2 of garbage out of the sums.
+        visible = _visible(rows[None, :], keys[:, None], Sk, CAUSAL) & (rows[None, :] < Sq)
+        p_t = tl.where(visible, p_t, 0.0)
+    dv = tl.dot(_as_operand(p_t, DOh.dtype.element_ty, UPCAST), do, dv, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(_as_operand(ds_t, Qh.dtype.element_ty, UPCAST), q, dk, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.autotune(configs=_DKV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE,
@@ -177,52 +256,75 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale, Sq, Sk, H,
                     stride_kb, stride_kh, stride_ks, stride_kd,
                     stride_vb, stride_vh, stride_vs, stride_vd,
                     stride_db, stride_dh, stride_ds, stride_dd,
-                    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, D_EDGE: tl.constexpr,
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block of one kv head; loops over the GROUP query heads that share it, so dK/dV of
-    a GQA group accumulate in fp32 registers with no atomics and no per-q-head copies."""
+    a GQA group accumulate in fp32 registers with no atomics and no per-q-head copies.
+
+    Query blocks in three ranges: from `lo` to `whole` the causal diagonal crosses them (masked;
+    queries before `lo` see none of the block), from `whole` to `full` every row sees every key
+    (no mask; keys past Sk are zero and their dK/dV rows are never stored), and the last partial
+    block of queries (masked)."""
     pid_n = tl.program_id(0)
     pid_bhkv = tl.program_id(1)
     Hkv = H // GROUP
     b, hkv, _ = _heads(pid_bhkv, Hkv, 1)
-    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    key0 = pid_n * BLOCK_N
+    keys = key0 + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    k = _load(K + b * stride_kb + hkv * stride_kh, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST)
-    v = _load(V + b * stride_vb + hkv * stride_vh, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST)
+    k = _load(K + b * stride_kb + hkv * stride_kh, keys, Sk, stride_ks, cols, D, stride_kd,
+              UPCAST, True, D_EDGE)
+    v = _load(V + b * stride_vb + hkv * stride_vh, keys, Sk, stride_vs, cols, D, stride_vd,
+              UPCAST, True, D_EDGE)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    # Causal: queries before this key block's first key see none of it.
+    full = Sq // BLOCK_M * BLOCK_M
     lo = 0
+    whole = 0
     if CAUSAL:
-        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+        lo = key0 // BLOCK_M * BLOCK_M
+        # the first query block whose first row sees the block's last key
+        whole = min(tl.cdiv(key0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, Sq)
     for g in range(0, GROUP):
         h = hkv * GROUP + g
         Qh = Q + b * stride_qb + h * stride_qh
         DOh = DO + b * stride_db + h * stride_dh
         row0 = (b * H + h) * Sq
-        for start_m in range(lo, Sq, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M)
-            q = _load(Qh, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST)
-            do = _load(DOh, rows, Sq, stride_ds, cols, D, stride_dd, UPCAST)
-            lse = tl.load(LSE + row0 + rows, mask=rows < Sq, other=0.0)
-            delta = tl.load(DELTA + row0 + rows, mask=rows < Sq, other=0.0)
-            # Transposed scores [keys, queries], so P^T and dS^T feed the dots directly.
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-            p_t = tl.exp2(s_t - lse[None, :])
-            # Padded query rows (zero q, dO, lse, delta) would add nothing anyway; masking them
-            # keeps exp2 of garbage out of the sums.
-            visible = _visible(rows[None, :], keys[:, None], Sk, CAUSAL) & (rows[None, :] < Sq)
-            p_t = tl.where(visible, p_t, 0.0)
-            dv = tl.dot(_as_operand(p_t, DO.dtype.element_ty, UPCAST), do, dv,
-                        input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(_as_operand(ds_t, Q.dtype.element_ty, UPCAST), q, dk,
-                        input_precision=PRECISION)
+        for start_m in range(lo, whole, BLOCK_M):
+            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, row0, keys, start_m, Sq, Sk,
+                               stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
+                               CAUSAL, PRECISION, UPCAST, D_EDGE, BLOCK_M, True)
+        for start_m in range(whole, full, BLOCK_M):
+            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, row0, keys, start_m, Sq, Sk,
+                               stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
+                               CAUSAL, PRECISION, UPCAST, D_EDGE, BLOCK_M, False)
+        for start_m in range(max(whole, full), Sq, BLOCK_M):
+            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, row0, keys, start_m, Sq, Sk,
+                               stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
+                               CAUSAL, PRECISION, UPCAST, D_EDGE, BLOCK_M, True)
     # dK/dV are written contiguous [B, Hkv, Sk, D].
     base = (b * Hkv + hkv) * Sk * D
     _store(DK + base, dk * scale, keys, Sk, D, cols, D, 1, UPCAST)
     _store(DV + base, dv, keys, Sk, D, cols, D, 1, UPCAST)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, delta, K, V, rows, start_n, Sk, stride_ks, stride_kd, stride_vs,
+             stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr, D_EDGE: tl.constexpr, BLOCK_N: tl.constexpr,
+             MASKED: tl.constexpr):
+    """One key block's contribution to a query block's dQ."""
+    keys = start_n + tl.arange(0, BLOCK_N)
+    k = _load(K, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED, D_EDGE)
+    v = _load(V, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED, D_EDGE)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    p = tl.exp2(s * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where(_visible(rows[:, None], keys[None, :], Sk, CAUSAL), p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(_as_operand(ds, K.dtype.element_ty, UPCAST), k, dq, input_precision=PRECISION)
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE,
@@ -233,34 +335,32 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, scale, Sq, Sk, H, GROU
                    stride_kb, stride_kh, stride_ks, stride_kd,
                    stride_vb, stride_vh, stride_vs, stride_vd,
                    stride_db, stride_dh, stride_ds, stride_dd,
-                   CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                   UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+                   CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, D_EDGE: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = _query_block(tl.program_id(0), CAUSAL)
     pid_bh = tl.program_id(1)
     b, h, hkv = _heads(pid_bh, H, GROUP)
     K += b * stride_kb + hkv * stride_kh
     V += b * stride_vb + hkv * stride_vh
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    q = _load(Q + b * stride_qb + h * stride_qh, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST)
-    do = _load(DO + b * stride_db + h * stride_dh, rows, Sq, stride_ds, cols, D, stride_dd, UPCAST)
+    q = _load(Q + b * stride_qb + h * stride_qh, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST,
+              True, D_EDGE)
+    do = _load(DO + b * stride_db + h * stride_dh, rows, Sq, stride_ds, cols, D, stride_dd, UPCAST,
+               True, D_EDGE)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    hi = Sk
-    if CAUSAL:
-        hi = min(Sk, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        keys = start_n + tl.arange(0, BLOCK_N)
-        k = _load(K, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST)
-        v = _load(V, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(_visible(rows[:, None], keys[None, :], Sk, CAUSAL), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(_as_operand(ds, K.dtype.element_ty, UPCAST), k, dq,
-                    input_precision=PRECISION)
+    whole_end, end = _key_ranges(pid_m * BLOCK_M, Sk, CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(0, whole_end, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse, delta, K, V, rows, start_n, Sk, stride_ks, stride_kd,
+                      stride_vs, stride_vd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE,
+                      BLOCK_N, False)
+    for start_n in range(whole_end, end, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse, delta, K, V, rows, start_n, Sk, stride_ks, stride_kd,
+                      stride_vs, stride_vd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE,
+                      BLOCK_N, True)
     # dQ is written contiguous [B, H, Sq, D].
     _store(DQ + pid_bh.to(tl.int64) * Sq * D, dq * scale, rows, Sq, D, cols, D, 1, UPCAST)
 
@@ -271,6 +371,7 @@ def _block_d(D: int) -> int:
 
 def _forward(q, k, v, dims, out):
     lse = torch.empty((dims.B, dims.H, dims.Sq), dtype=torch.float32, device=q.device)
+    block_d = _block_d(dims.D)
 
     def grid(meta):
         return (triton.cdiv(dims.Sq, meta["BLOCK_M"]), dims.B * dims.H)
@@ -278,7 +379,7 @@ def _forward(q, k, v, dims, out):
     _fwd_kernel[grid](q, k, v, out, lse, dims.scale * LOG2_E, dims.Sq, dims.Sk, dims.H,
                       dims.H // dims.Hkv, dims.D,
                       *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                      CAUSAL=dims.causal, BLOCK_D=_block_d(dims.D),
+                      CAUSAL=dims.causal, BLOCK_D=block_d, D_EDGE=dims.D != block_d,
                       PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype))
     return lse
 
@@ -295,8 +396,8 @@ def _backward(q, k, v, o, lse, do, dims):
     dv = torch.empty_like(dk)
     args = (dims.scale * LOG2_E, dims.scale, dims.Sq, dims.Sk, dims.H, dims.H // dims.Hkv, dims.D,
             *q.stride(), *k.stride(), *v.stride(), *do.stride())
-    meta = dict(CAUSAL=dims.causal, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype),
-                UPCAST=upcast_dot(q.dtype))
+    meta = dict(CAUSAL=dims.causal, BLOCK_D=block_d, D_EDGE=dims.D != block_d,
+                PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype))
 
     def dkv_grid(m):
         return (triton.cdiv(dims.Sk, m["BLOCK_N"]), dims.B * dims.Hkv)
