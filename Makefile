@@ -45,7 +45,7 @@ BENCH_FLAGS = --bench --ops=$(OPS) --impls=$(IMPLS) --tier=$(TIER) --dtypes=$(DT
 	$(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist loadgroup)
 export KERNELS_PLUGINS := $(PLUGINS)
 
-.PHONY: bench report profile test compare summary setup clean-venv gpu gpu-wheels
+.PHONY: bench report profile test compare summary setup clean-venv gpu gpu-wheels aot
 
 setup: $(SETUP)
 
@@ -84,6 +84,15 @@ summary: $(SETUP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Every Triton kernel config the tier's cases launch, compiled for a GPU that need not be here
+# (TARGET, default Hopper): registers, spills, shared memory, wgmma, and what does not compile.
+TARGET ?= cuda:90
+# the GPU's tier unless TIER is given (the Makefile's own default is the CPU's smoke tier)
+AOT_TIER := $(if $(filter file,$(origin TIER)),standard,$(TIER))
+aot: $(SETUP)
+	$(PY) -m harness.aot --tier $(AOT_TIER) --target $(TARGET) \
+		$(if $(OPS),--ops $(OPS)) $(if $(DTYPES),--dtypes $(DTYPES)) --modes fwd,bwd
 
 # ---------------------------------------------------------------- the H100 run (issue: baselines)
 # On a CPU machine with network: `make gpu-wheels` fetches what the GPU machine lacks (the perfetto

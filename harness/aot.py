@@ -1,0 +1,229 @@
+"""Compiles the Triton kernels for a GPU that is not here (ahead of time), e.g. Hopper (cuda:90)
+on the 2-core CPU machine: every autotune config of every kernel that a tier's cases launch.
+
+What it tells before any GPU time is spent: configs that do not compile for the target, that ask
+for more shared memory than a block may have (they fail at launch on the GPU), that spill
+registers, and whether the dots became Hopper's warpgroup MMA (wgmma). The launches are the
+launchers' own: each Triton implementation is called on empty tensors of the case's shapes with
+kernel launches captured instead of run, so the arguments, strides and constexprs are exactly
+what the GPU run will pass (Triton specialises on them: divisibility by 16, strides of 1).
+
+    python -m harness.aot --tier standard --dtypes bf16 --target cuda:90
+
+Needs TRITON_INTERPRET=0 before the kernels are imported (set here when run as a module; without
+a GPU, importing `kernels` would otherwise switch Triton to its interpreter).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+# Largest shared memory one block may ask for, per compute capability (the opt-in maximum).
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+@dataclass
+class Launch:
+    """One kernel launch as the launcher made it: the Triton kernel and its arguments."""
+    kernel: object  # triton Autotuner or JITFunction
+    args: tuple
+    kwargs: dict
+    case: str
+
+
+@dataclass
+class Build:
+    """One kernel compiled with one config."""
+    kernel: str
+    config: str
+    cases: list[str] = field(default_factory=list)
+    status: str = "ok"  # ok / spills / over_shared / error
+    error: str = ""
+    registers: int | None = None
+    spill_bytes: int | None = None  # spill stores + spill loads per thread
+    shared_bytes: int | None = None
+    mma: str = ""  # "wgmma", "mma" or "" (no tensor-core instruction in the PTX)
+
+
+@contextmanager
+def captured_launches(sink: list, case: str):
+    """Triton launches inside the block are recorded into `sink` instead of being run."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    originals = Autotuner.run, JITFunction.run
+
+    def capture(self, *args, grid=None, warmup=False, **kwargs):
+        sink.append(Launch(self, args, kwargs, case))
+
+    Autotuner.run = JITFunction.run = capture
+    try:
+        yield
+    finally:
+        Autotuner.run, JITFunction.run = originals
+
+
+def launches(ops: list[str], tier: str, dtypes: list[str], modes: list[str],
+             max_cases: int | None = None) -> list[Launch]:
+    """The Triton launches of every Triton implementation on the tier's cases (the first
+    `max_cases` of each op), forward and (attention) backward, on empty tensors."""
+    import torch
+
+    from harness import cases as cases_mod
+    from harness import inputs
+    from kernels import registry
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    found: list[Launch] = []
+    for op in ops:
+        names = [n for n in registry.impls(op) if registry.get(op, n).backend.startswith("Triton")]
+        for name in names:
+            impl = registry.get(op, name)
+            for case in cases_mod.cases(op, tier)[:max_cases]:
+                for dtype in dtypes:
+                    arrays = [torch.empty(s, dtype=inputs.TORCH_DTYPES[dtype], device=device)
+                              for s in inputs.shapes(case).values()]
+                    opts = inputs.options(case)
+                    with captured_launches(found, f"{case.name} {dtype}"):
+                        if "fwd" in modes or op != "attention":
+                            impl.fn(*arrays, **opts)
+                        if op == "attention" and {"bwd", "fwd_bwd"} & set(modes):
+                            leaves = [a.requires_grad_() for a in arrays]
+                            out = impl.fn(*leaves, **opts)
+                            torch.autograd.grad(out, leaves, torch.empty_like(out))
+    return found
+
+
+def _configs(launch: Launch) -> list:
+    """The configs the autotuner would try for this launch (after its pruning), or [None]."""
+    from triton.runtime.autotuner import Autotuner
+
+    kernel = launch.kernel
+    if not isinstance(kernel, Autotuner):
+        return [None]
+    kernel.nargs = dict(zip(kernel.arg_names, launch.args))
+    try:
+        return kernel.prune_configs(launch.kwargs)
+    finally:
+        kernel.nargs = None
+
+
+def _config_text(config) -> str:
+    if config is None:
+        return "(no autotuning)"
+    meta = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{meta}, warps={config.num_warps}, stages={config.num_stages}"
+
+
+def _ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:
+    """(registers per thread, spill stores + loads in bytes) from ptxas -v on the kernel's PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory(prefix="aot-") as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([get_ptxas(int(arch[3:5])).path, "-v", f"--gpu-name={arch}", src,
+                              "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return regs, spills
+
+
+def compile_all(found: list[Launch], target: str) -> list[Build]:
+    """Each distinct (kernel, specialisation, config) compiled once for `target` ("cuda:90")."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import create_function_from_signature
+
+    backend_name, capability = target.split(":")
+    gpu = GPUTarget(backend_name, int(capability), 32)
+    backend = make_backend(gpu)
+    arch = sm_arch_from_capability(int(capability))
+    limit = SHARED_LIMIT.get(int(capability))
+    builds: dict[tuple, Build] = {}
+    binders = {}
+    for launch in found:
+        fn = launch.kernel.fn if isinstance(launch.kernel, Autotuner) else launch.kernel
+        if id(fn) not in binders:
+            binders[id(fn)] = create_function_from_signature(fn.signature, fn.params, backend)
+        for config in _configs(launch):
+            kwargs = {**launch.kwargs, **(config.all_kwargs() if config else {})}
+            bound, spec, opts = binders[id(fn)](*launch.args, **kwargs)
+            key = (fn.__name__, repr(spec), _config_text(config))
+            if key in builds:
+                builds[key].cases.append(launch.case)
+                continue
+            build = builds[key] = Build(fn.__name__, _config_text(config), [launch.case])
+            try:
+                options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
+                                                                      spec, opts)
+                compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                                          target=gpu, options=options.__dict__)
+                ptx = compiled.asm["ptx"]
+                build.registers, build.spill_bytes = _ptxas_usage(ptx, arch)
+            except Exception as e:  # noqa: BLE001 - a config that fails is the finding
+                build.status, build.error = "error", f"{type(e).__name__}: {e}"[:500]
+                continue
+            build.shared_bytes = compiled.metadata.shared
+            build.mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else ""
+            if limit is not None and build.shared_bytes > limit:
+                build.status = "over_shared"
+            elif build.spill_bytes:
+                build.status = "spills"
+    return list(builds.values())
+
+
+def table(builds: list[Build], target: str) -> str:
+    limit = SHARED_LIMIT.get(int(target.split(":")[1]))
+    lines = [f"{len(builds)} kernel builds for {target}"
+             + (f" (shared memory limit {limit // 1024} KiB per block)" if limit else ""),
+             f"{'kernel':<18} {'config':<58} {'status':<11} {'regs':>4} {'spill B':>7} "
+             f"{'smem KiB':>8} {'mma':<5} {'cases':>5}  first case"]
+    for b in sorted(builds, key=lambda b: (b.kernel, b.config, b.cases[0])):
+        smem = f"{b.shared_bytes / 1024:.0f}" if b.shared_bytes is not None else "-"
+        lines.append(f"{b.kernel:<18} {b.config:<58} {b.status:<11} {b.registers or '-':>4} "
+                     f"{b.spill_bytes if b.spill_bytes is not None else '-':>7} {smem:>8} "
+                     f"{b.mma or '-':<5} {len(b.cases):>5}  {b.cases[0]}")
+        if b.error:
+            lines.append(f"    {b.error.splitlines()[0]}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness import cases as cases_mod
+
+    p = argparse.ArgumentParser(prog="python -m harness.aot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ops", default="matmul,conv2d,attention")
+    p.add_argument("--tier", default="standard", choices=cases_mod.TIERS)
+    p.add_argument("--dtypes", default="bf16", help="comma-separated, e.g. bf16,fp32")
+    p.add_argument("--modes", default="fwd,bwd", help="attention modes: fwd, bwd")
+    p.add_argument("--max-cases", type=int, help="only the first N cases of each op")
+    p.add_argument("--target", default="cuda:90", help="backend:capability, e.g. cuda:90")
+    p.add_argument("--json", help="also write the builds here as JSON")
+    args = p.parse_args(argv)
+    dtypes = [cases_mod.DTYPE_ALIASES.get(d, d) for d in args.dtypes.split(",")]
+    found = launches(args.ops.split(","), args.tier, dtypes, args.modes.split(","),
+                     args.max_cases)
+    builds = compile_all(found, args.target)
+    print(table(builds, args.target))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(b) for b in builds], f, indent=1)
+    return 1 if any(b.status in ("error", "over_shared") for b in builds) else 0
+
+
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "0"  # before kernels (and triton.jit) are imported
+    sys.exit(main())
