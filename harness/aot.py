@@ -25,6 +25,8 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
+from harness.compile import config_text
+
 # Largest shared memory one block may ask for, per compute capability (the opt-in maximum).
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
@@ -116,10 +118,7 @@ def _configs(launch: Launch) -> list:
 
 
 def _config_text(config) -> str:
-    if config is None:
-        return "(no autotuning)"
-    meta = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
-    return f"{meta}, warps={config.num_warps}, stages={config.num_stages}"
+    return "(no autotuning)" if config is None else config_text(config)
 
 
 def _ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:

@@ -277,8 +277,12 @@ class Session:
 
         kind = (b.op, impl.name, b.dtype, b.mode)
         cold = self.compile_cold == "each" or kind not in self._cold_done
-        first = compile_mod.first_calls(calls.first, impl.reset, self.cache_root, cold)
+        autotuned: dict[str, str] = {}
+        with compile_mod.autotune_choices(autotuned):
+            first = compile_mod.first_calls(calls.first, impl.reset, self.cache_root, cold)
         phases += first.phases
+        if autotuned:
+            rec["autotuned"] = autotuned
         self._cold_done.add(kind)
         err = (check.rel_err(first.output, ref) if b.mode == "fwd"
                else _grads_err(first.output, ref))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -67,3 +68,33 @@ def first_calls(call: Callable[[], Any], reset: Callable[[], None] | None,
         warm_s, _ = _timed(call)
         phases.append(span("warm_compile", t0))
     return FirstCalls(cold_s, warm_s, out, phases)
+
+
+def config_text(config) -> str:
+    """A Triton config as its meta-parameters, warps and stages."""
+    meta = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{meta}, warps={config.num_warps}, stages={config.num_stages}"
+
+
+@contextmanager
+def autotune_choices(sink: dict):
+    """Records into `sink` the config each Triton autotuner ran for the launches inside the block,
+    kernel name -> config ("BLOCK_M=128, BLOCK_N=64, warps=4, stages=3"): which tile a figure was
+    measured with. The choice is made during the first calls, so only they are wrapped."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:  # no Triton here: nothing can be autotuned
+        yield
+        return
+    original = Autotuner.run
+
+    def run(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        sink[self.base_fn.__name__] = config_text(self.best_config)
+        return out
+
+    Autotuner.run = run
+    try:
+        yield
+    finally:
+        Autotuner.run = original

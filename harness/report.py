@@ -387,7 +387,8 @@ def _err_cell(r: dict) -> Cell:
 RECORD_HEADERS = ["case", "dtype", "mode", "impl", "kind", "status", "median", "host per call",
                   "TFLOP/s", "GB/s",
                   "% roofline", "speedup vs best stock", "peak mem", "cold compile",
-                  "warm compile", "rel err / budget", "flags / reason", "trace"]
+                  "warm compile", "rel err / budget", "flags / autotuned config / reason",
+                  "trace"]
 
 
 def _record_row(r: dict, run: Run, best_stock: dict) -> list[Cell]:
@@ -395,7 +396,9 @@ def _record_row(r: dict, run: Run, best_stock: dict) -> list[Cell]:
     speedup = (best / r["median_s"] if best and r.get("kind") in CANDIDATE_KINDS
                and r["status"] == "ok" and r.get("median_s") else None)
     note = r.get("reason") if r["status"] != "ok" else " ".join(
-        (r.get("flags") or []) + timing.caveats(r.get("timing_method")))
+        (r.get("flags") or []) + timing.caveats(r.get("timing_method"))
+        + [f"{kernel.strip('_')}: {config};" for kernel, config in
+           (r.get("autotuned") or {}).items()])
     return [Cell(r["case"]), Cell(r["dtype"]), Cell(r.get("mode", "fwd")), Cell(r["impl"]),
             Cell(r.get("kind") or "-"), Cell(r["status"]), _time(r.get("median_s")),
             _time(r.get("host_s")), _num(r.get("tflops"), ".3g"), _num(r.get("gbps"), ".3g"),

@@ -270,3 +270,24 @@ def test_interpreted_kernels_have_no_memory_figure(tmp_path):
     rec, _ = session.run(bench.Bench("matmul", "xla", case, "float32"))
     assert "interpreted" not in registry.get("matmul", "xla").tags
     assert rec["peak_bytes"] > 0 and rec["peak_method"] == "xla.memory_analysis"
+
+
+def test_triton_records_say_which_config_ran(tmp_path):
+    """A Triton kernel's record names the autotune config it ran with; other records have none,
+    and the autotuner is left as it was."""
+    from triton.runtime.autotuner import Autotuner
+
+    from harness import bench
+    from harness.cases import cases
+
+    run = Autotuner.run
+    case = cases("matmul", "smoke")[0]
+    session = bench.Session("t", str(tmp_path))
+    rec, _ = session.run(bench.Bench("matmul", "triton", case, "float32"))
+    assert rec["status"] == "ok", rec["reason"]
+    assert list(rec["autotuned"]) == ["_matmul_kernel"]
+    assert "BLOCK_M=" in rec["autotuned"]["_matmul_kernel"]
+    assert "warps=" in rec["autotuned"]["_matmul_kernel"]
+    rec, _ = session.run(bench.Bench("matmul", "xla", case, "float32"))
+    assert rec["status"] == "ok" and "autotuned" not in rec
+    assert Autotuner.run is run

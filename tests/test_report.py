@@ -110,7 +110,8 @@ def synthetic_records() -> list[dict]:
                                trace_path="traces/matmul-torch.json.gz"))
             out.append(_record("matmul", "xla", "jax", "stock", case, flops, dtype, xla_s))
             out.append(_record("matmul", "triton", "torch", "hand", case, flops, dtype,
-                               torch_s * 0.8, flags=["throttled:power"]))
+                               torch_s * 0.8, flags=["throttled:power"],
+                               autotuned={"_matmul_kernel": "BLOCK_M=64, warps=4, stages=5"}))
             pallas = _record("matmul", "pallas", "jax", "hand", case, flops, dtype, xla_s)
             out.append(_failed(pallas, "failed", "wrong result: relative error 1 over budget 1e-6")
                        if dtype == "bfloat16" else pallas)
@@ -152,6 +153,7 @@ def test_synthetic_run_report(synthetic_run):
     assert "no measured ceilings in this run" in html
     assert 'href="traces/matmul-torch.json.gz"' in html
     assert "throttled:power" in html and "needs a CUDA GPU" in html
+    assert "matmul_kernel: BLOCK_M=64, warps=4, stages=5;" in page.text("op-matmul")
     assert "pytest tests/bench --bench" in page.text("environment")
     assert "throttling SEEN" in page.text("environment")
     assert "1.25x" in page.text("op-matmul")  # triton over the best stock (torch)

@@ -23,7 +23,8 @@ def test_bench(bench_item, bench_run, benchmark):
     benchmark.group = bench_item.group
     benchmark.extra_info.update({k: record.get(k) for k in (
         "op", "impl", "case", "dtype", "mode", "status", "reason", "tflops", "gbps", "rel_err",
-        "peak_bytes", "compile_cold_s", "compile_warm_s", "spread", "timing_method", "host_s")})
+        "peak_bytes", "compile_cold_s", "compile_warm_s", "spread", "timing_method", "host_s",
+        "autotuned")})
     if timing is not None:
         _feed_device_time(benchmark, timing.samples)
     if record["status"] == "skipped":
