@@ -11,7 +11,8 @@ what the GPU run will pass (Triton specialises on them: divisibility by 16, stri
     python -m harness.aot --tier standard --dtypes bf16 --target cuda:90
 
 Needs TRITON_INTERPRET=0 before the kernels are imported (set here when run as a module; without
-a GPU, importing `kernels` would otherwise switch Triton to its interpreter).
+a GPU, importing `kernels` would otherwise switch Triton to its interpreter), and a process of its
+own: once Triton's code generator has run in a process, its interpreter fails there.
 """
 from __future__ import annotations
 
@@ -103,13 +104,16 @@ def launches(ops: list[str], tier: str, dtypes: list[str], modes: list[str],
     return found
 
 
-def _configs(launch: Launch) -> list:
-    """The configs the autotuner would try for this launch (after its pruning), or [None]."""
+def _configs(launch: Launch, prune: bool = True) -> list:
+    """The configs the autotuner would try for this launch (after its pruning unless `prune` is
+    False), or [None]."""
     from triton.runtime.autotuner import Autotuner
 
     kernel = launch.kernel
     if not isinstance(kernel, Autotuner):
         return [None]
+    if not prune:
+        return kernel.configs
     kernel.nargs = dict(zip(kernel.arg_names, launch.args))
     try:
         return kernel.prune_configs(launch.kwargs)
@@ -137,8 +141,9 @@ def _ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:
     return regs, spills
 
 
-def compile_all(found: list[Launch], target: str) -> list[Build]:
-    """Each distinct (kernel, specialisation, config) compiled once for `target` ("cuda:90")."""
+def compile_all(found: list[Launch], target: str, prune: bool = True) -> list[Build]:
+    """Each distinct (kernel, specialisation, config) compiled once for `target` ("cuda:90");
+    prune=False: every config of each kernel, also those its autotuner would not try here."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import sm_arch_from_capability
@@ -157,7 +162,7 @@ def compile_all(found: list[Launch], target: str) -> list[Build]:
         fn = launch.kernel.fn if isinstance(launch.kernel, Autotuner) else launch.kernel
         if id(fn) not in binders:
             binders[id(fn)] = create_function_from_signature(fn.signature, fn.params, backend)
-        for config in _configs(launch):
+        for config in _configs(launch, prune):
             kwargs = {**launch.kwargs, **(config.all_kwargs() if config else {})}
             bound, spec, opts = binders[id(fn)](*launch.args, **kwargs)
             key = (fn.__name__, repr(spec), _config_text(config))
@@ -210,12 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="fwd,bwd", help="attention modes: fwd, bwd")
     p.add_argument("--max-cases", type=int, help="only the first N cases of each op")
     p.add_argument("--target", default="cuda:90", help="backend:capability, e.g. cuda:90")
+    p.add_argument("--all-configs", action="store_true",
+                   help="every config of each kernel, also those its autotuner prunes for a case")
     p.add_argument("--json", help="also write the builds here as JSON")
     args = p.parse_args(argv)
     dtypes = [cases_mod.DTYPE_ALIASES.get(d, d) for d in args.dtypes.split(",")]
     found = launches(args.ops.split(","), args.tier, dtypes, args.modes.split(","),
                      args.max_cases)
-    builds = compile_all(found, args.target)
+    builds = compile_all(found, args.target, prune=not args.all_configs)
     print(table(builds, args.target))
     if args.json:
         with open(args.json, "w") as f:

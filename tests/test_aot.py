@@ -15,6 +15,9 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from harness import aot
+from kernels.triton import conv2d as triton_conv2d
+from kernels.triton import matmul as triton_matmul
+from kernels.triton._common import prune_by
 from tests.checking import outer_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +31,8 @@ def test_every_triton_config_compiles_for_hopper(tmp_path):
     out = tmp_path / "builds.json"
     proc = subprocess.run(
         [sys.executable, "-m", "harness.aot", "--tier", "smoke", "--max-cases", "1",
-         "--dtypes", "bf16", "--modes", "fwd,bwd", "--target", "cuda:90", "--json", str(out)],
+         "--dtypes", "bf16", "--modes", "fwd,bwd", "--target", "cuda:90", "--all-configs",
+         "--json", str(out)],
         cwd=ROOT, env=outer_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     builds = json.loads(out.read_text())
@@ -40,6 +44,9 @@ def test_every_triton_config_compiles_for_hopper(tmp_path):
         mine = [b for b in builds if b["kernel"] == kernel]
         assert len(mine) >= 2, f"{kernel}: only {len(mine)} config(s) built"  # all autotuned
         assert any(b["mma"] == "wgmma" for b in mine), f"{kernel}: no config uses wgmma"
+    for kernel, module in (("_matmul_kernel", triton_matmul), ("_conv2d_kernel", triton_conv2d)):
+        built = {b["config"] for b in builds if b["kernel"] == kernel}
+        assert len(built) == len(module._GPU_CONFIGS), (kernel, built)
 
 
 def _square_dot(a_ptr, b_ptr, c_ptr, BLOCK: tl.constexpr):
@@ -47,18 +54,55 @@ def _square_dot(a_ptr, b_ptr, c_ptr, BLOCK: tl.constexpr):
     tl.store(c_ptr + tile, tl.dot(tl.load(a_ptr + tile), tl.load(b_ptr + tile)))
 
 
-@pytest.mark.parametrize("block, dtype, status", [
-    (16, torch.bfloat16, "ok"),
-    (8, torch.bfloat16, "error"),  # a GPU's tl.dot needs every dimension >= 16
-    (256, torch.bfloat16, "over_shared"),  # two 128 KiB operands in shared memory at once
-])
-def test_builds_that_cannot_run_on_the_gpu_are_found(block, dtype, status):
-    kernel = JITFunction(_square_dot)  # compiled, not interpreted, whatever TRITON_INTERPRET says
+# The three builds of _square_dot below, in a process of their own: after Triton's code
+# generator has run in a process, its interpreter fails there ("Cannot call @triton.jit'd outside
+# of the scope of a kernel"), and this process runs interpreted kernels.
+SQUARE_DOT_BUILDS = """
+import json, sys
+import torch
+from triton.runtime.jit import JITFunction
+from harness import aot
+from tests.test_aot import _square_dot
+
+builds = []
+for block, dtype in ((16, torch.bfloat16), (8, torch.bfloat16), (256, torch.bfloat16)):
     a = torch.empty(block, block, dtype=dtype)
-    launch = aot.Launch(kernel, (a, a, a), {"BLOCK": block}, "square")
-    [build] = aot.compile_all([launch], "cuda:90")
-    assert build.status == status, build
-    if status == "error":
-        assert "CompilationError" in build.error
-    else:
-        assert build.registers and build.shared_bytes is not None
+    launch = aot.Launch(JITFunction(_square_dot), (a, a, a), {"BLOCK": block}, f"square{block}")
+    builds += aot.compile_all([launch], "cuda:90")
+json.dump([b.__dict__ for b in builds], sys.stdout)
+"""
+
+
+def test_builds_that_cannot_run_on_the_gpu_are_found():
+    proc = subprocess.run([sys.executable, "-c", SQUARE_DOT_BUILDS], cwd=ROOT,
+                          env={**outer_env(), "TRITON_INTERPRET": "0"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fine, narrow, wide = json.loads(proc.stdout)
+    assert fine["status"] == "ok" and fine["registers"] and fine["mma"]
+    # a GPU's tl.dot needs every dimension >= 16 (the interpreter runs it)
+    assert narrow["status"] == "error" and "CompilationError" in narrow["error"]
+    # two 128 KiB operands in shared memory at once, over the 227 KiB a block may have
+    assert wide["status"] == "over_shared" and wide["shared_bytes"] > aot.SHARED_LIMIT[90]
+
+
+def _kept(fits, configs, **args) -> set:
+    prune = prune_by(fits)["early_config_prune"]
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in prune(configs, args)}
+
+
+def test_the_gpu_autotuners_try_only_tiles_that_fit_the_problem():
+    """What the GPU autotuners compile and time (the interpreter has one config, never pruned)."""
+    decode = _kept(triton_matmul._rows_fit, triton_matmul._GPU_CONFIGS, M_KEY=16)
+    assert {bm for bm, _ in decode} == {16, 64} and (16, 32) in decode
+    square = _kept(triton_matmul._rows_fit, triton_matmul._GPU_CONFIGS, M_KEY=4096)
+    assert min(bm for bm, _ in square) == 64 and (128, 256) in square
+
+    def widths(k):
+        return {bn for _, bn in _kept(triton_conv2d._channels_fit, triton_conv2d._GPU_CONFIGS,
+                                      K=k)}
+    assert widths(1) == widths(16) == {16}
+    assert widths(64) == {32, 64}
+    assert widths(512) == {32, 64, 128}
+    # nothing fits: the smallest tile is kept, so the autotuner always has a config
+    assert _kept(lambda meta, args: False, triton_matmul._GPU_CONFIGS) == {(16, 32)}

@@ -1,6 +1,8 @@
 """What every Triton launcher shares: the device it runs on, interpreter quirks, config choice."""
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -61,6 +63,19 @@ def autotune_bench(kernel_call, quantiles):
     from triton.testing import do_bench
 
     return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+def prune_by(fits) -> dict:
+    """The autotuner's `prune_configs_by` keeping the configs `fits(meta, args)` accepts (meta: the
+    config's meta-parameters; args: the launch's named arguments), or the config with the smallest
+    tile when none fits. Pruned configs are neither compiled nor timed: autotuning is compile time.
+    """
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        kept = [c for c in configs if fits(c.kwargs, args)]
+        return kept or [min(configs, key=lambda c: math.prod(
+            v for k, v in c.kwargs.items() if k.startswith("BLOCK")))]
+    return {"early_config_prune": prune}
 
 
 def pick_configs(gpu_configs: list, interpret_configs: list) -> list:

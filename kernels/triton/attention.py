@@ -16,7 +16,7 @@ import triton.language as tl
 
 from kernels import contract, registry
 from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_precision,
-                                    pick_configs, reset_jit, to_output, upcast_dot)
+                                    pick_configs, prune_by, reset_jit, to_output, upcast_dot)
 
 LOG2_E = 1 / math.log(2)
 
@@ -46,16 +46,13 @@ _DELTA_BLOCK_M = 64
 _AUTOTUNE_KEY = ["Sq", "Sk", "GROUP", "BLOCK_D", "CAUSAL"]
 
 
-def _prune_wide_tiles(configs, named_args, **kwargs):
+def _narrow_enough(meta, args) -> bool:
     """Large head dims with large tiles spill registers (or overflow shared memory) on an H100:
-    keep tiles of at most 128x128 elements per operand, and always at least one config."""
-    block_d = {**named_args, **kwargs}["BLOCK_D"]
-    kept = [c for c in configs
-            if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * block_d <= 128 * 128]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    tiles of at most 128x128 elements per operand."""
+    return max(meta["BLOCK_M"], meta["BLOCK_N"]) * args["BLOCK_D"] <= 128 * 128
 
 
-_PRUNE = {"early_config_prune": _prune_wide_tiles}
+_PRUNE = prune_by(_narrow_enough)
 
 
 @triton.jit

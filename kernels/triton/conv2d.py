@@ -13,7 +13,8 @@ import triton.language as tl
 
 from kernels import contract, registry
 from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_precision,
-                                    grouped_tile, pick_configs, reset_jit, to_output, upcast_dot)
+                                    grouped_tile, pick_configs, prune_by, reset_jit, to_output,
+                                    upcast_dot)
 from kernels.triton.matmul import _matmul_kernel, matmul
 
 
@@ -34,6 +35,15 @@ _GPU_CONFIGS = [
     _config(128, 32, 8, 4, 4),
     _config(128, 16, 8, 4, 4),  # K = 1..16: a depthwise-like head or a single-filter output
 ]
+
+
+def _channels_fit(meta, args) -> bool:
+    """Output-channel tiles no wider than the output channels (a wider one is masked work), and
+    the 16-wide tile only for layers of at most 16 channels."""
+    k = triton.next_power_of_2(args["K"])
+    return meta["BLOCK_N"] <= max(16, k) and (meta["BLOCK_N"] > 16 or k <= 16)
+
+
 # The interpreter's cost is per program and loop step: 128-pixel tiles halve the CPU benches' time
 # against 64, and tests/test_conv2d_kernels.py has cases crossing several of them.
 _INTERPRET_CONFIGS = [_config(128, 32, 4, 1, 4)]
@@ -41,7 +51,7 @@ _INTERPRET_CONFIGS = [_config(128, 32, 4, 1, 4)]
 
 @triton.autotune(configs=pick_configs(_GPU_CONFIGS, _INTERPRET_CONFIGS),
                  key=["M", "H", "W", "C", "K", "KH", "KW", "SH", "SW", "DH", "DW", "IN_DTYPE"],
-                 do_bench=autotune_bench)
+                 prune_configs_by=prune_by(_channels_fit), do_bench=autotune_bench)
 @triton.jit
 def _conv2d_kernel(x_ptr, w_ptr, y_ptr, M, H, W, C, OH, OW, K, KH, KW, SH, SW, PH, PW, DH, DW,
                    sxn, sxh, sxw, sxc, swh, sww, swc, swk, syn, syh, syw, syk,

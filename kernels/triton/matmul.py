@@ -7,7 +7,8 @@ import triton.language as tl
 
 from kernels import contract, registry
 from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_precision,
-                                    grouped_tile, pick_configs, reset_jit, to_output, upcast_dot)
+                                    grouped_tile, pick_configs, prune_by, reset_jit, to_output,
+                                    upcast_dot)
 
 
 def _config(bm, bn, bk, group, stages, warps):
@@ -25,15 +26,28 @@ _GPU_CONFIGS = [
     _config(128, 64, 64, 8, 4, 4),
     _config(64, 128, 64, 8, 4, 4),
     _config(64, 64, 64, 8, 5, 4),
-    _config(16, 128, 128, 1, 4, 4),  # decode-like M
+    # Decode-like M (a few rows): the time is reading b once, which takes many SMs at once; at
+    # M=16, N=4096 a 128-wide tile gives 32 programs for 132 SMs, a 32-wide one 128.
+    _config(16, 128, 128, 1, 4, 4),
+    _config(16, 64, 256, 1, 4, 4),
+    _config(16, 32, 256, 1, 4, 4),
 ]
+
+
+def _rows_fit(meta, args) -> bool:
+    """Skinny problems (M <= 32) get tiles of at most 64 rows; the 16-row tiles are only for them."""
+    if args["M_KEY"] <= 32:
+        return meta["BLOCK_M"] <= 64
+    return meta["BLOCK_M"] > 16
+
+
 # The interpreter's cost is per program and per op, not per element: 64x64 tiles run a 256^3
 # matmul 4x faster than 32x32 ones, and the test shapes (65, 129, 515, 1031) still cross tiles.
 _INTERPRET_CONFIGS = [_config(64, 64, 32, 4, 1, 4)]
 
 
 @triton.autotune(configs=pick_configs(_GPU_CONFIGS, _INTERPRET_CONFIGS),
-                 key=["M_KEY", "N_KEY", "K_KEY", "IN_DTYPE"],
+                 key=["M_KEY", "N_KEY", "K_KEY", "IN_DTYPE"], prune_configs_by=prune_by(_rows_fit),
                  do_bench=autotune_bench)
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
