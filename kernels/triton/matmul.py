@@ -29,7 +29,7 @@ _GPU_CONFIGS = [
     # Decode-like M (a few rows): the time is reading b once, which takes many SMs at once; at
     # M=16, N=4096 a 128-wide tile gives 32 programs for 132 SMs, a 32-wide one 128.
     _config(16, 128, 128, 1, 4, 4),
-    _config(16, 64, 256, 1, 4, 4),
+    _config(16, 64, 128, 1, 4, 4),
     _config(16, 32, 256, 1, 4, 4),
 ]
 
