@@ -125,15 +125,16 @@ def _config_text(config) -> str:
     return "(no autotuning)" if config is None else config_text(config)
 
 
-def _ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:
+def _ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
     """(registers per thread, spill stores + loads in bytes) from ptxas -v on the kernel's PTX."""
-    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     with tempfile.TemporaryDirectory(prefix="aot-") as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        log = subprocess.run([get_ptxas(int(arch[3:5])).path, "-v", f"--gpu-name={arch}", src,
+        log = subprocess.run([get_ptxas(capability).path, "-v",
+                              f"--gpu-name={sm_arch_from_capability(capability)}", src,
                               "-o", os.path.join(tmp, "k.cubin")],
                              capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
@@ -146,16 +147,15 @@ def compile_all(found: list[Launch], target: str, prune: bool = True) -> list[Bu
     prune=False: every config of each kernel, also those its autotuner would not try here."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import create_function_from_signature
 
     backend_name, capability = target.split(":")
-    gpu = GPUTarget(backend_name, int(capability), 32)
+    capability = int(capability)
+    gpu = GPUTarget(backend_name, capability, 32)
     backend = make_backend(gpu)
-    arch = sm_arch_from_capability(int(capability))
-    limit = SHARED_LIMIT.get(int(capability))
+    limit = SHARED_LIMIT.get(capability)
     builds: dict[tuple, Build] = {}
     binders = {}
     for launch in found:
@@ -176,7 +176,7 @@ def compile_all(found: list[Launch], target: str, prune: bool = True) -> list[Bu
                 compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
                                           target=gpu, options=options.__dict__)
                 ptx = compiled.asm["ptx"]
-                build.registers, build.spill_bytes = _ptxas_usage(ptx, arch)
+                build.registers, build.spill_bytes = _ptxas_usage(ptx, capability)
             except Exception as e:  # noqa: BLE001 - a config that fails is the finding
                 build.status, build.error = "error", f"{type(e).__name__}: {e}"[:500]
                 continue
