@@ -264,16 +264,15 @@ class Session:
         # Every step's wall-clock span goes into rec["phases"] as it ends, so a benchmark that
         # fails still shows where its time went (run timeline, report's time breakdown).
         phases = rec.setdefault("phases", [])
-        t0 = time.time_ns()
-        ref, stock_err = self.references.get(b.case, b.dtype, b.mode)
-        arrays = inputs_mod.make(b.case, b.dtype, impl.framework, self.device)
-        if b.mode == "fwd":
-            calls = _forward_calls(impl, b.case, arrays)
-        else:
-            do = _grad_output(b.case, b.dtype, impl.framework, self.device)
-            build = _torch_grad_calls if impl.framework == "torch" else _jax_grad_calls
-            calls = build(impl, b.case, arrays, do, b.mode)
-        phases.append(timing.span("setup", t0))  # float64 reference (once per case), inputs
+        with timing.phase(phases, "setup"):  # float64 reference (once per case), inputs
+            ref, stock_err = self.references.get(b.case, b.dtype, b.mode)
+            arrays = inputs_mod.make(b.case, b.dtype, impl.framework, self.device)
+            if b.mode == "fwd":
+                calls = _forward_calls(impl, b.case, arrays)
+            else:
+                do = _grad_output(b.case, b.dtype, impl.framework, self.device)
+                build = _torch_grad_calls if impl.framework == "torch" else _jax_grad_calls
+                calls = build(impl, b.case, arrays, do, b.mode)
 
         kind = (b.op, impl.name, b.dtype, b.mode)
         cold = self.compile_cold == "each" or kind not in self._cold_done
@@ -293,18 +292,15 @@ class Session:
         if "interpreted" in impl.tags:
             peak, peak_method = None, INTERPRETED_MEMORY
         else:
-            t0 = time.time_ns()
-            peak, peak_method = memory.peak_bytes(calls.timed, impl.framework, ON_CUDA,
-                                                  *calls.memory)
-            phases.append(timing.span("memory", t0))
+            with timing.phase(phases, "memory"):
+                peak, peak_method = memory.peak_bytes(calls.timed, impl.framework, ON_CUDA,
+                                                      *calls.memory)
         if self.profile_dir is not None:
-            t0 = time.time_ns()
-            rec.update(self._trace(b, impl, calls.timed))
-            phases.append(timing.span("trace", t0))
+            with timing.phase(phases, "trace"):
+                rec.update(self._trace(b, impl, calls.timed))
         if impl.name in self.retime:  # again, with other work in between: the run-to-run noise
-            t0 = time.time_ns()
-            again = timing.time_fn(calls.timed, impl.framework, ON_CUDA, self.policy)
-            phases.append(timing.span("retime", t0))
+            with timing.phase(phases, "retime"):
+                again = timing.time_fn(calls.timed, impl.framework, ON_CUDA, self.policy)
             rec.update(median_again_s=again.median_s, again_change=again.median_s / t.median_s - 1)
         budget = check.budget(b.dtype, stock_err)
         rec.update(median_s=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, reps=t.reps,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -109,6 +110,16 @@ def summarize(samples: list[float], method: str, phases: list[dict] | None = Non
 def span(name: str, start_ns: int) -> dict:
     """A phase of a benchmark on the wall clock (epoch ns), for the run timeline."""
     return {"name": name, "start_ns": start_ns, "end_ns": time.time_ns()}
+
+
+@contextmanager
+def phase(phases: list[dict], name: str):
+    """Appends the block's span to `phases` when the block ends (also when it raises)."""
+    start_ns = time.time_ns()
+    try:
+        yield
+    finally:
+        phases.append(span(name, start_ns))
 
 
 def _warm_then_time(fn: Callable[[], Any], policy: Policy, one: Callable[[], float],
