@@ -2,7 +2,9 @@
 
   torch on CUDA:  torch.cuda max_memory_allocated after reset_peak_memory_stats, minus what was
                   allocated before the call.
-  jax anywhere:   XLA's compiled memory_analysis(): temporaries plus outputs.
+  jax anywhere:   XLA's compiled memory_analysis(): temporaries plus outputs, read from the very
+                  jitted function that was timed, so its compiled executable comes from the jit
+                  cache instead of a second compilation.
   torch on CPU:   max_memory_allocated returns 0 there, so the process's peak resident set
                   (VmHWM, reset through /proc/self/clear_refs) minus the resident set before the
                   call. Allocator reuse can hide memory, so this is a lower bound.
@@ -44,10 +46,10 @@ def _rss(fn: Callable[[], Any]) -> tuple[int, str]:
     return int(max(peak, 0)), "rss_high_water_delta"
 
 
-def _xla(fn_args: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[int, str]:
-    import jax
-
-    compiled = jax.jit(lambda *a: fn_args(*a, **kwargs)).lower(*args).compile()
+def _xla(jitted, args: tuple) -> tuple[int, str]:
+    if not hasattr(jitted, "lower"):
+        raise TypeError(f"jitted must be a jax.jit-wrapped function, got {type(jitted).__name__}")
+    compiled = jitted.lower(*args).compile()
     stats = compiled.memory_analysis()
     if stats is None:
         raise RuntimeError("memory_analysis() unavailable on this backend")
@@ -55,10 +57,11 @@ def _xla(fn_args: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[int, s
 
 
 def peak_bytes(fn: Callable[[], Any], framework: str, on_cuda: bool,
-               impl_fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[int | None, str]:
-    """(bytes, method) for one call of `fn` (= impl_fn(*args, **kwargs), set up)."""
+               jitted: Callable[..., Any] | None = None, args: tuple = ()) -> tuple[int | None, str]:
+    """(bytes, method) for one call of `fn`; for JAX, `fn` is jitted(*args) and XLA's analysis
+    of that compiled function is read instead of running it."""
     if framework == "jax":
-        return _xla(impl_fn, args, kwargs)
+        return _xla(jitted, args)
     if on_cuda:
         return _torch_cuda(fn)
     try:

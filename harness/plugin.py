@@ -9,6 +9,7 @@ pytest-benchmark (grouped by case) so --benchmark-compare compares device time.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 
@@ -176,6 +177,7 @@ class RunState:
         from harness import env
 
         self.runner.close()
+        shutil.rmtree(self.cache_root, ignore_errors=True)  # the cold-compile caches
         samples = self.sampler.stop()
         suffix = f"-{self.worker}" if self.worker else ""
         results.write_json(self.dir / f"env{suffix}.json", {

@@ -17,7 +17,9 @@ REQUIRED = ("op", "impl", "framework", "case", "dims", "dtype", "status", "reaso
 
 
 def _bench(reports: Path, run_id: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**outer_env(), "KERNELS_REPORTS": str(reports)}
+    tmp = reports / "tmp"  # the run's temporary directories, to check that none is left behind
+    tmp.mkdir(exist_ok=True)
+    env = {**outer_env(), "KERNELS_REPORTS": str(reports), "TMPDIR": str(tmp)}
     run_dir = reports / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pytest", "tests/bench", "-q", "--bench", f"--run-id={run_id}",
@@ -46,6 +48,12 @@ def test_records_written_for_every_benchmark(two_runs):
     assert (reports / "latest").resolve() == (reports / "runs" / "run2").resolve()
     # the table at the end
     assert "kernel benchmarks" in runs[0].stdout and "TFLOP/s" in runs[0].stdout
+
+
+def test_compile_caches_removed_after_the_run(two_runs):
+    reports, runs = two_runs
+    assert runs[1].returncode == 0
+    assert not list((reports / "tmp").glob("kernels-compile-*"))
 
 
 def test_pytest_benchmark_holds_device_time(two_runs):

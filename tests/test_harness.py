@@ -111,18 +111,50 @@ def test_cpu_peak_memory_sees_an_allocation():
     def alloc():
         return torch.ones(size // 4, dtype=torch.float32)
 
-    peak, method = memory.peak_bytes(alloc, "torch", False, None, (), {})
+    peak, method = memory.peak_bytes(alloc, "torch", False)
     assert method == "rss_high_water_delta"
     assert peak >= 0.9 * size
 
 
 def test_jax_peak_memory_from_memory_analysis():
+    import jax
     import jax.numpy as jnp
 
     x = jnp.ones((256, 256), jnp.float32)
-    peak, method = memory.peak_bytes(None, "jax", False, lambda a: a @ a, (x,), {})
+    peak, method = memory.peak_bytes(None, "jax", False, jax.jit(lambda a: a @ a), (x,))
     assert method == "xla.memory_analysis"
     assert peak >= 256 * 256 * 4  # at least the output
+    with pytest.raises(TypeError, match="jitted"):
+        memory.peak_bytes(None, "jax", False, lambda a: a @ a, (x,))
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd_bwd"])
+def test_jax_memory_reads_the_timed_executable(mode):
+    """The memory step of a JAX benchmark compiles nothing: it reads the executable the timed
+    call already built (a second compilation cost 0.4 s per benchmark on CPU)."""
+    from jax import monitoring
+
+    from harness import bench, cases, inputs
+
+    case = cases.cases("attention", "smoke")[0]
+    impl = registry.get("attention", "xla")
+    arrays = inputs.make(case, "float32", "jax", "cpu")
+    calls = (bench._forward_calls(impl, case, arrays) if mode == "fwd" else bench._jax_grad_calls(
+        impl, case, arrays, bench._grad_output(case, "float32", "jax", "cpu"), mode))
+    timing.sync(calls.timed())
+    compiles = []
+
+    def listen(name, _secs, **_kw):
+        if "backend_compile" in name:
+            compiles.append(name)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        peak, method = memory.peak_bytes(calls.timed, "jax", False, *calls.memory)
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert method == "xla.memory_analysis" and peak > 0
+    assert compiles == []
 
 
 def test_first_calls_cold_then_warm(tmp_path):
