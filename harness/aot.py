@@ -3,7 +3,8 @@ on the 2-core CPU machine: every autotune config of every kernel that a tier's c
 
 What it tells before any GPU time is spent: configs that do not compile for the target, that ask
 for more shared memory than a block may have (they fail at launch on the GPU), that spill
-registers, and whether the dots became Hopper's warpgroup MMA (wgmma). The launches are the
+registers, whether the dots became Hopper's warpgroup MMA (wgmma) and whether tensor-descriptor
+loads became TMA copies. The launches are the
 launchers' own: each Triton implementation is called on empty tensors of the case's shapes with
 kernel launches captured instead of run, so the arguments, strides and constexprs are exactly
 what the GPU run will pass (Triton specialises on them: divisibility by 16, strides of 1).
@@ -53,6 +54,7 @@ class Build:
     spill_bytes: int | None = None  # spill stores + spill loads per thread
     shared_bytes: int | None = None
     mma: str = ""  # "wgmma", "mma" or "" (no tensor-core instruction in the PTX)
+    tma: bool = False  # tiles moved by the Tensor Memory Accelerator (cp.async.bulk.tensor)
 
 
 @contextmanager
@@ -164,6 +166,8 @@ def compile_all(found: list[Launch], target: str, prune: bool = True) -> list[Bu
             binders[id(fn)] = create_function_from_signature(fn.signature, fn.params, backend)
         for config in _configs(launch, prune):
             kwargs = {**launch.kwargs, **(config.all_kwargs() if config else {})}
+            if config is not None and config.pre_hook is not None:  # e.g. sets TMA tile shapes
+                config.pre_hook({**dict(zip(fn.arg_names, launch.args)), **kwargs})
             bound, spec, opts = binders[id(fn)](*launch.args, **kwargs)
             key = (fn.__name__, repr(spec), _config_text(config))
             if key in builds:
@@ -182,6 +186,7 @@ def compile_all(found: list[Launch], target: str, prune: bool = True) -> list[Bu
                 continue
             build.shared_bytes = compiled.metadata.shared
             build.mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else ""
+            build.tma = "cp.async.bulk.tensor" in ptx
             if limit is not None and build.shared_bytes > limit:
                 build.status = "over_shared"
             elif build.spill_bytes:
@@ -194,12 +199,13 @@ def table(builds: list[Build], target: str) -> str:
     lines = [f"{len(builds)} kernel builds for {target}"
              + (f" (shared memory limit {limit // 1024} KiB per block)" if limit else ""),
              f"{'kernel':<18} {'config':<58} {'status':<11} {'regs':>4} {'spill B':>7} "
-             f"{'smem KiB':>8} {'mma':<5} {'cases':>5}  first case"]
+             f"{'smem KiB':>8} {'mma':<5} {'tma':<3} {'cases':>5}  first case"]
     for b in sorted(builds, key=lambda b: (b.kernel, b.config, b.cases[0])):
         smem = f"{b.shared_bytes / 1024:.0f}" if b.shared_bytes is not None else "-"
         lines.append(f"{b.kernel:<18} {b.config:<58} {b.status:<11} {b.registers or '-':>4} "
                      f"{b.spill_bytes if b.spill_bytes is not None else '-':>7} {smem:>8} "
-                     f"{b.mma or '-':<5} {len(b.cases):>5}  {b.cases[0]}")
+                     f"{b.mma or '-':<5} {'yes' if b.tma else '-':<3} {len(b.cases):>5}  "
+                     f"{b.cases[0]}")
         if b.error:
             lines.append(f"    {b.error.splitlines()[0]}")
     return "\n".join(lines)

@@ -21,8 +21,8 @@ from kernels.triton._common import prune_by
 from tests.checking import outer_env
 
 ROOT = Path(__file__).resolve().parent.parent
-TRITON_KERNELS = {"_matmul_kernel", "_conv2d_kernel", "_fwd_kernel", "_bwd_delta_kernel",
-                  "_bwd_dkv_kernel", "_bwd_dq_kernel"}
+TRITON_KERNELS = {"_matmul_kernel", "_matmul_tma_kernel", "_conv2d_kernel", "_fwd_kernel",
+                  "_bwd_delta_kernel", "_bwd_dkv_kernel", "_bwd_dq_kernel"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(),
@@ -44,9 +44,13 @@ def test_every_triton_config_compiles_for_hopper(tmp_path):
         mine = [b for b in builds if b["kernel"] == kernel]
         assert len(mine) >= 2, f"{kernel}: only {len(mine)} config(s) built"  # all autotuned
         assert any(b["mma"] == "wgmma" for b in mine), f"{kernel}: no config uses wgmma"
-    for kernel, module in (("_matmul_kernel", triton_matmul), ("_conv2d_kernel", triton_conv2d)):
+    for kernel, configs in (("_matmul_kernel", triton_matmul._GPU_CONFIGS),
+                            ("_matmul_tma_kernel", triton_matmul._TMA_GPU_CONFIGS),
+                            ("_conv2d_kernel", triton_conv2d._GPU_CONFIGS)):
         built = {b["config"] for b in builds if b["kernel"] == kernel}
-        assert len(built) == len(module._GPU_CONFIGS), (kernel, built)
+        assert len(built) == len(configs), (kernel, built)
+    # tensor-descriptor loads and stores became TMA copies; nothing else uses TMA
+    assert all(b["tma"] == (b["kernel"] == "_matmul_tma_kernel") for b in builds)
 
 
 def _square_dot(a_ptr, b_ptr, c_ptr, BLOCK: tl.constexpr):

@@ -48,3 +48,45 @@ def test_pallas_lowers_for_gpu(dtype, monkeypatch):
     b = jnp.ones((300, 129), dtype)
     lowered = jax.jit(pallas_matmul.matmul).trace(a, b).lower(lowering_platforms=("cuda",))
     assert "triton" in lowered.as_text()
+
+
+# K and N multiples of 8 (16-byte rows in every dtype), none a multiple of a tile; M anything.
+TMA_SHAPES = [(67, 200, 136), (1, 8, 8), (130, 64, 72), (200, 24, 1000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", TMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_tma_kernel_where_descriptors_fit(shape, dtype):
+    """triton_tma runs its persistent TMA kernel on these (the interpreter's three programs walk
+    several tiles each), and it is right."""
+    from harness import compile as compile_mod
+
+    if "triton_tma" not in registry.impls("matmul"):
+        pytest.skip("triton_tma needs a GPU of compute capability 9.0 or later")
+    ran: dict[str, str] = {}
+    with compile_mod.autotune_choices(ran):
+        err, budget = error_and_budget("matmul", "triton_tma", _case(*shape), dtype)
+    assert list(ran) == ["_matmul_tma_kernel"]
+    assert err <= budget, f"{shape} {dtype}: relative error {err:.3g} > budget {budget:.3g}"
+
+
+def test_tma_falls_back_to_pointer_kernel():
+    """Rows a descriptor cannot take (K = 129: 258-byte rows in bf16; a transposed view) go to
+    the pointer kernel, with the same result as `triton`."""
+    import torch
+
+    from harness import compile as compile_mod
+
+    if "triton_tma" not in registry.impls("matmul"):
+        pytest.skip("triton_tma needs a GPU of compute capability 9.0 or later")
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(65, 129, generator=gen).to(DEVICE, torch.bfloat16)
+    b = torch.randn(129, 40, generator=gen).to(DEVICE, torch.bfloat16)
+    bt = torch.randn(128, 40, generator=gen).to(DEVICE, torch.bfloat16).t()  # strides (1, 40)
+    a2 = torch.randn(65, 40, generator=gen).to(DEVICE, torch.bfloat16)
+    for x, y in ((a, b), (a2, bt)):  # bt: [40, 128]
+        ran: dict[str, str] = {}
+        with compile_mod.autotune_choices(ran):
+            out = registry.get("matmul", "triton_tma")(x, y)
+        assert list(ran) == ["_matmul_kernel"]
+        assert torch.equal(out, registry.get("matmul", "triton")(x, y))

@@ -67,12 +67,16 @@ def autotune_bench(kernel_call, quantiles):
 
 def prune_by(fits) -> dict:
     """The autotuner's `prune_configs_by` keeping the configs `fits(meta, args)` accepts (meta: the
-    config's meta-parameters; args: the launch's named arguments), or the config with the smallest
-    tile when none fits. Pruned configs are neither compiled nor timed: autotuning is compile time.
+    config's meta-parameters with its num_warps and num_stages; args: the launch's named
+    arguments), or the config with the smallest tile when none fits. Pruned configs are neither
+    compiled nor timed: autotuning is compile time.
     """
+    def meta(c):
+        return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        kept = [c for c in configs if fits(c.kwargs, args)]
+        kept = [c for c in configs if fits(meta(c), args)]
         return kept or [min(configs, key=lambda c: math.prod(
             v for k, v in c.kwargs.items() if k.startswith("BLOCK")))]
     return {"early_config_prune": prune}

@@ -1,19 +1,27 @@
-"""Hand-written Triton matmul: tiled, grouped program order, fp32 accumulation, masked edges."""
+"""Hand-written Triton matmul: tiled, grouped program order, fp32 accumulation, masked edges.
+
+Two kernels: `triton`, one program per output tile with pointer loads (any GPU, any strides), and
+`triton_tma`, for Hopper-class GPUs: persistent (one program per SM walking the tiles), with
+operands and output moved by the Tensor Memory Accelerator through tensor descriptors.
+"""
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels import contract, registry
+from kernels import ON_CUDA, contract, registry
 from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_precision,
                                     grouped_tile, pick_configs, prune_by, reset_jit, to_output,
                                     upcast_dot)
 
 
-def _config(bm, bn, bk, group, stages, warps):
+def _config(bm, bn, bk, group, stages, warps, pre_hook=None):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
-                         num_stages=stages, num_warps=warps)
+                         num_stages=stages, num_warps=warps, pre_hook=pre_hook)
 
 
 # A small bounded set for Hopper-class GPUs: large tiles for big square problems, narrow tiles for
@@ -80,17 +88,105 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
     tl.store(c_ptrs, out, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a [M, K] @ b [K, N] -> [M, N] in the inputs' dtype. Any strides; `out` may be given."""
-    dims = contract.matmul_args(a, b, "torch")
-    contract.check_device("a", a, DEVICE_TYPE)
-    contract.check_device("b", b, DEVICE_TYPE)
-    if out is None:
-        out = torch.empty((dims.M, dims.N), dtype=a.dtype, device=a.device)
-    elif out.shape != (dims.M, dims.N) or out.dtype != a.dtype:
-        raise ValueError(f"out must be a {a.dtype} tensor of shape {[dims.M, dims.N]}, "
-                         f"got {out.dtype} {list(out.shape)}")
+# ---------------------------------------------------------------- persistent, TMA (Hopper)
+def _set_blocks(nargs) -> None:
+    """A config's pre-launch hook: the descriptors' tiles are the config's tiles."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bk, bn]
+    nargs["c_desc"].block_shape = [bm, bn]
 
+
+_tma_config = functools.partial(_config, pre_hook=_set_blocks)
+
+
+# The TMA engine fills rows past M with zeros without reading memory, so decode-sized M takes
+# 64-row tiles (the smallest warpgroup MMA) with a deep K step; the rest as the pointer kernel's.
+_TMA_GPU_CONFIGS = [
+    _tma_config(128, 256, 64, 8, 3, 8),
+    _tma_config(128, 128, 64, 8, 4, 8),
+    _tma_config(128, 128, 64, 8, 4, 4),
+    _tma_config(128, 64, 64, 8, 4, 4),
+    _tma_config(64, 64, 128, 1, 4, 4),
+    _tma_config(64, 32, 128, 1, 4, 4),
+]
+_TMA_INTERPRET_CONFIGS = [_tma_config(64, 64, 32, 4, 1, 4)]
+
+
+_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may have on Hopper
+
+
+def _tma_fits(meta, args) -> bool:
+    """Decode-sized problems (M <= 64) get the 64-row tiles, and only they do; and the staged
+    operand tiles plus the output tile must fit in shared memory (fp32 tiles are twice the size
+    of bf16 ones: `make aot` showed three of these configs over the limit in fp32)."""
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    elem = 4 if args["IN_DTYPE"] == str(torch.float32) else 2
+    shared = ((bm * bk + bk * bn) * meta["num_stages"] + bm * bn) * elem
+    return (bm == 64) == (args["M_KEY"] <= 64) and shared <= _SHARED_LIMIT
+
+
+@triton.autotune(configs=pick_configs(_TMA_GPU_CONFIGS, _TMA_INTERPRET_CONFIGS),
+                 key=["M_KEY", "N_KEY", "K_KEY", "IN_DTYPE"],
+                 prune_configs_by=prune_by(_tma_fits), do_bench=autotune_bench)
+@triton.jit
+def _matmul_tma_kernel(a_desc, b_desc, c_desc, M, N, K,
+                       M_KEY, N_KEY, K_KEY,  # autotune key only
+                       IN_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                       NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    # Each program walks every NUM_PROGRAMS-th tile; flattening the two loops lets the compiler
+    # pipeline the next tile's loads under this tile's last steps and store.
+    for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = grouped_tile(tile, grid_m, grid_n, GROUP_M)
+        row, col = pid_m * BLOCK_M, pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # fp32 accumulation for accuracy
+        for step in range(k_steps):
+            # Out-of-bounds parts of a tile load as zeros (no masks): partial tiles add nothing.
+            a = a_desc.load([row, step * BLOCK_K])
+            b = b_desc.load([step * BLOCK_K, col])
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        # the store writes only the part of the tile inside the output
+        c_desc.store([row, col], to_output(acc, c_desc.dtype, UPCAST))
+
+
+@functools.cache
+def _num_programs(device_index: int | None) -> int:
+    """One program per SM on a GPU; under the interpreter a few, so each walks several tiles."""
+    if not ON_CUDA:
+        return 3
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """What a tensor descriptor needs: rows contiguous, a 16-byte aligned base and row stride."""
+    return (t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+            and t.data_ptr() % 16 == 0)
+
+
+def _launch_tma(a, b, out, dims: contract.MatmulDims) -> None:
+    # Placeholder tiles: the chosen config's pre-launch hook sets the real ones.
+    descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (a, b, out)]
+    programs = _num_programs(out.device.index)
+
+    def grid(meta):
+        tiles = triton.cdiv(dims.M, meta["BLOCK_M"]) * triton.cdiv(dims.N, meta["BLOCK_N"])
+        return (min(programs, tiles),)
+
+    _matmul_tma_kernel[grid](*descs, dims.M, dims.N, dims.K,
+                             *(triton.next_power_of_2(n) for n in (dims.M, dims.N, dims.K)),
+                             IN_DTYPE=str(a.dtype), PRECISION=dot_precision(a.dtype),
+                             UPCAST=upcast_dot(a.dtype), NUM_PROGRAMS=programs)
+
+
+# ---------------------------------------------------------------- launchers
+def _launch(a, b, out, dims: contract.MatmulDims) -> None:
     def grid(meta):
         return (triton.cdiv(dims.M, meta["BLOCK_M"]) * triton.cdiv(dims.N, meta["BLOCK_N"]),)
 
@@ -100,8 +196,51 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None)
                          *(triton.next_power_of_2(n) for n in (dims.M, dims.N, dims.K)),
                          IN_DTYPE=str(a.dtype), PRECISION=dot_precision(a.dtype),
                          UPCAST=upcast_dot(a.dtype))
+
+
+def _checked(a, b, out) -> tuple[contract.MatmulDims, torch.Tensor]:
+    dims = contract.matmul_args(a, b, "torch")
+    contract.check_device("a", a, DEVICE_TYPE)
+    contract.check_device("b", b, DEVICE_TYPE)
+    if out is None:
+        out = torch.empty((dims.M, dims.N), dtype=a.dtype, device=a.device)
+    elif out.shape != (dims.M, dims.N) or out.dtype != a.dtype:
+        raise ValueError(f"out must be a {a.dtype} tensor of shape {[dims.M, dims.N]}, "
+                         f"got {out.dtype} {list(out.shape)}")
+    return dims, out
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a [M, K] @ b [K, N] -> [M, N] in the inputs' dtype. Any strides; `out` may be given."""
+    dims, out = _checked(a, b, out)
+    _launch(a, b, out, dims)
     return out
+
+
+def matmul_tma(a: torch.Tensor, b: torch.Tensor, *,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """As `matmul`, through the persistent TMA kernel. Tensors a descriptor cannot take (a row
+    stride that is not a multiple of 16 bytes: K or N not a multiple of 8 in 16-bit dtypes, of
+    4 in fp32; transposed views) go to the pointer kernel instead: the record's `autotuned`
+    field names the kernel that ran."""
+    dims, out = _checked(a, b, out)
+    if all(_tma_ready(t) for t in (a, b, out)):
+        _launch_tma(a, b, out, dims)
+    else:
+        _launch(a, b, out, dims)
+    return out
+
+
+def _hopper_or_no_gpu() -> bool:
+    """TMA needs compute capability 9.0 or later; without a GPU the kernel runs in the
+    interpreter (or is compiled ahead of time for one by harness.aot)."""
+    return not ON_CUDA or torch.cuda.get_device_capability() >= (9, 0)
 
 
 registry.register("matmul", "triton", framework="torch", kind="hand", backend="Triton",
                   accepts_out=True, tags=TAGS, reset=lambda: reset_jit(_matmul_kernel))(matmul)
+registry.register("matmul", "triton_tma", framework="torch", kind="hand",
+                  backend="Triton (TMA, persistent)", accepts_out=True, tags=TAGS,
+                  reset=lambda: reset_jit(_matmul_kernel, _matmul_tma_kernel),
+                  enabled=_hopper_or_no_gpu(),
+                  reason="needs a GPU of compute capability 9.0 or later (TMA)")(matmul_tma)
