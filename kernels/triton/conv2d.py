@@ -4,6 +4,8 @@ The convolution is the GEMM  y[M, K] = patches[M, R] @ w[R, K]  with M = N*OH*OW
 R = KH*KW*C, but the patch matrix is never written to memory: each program maps its output rows to
 (n, oh, ow) and, per kernel tap and channel block, gathers the input tile straight from x, masking
 rows that fall into the padding or past the edges. w in HWIO is already the [R, K] matrix.
+With few channels (C < 16, such as an RGB stem) a channel block would be mostly padding, so the
+reduction runs over R itself in blocks that span several kernel taps.
 """
 from __future__ import annotations
 
@@ -49,6 +51,14 @@ def _channels_fit(meta, args) -> bool:
 _INTERPRET_CONFIGS = [_config(128, 32, 4, 1, 4)]
 
 
+@triton.jit
+def _accumulate(acc, a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
 @triton.autotune(configs=pick_configs(_GPU_CONFIGS, _INTERPRET_CONFIGS),
                  key=["M", "H", "W", "C", "K", "KH", "KW", "SH", "SW", "DH", "DW", "IN_DTYPE"],
                  prune_configs_by=prune_by(_channels_fit), do_bench=autotune_bench)
@@ -56,8 +66,8 @@ _INTERPRET_CONFIGS = [_config(128, 32, 4, 1, 4)]
 def _conv2d_kernel(x_ptr, w_ptr, y_ptr, M, H, W, C, OH, OW, K, KH, KW, SH, SW, PH, PW, DH, DW,
                    sxn, sxh, sxw, sxc, swh, sww, swc, swk, syn, syh, syw, syk,
                    IN_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                   BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   GROUP_M: tl.constexpr):
+                   FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped order: programs sharing a band of output channels re-read weight tiles from L2.
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
 
@@ -75,27 +85,45 @@ def _conv2d_kernel(x_ptr, w_ptr, y_ptr, M, H, W, C, OH, OW, K, KH, KW, SH, SW, P
     n_ok = rn < K
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # fp32 accumulation for accuracy
-    # One flat loop over (tap, channel block) rather than three nested ones: the compiler
-    # software-pipelines the innermost loop only, and with C <= BLOCK_C that loop would be one step.
-    c_steps = tl.cdiv(C, BLOCK_C)
-    for step in range(0, KH * KW * c_steps):
-        tap = step // c_steps
-        c = (step - tap * c_steps) * BLOCK_C + rc
-        kh = tap // KW
-        kw = tap - kh * KW
-        ih = ih0 + kh * DH
-        iw = iw0 + kw * DW
-        # Zero padding is a mask: rows whose input pixel lies outside x load 0 and add nothing.
-        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        c_ok = c < C
-        a = tl.load(x_rows[:, None] + ih[:, None] * sxh + iw[:, None] * sxw + c[None, :] * sxc,
-                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + kh * swh + kw * sww + c[:, None] * swc + rn[None, :] * swk,
-                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if FLAT:
+        # Reduction index r = (kh * KW + kw) * C + c, BLOCK_C of them per step across taps.
+        R = KH * KW * C
+        for r0 in range(0, R, BLOCK_C):
+            r = r0 + rc
+            tap = r // C
+            c = r - tap * C
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = ih0[:, None] + (kh * DH)[None, :]
+            iw = iw0[:, None] + (kw * DW)[None, :]
+            r_ok = r < R
+            # Zero padding is a mask: taps whose input pixel lies outside x load 0.
+            ok = m_ok[:, None] & r_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_rows[:, None] + ih * sxh + iw * sxw + (c * sxc)[None, :], mask=ok,
+                        other=0.0)
+            b = tl.load(w_ptr + (kh * swh + kw * sww + c * swc)[:, None] + rn[None, :] * swk,
+                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _accumulate(acc, a, b, PRECISION, UPCAST)
+    else:
+        # One flat loop over (tap, channel block) rather than three nested ones: the compiler
+        # software-pipelines the innermost loop only, and with C <= BLOCK_C that loop would be
+        # one step.
+        c_steps = tl.cdiv(C, BLOCK_C)
+        for step in range(0, KH * KW * c_steps):
+            tap = step // c_steps
+            c = (step - tap * c_steps) * BLOCK_C + rc
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = ih0 + kh * DH
+            iw = iw0 + kw * DW
+            # Zero padding is a mask: rows whose input pixel lies outside x load 0.
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            c_ok = c < C
+            a = tl.load(x_rows[:, None] + ih[:, None] * sxh + iw[:, None] * sxw
+                        + c[None, :] * sxc, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + kh * swh + kw * sww + c[:, None] * swc + rn[None, :] * swk,
+                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _accumulate(acc, a, b, PRECISION, UPCAST)
 
     y_ptrs = (y_ptr + n.to(tl.int64)[:, None] * syn + oh[:, None] * syh + ow[:, None] * syw
               + rn[None, :] * syk)
@@ -103,10 +131,17 @@ def _conv2d_kernel(x_ptr, w_ptr, y_ptr, M, H, W, C, OH, OW, K, KH, KW, SH, SW, P
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _channel_block(C: int) -> int:
-    # tl.dot needs every dimension >= 16 on a GPU; above 64 channels the tile only costs registers
-    # and shared memory without saving loop steps that matter.
-    return min(64, max(16, triton.next_power_of_2(C)))
+FLAT_BELOW_C = 16  # the smallest dot dimension on a GPU: fewer channels would be padding
+
+
+def _reduction_block(C: int, R: int) -> int:
+    """The reduction tile: a channel block, or with C < 16 a block of R = KH*KW*C. tl.dot needs
+    every dimension >= 16 on a GPU; above 64 channels the tile only costs registers and shared
+    memory without saving loop steps that matter. A block of R is gathered with an address per
+    element: 64 of them spilled registers in every stem config for sm_90 (make aot), 32 in one."""
+    if C >= FLAT_BELOW_C:
+        return min(64, triton.next_power_of_2(C))
+    return min(32, max(16, triton.next_power_of_2(R)))
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, *,
@@ -140,7 +175,8 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, *,
                          *d.stride, *d.padding, *d.dilation, *x.stride(), *w.stride(),
                          *out.stride(),
                          IN_DTYPE=str(x.dtype), PRECISION=dot_precision(x.dtype),
-                         UPCAST=upcast_dot(x.dtype), BLOCK_C=_channel_block(d.C))
+                         UPCAST=upcast_dot(x.dtype), FLAT=d.C < FLAT_BELOW_C,
+                         BLOCK_C=_reduction_block(d.C, d.KH * d.KW * d.C))
     return out
 
 
