@@ -2,7 +2,9 @@
 three kernels (delta = rowsum(dO * O), dK/dV over query blocks, dQ over key blocks).
 
 Layout [B, H, S, D] with any strides. GQA/MQA read kv head h // (H // Hkv) in place; k and v are
-never repeated. D is padded (by masks, not copies) to a power of two >= 16 for tl.dot. Softmax runs
+never repeated. On a GPU the forward's autotuner also tries configs that move q, k, v and o by TMA
+through tensor descriptors (Hopper and later, rows of 16-byte multiples) and keeps whichever
+measures faster. D is padded (by masks, not copies) to a power of two >= 16 for tl.dot. Softmax runs
 in base 2: log2(e) is folded into the scale so the inner loop uses exp2, and the saved logsumexp is
 base 2 as well.
 """
@@ -13,8 +15,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels import contract, registry
+from kernels import ON_CUDA, TRITON_INTERPRET, contract, registry
 from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_precision,
                                     pick_configs, prune_by, reset_jit, to_output, upcast_dot)
 
@@ -25,15 +28,32 @@ def _config(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
+def _set_fwd_blocks(nargs) -> None:
+    """A forward config's pre-launch hook: descriptor tiles [1, 1, rows, BLOCK_D] of the config."""
+    if nargs["Qd"] is None:
+        return
+    for name, rows in (("Qd", "BLOCK_M"), ("Od", "BLOCK_M"), ("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")):
+        nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
+
+
+def _fwd_config(bm, bn, warps, stages, tma=None):
+    """tma=None: the choice is the launcher's (the interpreter runs one config)."""
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn} | ({} if tma is None else {"TMA": tma})
+    return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=_set_fwd_blocks)
+
+
 # BLOCK_M tiles queries, BLOCK_N tiles keys. The kernel that owns a query block (forward, dQ) wants
 # a tall BLOCK_M; the one that owns a key block (dK/dV) a wide BLOCK_N. The interpreter configs use
 # unequal blocks so the CPU tests exercise the causal block bounds with BLOCK_M != BLOCK_N; its cost
 # is per program and per loop step, so they are no smaller than that needs (32x64 runs the smoke
 # cases 3x faster than 32x16 did).
 _FWD_CONFIGS = pick_configs(
-    [_config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(64, 64, 4, 3),
-     _config(128, 32, 4, 2), _config(64, 32, 4, 2)],
-    [_config(32, 64, 4, 1)])
+    [_fwd_config(128, 64, 4, 3, False), _fwd_config(128, 128, 8, 3, False),
+     _fwd_config(64, 64, 4, 3, False), _fwd_config(128, 32, 4, 2, False),
+     _fwd_config(64, 32, 4, 2, False),
+     _fwd_config(128, 64, 4, 3, True), _fwd_config(128, 128, 8, 3, True),
+     _fwd_config(128, 64, 8, 3, True)],
+    [_fwd_config(32, 64, 4, 1)])
 _DKV_CONFIGS = pick_configs(
     [_config(32, 128, 4, 3), _config(64, 128, 8, 3), _config(32, 64, 4, 3),
      _config(64, 64, 4, 2), _config(32, 32, 4, 2)],
@@ -55,6 +75,16 @@ def _narrow_enough(meta, args) -> bool:
 _PRUNE = prune_by(_narrow_enough)
 
 
+def _fwd_fits(meta, args) -> bool:
+    """TMA configs only where the launcher could make descriptors; and at most 160 values per
+    thread in the fp32 accumulator and score tiles together (BLOCK_M x (BLOCK_D + BLOCK_N)): on
+    sm_90 (make aot) every config above that spilled registers (128x64 tiles with 4 warps at
+    D=128: 144-532 bytes), none at or below it did."""
+    per_thread = meta["BLOCK_M"] * (args["BLOCK_D"] + meta["BLOCK_N"]) / (meta["num_warps"] * 32)
+    return (_narrow_enough(meta, args) and per_thread <= 160
+            and (args["Qd"] is not None or not meta.get("TMA")))
+
+
 @triton.jit
 def _load(base, rows, n_rows, stride_s, cols, D, stride_d, UPCAST: tl.constexpr,
           ROW_EDGE: tl.constexpr, D_EDGE: tl.constexpr):
@@ -70,6 +100,16 @@ def _load(base, rows, n_rows, stride_s, cols, D, stride_d, UPCAST: tl.constexpr,
         x = tl.load(ptrs, mask=cols[None, :] < D, other=0.0)
     else:
         x = tl.load(ptrs)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _tile(desc, b, h, row0, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """A [ROWS, BLOCK_D] tile of a [B, heads, S, D] tensor by TMA: zero past the sequence end and
+    the head dim, as _load's masks make it (TMA fills what lies outside the tensor with zeros)."""
+    x = desc.load([b, h, row0, 0]).reshape(ROWS, BLOCK_D)
     if UPCAST:
         x = x.to(tl.float32)
     return x
@@ -134,15 +174,20 @@ def _key_ranges(row0, Sk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, K, V, rows, start_n, Sk, stride_ks, stride_kd, stride_vs,
-              stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-              UPCAST: tl.constexpr, D_EDGE: tl.constexpr, BLOCK_N: tl.constexpr,
+def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, rows, start_n, Sk, stride_ks, stride_kd,
+              stride_vs, stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr,
+              PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
+              TMA: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr):
     """One key block of the online softmax; the scale is applied inside the exponent's
     multiply-add, after the row max (a positive scale does not change which score is largest)."""
     keys = start_n + tl.arange(0, BLOCK_N)
-    k = _load(K, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED, D_EDGE)
-    v = _load(V, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED, D_EDGE)
+    if TMA:
+        k = _tile(Kd, b, hkv, start_n, BLOCK_N, BLOCK_D, UPCAST)
+        v = _tile(Vd, b, hkv, start_n, BLOCK_N, BLOCK_D, UPCAST)
+    else:
+        k = _load(K, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED, D_EDGE)
+        v = _load(V, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED, D_EDGE)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASKED:
         s = tl.where(_visible(rows[:, None], keys[None, :], Sk, CAUSAL), s, float("-inf"))
@@ -155,17 +200,18 @@ def _fwd_step(acc, l_i, m_i, q, K, V, rows, start_n, Sk, stride_ks, stride_kd, s
     return acc, l_i, m_new
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE,
+@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=prune_by(_fwd_fits),
                  do_bench=autotune_bench)
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, qk_scale, Sq, Sk, H, GROUP, D,
+def _fwd_kernel(Q, K, V, O, Qd, Kd, Vd, Od, LSE, qk_scale, Sq, Sk, H, GROUP, D,
                 stride_qb, stride_qh, stride_qs, stride_qd,
                 stride_kb, stride_kh, stride_ks, stride_kd,
                 stride_vb, stride_vh, stride_vs, stride_vd,
                 stride_ob, stride_oh, stride_os, stride_od,
                 CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, D_EDGE: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Q, K, V, O by pointer, or (TMA) Qd, Kd, Vd, Od: their descriptors."""
     pid_m = _query_block(tl.program_id(0), CAUSAL)
     pid_bh = tl.program_id(1)
     b, h, hkv = _heads(pid_bh, H, GROUP)
@@ -174,7 +220,12 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale, Sq, Sk, H, GROUP, D,
     V += b * stride_vb + hkv * stride_vh
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    q = _load(Q, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST, True, D_EDGE)
+    # descriptor coordinates are 32-bit
+    b32, h32, hkv32 = b.to(tl.int32), h.to(tl.int32), hkv.to(tl.int32)
+    if TMA:
+        q = _tile(Qd, b32, h32, pid_m * BLOCK_M, BLOCK_M, BLOCK_D, UPCAST)
+    else:
+        q = _load(Q, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST, True, D_EDGE)
 
     # Online softmax state in fp32. Key 0 is visible to every row (also padded rows) and is in
     # the first block either loop runs, so every m_i is finite from then on and no -inf - -inf
@@ -184,18 +235,22 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale, Sq, Sk, H, GROUP, D,
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     whole_end, end = _key_ranges(pid_m * BLOCK_M, Sk, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, whole_end, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, rows, start_n, Sk, stride_ks,
-                                  stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
-                                  PRECISION, UPCAST, D_EDGE, BLOCK_N, False)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, b32, hkv32, rows, start_n, Sk,
+                                  stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale,
+                                  CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_D, BLOCK_N, False)
     for start_n in range(whole_end, end, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, rows, start_n, Sk, stride_ks,
-                                  stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
-                                  PRECISION, UPCAST, D_EDGE, BLOCK_N, True)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, b32, hkv32, rows, start_n, Sk,
+                                  stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale,
+                                  CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_D, BLOCK_N, True)
 
     acc = acc / l_i[:, None]
     tl.store(LSE + pid_bh.to(tl.int64) * Sq + rows, m_i + tl.log2(l_i), mask=rows < Sq)
-    O += b * stride_ob + h * stride_oh
-    _store(O, acc, rows, Sq, stride_os, cols, D, stride_od, UPCAST)
+    if TMA:  # the store writes only the rows and head dims inside o
+        out = to_output(acc, Od.dtype, UPCAST)
+        Od.store([b32, h32, pid_m * BLOCK_M, 0], out.reshape(1, 1, BLOCK_M, BLOCK_D))
+    else:
+        O += b * stride_ob + h * stride_oh
+        _store(O, acc, rows, Sq, stride_os, cols, D, stride_od, UPCAST)
 
 
 @triton.jit
@@ -366,18 +421,37 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+def tma_ready(t: torch.Tensor) -> bool:
+    """What a tensor descriptor needs: contiguous rows, every other stride a positive multiple
+    of 16 bytes (broadcast views have stride 0), a 16-byte aligned base."""
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
+
+
+def _descriptors(*tensors) -> list:
+    """Descriptors for q, k, v and o (tiles set per config by its pre-launch hook), or Nones
+    where TMA cannot be used: no Hopper-class GPU, or a tensor a descriptor cannot take."""
+    hopper = not ON_CUDA or torch.cuda.get_device_capability() >= (9, 0)
+    if not (hopper and all(tma_ready(t) for t in tensors)):
+        return [None] * len(tensors)
+    return [TensorDescriptor.from_tensor(t, [1, 1, 16, 16]) for t in tensors]
+
+
 def _forward(q, k, v, dims, out):
     lse = torch.empty((dims.B, dims.H, dims.Sq), dtype=torch.float32, device=q.device)
     block_d = _block_d(dims.D)
+    descs = _descriptors(q, k, v, out)
+    # The interpreter runs its one config: there the launcher takes TMA whenever it can.
+    tma = {"TMA": descs[0] is not None} if TRITON_INTERPRET else {}
 
     def grid(meta):
         return (triton.cdiv(dims.Sq, meta["BLOCK_M"]), dims.B * dims.H)
 
-    _fwd_kernel[grid](q, k, v, out, lse, dims.scale * LOG2_E, dims.Sq, dims.Sk, dims.H,
+    _fwd_kernel[grid](q, k, v, out, *descs, lse, dims.scale * LOG2_E, dims.Sq, dims.Sk, dims.H,
                       dims.H // dims.Hkv, dims.D,
                       *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                       CAUSAL=dims.causal, BLOCK_D=block_d, D_EDGE=dims.D != block_d,
-                      PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype))
+                      PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype), **tma)
     return lse
 
 
