@@ -57,7 +57,8 @@ def _xla(jitted, args: tuple) -> tuple[int, str]:
 
 
 def peak_bytes(fn: Callable[[], Any], framework: str, on_cuda: bool,
-               jitted: Callable[..., Any] | None = None, args: tuple = ()) -> tuple[int | None, str]:
+               jitted: Callable[..., Any] | None = None,
+               args: tuple = ()) -> tuple[int | None, str]:
     """(bytes, method) for one call of `fn`; for JAX, `fn` is jitted(*args) and XLA's analysis
     of that compiled function is read instead of running it."""
     if framework == "jax":

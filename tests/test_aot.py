@@ -15,6 +15,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from harness import aot
+from kernels.triton import attention as triton_attention
 from kernels.triton import conv2d as triton_conv2d
 from kernels.triton import matmul as triton_matmul
 from kernels.triton._common import prune_by
@@ -113,3 +114,37 @@ def test_the_gpu_autotuners_try_only_tiles_that_fit_the_problem():
     # nothing fits: one config, a smallest tile, is kept, so the autotuner always has a config
     [(rows, _)] = _kept(lambda meta, args: False, triton_matmul._GPU_CONFIGS)
     assert rows == 16
+
+
+def test_tma_configs_only_where_they_can_run():
+    """The attention forward's TMA configs only when the launcher made descriptors (and that is
+    in the autotune key, so a TMA choice is never reused without them); no configs whose tiles
+    spill at D=128; no TMA matmul tiles over shared memory in fp32."""
+    prune = prune_by(triton_attention._fwd_fits)["early_config_prune"]
+
+    def fwd(descs, block_d):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["TMA"])
+                for c in prune(triton_attention._FWD_GPU_CONFIGS,
+                               {"DESCS": descs, "BLOCK_D": block_d})]
+
+    assert not any(tma for *_, tma in fwd(False, 128))
+    assert (128, 64, 8, True) in fwd(True, 128)
+    assert (128, 64, 4, True) not in fwd(True, 128) and (128, 64, 4, False) not in fwd(True, 128)
+    assert (128, 64, 4, True) in fwd(True, 64)
+    assert "DESCS" in triton_attention._fwd_kernel.keys
+    # the backward's spilling configs at D=128 (and only there)
+    for fits, configs, spiller in ((triton_attention._dq_fits, triton_attention._DQ_GPU_CONFIGS,
+                                    (128, 32)),
+                                   (triton_attention._dkv_fits, triton_attention._DKV_GPU_CONFIGS,
+                                    (32, 128))):
+        assert spiller not in _kept(fits, configs, BLOCK_D=128)
+        assert spiller in _kept(fits, configs, BLOCK_D=64)
+        assert len(_kept(fits, configs, BLOCK_D=128)) == len(configs) - 1
+
+    def matmul_tiles(dtype):
+        kept = prune_by(triton_matmul._tma_fits)["early_config_prune"](
+            triton_matmul._TMA_GPU_CONFIGS, {"M_KEY": 4096, "IN_DTYPE": str(dtype)})
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept}
+
+    assert (128, 256) in matmul_tiles(torch.bfloat16)
+    assert matmul_tiles(torch.float32) == {(128, 64)}

@@ -47,21 +47,19 @@ def _fwd_config(bm, bn, warps, stages, tma=None):
 # unequal blocks so the CPU tests exercise the causal block bounds with BLOCK_M != BLOCK_N; its cost
 # is per program and per loop step, so they are no smaller than that needs (32x64 runs the smoke
 # cases 3x faster than 32x16 did).
-_FWD_CONFIGS = pick_configs(
-    [_fwd_config(128, 64, 4, 3, False), _fwd_config(128, 128, 8, 3, False),
-     _fwd_config(64, 64, 4, 3, False), _fwd_config(128, 32, 4, 2, False),
-     _fwd_config(64, 32, 4, 2, False),
-     _fwd_config(128, 64, 4, 3, True), _fwd_config(128, 128, 8, 3, True),
-     _fwd_config(128, 64, 8, 3, True)],
-    [_fwd_config(32, 64, 4, 1)])
-_DKV_CONFIGS = pick_configs(
-    [_config(32, 128, 4, 3), _config(64, 128, 8, 3), _config(32, 64, 4, 3),
-     _config(64, 64, 4, 2), _config(32, 32, 4, 2)],
-    [_config(32, 64, 4, 1)])
-_DQ_CONFIGS = pick_configs(
-    [_config(128, 32, 4, 3), _config(128, 64, 8, 3), _config(64, 64, 4, 3),
-     _config(64, 32, 4, 2), _config(32, 32, 4, 2)],
-    [_config(64, 32, 4, 1)])
+_FWD_GPU_CONFIGS = [
+    _fwd_config(128, 64, 4, 3, False), _fwd_config(128, 128, 8, 3, False),
+    _fwd_config(64, 64, 4, 3, False), _fwd_config(128, 32, 4, 2, False),
+    _fwd_config(64, 32, 4, 2, False),
+    _fwd_config(128, 64, 4, 3, True), _fwd_config(128, 128, 8, 3, True),
+    _fwd_config(128, 64, 8, 3, True)]
+_FWD_CONFIGS = pick_configs(_FWD_GPU_CONFIGS, [_fwd_config(32, 64, 4, 1)])
+_DKV_GPU_CONFIGS = [_config(32, 128, 4, 3), _config(64, 128, 8, 3), _config(32, 64, 4, 3),
+                    _config(64, 64, 4, 2), _config(32, 32, 4, 2)]
+_DKV_CONFIGS = pick_configs(_DKV_GPU_CONFIGS, [_config(32, 64, 4, 1)])
+_DQ_GPU_CONFIGS = [_config(128, 32, 4, 3), _config(128, 64, 8, 3), _config(64, 64, 4, 3),
+                   _config(64, 32, 4, 2), _config(32, 32, 4, 2)]
+_DQ_CONFIGS = pick_configs(_DQ_GPU_CONFIGS, [_config(64, 32, 4, 1)])
 _DELTA_BLOCK_M = 64
 _AUTOTUNE_KEY = ["Sq", "Sk", "GROUP", "BLOCK_D", "CAUSAL"]
 
@@ -72,17 +70,31 @@ def _narrow_enough(meta, args) -> bool:
     return max(meta["BLOCK_M"], meta["BLOCK_N"]) * args["BLOCK_D"] <= 128 * 128
 
 
-_PRUNE = prune_by(_narrow_enough)
+def _per_thread(meta, values: int) -> float:
+    return values / (meta["num_warps"] * 32)
 
 
+# Register budgets: fp32 values per thread in each kernel's accumulators and score-sized tiles,
+# from ptxas on sm_90 (make aot, bf16 standard tier). Forward, BLOCK_M x (BLOCK_D + BLOCK_N):
+# every config above 160 spilled (128x64 tiles, 4 warps, D=128: 144-532 bytes), none at or
+# below. dQ, BLOCK_M x (BLOCK_D + 2 BLOCK_N): above 160 only 128x32/4 warps at D=128, spilling
+# 208-396 bytes. dK/dV, 2 BLOCK_N x (BLOCK_D + BLOCK_M): 32x128/4 warps at D=128 (320) spilled
+# 2.2-6.0 KB; the configs at 192 spill at most a few bytes outside grouped-query causal cases.
 def _fwd_fits(meta, args) -> bool:
-    """TMA configs only where the launcher could make descriptors; and at most 160 values per
-    thread in the fp32 accumulator and score tiles together (BLOCK_M x (BLOCK_D + BLOCK_N)): on
-    sm_90 (make aot) every config above that spilled registers (128x64 tiles with 4 warps at
-    D=128: 144-532 bytes), none at or below it did."""
-    per_thread = meta["BLOCK_M"] * (args["BLOCK_D"] + meta["BLOCK_N"]) / (meta["num_warps"] * 32)
-    return (_narrow_enough(meta, args) and per_thread <= 160
-            and (args["Qd"] is not None or not meta.get("TMA")))
+    """Within its register budget; TMA configs only where the launcher made descriptors."""
+    values = meta["BLOCK_M"] * (args["BLOCK_D"] + meta["BLOCK_N"])
+    return (_narrow_enough(meta, args) and _per_thread(meta, values) <= 160
+            and (args["DESCS"] or not meta.get("TMA")))
+
+
+def _dq_fits(meta, args) -> bool:
+    values = meta["BLOCK_M"] * (args["BLOCK_D"] + 2 * meta["BLOCK_N"])
+    return _narrow_enough(meta, args) and _per_thread(meta, values) <= 160
+
+
+def _dkv_fits(meta, args) -> bool:
+    values = 2 * meta["BLOCK_N"] * (args["BLOCK_D"] + meta["BLOCK_M"])
+    return _narrow_enough(meta, args) and _per_thread(meta, values) <= 192
 
 
 @triton.jit
@@ -200,10 +212,12 @@ def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, rows, start_n, Sk, stride_
     return acc, l_i, m_new
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=prune_by(_fwd_fits),
-                 do_bench=autotune_bench)
+# DESCS (whether descriptors were made) is in the key: a choice of a TMA config must not be
+# reused for tensors that have none
+@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY + ["DESCS"],
+                 prune_configs_by=prune_by(_fwd_fits), do_bench=autotune_bench)
 @triton.jit
-def _fwd_kernel(Q, K, V, O, Qd, Kd, Vd, Od, LSE, qk_scale, Sq, Sk, H, GROUP, D,
+def _fwd_kernel(Q, K, V, O, Qd, Kd, Vd, Od, DESCS, LSE, qk_scale, Sq, Sk, H, GROUP, D,
                 stride_qb, stride_qh, stride_qs, stride_qd,
                 stride_kb, stride_kh, stride_ks, stride_kd,
                 stride_vb, stride_vh, stride_vs, stride_vd,
@@ -211,7 +225,8 @@ def _fwd_kernel(Q, K, V, O, Qd, Kd, Vd, Od, LSE, qk_scale, Sq, Sk, H, GROUP, D,
                 CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, D_EDGE: tl.constexpr,
                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Q, K, V, O by pointer, or (TMA) Qd, Kd, Vd, Od: their descriptors."""
+    """Q, K, V, O by pointer, or (TMA) Qd, Kd, Vd, Od: their descriptors (DESCS: whether they
+    were made; an autotune key, unused in the kernel)."""
     pid_m = _query_block(tl.program_id(0), CAUSAL)
     pid_bh = tl.program_id(1)
     b, h, hkv = _heads(pid_bh, H, GROUP)
@@ -300,8 +315,8 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, row0, keys, start_m, Sq, Sk, st
     return dk, dv
 
 
-@triton.autotune(configs=_DKV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE,
-                 do_bench=autotune_bench)
+@triton.autotune(configs=_DKV_CONFIGS, key=_AUTOTUNE_KEY,
+                 prune_configs_by=prune_by(_dkv_fits), do_bench=autotune_bench)
 @triton.jit
 def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale, Sq, Sk, H, GROUP, D,
                     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -379,8 +394,8 @@ def _dq_step(dq, q, do, lse, delta, K, V, rows, start_n, Sk, stride_ks, stride_k
     return tl.dot(_as_operand(ds, K.dtype.element_ty, UPCAST), k, dq, input_precision=PRECISION)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE,
-                 do_bench=autotune_bench)
+@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY,
+                 prune_configs_by=prune_by(_dq_fits), do_bench=autotune_bench)
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, scale, Sq, Sk, H, GROUP, D,
                    stride_qb, stride_qh, stride_qs, stride_qd,
@@ -441,14 +456,15 @@ def _forward(q, k, v, dims, out):
     lse = torch.empty((dims.B, dims.H, dims.Sq), dtype=torch.float32, device=q.device)
     block_d = _block_d(dims.D)
     descs = _descriptors(q, k, v, out)
+    made = descs[0] is not None
     # The interpreter runs its one config: there the launcher takes TMA whenever it can.
-    tma = {"TMA": descs[0] is not None} if TRITON_INTERPRET else {}
+    tma = {"TMA": made} if TRITON_INTERPRET else {}
 
     def grid(meta):
         return (triton.cdiv(dims.Sq, meta["BLOCK_M"]), dims.B * dims.H)
 
-    _fwd_kernel[grid](q, k, v, out, *descs, lse, dims.scale * LOG2_E, dims.Sq, dims.Sk, dims.H,
-                      dims.H // dims.Hkv, dims.D,
+    _fwd_kernel[grid](q, k, v, out, *descs, int(made), lse, dims.scale * LOG2_E, dims.Sq,
+                      dims.Sk, dims.H, dims.H // dims.Hkv, dims.D,
                       *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                       CAUSAL=dims.causal, BLOCK_D=block_d, D_EDGE=dims.D != block_d,
                       PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype), **tma)
