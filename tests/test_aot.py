@@ -116,30 +116,39 @@ def test_the_gpu_autotuners_try_only_tiles_that_fit_the_problem():
     assert rows == 16
 
 
-def test_tma_configs_only_where_they_can_run():
+def _q(dtype) -> torch.Tensor:
+    return torch.empty((1, 1, 1, 16), dtype=dtype)
+
+
+def test_autotuners_prune_by_descriptors_registers_and_dtype():
     """The attention forward's TMA configs only when the launcher made descriptors (and that is
-    in the autotune key, so a TMA choice is never reused without them); no configs whose tiles
-    spill at D=128; no TMA matmul tiles over shared memory in fp32."""
+    in the autotune key, so a TMA choice is never reused without them); no attention configs
+    whose tiles spill at D=128, and only small ones in fp32; no TMA matmul tiles over shared
+    memory in fp32."""
     prune = prune_by(triton_attention._fwd_fits)["early_config_prune"]
 
-    def fwd(descs, block_d):
+    def fwd(descs, block_d, dtype=torch.bfloat16):
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["TMA"])
                 for c in prune(triton_attention._FWD_GPU_CONFIGS,
-                               {"DESCS": descs, "BLOCK_D": block_d})]
+                               {"DESCS": descs, "BLOCK_D": block_d, "Q": _q(dtype)})]
 
     assert not any(tma for *_, tma in fwd(False, 128))
     assert (128, 64, 8, True) in fwd(True, 128)
     assert (128, 64, 4, True) not in fwd(True, 128) and (128, 64, 4, False) not in fwd(True, 128)
     assert (128, 64, 4, True) in fwd(True, 64)
     assert "DESCS" in triton_attention._fwd_kernel.keys
+    assert fwd(True, 128, torch.float32) == [(64, 32, 4, False)]  # fp32: small tiles only
     # the backward's spilling configs at D=128 (and only there)
     for fits, configs, spiller in ((triton_attention._dq_fits, triton_attention._DQ_GPU_CONFIGS,
                                     (128, 32)),
                                    (triton_attention._dkv_fits, triton_attention._DKV_GPU_CONFIGS,
                                     (32, 128))):
-        assert spiller not in _kept(fits, configs, BLOCK_D=128)
-        assert spiller in _kept(fits, configs, BLOCK_D=64)
-        assert len(_kept(fits, configs, BLOCK_D=128)) == len(configs) - 1
+        bf16 = _q(torch.bfloat16)
+        assert spiller not in _kept(fits, configs, BLOCK_D=128, Q=bf16)
+        assert spiller in _kept(fits, configs, BLOCK_D=64, Q=bf16)
+        assert len(_kept(fits, configs, BLOCK_D=128, Q=bf16)) == len(configs) - 1
+        assert all(m * n <= 64 * 32 for m, n in _kept(fits, configs, BLOCK_D=64,
+                                                       Q=_q(torch.float32)))
 
     def matmul_tiles(dtype):
         kept = prune_by(triton_matmul._tma_fits)["early_config_prune"](

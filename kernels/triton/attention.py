@@ -80,21 +80,31 @@ def _per_thread(meta, values: int) -> float:
 # below. dQ, BLOCK_M x (BLOCK_D + 2 BLOCK_N): above 160 only 128x32/4 warps at D=128, spilling
 # 208-396 bytes. dK/dV, 2 BLOCK_N x (BLOCK_D + BLOCK_M): 32x128/4 warps at D=128 (320) spilled
 # 2.2-6.0 KB; the configs at 192 spill at most a few bytes outside grouped-query causal cases.
+def _small_if_fp32(meta, args) -> bool:
+    """fp32 inputs (true fp32 dots, no tensor cores) spilled registers in every forward config at
+    D=128 (make aot: 11 KB to 225 KB per thread). fp32 is here to be checked, not raced, so its
+    autotuner compiles only the tiles of at most 64x32: one or two per kernel instead of five to
+    eight, which is most of the GPU test run's time."""
+    return args["Q"].element_size() < 4 or meta["BLOCK_M"] * meta["BLOCK_N"] <= 64 * 32
+
+
+def _fits(meta, args, values: int, budget: int) -> bool:
+    return (_narrow_enough(meta, args) and _small_if_fp32(meta, args)
+            and _per_thread(meta, values) <= budget)
+
+
 def _fwd_fits(meta, args) -> bool:
     """Within its register budget; TMA configs only where the launcher made descriptors."""
     values = meta["BLOCK_M"] * (args["BLOCK_D"] + meta["BLOCK_N"])
-    return (_narrow_enough(meta, args) and _per_thread(meta, values) <= 160
-            and (args["DESCS"] or not meta.get("TMA")))
+    return _fits(meta, args, values, 160) and (args["DESCS"] or not meta.get("TMA"))
 
 
 def _dq_fits(meta, args) -> bool:
-    values = meta["BLOCK_M"] * (args["BLOCK_D"] + 2 * meta["BLOCK_N"])
-    return _narrow_enough(meta, args) and _per_thread(meta, values) <= 160
+    return _fits(meta, args, meta["BLOCK_M"] * (args["BLOCK_D"] + 2 * meta["BLOCK_N"]), 160)
 
 
 def _dkv_fits(meta, args) -> bool:
-    values = 2 * meta["BLOCK_N"] * (args["BLOCK_D"] + meta["BLOCK_M"])
-    return _narrow_enough(meta, args) and _per_thread(meta, values) <= 192
+    return _fits(meta, args, 2 * meta["BLOCK_N"] * (args["BLOCK_D"] + meta["BLOCK_M"]), 192)
 
 
 @triton.jit
