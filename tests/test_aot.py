@@ -100,17 +100,23 @@ def _kept(fits, configs, **args) -> set:
 
 def test_the_gpu_autotuners_try_only_tiles_that_fit_the_problem():
     """What the GPU autotuners compile and time (the interpreter has one config, never pruned)."""
-    decode = _kept(triton_matmul._rows_fit, triton_matmul._GPU_CONFIGS, M_KEY=16)
+    bf16, fp32 = str(torch.bfloat16), str(torch.float32)
+    decode = _kept(triton_matmul._rows_fit, triton_matmul._GPU_CONFIGS, M_KEY=16, IN_DTYPE=bf16)
     assert {bm for bm, _ in decode} == {16, 64} and (16, 32) in decode
-    square = _kept(triton_matmul._rows_fit, triton_matmul._GPU_CONFIGS, M_KEY=4096)
+    square = _kept(triton_matmul._rows_fit, triton_matmul._GPU_CONFIGS, M_KEY=4096,
+                   IN_DTYPE=bf16)
     assert min(bm for bm, _ in square) == 64 and (128, 256) in square
+    # fp32 is checked, not raced: small tiles only
+    assert _kept(triton_matmul._rows_fit, triton_matmul._GPU_CONFIGS, M_KEY=4096,
+                 IN_DTYPE=fp32) == {(64, 64)}
 
-    def widths(k):
+    def widths(k, dtype=bf16):
         return {bn for _, bn in _kept(triton_conv2d._channels_fit, triton_conv2d._GPU_CONFIGS,
-                                      K=k)}
+                                      K=k, IN_DTYPE=dtype)}
     assert widths(1) == widths(16) == {16}
     assert widths(64) == {32, 64}
     assert widths(512) == {32, 64, 128}
+    assert widths(512, fp32) == {32, 64}
     # nothing fits: one config, a smallest tile, is kept, so the autotuner always has a config
     [(rows, _)] = _kept(lambda meta, args: False, triton_matmul._GPU_CONFIGS)
     assert rows == 16

@@ -82,6 +82,13 @@ def prune_by(fits) -> dict:
     return {"early_config_prune": prune}
 
 
+def small_tile_if_fp32(meta, fp32: bool, cap: int) -> bool:
+    """For an autotuner's fits: fp32 inputs (true fp32 dots, no tensor cores) only with tiles of
+    at most `cap` output elements. fp32 is here to be checked, not raced: fewer configs compile
+    per autotune key, which is most of the time of the tests on a GPU (40-77 s a test there)."""
+    return not fp32 or meta["BLOCK_M"] * meta["BLOCK_N"] <= cap
+
+
 def pick_configs(gpu_configs: list, interpret_configs: list) -> list:
     """The interpreter would 'autotune' by running every config at interpreter speed: one is enough."""
     return interpret_configs if TRITON_INTERPRET else gpu_configs

@@ -19,7 +19,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import ON_CUDA, TRITON_INTERPRET, contract, registry
 from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_precision,
-                                    pick_configs, prune_by, reset_jit, to_output, upcast_dot)
+                                    pick_configs, prune_by, reset_jit, small_tile_if_fp32,
+                                    to_output, upcast_dot)
 
 LOG2_E = 1 / math.log(2)
 
@@ -80,17 +81,11 @@ def _per_thread(meta, values: int) -> float:
 # below. dQ, BLOCK_M x (BLOCK_D + 2 BLOCK_N): above 160 only 128x32/4 warps at D=128, spilling
 # 208-396 bytes. dK/dV, 2 BLOCK_N x (BLOCK_D + BLOCK_M): 32x128/4 warps at D=128 (320) spilled
 # 2.2-6.0 KB; the configs at 192 spill at most a few bytes outside grouped-query causal cases.
-def _small_if_fp32(meta, args) -> bool:
-    """fp32 inputs (true fp32 dots, no tensor cores) spilled registers in every forward config at
-    D=128 (make aot: 11 KB to 225 KB per thread). fp32 is here to be checked, not raced, so its
-    autotuner compiles only the tiles of at most 64x32: one or two per kernel instead of five to
-    eight, which is most of the GPU test run's time."""
-    return args["Q"].element_size() < 4 or meta["BLOCK_M"] * meta["BLOCK_N"] <= 64 * 32
-
-
 def _fits(meta, args, values: int, budget: int) -> bool:
-    return (_narrow_enough(meta, args) and _small_if_fp32(meta, args)
-            and _per_thread(meta, values) <= budget)
+    # fp32 spilled registers in every forward config at D=128 (make aot: 11 KB to 225 KB per
+    # thread): tiles of at most 64x32, one or two configs per kernel instead of five to eight
+    return (_narrow_enough(meta, args) and _per_thread(meta, values) <= budget
+            and small_tile_if_fp32(meta, args["Q"].element_size() == 4, 64 * 32))
 
 
 def _fwd_fits(meta, args) -> bool:

@@ -15,8 +15,8 @@ import triton.language as tl
 
 from kernels import contract, registry
 from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_precision,
-                                    grouped_tile, pick_configs, prune_by, reset_jit, to_output,
-                                    upcast_dot)
+                                    grouped_tile, pick_configs, prune_by, reset_jit,
+                                    small_tile_if_fp32, to_output, upcast_dot)
 from kernels.triton.matmul import _matmul_kernel, matmul
 
 
@@ -27,8 +27,7 @@ def _config(bm, bn, group, stages, warps):
 
 # A few Hopper configs: wide output-pixel tiles (M is large for every real conv), narrower K tiles
 # for layers with few output channels. The channel block is chosen by the launcher from C, not
-# tuned. Configs that overflow shared memory (fp32, big tiles) fail to compile and the autotuner
-# skips them.
+# tuned.
 _GPU_CONFIGS = [
     _config(128, 128, 8, 3, 8),
     _config(128, 64, 8, 4, 4),
@@ -41,9 +40,10 @@ _GPU_CONFIGS = [
 
 def _channels_fit(meta, args) -> bool:
     """Output-channel tiles no wider than the output channels (a wider one is masked work), and
-    the 16-wide tile only for layers of at most 16 channels."""
+    the 16-wide tile only for layers of at most 16 channels. fp32: tiles of at most 64x64."""
     k = triton.next_power_of_2(args["K"])
-    return meta["BLOCK_N"] <= max(16, k) and (meta["BLOCK_N"] > 16 or k <= 16)
+    return (meta["BLOCK_N"] <= max(16, k) and (meta["BLOCK_N"] > 16 or k <= 16)
+            and small_tile_if_fp32(meta, args["IN_DTYPE"] == str(torch.float32), 64 * 64))
 
 
 # The interpreter's cost is per program and loop step: 128-pixel tiles halve the CPU benches' time

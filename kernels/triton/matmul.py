@@ -15,8 +15,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import ON_CUDA, contract, registry
 from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_precision,
-                                    grouped_tile, pick_configs, prune_by, reset_jit, to_output,
-                                    upcast_dot)
+                                    grouped_tile, pick_configs, prune_by, reset_jit,
+                                    small_tile_if_fp32, to_output, upcast_dot)
 
 
 def _config(bm, bn, bk, group, stages, warps, pre_hook=None):
@@ -43,7 +43,10 @@ _GPU_CONFIGS = [
 
 
 def _rows_fit(meta, args) -> bool:
-    """Skinny problems (M <= 32) get tiles of at most 64 rows; the 16-row tiles are only for them."""
+    """Skinny problems (M <= 32) get tiles of at most 64 rows; the 16-row tiles are only for them.
+    fp32: tiles of at most 64x64."""
+    if not small_tile_if_fp32(meta, args["IN_DTYPE"] == str(torch.float32), 64 * 64):
+        return False
     if args["M_KEY"] <= 32:
         return meta["BLOCK_M"] <= 64
     return meta["BLOCK_M"] > 16
