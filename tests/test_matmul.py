@@ -71,8 +71,8 @@ def test_tma_kernel_where_descriptors_fit(shape, dtype):
 
 
 def test_tma_falls_back_to_pointer_kernel():
-    """Rows a descriptor cannot take (K = 129: 258-byte rows in bf16; a transposed view) go to
-    the pointer kernel, with the same result as `triton`."""
+    """Rows a descriptor cannot take (K = 129: 258-byte rows in bf16; a transposed view; a
+    broadcast view, stride 0) go to the pointer kernel, with the same result as `triton`."""
     import torch
 
     from harness import compile as compile_mod
@@ -84,7 +84,8 @@ def test_tma_falls_back_to_pointer_kernel():
     b = torch.randn(129, 40, generator=gen).to(DEVICE, torch.bfloat16)
     bt = torch.randn(128, 40, generator=gen).to(DEVICE, torch.bfloat16).t()  # strides (1, 40)
     a2 = torch.randn(65, 40, generator=gen).to(DEVICE, torch.bfloat16)
-    for x, y in ((a, b), (a2, bt)):  # bt: [40, 128]
+    bcast = torch.randn(1, 128, generator=gen).to(DEVICE, torch.bfloat16).expand(40, 128)
+    for x, y in ((a, b), (a2, bt), (a2, bcast)):  # bt, bcast: [40, 128]
         ran: dict[str, str] = {}
         with compile_mod.autotune_choices(ran):
             out = registry.get("matmul", "triton_tma")(x, y)

@@ -82,6 +82,19 @@ def prune_by(fits) -> dict:
     return {"early_config_prune": prune}
 
 
+def tma_device() -> bool:
+    """TMA needs a GPU of compute capability 9.0 or later; without a GPU, descriptors run in the
+    interpreter (or are compiled ahead of time for such a GPU by harness.aot)."""
+    return not ON_CUDA or torch.cuda.get_device_capability() >= (9, 0)
+
+
+def tma_ready(t: torch.Tensor) -> bool:
+    """What a TMA tensor descriptor needs: contiguous rows, every other stride a positive multiple
+    of 16 bytes (a broadcast view's stride 0 is not), a 16-byte aligned base."""
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
+
+
 def small_tile_if_fp32(meta, fp32: bool, cap: int) -> bool:
     """For an autotuner's fits: fp32 inputs (true fp32 dots, no tensor cores) only with tiles of
     at most `cap` output elements. fp32 is here to be checked, not raced: fewer configs compile

@@ -17,10 +17,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels import ON_CUDA, TRITON_INTERPRET, contract, registry
+from kernels import TRITON_INTERPRET, contract, registry
 from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_precision,
                                     pick_configs, prune_by, reset_jit, small_tile_if_fp32,
-                                    to_output, upcast_dot)
+                                    tma_device, tma_ready, to_output, upcast_dot)
 
 LOG2_E = 1 / math.log(2)
 
@@ -441,18 +441,10 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def tma_ready(t: torch.Tensor) -> bool:
-    """What a tensor descriptor needs: contiguous rows, every other stride a positive multiple
-    of 16 bytes (broadcast views have stride 0), a 16-byte aligned base."""
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
-
-
 def _descriptors(*tensors) -> list:
     """Descriptors for q, k, v and o (tiles set per config by its pre-launch hook), or Nones
     where TMA cannot be used: no Hopper-class GPU, or a tensor a descriptor cannot take."""
-    hopper = not ON_CUDA or torch.cuda.get_device_capability() >= (9, 0)
-    if not (hopper and all(tma_ready(t) for t in tensors)):
+    if not (tma_device() and all(tma_ready(t) for t in tensors)):
         return [None] * len(tensors)
     return [TensorDescriptor.from_tensor(t, [1, 1, 16, 16]) for t in tensors]
 

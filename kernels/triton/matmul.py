@@ -16,7 +16,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels import ON_CUDA, contract, registry
 from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_precision,
                                     grouped_tile, pick_configs, prune_by, reset_jit,
-                                    small_tile_if_fp32, to_output, upcast_dot)
+                                    small_tile_if_fp32, tma_device, tma_ready, to_output,
+                                    upcast_dot)
 
 
 def _config(bm, bn, bk, group, stages, warps, pre_hook=None):
@@ -167,12 +168,6 @@ def _num_programs(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _tma_ready(t: torch.Tensor) -> bool:
-    """What a tensor descriptor needs: rows contiguous, a 16-byte aligned base and row stride."""
-    return (t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
-            and t.data_ptr() % 16 == 0)
-
-
 def _launch_tma(a, b, out, dims: contract.MatmulDims) -> None:
     # Placeholder tiles: the chosen config's pre-launch hook sets the real ones.
     descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (a, b, out)]
@@ -227,17 +222,11 @@ def matmul_tma(a: torch.Tensor, b: torch.Tensor, *,
     4 in fp32; transposed views) go to the pointer kernel instead: the record's `autotuned`
     field names the kernel that ran."""
     dims, out = _checked(a, b, out)
-    if all(_tma_ready(t) for t in (a, b, out)):
+    if all(tma_ready(t) for t in (a, b, out)):
         _launch_tma(a, b, out, dims)
     else:
         _launch(a, b, out, dims)
     return out
-
-
-def _hopper_or_no_gpu() -> bool:
-    """TMA needs compute capability 9.0 or later; without a GPU the kernel runs in the
-    interpreter (or is compiled ahead of time for one by harness.aot)."""
-    return not ON_CUDA or torch.cuda.get_device_capability() >= (9, 0)
 
 
 registry.register("matmul", "triton", framework="torch", kind="hand", backend="Triton",
@@ -245,5 +234,5 @@ registry.register("matmul", "triton", framework="torch", kind="hand", backend="T
 registry.register("matmul", "triton_tma", framework="torch", kind="hand",
                   backend="Triton (TMA, persistent)", accepts_out=True, tags=TAGS,
                   reset=lambda: reset_jit(_matmul_kernel, _matmul_tma_kernel),
-                  enabled=_hopper_or_no_gpu(),
+                  enabled=tma_device(),
                   reason="needs a GPU of compute capability 9.0 or later (TMA)")(matmul_tma)
