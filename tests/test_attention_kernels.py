@@ -139,6 +139,23 @@ def test_forward_and_gradients_match_reference(impl, case, dtype, monkeypatch):
     check_within_budget(errors, stock, torch_dtype, f"{impl} {dtype}")
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="a GPU's autotuner choice; on CPU the interpreter "
+                    "takes TMA whenever it can, which the tests above check")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", CASES)
+def test_triton_tma_forward_on_gpu(case, dtype, monkeypatch):
+    """On a GPU the forward's autotuner keeps the faster of its pointer and TMA configs; here it
+    is offered only the TMA ones, so the TMA forward is checked whichever wins elsewhere."""
+    kernel = triton_attention._fwd_kernel
+    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs.get("TMA")])
+    kernel.cache.clear()
+    try:
+        test_forward_and_gradients_match_reference("triton", case, dtype, monkeypatch)
+        assert kernel.best_config.kwargs["TMA"]
+    finally:
+        kernel.cache.clear()  # no TMA-only choice is left for the tests after this one
+
+
 def test_triton_non_contiguous_inputs():
     """[B, S, H, D] storage viewed as [B, H, S, D]: the kernels take strides, no copies."""
     case = (1, 4, 2, 37, 61, 32, True, None)
