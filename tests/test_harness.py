@@ -128,6 +128,29 @@ def test_jax_peak_memory_from_memory_analysis():
         memory.peak_bytes(None, "jax", False, lambda a: a @ a, (x,))
 
 
+def test_prepared_jax_call_is_timed_as_prepared():
+    """A JAX implementation with a prepare step is timed through it; its memory comes from the
+    plain call, compiled on its own."""
+    import jax.numpy as jnp
+
+    from harness import bench
+
+    prepared = []
+
+    def prepare(a, b):
+        prepared.append(True)
+        return lambda: jnp.matmul(a, b)
+
+    impl = registry.Impl("matmul", "prepared", lambda a, b: jnp.matmul(a, b), "jax", "plugin",
+                         prepare=prepare)
+    case = cases.cases("matmul", "smoke")[0]
+    calls = bench._forward_calls(impl, case, inputs.make(case, "float32", "jax", "cpu"))
+    assert prepared and calls.timed is calls.first
+    timing.sync(calls.timed())
+    peak, method = memory.peak_bytes(calls.timed, "jax", False, *calls.memory)
+    assert method == "xla.memory_analysis" and peak >= case.dims["M"] * case.dims["N"] * 4
+
+
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd_bwd"])
 def test_jax_memory_reads_the_timed_executable(mode):
     """The memory step of a JAX benchmark compiles nothing: it reads the executable the timed
