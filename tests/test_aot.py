@@ -127,34 +127,39 @@ def _q(dtype) -> torch.Tensor:
 
 
 def test_autotuners_prune_by_descriptors_registers_and_dtype():
-    """The attention forward's TMA configs only when the launcher made descriptors (and that is
-    in the autotune key, so a TMA choice is never reused without them); no attention configs
+    """The attention kernels' TMA configs only when the launcher made descriptors (and that is in
+    their autotune key, so a TMA choice is never reused without them); no attention configs
     whose tiles spill at D=128, and only small ones in fp32; no TMA matmul tiles over shared
     memory in fp32."""
-    prune = prune_by(triton_attention._fwd_fits)["early_config_prune"]
+    def kept(fits, configs, descs, block_d, dtype=torch.bfloat16):
+        prune = prune_by(fits)["early_config_prune"]
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["TMA"])
+                for c in prune(configs, {"DESCS": descs, "BLOCK_D": block_d, "Q": _q(dtype)})]
 
     def fwd(descs, block_d, dtype=torch.bfloat16):
-        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["TMA"])
-                for c in prune(triton_attention._FWD_GPU_CONFIGS,
-                               {"DESCS": descs, "BLOCK_D": block_d, "Q": _q(dtype)})]
+        return kept(triton_attention._fwd_fits, triton_attention._FWD_GPU_CONFIGS, descs,
+                    block_d, dtype)
 
-    assert not any(tma for *_, tma in fwd(False, 128))
     assert (128, 64, 8, True) in fwd(True, 128)
     assert (128, 64, 4, True) not in fwd(True, 128) and (128, 64, 4, False) not in fwd(True, 128)
     assert (128, 64, 4, True) in fwd(True, 64)
-    assert "DESCS" in triton_attention._fwd_kernel.keys
     assert fwd(True, 128, torch.float32) == [(64, 32, 4, False)]  # fp32: small tiles only
     # the backward's spilling configs at D=128 (and only there)
     for fits, configs, spiller in ((triton_attention._dq_fits, triton_attention._DQ_GPU_CONFIGS,
-                                    (128, 32)),
+                                    (128, 32, 4, False)),
                                    (triton_attention._dkv_fits, triton_attention._DKV_GPU_CONFIGS,
-                                    (32, 128))):
-        bf16 = _q(torch.bfloat16)
-        assert spiller not in _kept(fits, configs, BLOCK_D=128, Q=bf16)
-        assert spiller in _kept(fits, configs, BLOCK_D=64, Q=bf16)
-        assert len(_kept(fits, configs, BLOCK_D=128, Q=bf16)) == len(configs) - 1
-        assert all(m * n <= 64 * 32 for m, n in _kept(fits, configs, BLOCK_D=64,
-                                                       Q=_q(torch.float32)))
+                                    (32, 128, 4, False))):
+        assert spiller not in kept(fits, configs, True, 128)
+        assert spiller in kept(fits, configs, True, 64)
+        assert len(kept(fits, configs, True, 128)) == len(configs) - 1
+        assert all(m * n <= 64 * 32 for m, n, *_ in kept(fits, configs, True, 64, torch.float32))
+    for fits, configs, kernel in (
+            (triton_attention._fwd_fits, triton_attention._FWD_GPU_CONFIGS, "_fwd_kernel"),
+            (triton_attention._dq_fits, triton_attention._DQ_GPU_CONFIGS, "_bwd_dq_kernel"),
+            (triton_attention._dkv_fits, triton_attention._DKV_GPU_CONFIGS, "_bwd_dkv_kernel")):
+        assert any(tma for *_, tma in kept(fits, configs, True, 128)), kernel
+        assert not any(tma for *_, tma in kept(fits, configs, False, 128)), kernel
+        assert "DESCS" in getattr(triton_attention, kernel).keys
 
     def matmul_tiles(dtype):
         kept = prune_by(triton_matmul._tma_fits)["early_config_prune"](

@@ -140,20 +140,24 @@ def test_forward_and_gradients_match_reference(impl, case, dtype, monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="a GPU's autotuner choice; on CPU the interpreter "
-                    "takes TMA whenever it can, which the tests above check")
+                    "takes TMA whenever it can, which the other tests check")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("case", CASES)
-def test_triton_tma_forward_on_gpu(case, dtype, monkeypatch):
-    """On a GPU the forward's autotuner keeps the faster of its pointer and TMA configs; here it
-    is offered only the TMA ones, so the TMA forward is checked whichever wins elsewhere."""
-    kernel = triton_attention._fwd_kernel
-    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs.get("TMA")])
-    kernel.cache.clear()
+def test_triton_tma_kernels_on_gpu(case, dtype, monkeypatch):
+    """On a GPU each attention kernel's autotuner keeps the faster of its pointer and TMA
+    configs; here they are offered only the TMA ones, so the TMA paths are checked whichever
+    wins elsewhere."""
+    kernels = (triton_attention._fwd_kernel, triton_attention._bwd_dq_kernel,
+               triton_attention._bwd_dkv_kernel)
+    for kernel in kernels:
+        monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs.get("TMA")])
+        kernel.cache.clear()
     try:
         test_forward_and_gradients_match_reference("triton", case, dtype, monkeypatch)
-        assert kernel.best_config.kwargs["TMA"]
+        assert all(kernel.best_config.kwargs["TMA"] for kernel in kernels)
     finally:
-        kernel.cache.clear()  # no TMA-only choice is left for the tests after this one
+        for kernel in kernels:
+            kernel.cache.clear()  # no TMA-only choice is left for the tests after this one
 
 
 def test_triton_non_contiguous_inputs():

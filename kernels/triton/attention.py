@@ -2,9 +2,9 @@
 three kernels (delta = rowsum(dO * O), dK/dV over query blocks, dQ over key blocks).
 
 Layout [B, H, S, D] with any strides. GQA/MQA read kv head h // (H // Hkv) in place; k and v are
-never repeated. On a GPU the forward's autotuner also tries configs that move q, k, v and o by TMA
-through tensor descriptors (Hopper and later, rows of 16-byte multiples) and keeps whichever
-measures faster. D is padded (by masks, not copies) to a power of two >= 16 for tl.dot. Softmax runs
+never repeated. On a GPU each kernel's autotuner also tries configs that move q, k, v, o and dO
+by TMA through tensor descriptors (Hopper and later, rows of 16-byte multiples) and keeps
+whichever measures faster. D is padded (by masks, not copies) to a power of two >= 16 for tl.dot. Softmax runs
 in base 2: log2(e) is folded into the scale so the inner loop uses exp2, and the saved logsumexp is
 base 2 as well.
 """
@@ -25,44 +25,49 @@ from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_preci
 LOG2_E = 1 / math.log(2)
 
 
-def _config(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-
-
-def _set_fwd_blocks(nargs) -> None:
-    """A forward config's pre-launch hook: descriptor tiles [1, 1, rows, BLOCK_D] of the config."""
-    if nargs["Qd"] is None:
+def _set_blocks(nargs) -> None:
+    """A config's pre-launch hook: descriptor tiles [1, 1, rows, BLOCK_D], query-side tensors
+    (q, o, dO) by BLOCK_M rows, key-side ones (k, v) by BLOCK_N."""
+    if not nargs["DESCS"]:
         return
-    for name, rows in (("Qd", "BLOCK_M"), ("Od", "BLOCK_M"), ("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")):
-        nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
+    for name, rows in (("Qd", "BLOCK_M"), ("Od", "BLOCK_M"), ("DOd", "BLOCK_M"),
+                       ("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")):
+        if name in nargs:
+            nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
 
 
-def _fwd_config(bm, bn, warps, stages, tma=None):
-    """tma=None: the choice is the launcher's (the interpreter runs one config)."""
+def _config(bm, bn, warps, stages, tma=None):
+    """tma: whether tiles move by TMA; None in the interpreter, which runs one config and takes
+    TMA whenever the launcher could make descriptors."""
     meta = {"BLOCK_M": bm, "BLOCK_N": bn} | ({} if tma is None else {"TMA": tma})
-    return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=_set_fwd_blocks)
+    return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=_set_blocks)
 
 
 # BLOCK_M tiles queries, BLOCK_N tiles keys. The kernel that owns a query block (forward, dQ) wants
-# a tall BLOCK_M; the one that owns a key block (dK/dV) a wide BLOCK_N. The interpreter configs use
-# unequal blocks so the CPU tests exercise the causal block bounds with BLOCK_M != BLOCK_N; its cost
-# is per program and per loop step, so they are no smaller than that needs (32x64 runs the smoke
-# cases 3x faster than 32x16 did).
+# a tall BLOCK_M; the one that owns a key block (dK/dV) a wide BLOCK_N. On a GPU each kernel's
+# autotuner also tries a few configs that move tiles by TMA and keeps the faster. The interpreter
+# configs use unequal blocks so the CPU tests exercise the causal block bounds with
+# BLOCK_M != BLOCK_N; its cost is per program and per loop step, so they are no smaller than that
+# needs (32x64 runs the smoke cases 3x faster than 32x16 did).
 _FWD_GPU_CONFIGS = [
-    _fwd_config(128, 64, 4, 3, False), _fwd_config(128, 128, 8, 3, False),
-    _fwd_config(64, 64, 4, 3, False), _fwd_config(128, 32, 4, 2, False),
-    _fwd_config(64, 32, 4, 2, False),
-    _fwd_config(128, 64, 4, 3, True), _fwd_config(128, 128, 8, 3, True),
-    _fwd_config(128, 64, 8, 3, True)]
-_FWD_CONFIGS = pick_configs(_FWD_GPU_CONFIGS, [_fwd_config(32, 64, 4, 1)])
-_DKV_GPU_CONFIGS = [_config(32, 128, 4, 3), _config(64, 128, 8, 3), _config(32, 64, 4, 3),
-                    _config(64, 64, 4, 2), _config(32, 32, 4, 2)]
+    _config(128, 64, 4, 3, False), _config(128, 128, 8, 3, False), _config(64, 64, 4, 3, False),
+    _config(128, 32, 4, 2, False), _config(64, 32, 4, 2, False),
+    _config(128, 64, 4, 3, True), _config(128, 128, 8, 3, True), _config(128, 64, 8, 3, True)]
+_FWD_CONFIGS = pick_configs(_FWD_GPU_CONFIGS, [_config(32, 64, 4, 1)])
+_DKV_GPU_CONFIGS = [
+    _config(32, 128, 4, 3, False), _config(64, 128, 8, 3, False), _config(32, 64, 4, 3, False),
+    _config(64, 64, 4, 2, False), _config(32, 32, 4, 2, False),
+    _config(64, 128, 8, 3, True), _config(32, 64, 4, 3, True)]
 _DKV_CONFIGS = pick_configs(_DKV_GPU_CONFIGS, [_config(32, 64, 4, 1)])
-_DQ_GPU_CONFIGS = [_config(128, 32, 4, 3), _config(128, 64, 8, 3), _config(64, 64, 4, 3),
-                   _config(64, 32, 4, 2), _config(32, 32, 4, 2)]
+_DQ_GPU_CONFIGS = [
+    _config(128, 32, 4, 3, False), _config(128, 64, 8, 3, False), _config(64, 64, 4, 3, False),
+    _config(64, 32, 4, 2, False), _config(32, 32, 4, 2, False),
+    _config(128, 64, 8, 3, True), _config(64, 64, 4, 3, True)]
 _DQ_CONFIGS = pick_configs(_DQ_GPU_CONFIGS, [_config(64, 32, 4, 1)])
 _DELTA_BLOCK_M = 64
-_AUTOTUNE_KEY = ["Sq", "Sk", "GROUP", "BLOCK_D", "CAUSAL"]
+# DESCS (whether the launcher made descriptors) is in the key: a TMA config chosen for tensors
+# with descriptors must not be reused for tensors without
+_AUTOTUNE_KEY = ["Sq", "Sk", "GROUP", "BLOCK_D", "CAUSAL", "DESCS"]
 
 
 def _narrow_enough(meta, args) -> bool:
@@ -82,16 +87,16 @@ def _per_thread(meta, values: int) -> float:
 # 208-396 bytes. dK/dV, 2 BLOCK_N x (BLOCK_D + BLOCK_M): 32x128/4 warps at D=128 (320) spilled
 # 2.2-6.0 KB; the configs at 192 spill at most a few bytes outside grouped-query causal cases.
 def _fits(meta, args, values: int, budget: int) -> bool:
-    # fp32 spilled registers in every forward config at D=128 (make aot: 11 KB to 225 KB per
-    # thread): tiles of at most 64x32, one or two configs per kernel instead of five to eight
+    """Within the kernel's register budget; TMA configs only where the launcher made
+    descriptors. fp32 spilled registers in every forward config at D=128 (make aot: 11 KB to
+    225 KB per thread): tiles of at most 64x32, one or two configs per kernel."""
     return (_narrow_enough(meta, args) and _per_thread(meta, values) <= budget
-            and small_tile_if_fp32(meta, args["Q"].element_size() == 4, 64 * 32))
+            and small_tile_if_fp32(meta, args["Q"].element_size() == 4, 64 * 32)
+            and (args["DESCS"] or not meta.get("TMA")))
 
 
 def _fwd_fits(meta, args) -> bool:
-    """Within its register budget; TMA configs only where the launcher made descriptors."""
-    values = meta["BLOCK_M"] * (args["BLOCK_D"] + meta["BLOCK_N"])
-    return _fits(meta, args, values, 160) and (args["DESCS"] or not meta.get("TMA"))
+    return _fits(meta, args, meta["BLOCK_M"] * (args["BLOCK_D"] + meta["BLOCK_N"]), 160)
 
 
 def _dq_fits(meta, args) -> bool:
@@ -217,9 +222,7 @@ def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, rows, start_n, Sk, stride_
     return acc, l_i, m_new
 
 
-# DESCS (whether descriptors were made) is in the key: a choice of a TMA config must not be
-# reused for tensors that have none
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY + ["DESCS"],
+@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY,
                  prune_configs_by=prune_by(_fwd_fits), do_bench=autotune_bench)
 @triton.jit
 def _fwd_kernel(Q, K, V, O, Qd, Kd, Vd, Od, DESCS, LSE, qk_scale, Sq, Sk, H, GROUP, D,
@@ -291,14 +294,19 @@ def _bwd_delta_kernel(O, DO, DELTA, Sq, H, D,
 
 
 @triton.jit
-def _dkv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, row0, keys, start_m, Sq, Sk, stride_qs,
-              stride_qd, stride_ds, stride_dd, cols, D, qk_scale, CAUSAL: tl.constexpr,
-              PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
+def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, b, h, LSE, DELTA, row0, keys, start_m, Sq, Sk,
+              stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
+              CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+              D_EDGE: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
     """One query block's contribution to a key block's dK and dV."""
     rows = start_m + tl.arange(0, BLOCK_M)
-    q = _load(Qh, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST, MASKED, D_EDGE)
-    do = _load(DOh, rows, Sq, stride_ds, cols, D, stride_dd, UPCAST, MASKED, D_EDGE)
+    if TMA:
+        q = _tile(Qd, b, h, start_m, BLOCK_M, BLOCK_D, UPCAST)
+        do = _tile(DOd, b, h, start_m, BLOCK_M, BLOCK_D, UPCAST)
+    else:
+        q = _load(Qh, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST, MASKED, D_EDGE)
+        do = _load(DOh, rows, Sq, stride_ds, cols, D, stride_dd, UPCAST, MASKED, D_EDGE)
     if MASKED:
         lse = tl.load(LSE + row0 + rows, mask=rows < Sq, other=0.0)
         delta = tl.load(DELTA + row0 + rows, mask=rows < Sq, other=0.0)
@@ -323,13 +331,14 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, row0, keys, start_m, Sq, Sk, st
 @triton.autotune(configs=_DKV_CONFIGS, key=_AUTOTUNE_KEY,
                  prune_configs_by=prune_by(_dkv_fits), do_bench=autotune_bench)
 @triton.jit
-def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale, Sq, Sk, H, GROUP, D,
+def _bwd_dkv_kernel(Q, K, V, DO, Qd, Kd, Vd, DOd, DESCS, LSE, DELTA, DK, DV, qk_scale, scale,
+                    Sq, Sk, H, GROUP, D,
                     stride_qb, stride_qh, stride_qs, stride_qd,
                     stride_kb, stride_kh, stride_ks, stride_kd,
                     stride_vb, stride_vh, stride_vs, stride_vd,
                     stride_db, stride_dh, stride_ds, stride_dd,
                     CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, D_EDGE: tl.constexpr,
-                    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block of one kv head; loops over the GROUP query heads that share it, so dK/dV of
     a GQA group accumulate in fp32 registers with no atomics and no per-q-head copies.
@@ -345,10 +354,15 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale, Sq, Sk, H,
     key0 = pid_n * BLOCK_N
     keys = key0 + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    k = _load(K + b * stride_kb + hkv * stride_kh, keys, Sk, stride_ks, cols, D, stride_kd,
-              UPCAST, True, D_EDGE)
-    v = _load(V + b * stride_vb + hkv * stride_vh, keys, Sk, stride_vs, cols, D, stride_vd,
-              UPCAST, True, D_EDGE)
+    b32, hkv32 = b.to(tl.int32), hkv.to(tl.int32)  # descriptor coordinates are 32-bit
+    if TMA:
+        k = _tile(Kd, b32, hkv32, key0, BLOCK_N, BLOCK_D, UPCAST)
+        v = _tile(Vd, b32, hkv32, key0, BLOCK_N, BLOCK_D, UPCAST)
+    else:
+        k = _load(K + b * stride_kb + hkv * stride_kh, keys, Sk, stride_ks, cols, D, stride_kd,
+                  UPCAST, True, D_EDGE)
+        v = _load(V + b * stride_vb + hkv * stride_vh, keys, Sk, stride_vs, cols, D, stride_vd,
+                  UPCAST, True, D_EDGE)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     full = Sq // BLOCK_M * BLOCK_M
@@ -363,18 +377,22 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale, Sq, Sk, H,
         Qh = Q + b * stride_qb + h * stride_qh
         DOh = DO + b * stride_db + h * stride_dh
         row0 = (b * H + h) * Sq
+        h32 = h.to(tl.int32)
         for start_m in range(lo, whole, BLOCK_M):
-            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, row0, keys, start_m, Sq, Sk,
-                               stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
-                               CAUSAL, PRECISION, UPCAST, D_EDGE, BLOCK_M, True)
+            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, b32, h32, LSE, DELTA, row0, keys,
+                               start_m, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols,
+                               D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_D,
+                               BLOCK_M, True)
         for start_m in range(whole, full, BLOCK_M):
-            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, row0, keys, start_m, Sq, Sk,
-                               stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
-                               CAUSAL, PRECISION, UPCAST, D_EDGE, BLOCK_M, False)
+            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, b32, h32, LSE, DELTA, row0, keys,
+                               start_m, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols,
+                               D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_D,
+                               BLOCK_M, False)
         for start_m in range(max(whole, full), Sq, BLOCK_M):
-            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, row0, keys, start_m, Sq, Sk,
-                               stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
-                               CAUSAL, PRECISION, UPCAST, D_EDGE, BLOCK_M, True)
+            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, b32, h32, LSE, DELTA, row0, keys,
+                               start_m, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols,
+                               D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_D,
+                               BLOCK_M, True)
     # dK/dV are written contiguous [B, Hkv, Sk, D].
     base = (b * Hkv + hkv) * Sk * D
     _store(DK + base, dk * scale, keys, Sk, D, cols, D, 1, UPCAST)
@@ -382,14 +400,19 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale, Sq, Sk, H,
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, K, V, rows, start_n, Sk, stride_ks, stride_kd, stride_vs,
-             stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-             UPCAST: tl.constexpr, D_EDGE: tl.constexpr, BLOCK_N: tl.constexpr,
+def _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, b, hkv, rows, start_n, Sk, stride_ks,
+             stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr,
+             PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
+             TMA: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
              MASKED: tl.constexpr):
     """One key block's contribution to a query block's dQ."""
     keys = start_n + tl.arange(0, BLOCK_N)
-    k = _load(K, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED, D_EDGE)
-    v = _load(V, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED, D_EDGE)
+    if TMA:
+        k = _tile(Kd, b, hkv, start_n, BLOCK_N, BLOCK_D, UPCAST)
+        v = _tile(Vd, b, hkv, start_n, BLOCK_N, BLOCK_D, UPCAST)
+    else:
+        k = _load(K, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED, D_EDGE)
+        v = _load(V, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED, D_EDGE)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     p = tl.exp2(s * qk_scale - lse[:, None])
     if MASKED:
@@ -402,13 +425,14 @@ def _dq_step(dq, q, do, lse, delta, K, V, rows, start_n, Sk, stride_ks, stride_k
 @triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY,
                  prune_configs_by=prune_by(_dq_fits), do_bench=autotune_bench)
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, scale, Sq, Sk, H, GROUP, D,
+def _bwd_dq_kernel(Q, K, V, DO, Qd, Kd, Vd, DOd, DESCS, LSE, DELTA, DQ, qk_scale, scale, Sq, Sk,
+                   H, GROUP, D,
                    stride_qb, stride_qh, stride_qs, stride_qd,
                    stride_kb, stride_kh, stride_ks, stride_kd,
                    stride_vb, stride_vh, stride_vs, stride_vd,
                    stride_db, stride_dh, stride_ds, stride_dd,
                    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, D_EDGE: tl.constexpr,
-                   PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = _query_block(tl.program_id(0), CAUSAL)
     pid_bh = tl.program_id(1)
@@ -417,22 +441,27 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, scale, Sq, Sk, H, GROU
     V += b * stride_vb + hkv * stride_vh
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    q = _load(Q + b * stride_qb + h * stride_qh, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST,
-              True, D_EDGE)
-    do = _load(DO + b * stride_db + h * stride_dh, rows, Sq, stride_ds, cols, D, stride_dd, UPCAST,
-               True, D_EDGE)
+    b32, h32, hkv32 = b.to(tl.int32), h.to(tl.int32), hkv.to(tl.int32)
+    if TMA:
+        q = _tile(Qd, b32, h32, pid_m * BLOCK_M, BLOCK_M, BLOCK_D, UPCAST)
+        do = _tile(DOd, b32, h32, pid_m * BLOCK_M, BLOCK_M, BLOCK_D, UPCAST)
+    else:
+        q = _load(Q + b * stride_qb + h * stride_qh, rows, Sq, stride_qs, cols, D, stride_qd,
+                  UPCAST, True, D_EDGE)
+        do = _load(DO + b * stride_db + h * stride_dh, rows, Sq, stride_ds, cols, D, stride_dd,
+                   UPCAST, True, D_EDGE)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     whole_end, end = _key_ranges(pid_m * BLOCK_M, Sk, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, whole_end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K, V, rows, start_n, Sk, stride_ks, stride_kd,
-                      stride_vs, stride_vd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE,
-                      BLOCK_N, False)
+        dq = _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, b32, hkv32, rows, start_n, Sk,
+                      stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
+                      PRECISION, UPCAST, D_EDGE, TMA, BLOCK_D, BLOCK_N, False)
     for start_n in range(whole_end, end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K, V, rows, start_n, Sk, stride_ks, stride_kd,
-                      stride_vs, stride_vd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE,
-                      BLOCK_N, True)
+        dq = _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, b32, hkv32, rows, start_n, Sk,
+                      stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
+                      PRECISION, UPCAST, D_EDGE, TMA, BLOCK_D, BLOCK_N, True)
     # dQ is written contiguous [B, H, Sq, D].
     _store(DQ + pid_bh.to(tl.int64) * Sq * D, dq * scale, rows, Sq, D, cols, D, 1, UPCAST)
 
@@ -449,18 +478,23 @@ def _descriptors(*tensors) -> list:
     return [TensorDescriptor.from_tensor(t, [1, 1, 16, 16]) for t in tensors]
 
 
+def _tma_args(*tensors) -> tuple[list, dict]:
+    """The descriptors (or Nones) and DESCS argument, and the TMA meta-parameter where the launcher
+    chooses it: the interpreter runs its one config, and there takes TMA whenever it can."""
+    descs = _descriptors(*tensors)
+    made = descs[0] is not None
+    return [*descs, int(made)], ({"TMA": made} if TRITON_INTERPRET else {})
+
+
 def _forward(q, k, v, dims, out):
     lse = torch.empty((dims.B, dims.H, dims.Sq), dtype=torch.float32, device=q.device)
     block_d = _block_d(dims.D)
-    descs = _descriptors(q, k, v, out)
-    made = descs[0] is not None
-    # The interpreter runs its one config: there the launcher takes TMA whenever it can.
-    tma = {"TMA": made} if TRITON_INTERPRET else {}
+    descs, tma = _tma_args(q, k, v, out)
 
     def grid(meta):
         return (triton.cdiv(dims.Sq, meta["BLOCK_M"]), dims.B * dims.H)
 
-    _fwd_kernel[grid](q, k, v, out, *descs, int(made), lse, dims.scale * LOG2_E, dims.Sq,
+    _fwd_kernel[grid](q, k, v, out, *descs, lse, dims.scale * LOG2_E, dims.Sq,
                       dims.Sk, dims.H, dims.H // dims.Hkv, dims.D,
                       *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                       CAUSAL=dims.causal, BLOCK_D=block_d, D_EDGE=dims.D != block_d,
@@ -480,8 +514,9 @@ def _backward(q, k, v, o, lse, do, dims):
     dv = torch.empty_like(dk)
     args = (dims.scale * LOG2_E, dims.scale, dims.Sq, dims.Sk, dims.H, dims.H // dims.Hkv, dims.D,
             *q.stride(), *k.stride(), *v.stride(), *do.stride())
+    descs, tma = _tma_args(q, k, v, do)
     meta = dict(CAUSAL=dims.causal, BLOCK_D=block_d, D_EDGE=dims.D != block_d,
-                PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype))
+                PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype), **tma)
 
     def dkv_grid(m):
         return (triton.cdiv(dims.Sk, m["BLOCK_N"]), dims.B * dims.Hkv)
@@ -489,8 +524,8 @@ def _backward(q, k, v, o, lse, do, dims):
     def dq_grid(m):
         return (triton.cdiv(dims.Sq, m["BLOCK_M"]), dims.B * dims.H)
 
-    _bwd_dkv_kernel[dkv_grid](q, k, v, do, lse, delta, dk, dv, *args, **meta)
-    _bwd_dq_kernel[dq_grid](q, k, v, do, lse, delta, dq, *args, **meta)
+    _bwd_dkv_kernel[dkv_grid](q, k, v, do, *descs, lse, delta, dk, dv, *args, **meta)
+    _bwd_dq_kernel[dq_grid](q, k, v, do, *descs, lse, delta, dq, *args, **meta)
     return dq, dk, dv
 
 
