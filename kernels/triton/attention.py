@@ -4,9 +4,9 @@ three kernels (delta = rowsum(dO * O), dK/dV over query blocks, dQ over key bloc
 Layout [B, H, S, D] with any strides. GQA/MQA read kv head h // (H // Hkv) in place; k and v are
 never repeated. On a GPU each kernel's autotuner also tries configs that move q, k, v, o and dO
 by TMA through tensor descriptors (Hopper and later, rows of 16-byte multiples) and keeps
-whichever measures faster. D is padded (by masks, not copies) to a power of two >= 16 for tl.dot. Softmax runs
-in base 2: log2(e) is folded into the scale so the inner loop uses exp2, and the saved logsumexp is
-base 2 as well.
+whichever measures faster. D is padded (by masks or TMA's zero fill, not copies) to a power of
+two >= 16 for tl.dot. Softmax runs in base 2: log2(e) is folded into the scale so the inner loop
+uses exp2, and the saved logsumexp is base 2 as well.
 """
 from __future__ import annotations
 
@@ -128,12 +128,18 @@ def _load(base, rows, n_rows, stride_s, cols, D, stride_d, UPCAST: tl.constexpr,
 
 
 @triton.jit
-def _tile(desc, b, h, row0, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
-    """A [ROWS, BLOCK_D] tile of a [B, heads, S, D] tensor by TMA: zero past the sequence end and
-    the head dim, as _load's masks make it (TMA fills what lies outside the tensor with zeros)."""
-    x = desc.load([b, h, row0, 0]).reshape(ROWS, BLOCK_D)
-    if UPCAST:
-        x = x.to(tl.float32)
+def _tile(desc, b, h, base, row0, rows, n_rows, stride_s, cols, D, stride_d,
+          UPCAST: tl.constexpr, ROW_EDGE: tl.constexpr, D_EDGE: tl.constexpr, TMA: tl.constexpr):
+    """The [rows, cols] tile (rows = row0 + arange) of head (b, h) of a [B, heads, S, D] tensor:
+    by TMA through its descriptor `desc`, or by pointers from the head's start `base` (_load).
+    Both are zero past the sequence end and the head dim (TMA fills what lies outside the tensor
+    with zeros)."""
+    if TMA:
+        x = desc.load([b, h, row0, 0]).reshape(rows.shape[0], cols.shape[0])
+        if UPCAST:
+            x = x.to(tl.float32)
+    else:
+        x = _load(base, rows, n_rows, stride_s, cols, D, stride_d, UPCAST, ROW_EDGE, D_EDGE)
     return x
 
 
@@ -199,17 +205,14 @@ def _key_ranges(row0, Sk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: 
 def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, rows, start_n, Sk, stride_ks, stride_kd,
               stride_vs, stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr,
               PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
-              TMA: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr):
+              TMA: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """One key block of the online softmax; the scale is applied inside the exponent's
     multiply-add, after the row max (a positive scale does not change which score is largest)."""
     keys = start_n + tl.arange(0, BLOCK_N)
-    if TMA:
-        k = _tile(Kd, b, hkv, start_n, BLOCK_N, BLOCK_D, UPCAST)
-        v = _tile(Vd, b, hkv, start_n, BLOCK_N, BLOCK_D, UPCAST)
-    else:
-        k = _load(K, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED, D_EDGE)
-        v = _load(V, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED, D_EDGE)
+    k = _tile(Kd, b, hkv, K, start_n, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED,
+              D_EDGE, TMA)
+    v = _tile(Vd, b, hkv, V, start_n, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED,
+              D_EDGE, TMA)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASKED:
         s = tl.where(_visible(rows[:, None], keys[None, :], Sk, CAUSAL), s, float("-inf"))
@@ -245,10 +248,8 @@ def _fwd_kernel(Q, K, V, O, Qd, Kd, Vd, Od, DESCS, LSE, qk_scale, Sq, Sk, H, GRO
     cols = tl.arange(0, BLOCK_D)
     # descriptor coordinates are 32-bit
     b32, h32, hkv32 = b.to(tl.int32), h.to(tl.int32), hkv.to(tl.int32)
-    if TMA:
-        q = _tile(Qd, b32, h32, pid_m * BLOCK_M, BLOCK_M, BLOCK_D, UPCAST)
-    else:
-        q = _load(Q, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST, True, D_EDGE)
+    q = _tile(Qd, b32, h32, Q, pid_m * BLOCK_M, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST,
+              True, D_EDGE, TMA)
 
     # Online softmax state in fp32. Key 0 is visible to every row (also padded rows) and is in
     # the first block either loop runs, so every m_i is finite from then on and no -inf - -inf
@@ -260,11 +261,11 @@ def _fwd_kernel(Q, K, V, O, Qd, Kd, Vd, Od, DESCS, LSE, qk_scale, Sq, Sk, H, GRO
     for start_n in range(0, whole_end, BLOCK_N):
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, b32, hkv32, rows, start_n, Sk,
                                   stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale,
-                                  CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_D, BLOCK_N, False)
+                                  CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, False)
     for start_n in range(whole_end, end, BLOCK_N):
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, b32, hkv32, rows, start_n, Sk,
                                   stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale,
-                                  CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_D, BLOCK_N, True)
+                                  CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, True)
 
     acc = acc / l_i[:, None]
     tl.store(LSE + pid_bh.to(tl.int64) * Sq + rows, m_i + tl.log2(l_i), mask=rows < Sq)
@@ -297,16 +298,14 @@ def _bwd_delta_kernel(O, DO, DELTA, Sq, H, D,
 def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, b, h, LSE, DELTA, row0, keys, start_m, Sq, Sk,
               stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
               CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-              D_EDGE: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+              D_EDGE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+              MASKED: tl.constexpr):
     """One query block's contribution to a key block's dK and dV."""
     rows = start_m + tl.arange(0, BLOCK_M)
-    if TMA:
-        q = _tile(Qd, b, h, start_m, BLOCK_M, BLOCK_D, UPCAST)
-        do = _tile(DOd, b, h, start_m, BLOCK_M, BLOCK_D, UPCAST)
-    else:
-        q = _load(Qh, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST, MASKED, D_EDGE)
-        do = _load(DOh, rows, Sq, stride_ds, cols, D, stride_dd, UPCAST, MASKED, D_EDGE)
+    q = _tile(Qd, b, h, Qh, start_m, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST, MASKED,
+              D_EDGE, TMA)
+    do = _tile(DOd, b, h, DOh, start_m, rows, Sq, stride_ds, cols, D, stride_dd, UPCAST, MASKED,
+               D_EDGE, TMA)
     if MASKED:
         lse = tl.load(LSE + row0 + rows, mask=rows < Sq, other=0.0)
         delta = tl.load(DELTA + row0 + rows, mask=rows < Sq, other=0.0)
@@ -355,14 +354,10 @@ def _bwd_dkv_kernel(Q, K, V, DO, Qd, Kd, Vd, DOd, DESCS, LSE, DELTA, DK, DV, qk_
     keys = key0 + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     b32, hkv32 = b.to(tl.int32), hkv.to(tl.int32)  # descriptor coordinates are 32-bit
-    if TMA:
-        k = _tile(Kd, b32, hkv32, key0, BLOCK_N, BLOCK_D, UPCAST)
-        v = _tile(Vd, b32, hkv32, key0, BLOCK_N, BLOCK_D, UPCAST)
-    else:
-        k = _load(K + b * stride_kb + hkv * stride_kh, keys, Sk, stride_ks, cols, D, stride_kd,
-                  UPCAST, True, D_EDGE)
-        v = _load(V + b * stride_vb + hkv * stride_vh, keys, Sk, stride_vs, cols, D, stride_vd,
-                  UPCAST, True, D_EDGE)
+    k = _tile(Kd, b32, hkv32, K + b * stride_kb + hkv * stride_kh, key0, keys, Sk, stride_ks,
+              cols, D, stride_kd, UPCAST, True, D_EDGE, TMA)
+    v = _tile(Vd, b32, hkv32, V + b * stride_vb + hkv * stride_vh, key0, keys, Sk, stride_vs,
+              cols, D, stride_vd, UPCAST, True, D_EDGE, TMA)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     full = Sq // BLOCK_M * BLOCK_M
@@ -381,18 +376,18 @@ def _bwd_dkv_kernel(Q, K, V, DO, Qd, Kd, Vd, DOd, DESCS, LSE, DELTA, DK, DV, qk_
         for start_m in range(lo, whole, BLOCK_M):
             dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, b32, h32, LSE, DELTA, row0, keys,
                                start_m, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols,
-                               D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_D,
-                               BLOCK_M, True)
+                               D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M,
+                               True)
         for start_m in range(whole, full, BLOCK_M):
             dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, b32, h32, LSE, DELTA, row0, keys,
                                start_m, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols,
-                               D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_D,
-                               BLOCK_M, False)
+                               D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M,
+                               False)
         for start_m in range(max(whole, full), Sq, BLOCK_M):
             dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, b32, h32, LSE, DELTA, row0, keys,
                                start_m, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols,
-                               D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_D,
-                               BLOCK_M, True)
+                               D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M,
+                               True)
     # dK/dV are written contiguous [B, Hkv, Sk, D].
     base = (b * Hkv + hkv) * Sk * D
     _store(DK + base, dk * scale, keys, Sk, D, cols, D, 1, UPCAST)
@@ -403,16 +398,13 @@ def _bwd_dkv_kernel(Q, K, V, DO, Qd, Kd, Vd, DOd, DESCS, LSE, DELTA, DK, DV, qk_
 def _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, b, hkv, rows, start_n, Sk, stride_ks,
              stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr,
              PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
-             TMA: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-             MASKED: tl.constexpr):
+             TMA: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """One key block's contribution to a query block's dQ."""
     keys = start_n + tl.arange(0, BLOCK_N)
-    if TMA:
-        k = _tile(Kd, b, hkv, start_n, BLOCK_N, BLOCK_D, UPCAST)
-        v = _tile(Vd, b, hkv, start_n, BLOCK_N, BLOCK_D, UPCAST)
-    else:
-        k = _load(K, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED, D_EDGE)
-        v = _load(V, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED, D_EDGE)
+    k = _tile(Kd, b, hkv, K, start_n, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED,
+              D_EDGE, TMA)
+    v = _tile(Vd, b, hkv, V, start_n, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED,
+              D_EDGE, TMA)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     p = tl.exp2(s * qk_scale - lse[:, None])
     if MASKED:
@@ -442,14 +434,10 @@ def _bwd_dq_kernel(Q, K, V, DO, Qd, Kd, Vd, DOd, DESCS, LSE, DELTA, DQ, qk_scale
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     b32, h32, hkv32 = b.to(tl.int32), h.to(tl.int32), hkv.to(tl.int32)
-    if TMA:
-        q = _tile(Qd, b32, h32, pid_m * BLOCK_M, BLOCK_M, BLOCK_D, UPCAST)
-        do = _tile(DOd, b32, h32, pid_m * BLOCK_M, BLOCK_M, BLOCK_D, UPCAST)
-    else:
-        q = _load(Q + b * stride_qb + h * stride_qh, rows, Sq, stride_qs, cols, D, stride_qd,
-                  UPCAST, True, D_EDGE)
-        do = _load(DO + b * stride_db + h * stride_dh, rows, Sq, stride_ds, cols, D, stride_dd,
-                   UPCAST, True, D_EDGE)
+    q = _tile(Qd, b32, h32, Q + b * stride_qb + h * stride_qh, pid_m * BLOCK_M, rows, Sq,
+              stride_qs, cols, D, stride_qd, UPCAST, True, D_EDGE, TMA)
+    do = _tile(DOd, b32, h32, DO + b * stride_db + h * stride_dh, pid_m * BLOCK_M, rows, Sq,
+               stride_ds, cols, D, stride_dd, UPCAST, True, D_EDGE, TMA)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -457,11 +445,11 @@ def _bwd_dq_kernel(Q, K, V, DO, Qd, Kd, Vd, DOd, DESCS, LSE, DELTA, DQ, qk_scale
     for start_n in range(0, whole_end, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, b32, hkv32, rows, start_n, Sk,
                       stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
-                      PRECISION, UPCAST, D_EDGE, TMA, BLOCK_D, BLOCK_N, False)
+                      PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, False)
     for start_n in range(whole_end, end, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, b32, hkv32, rows, start_n, Sk,
                       stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
-                      PRECISION, UPCAST, D_EDGE, TMA, BLOCK_D, BLOCK_N, True)
+                      PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, True)
     # dQ is written contiguous [B, H, Sq, D].
     _store(DQ + pid_bh.to(tl.int64) * Sq * D, dq * scale, rows, Sq, D, cols, D, 1, UPCAST)
 
