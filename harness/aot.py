@@ -4,10 +4,10 @@ on the 2-core CPU machine: every autotune config of every kernel that a tier's c
 What it tells before any GPU time is spent: configs that do not compile for the target, that ask
 for more shared memory than a block may have (they fail at launch on the GPU), that spill
 registers, whether the dots became Hopper's warpgroup MMA (wgmma) and whether tensor-descriptor
-loads became TMA copies. The launches are the
-launchers' own: each Triton implementation is called on empty tensors of the case's shapes with
-kernel launches captured instead of run, so the arguments, strides and constexprs are exactly
-what the GPU run will pass (Triton specialises on them: divisibility by 16, strides of 1).
+loads became TMA copies. The launches are the launchers' own: each Triton implementation is
+called on empty tensors of the case's shapes with kernel launches captured instead of run, so the
+arguments, strides and constexprs are exactly what the GPU run will pass (Triton specialises on
+them: divisibility by 16, strides of 1).
 
     python -m harness.aot --tier standard --dtypes bf16 --target cuda:90
 
