@@ -111,9 +111,9 @@ def run_pallas(q, k, v, do, causal, scale, jax_dtype, block_sizes=None):
 
 
 def pointer_loads_only(monkeypatch):
-    """The Triton forward loads its tiles by pointers, as where no descriptor can be made. (The
+    """The Triton kernels load their tiles by pointers, as where no descriptor can be made. (The
     interpreter otherwise takes TMA descriptors whenever the tensors allow; on a GPU the
-    autotuner chooses between the two.)"""
+    autotuners choose between the two.)"""
     monkeypatch.setattr(triton_attention, "_descriptors", lambda *t: [None] * len(t))
 
 
