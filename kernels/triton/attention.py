@@ -459,8 +459,9 @@ def _block_d(D: int) -> int:
 
 
 def _descriptors(*tensors) -> list:
-    """Descriptors for q, k, v and o (tiles set per config by its pre-launch hook), or Nones
-    where TMA cannot be used: no Hopper-class GPU, or a tensor a descriptor cannot take."""
+    """Descriptors for the kernel's four [B, heads, S, D] tensors (q, k, v and o or dO; tiles
+    set per config by its pre-launch hook), or Nones where TMA cannot be used: no Hopper-class
+    GPU, or a tensor a descriptor cannot take."""
     if not (tma_device() and all(tma_ready(t) for t in tensors)):
         return [None] * len(tensors)
     return [TensorDescriptor.from_tensor(t, [1, 1, 16, 16]) for t in tensors]

@@ -177,23 +177,28 @@ def _launch_tma(a, b, out, dims: contract.MatmulDims) -> None:
         tiles = triton.cdiv(dims.M, meta["BLOCK_M"]) * triton.cdiv(dims.N, meta["BLOCK_N"])
         return (min(programs, tiles),)
 
-    _matmul_tma_kernel[grid](*descs, dims.M, dims.N, dims.K,
-                             *(triton.next_power_of_2(n) for n in (dims.M, dims.N, dims.K)),
-                             IN_DTYPE=str(a.dtype), PRECISION=dot_precision(a.dtype),
-                             UPCAST=upcast_dot(a.dtype), NUM_PROGRAMS=programs)
+    _matmul_tma_kernel[grid](*descs, dims.M, dims.N, dims.K, *_tuning_keys(dims),
+                             **_dtype_flags(a.dtype), NUM_PROGRAMS=programs)
 
 
 # ---------------------------------------------------------------- launchers
+def _tuning_keys(dims: contract.MatmulDims) -> tuple[int, ...]:
+    """M, N, K rounded up to powers of two: both kernels' autotune keys (M_KEY, N_KEY, K_KEY)."""
+    return tuple(triton.next_power_of_2(n) for n in (dims.M, dims.N, dims.K))
+
+
+def _dtype_flags(dtype: torch.dtype) -> dict:
+    return dict(IN_DTYPE=str(dtype), PRECISION=dot_precision(dtype), UPCAST=upcast_dot(dtype))
+
+
 def _launch(a, b, out, dims: contract.MatmulDims) -> None:
     def grid(meta):
         return (triton.cdiv(dims.M, meta["BLOCK_M"]) * triton.cdiv(dims.N, meta["BLOCK_N"]),)
 
     _matmul_kernel[grid](a, b, out, dims.M, dims.N, dims.K,
                          a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                         out.stride(0), out.stride(1),
-                         *(triton.next_power_of_2(n) for n in (dims.M, dims.N, dims.K)),
-                         IN_DTYPE=str(a.dtype), PRECISION=dot_precision(a.dtype),
-                         UPCAST=upcast_dot(a.dtype))
+                         out.stride(0), out.stride(1), *_tuning_keys(dims),
+                         **_dtype_flags(a.dtype))
 
 
 def _checked(a, b, out) -> tuple[contract.MatmulDims, torch.Tensor]:
@@ -219,8 +224,8 @@ def matmul_tma(a: torch.Tensor, b: torch.Tensor, *,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """As `matmul`, through the persistent TMA kernel. Tensors a descriptor cannot take (a row
     stride that is not a multiple of 16 bytes: K or N not a multiple of 8 in 16-bit dtypes, of
-    4 in fp32; transposed views) go to the pointer kernel instead: the record's `autotuned`
-    field names the kernel that ran."""
+    4 in fp32; transposed or broadcast views; see _common.tma_ready) go to the pointer kernel
+    instead: the record's `autotuned` field names the kernel that ran."""
     dims, out = _checked(a, b, out)
     if all(tma_ready(t) for t in (a, b, out)):
         _launch_tma(a, b, out, dims)
