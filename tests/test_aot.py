@@ -18,7 +18,7 @@ from harness import aot
 from kernels.triton import attention as triton_attention
 from kernels.triton import conv2d as triton_conv2d
 from kernels.triton import matmul as triton_matmul
-from kernels.triton._common import prune_by
+from kernels.triton._common import compile_threads, prune_by
 from tests.checking import outer_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,3 +168,102 @@ def test_autotuners_prune_by_descriptors_registers_and_dtype():
 
     assert (128, 256) in matmul_tiles(torch.bfloat16)
     assert matmul_tiles(torch.float32) == {(128, 64)}
+
+
+# An autotuner's first launch for a new key on a Hopper GPU, played on this CPU: a stand-in
+# driver makes Triton's launch path compile for sm_90 (nothing is launched), in a process of its
+# own with TRITON_INTERPRET=0. For each autotuned kernel of the matmul and attention launchers it
+# records the threads that compiled while the autotuner chose its configs, and whether the
+# launches the autotuner then times find their binaries already in memory.
+PARALLEL_COMPILE = """
+import json, sys, threading
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+from harness import aot
+
+
+class Hopper:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+driver.set_active(Hopper())
+report = []
+for launch in aot.launches(["matmul", "attention"], "smoke", ["bfloat16"], ["fwd"], max_cases=1):
+    tuner, kwargs = launch.kernel, launch.kwargs
+    if not isinstance(tuner, Autotuner):
+        continue
+    fn = tuner.fn
+    cache = fn.device_caches[0][0]
+    compiled_by, compile = [], fn.compile
+
+    def counted(*args, **options):
+        compiled_by.append(threading.current_thread().name)
+        return compile(*args, **options)
+
+    fn.compile = counted
+    tuner.nargs = dict(zip(tuner.arg_names, launch.args))
+    configs = tuner.prune_configs({**kwargs, "grid": (1,), "warmup": False})
+    while_pruning = list(compiled_by)
+    found = []
+    for config in configs:  # as the autotuner launches each config to time it
+        if config.pre_hook is not None:
+            config.pre_hook({**tuner.nargs, **kwargs, **config.all_kwargs()})
+        kernel = fn.run(*launch.args, grid=None, warmup=True, **kwargs, **config.all_kwargs())
+        found.append(any(kernel is k for k in cache.values()))
+    report.append({"kernel": fn.__name__, "configs": len(configs), "binaries": len(cache),
+                   "while_pruning": while_pruning, "later": compiled_by[len(while_pruning):],
+                   "found": found, "tma": sum(c.pre_hook is not None for c in configs)})
+
+# a config that does not compile (a dot 8 wide) is left to its timed launch; the others are built
+import torch, triton
+from kernels.triton._common import autotune
+from tests.test_aot import _square_dot
+square = autotune([triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 8})], [])(
+    JITFunction(_square_dot))
+a = torch.empty(16, 16, dtype=torch.bfloat16)
+square.nargs = {"a_ptr": a, "b_ptr": a, "c_ptr": a}
+report.append({"kernel": "square", "configs": len(square.prune_configs({})),
+               "binaries": len(square.fn.device_caches[0][0])})
+json.dump(report, sys.stdout)
+"""
+
+
+def test_autotuners_compile_their_configs_in_parallel_before_timing_them():
+    proc = subprocess.run([sys.executable, "-c", PARALLEL_COMPILE], cwd=ROOT,
+                          env={**outer_env(), "TRITON_INTERPRET": "0",
+                               "KERNELS_COMPILE_THREADS": "2"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = {r["kernel"]: r for r in json.loads(proc.stdout)}
+    assert report.pop("square") == {"kernel": "square", "configs": 2, "binaries": 1}
+    assert {"_matmul_kernel", "_matmul_tma_kernel", "_fwd_kernel"} <= set(report)
+    for kernel, r in report.items():
+        assert r["configs"] >= 2, r
+        # one binary per config, every one built by the pool while the configs were chosen ...
+        assert r["binaries"] == r["configs"] == len(r["while_pruning"]), r
+        assert all(name.startswith("triton-compile") for name in r["while_pruning"]), r
+        # ... and the launches that time them compile nothing more
+        assert r["later"] == [] and all(r["found"]), r
+    # configs whose pre-launch hook sets TMA tile shapes (in the signature) are built with them
+    assert report["_matmul_tma_kernel"]["tma"] == report["_matmul_tma_kernel"]["configs"]
+    assert report["_fwd_kernel"]["tma"] >= 1
+
+
+def test_compile_threads_setting(monkeypatch):
+    monkeypatch.setenv("KERNELS_COMPILE_THREADS", "3")
+    assert compile_threads() == 3
+    monkeypatch.delenv("KERNELS_COMPILE_THREADS")
+    assert compile_threads() >= 1
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("KERNELS_COMPILE_THREADS", bad)
+        with pytest.raises(ValueError, match="KERNELS_COMPILE_THREADS"):
+            compile_threads()

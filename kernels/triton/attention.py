@@ -18,8 +18,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import TRITON_INTERPRET, contract, registry
-from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_precision,
-                                    pick_configs, prune_by, reset_jit, small_tile_if_fp32,
+from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, dot_precision,
+                                    pick_configs, reset_jit, small_tile_if_fp32,
                                     tma_device, tma_ready, to_output, upcast_dot)
 
 LOG2_E = 1 / math.log(2)
@@ -225,8 +225,7 @@ def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, rows, start_n, Sk, stride_
     return acc, l_i, m_new
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY,
-                 prune_configs_by=prune_by(_fwd_fits), do_bench=autotune_bench)
+@autotune(_FWD_CONFIGS, _AUTOTUNE_KEY, _fwd_fits)
 @triton.jit
 def _fwd_kernel(Q, K, V, O, Qd, Kd, Vd, Od, DESCS, LSE, qk_scale, Sq, Sk, H, GROUP, D,
                 stride_qb, stride_qh, stride_qs, stride_qd,
@@ -327,8 +326,7 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, b, h, LSE, DELTA, row0, keys, star
     return dk, dv
 
 
-@triton.autotune(configs=_DKV_CONFIGS, key=_AUTOTUNE_KEY,
-                 prune_configs_by=prune_by(_dkv_fits), do_bench=autotune_bench)
+@autotune(_DKV_CONFIGS, _AUTOTUNE_KEY, _dkv_fits)
 @triton.jit
 def _bwd_dkv_kernel(Q, K, V, DO, Qd, Kd, Vd, DOd, DESCS, LSE, DELTA, DK, DV, qk_scale, scale,
                     Sq, Sk, H, GROUP, D,
@@ -414,8 +412,7 @@ def _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, b, hkv, rows, start_n, Sk, str
     return tl.dot(_as_operand(ds, K.dtype.element_ty, UPCAST), k, dq, input_precision=PRECISION)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY,
-                 prune_configs_by=prune_by(_dq_fits), do_bench=autotune_bench)
+@autotune(_DQ_CONFIGS, _AUTOTUNE_KEY, _dq_fits)
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, Qd, Kd, Vd, DOd, DESCS, LSE, DELTA, DQ, qk_scale, scale, Sq, Sk,
                    H, GROUP, D,

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from kernels import contract, registry
-from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_precision,
-                                    grouped_tile, pick_configs, prune_by, reset_jit,
+from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, dot_precision,
+                                    grouped_tile, pick_configs, reset_jit,
                                     small_tile_if_fp32, to_output, upcast_dot)
 from kernels.triton.matmul import _matmul_kernel, matmul
 
@@ -59,9 +59,8 @@ def _accumulate(acc, a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-@triton.autotune(configs=pick_configs(_GPU_CONFIGS, _INTERPRET_CONFIGS),
-                 key=["M", "H", "W", "C", "K", "KH", "KW", "SH", "SW", "DH", "DW", "IN_DTYPE"],
-                 prune_configs_by=prune_by(_channels_fit), do_bench=autotune_bench)
+@autotune(pick_configs(_GPU_CONFIGS, _INTERPRET_CONFIGS),
+          ["M", "H", "W", "C", "K", "KH", "KW", "SH", "SW", "DH", "DW", "IN_DTYPE"], _channels_fit)
 @triton.jit
 def _conv2d_kernel(x_ptr, w_ptr, y_ptr, M, H, W, C, OH, OW, K, KH, KW, SH, SW, PH, PW, DH, DW,
                    sxn, sxh, sxw, sxc, swh, sww, swc, swk, syn, syh, syw, syk,

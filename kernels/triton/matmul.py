@@ -14,10 +14,9 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import ON_CUDA, contract, registry
-from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune_bench, dot_precision,
-                                    grouped_tile, pick_configs, prune_by, reset_jit,
-                                    small_tile_if_fp32, tma_device, tma_ready, to_output,
-                                    upcast_dot)
+from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, dot_precision, grouped_tile,
+                                    pick_configs, reset_jit, small_tile_if_fp32, tma_device,
+                                    tma_ready, to_output, upcast_dot)
 
 
 def _config(bm, bn, bk, group, stages, warps, pre_hook=None):
@@ -57,10 +56,11 @@ def _rows_fit(meta, args) -> bool:
 # matmul 4x faster than 32x32 ones, and the test shapes (65, 129, 515, 1031) still cross tiles.
 _INTERPRET_CONFIGS = [_config(64, 64, 32, 4, 1, 4)]
 
+# Both kernels tune per (M, N, K rounded up to powers of two, input dtype).
+_MATMUL_KEY = ["M_KEY", "N_KEY", "K_KEY", "IN_DTYPE"]
 
-@triton.autotune(configs=pick_configs(_GPU_CONFIGS, _INTERPRET_CONFIGS),
-                 key=["M_KEY", "N_KEY", "K_KEY", "IN_DTYPE"], prune_configs_by=prune_by(_rows_fit),
-                 do_bench=autotune_bench)
+
+@autotune(pick_configs(_GPU_CONFIGS, _INTERPRET_CONFIGS), _MATMUL_KEY, _rows_fit)
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
@@ -130,9 +130,7 @@ def _tma_fits(meta, args) -> bool:
     return (bm == 64) == (args["M_KEY"] <= 64) and shared <= _SHARED_LIMIT
 
 
-@triton.autotune(configs=pick_configs(_TMA_GPU_CONFIGS, _TMA_INTERPRET_CONFIGS),
-                 key=["M_KEY", "N_KEY", "K_KEY", "IN_DTYPE"],
-                 prune_configs_by=prune_by(_tma_fits), do_bench=autotune_bench)
+@autotune(pick_configs(_TMA_GPU_CONFIGS, _TMA_INTERPRET_CONFIGS), _MATMUL_KEY, _tma_fits)
 @triton.jit
 def _matmul_tma_kernel(a_desc, b_desc, c_desc, M, N, K,
                        M_KEY, N_KEY, K_KEY,  # autotune key only
