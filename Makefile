@@ -19,6 +19,9 @@ DTYPES ?=
 MODES ?= fwd
 REPORT_RUN := $(RUN)
 RUN ?= $(if $(RESUME),$(RESUME),$(shell date +%Y%m%d-%H%M%S))
+# Expanded once: a recursive RUN re-ran `date` at every use, so a run that began with a slow setup
+# (installing the venv) wrote its records under one id and looked for them under another.
+RUN := $(RUN)
 BASE ?=
 HEAD ?=
 THRESHOLD ?= 10
