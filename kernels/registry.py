@@ -20,6 +20,7 @@ _BUILTIN_MODULES = (
     "kernels.stock_xla",
     "kernels.triton.matmul",
     "kernels.pallas.matmul",
+    "kernels.pallas_mosaic.matmul",
     "kernels.triton.conv2d",
     "kernels.pallas.conv2d",
     "kernels.triton.attention",
