@@ -32,6 +32,9 @@ STOCK_FOR_ERROR = "torch"  # the stock op whose error in the same dtype sets the
 # and cost minutes on CPU (race detection, simulated cores). `make test` checks it there.
 TPU_ONLY = ("a TPU kernel, benchmarked on a TPU only: elsewhere it runs in the TPU interpreter, "
             "whose timings say nothing about the kernel (the tests check its results there)")
+HOPPER_ONLY = ("a Hopper GPU kernel, benchmarked on one only: elsewhere it runs in Mosaic GPU's "
+               "interpreter, whose timings say nothing about the kernel (the tests check its "
+               "results there)")
 # An interpreted kernel's memory (numpy arrays, XLA's emulation buffers) is not the kernel's.
 INTERPRETED_MEMORY = "not measured: the kernel runs in an interpreter here"
 
@@ -253,6 +256,9 @@ class Session:
         rec.update(framework=impl.framework, kind=impl.kind, backend=impl.backend)
         if "tpu" in impl.tags and not env.jax_device().startswith("tpu"):
             rec.update(status="skipped", reason=TPU_ONLY)
+            return None
+        if "hopper" in impl.tags and "interpreted" in impl.tags:
+            rec.update(status="skipped", reason=HOPPER_ONLY)
             return None
         return impl
 

@@ -25,6 +25,7 @@ _BUILTIN_MODULES = (
     "kernels.pallas.conv2d",
     "kernels.triton.attention",
     "kernels.pallas.attention",
+    "kernels.pallas_mosaic.attention",
     "kernels.pallas_tpu.matmul",
     "kernels.pallas_tpu.attention",
     "kernels.pallas_tpu.conv2d",

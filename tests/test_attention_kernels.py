@@ -1,4 +1,4 @@
-"""Correctness of the hand-written attention kernels (Triton and Pallas) on CPU.
+"""Correctness of the hand-written attention kernels (Triton, Pallas, Pallas Mosaic GPU) on CPU.
 
 Every case runs the forward and the backward and compares out, dq, dk, dv with float64 autograd by
 relative Frobenius error ||x - ref|| / ||ref||.
@@ -102,10 +102,15 @@ def to_jax(t: torch.Tensor, dtype) -> jax.Array:
     return jnp.asarray(t.float().numpy(), dtype=dtype)  # float32 holds every fp16/bf16 value
 
 
-def run_pallas(q, k, v, do, causal, scale, jax_dtype, block_sizes=None):
+def run_pallas(q, k, v, do, causal, scale, jax_dtype, block_sizes=None, impl="pallas"):
     q, k, v, do = (to_jax(t, jax_dtype) for t in (q, k, v, do))
-    out, vjp = jax.vjp(lambda *x: pallas_attention.attention(*x, causal, scale,
-                                                              block_sizes=block_sizes), q, k, v)
+    if impl == "pallas":
+        def attention(*x):
+            return pallas_attention.attention(*x, causal, scale, block_sizes=block_sizes)
+    else:
+        def attention(*x):
+            return registry.get("attention", impl)(*x, causal, scale)
+    out, vjp = jax.vjp(attention, q, k, v)
     assert out.dtype == q.dtype and out.shape == q.shape
     return [out, *vjp(do)]
 
@@ -119,11 +124,13 @@ def pointer_loads_only(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("impl", ["triton", "triton-pointer-loads", "pallas"])
+@pytest.mark.parametrize("impl", ["triton", "triton-pointer-loads", "pallas", "pallas_mosaic"])
 def test_forward_and_gradients_match_reference(impl, case, dtype, monkeypatch):
     if impl == "triton-pointer-loads":
         pointer_loads_only(monkeypatch)
         impl = "triton"
+    if impl not in registry.impls("attention"):
+        pytest.skip(registry.disabled("attention").get(impl, f"{impl} is not registered"))
     torch_dtype, jax_dtype = DTYPES[dtype]
     causal, scale = case[6], case[7]
     q, k, v, do = make_inputs(case, torch_dtype)
@@ -133,7 +140,7 @@ def test_forward_and_gradients_match_reference(impl, case, dtype, monkeypatch):
         results = run_triton(q, k, v, do, causal, scale)
         assert all(r.dtype == torch_dtype for r in results)
     else:
-        results = run_pallas(q, k, v, do, causal, scale, jax_dtype)
+        results = run_pallas(q, k, v, do, causal, scale, jax_dtype, impl=impl)
         assert all(r.dtype == jax_dtype for r in results)
     errors = [rel_err(x, r) for x, r in zip(results, refs)]
     check_within_budget(errors, stock, torch_dtype, f"{impl} {dtype}")

@@ -269,22 +269,27 @@ def test_cold_compile_once_per_implementation_when_asked(tmp_path):
     assert "cold measured on this implementation's first case" in recs[1]["compile_method"]
 
 
-def test_tpu_kernels_are_benchmarked_on_a_tpu_only(tmp_path, monkeypatch):
-    """Off a TPU the bench records a TPU kernel as skipped, with the reason, and never calls it;
-    the kernel itself is checked in the interpreter by tests/test_pallas_tpu.py."""
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_mosaic"])
+def test_device_kernels_are_benchmarked_on_their_device_only(impl, tmp_path, monkeypatch):
+    """Off a TPU (Hopper GPU) the bench records a TPU (Mosaic GPU) kernel as skipped, with the
+    reason, and never calls it; the kernel itself is checked in its interpreter by
+    tests/test_pallas_tpu.py (test_pallas_mosaic.py)."""
     from harness import bench, env
     from harness.cases import cases
 
-    if env.jax_device().startswith("tpu"):
-        pytest.skip("on a TPU the TPU kernels are benchmarked")
+    if impl not in registry.impls("matmul"):
+        pytest.skip(registry.disabled("matmul").get(impl, f"{impl} is not registered"))
+    on_device = (env.jax_device().startswith("tpu") if impl == "pallas_tpu"
+                 else "interpreted" not in registry.get("matmul", impl).tags)
+    if on_device:
+        pytest.skip(f"{impl} is benchmarked here")
     calls = []
-    spy = dataclasses.replace(registry.get("matmul", "pallas_tpu"),
-                              fn=lambda *a, **k: calls.append(a))
+    spy = dataclasses.replace(registry.get("matmul", impl), fn=lambda *a, **k: calls.append(a))
     monkeypatch.setattr(bench.registry, "get", lambda op, name: spy)
     session = bench.Session("t", str(tmp_path))
-    rec, timed = session.run(bench.Bench("matmul", "pallas_tpu", cases("matmul", "smoke")[0],
-                                         "float32"))
-    assert (rec["status"], rec["reason"], timed, calls) == ("skipped", bench.TPU_ONLY, None, [])
+    rec, timed = session.run(bench.Bench("matmul", impl, cases("matmul", "smoke")[0], "float32"))
+    reason = bench.TPU_ONLY if impl == "pallas_tpu" else bench.HOPPER_ONLY
+    assert (rec["status"], rec["reason"], timed, calls) == ("skipped", reason, None, [])
     assert rec["median_s"] is None and rec["framework"] == "jax"
 
 

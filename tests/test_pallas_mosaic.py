@@ -1,7 +1,10 @@
-"""The Mosaic GPU (Hopper) Pallas kernels beyond the every-implementation checks of test_matmul.py:
-both block shapes on odd sizes with several k-steps, the race detector of GPU interpret mode, and
-Mosaic GPU's own lowering for CUDA (layouts, wgmma operand shapes, shared memory), which runs here
-without a GPU; compiling it to a cubin and running it needs the H100."""
+"""The Mosaic GPU (Hopper) Pallas kernels beyond the every-implementation checks (test_matmul.py,
+test_ops_all_impls.py, and test_attention_kernels.py for attention's gradients): both matmul block
+shapes on odd sizes with several k-steps, attention's causal block skipping, the race detector of
+GPU interpret mode, and Mosaic GPU's own lowering for CUDA (layouts, wgmma operand forms, shared
+memory), which runs here without a GPU; compiling to a cubin and running it needs the H100."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 
 from kernels import registry
 from kernels.pallas_mosaic import _common
+from kernels.pallas_mosaic import attention as mosaic_attention
 from kernels.pallas_mosaic import matmul as mosaic_matmul
 
 pytestmark = pytest.mark.skipif("pallas_mosaic" not in registry.impls("matmul"),
@@ -94,6 +98,67 @@ def test_lowers_for_hopper(M, dtype, monkeypatch):
     jax.clear_caches()  # the jitted launcher must retrace with interpret off, and later tests
     try:  # must not find that trace
         lowered = jax.jit(mosaic_matmul.matmul).trace(a, b).lower(lowering_platforms=("cuda",))
+    finally:
+        jax.clear_caches()
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+def _attention_inputs(B, H, Hkv, Sq, Sk, D, dtype=jnp.bfloat16):
+    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+    return (jax.random.normal(kq, (B, H, Sq, D), dtype),
+            jax.random.normal(kk, (B, Hkv, Sk, D), dtype),
+            jax.random.normal(kv, (B, Hkv, Sk, D), dtype))
+
+
+def _attention_float64(q, k, v, causal):
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, groups, 1), np.repeat(v, groups, 1)
+    s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1])
+    if causal:
+        s = np.where(np.arange(k.shape[2])[None, :] <= np.arange(q.shape[2])[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_key_blocks_skipped_and_masked_without_races(causal):
+    """Three blocks of 128 query rows and five key blocks of 64 (the last mostly padding), GQA:
+    under causal masking each warpgroup skips the key blocks wholly past its last row, and
+    attends to the others, masking the diagonal ones."""
+    q, k, v = _attention_inputs(1, 2, 1, 300, 270, 64)
+    out = mosaic_attention.attention(q, k, v, causal,
+                                     blocks=mosaic_attention.Blocks(block_kv=64, stages=2))
+    ref = _attention_float64(q, k, v, causal)
+    err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+    assert err <= 4 * 2.0 ** -8
+    if not _common.on_gpu():
+        assert not _common.races_found()
+
+
+def test_attention_blocks_checked():
+    q, k, v = _attention_inputs(1, 1, 1, 8, 8, 128)
+    for blocks in (mosaic_attention.Blocks(block_kv=96), mosaic_attention.Blocks(stages=1),
+                   mosaic_attention.Blocks(block_kv=256, stages=4)):
+        with pytest.raises(ValueError, match="block_kv|shared memory"):
+            mosaic_attention.attention(q, k, v, blocks=blocks)
+    for d in (16, 64, 128, 256):
+        assert mosaic_attention.blocks_for(d).shared_bytes(d, 2) <= _common.SHARED_BYTES
+
+
+@pytest.mark.skipif(_common.on_gpu(), reason="on a GPU the kernels compile and run for real")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_lowers_for_hopper(D, causal, monkeypatch):
+    """The GPU form of the kernel (wgmma on k transposed in shared memory and on P from
+    registers, WGMMA-layout masks), which interpret mode replaces by jnp dots."""
+    monkeypatch.setattr(mosaic_attention, "interpret_params", lambda: None)
+    q = jax.ShapeDtypeStruct((1, 4, 300, D), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 2, 200, D), jnp.bfloat16)
+    jax.clear_caches()
+    try:
+        lowered = jax.jit(lambda q, k, v: mosaic_attention.attention(q, k, v, causal)).trace(
+            q, kv, kv).lower(lowering_platforms=("cuda",))
     finally:
         jax.clear_caches()
     assert "mosaic_gpu" in lowered.as_text()

@@ -31,7 +31,8 @@ def unavailable() -> str:
 
 
 def tags() -> tuple[str, ...]:
-    return () if on_gpu() else ("interpreted",)
+    """"hopper": benchmarked on a Hopper GPU only (harness.bench); "interpreted" off a GPU."""
+    return ("hopper",) if on_gpu() else ("hopper", "interpreted")
 
 
 @functools.cache

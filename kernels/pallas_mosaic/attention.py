@@ -1,0 +1,233 @@
+"""Hand-written Pallas attention forward for Hopper through Mosaic GPU, FlashAttention style, with
+the `pallas` kernels' backward.
+
+Each block (CTA) owns 128 query rows of one (batch, q head) and runs three warpgroups: a memory
+warpgroup streaming k and v tiles by TMA into swizzled shared memory, `stages` key blocks ahead,
+and two compute warpgroups of 64 rows each. A compute warpgroup keeps its q tile in shared memory
+and, per key block, takes the scores by wgmma (k transposed in place), an online softmax in fp32
+registers (base 2: log2(e) folded into the scale), and P V by wgmma with P from registers. Under
+causal masking a key block wholly past a warpgroup's last row is skipped (no MMA, no softmax).
+GQA: k and v of kv head h // (H // Hkv) are read in place, never repeated.
+
+Sequences are zero-padded to block multiples (padded keys masked out of the softmax) and the head
+dim to a power of two >= 64 (padded columns add nothing to a dot product). The saved logsumexp
+(base 2) and the padding match `kernels.pallas.attention`, whose dQ and dK/dV kernels give the
+gradients. float32 inputs run the `pallas` kernels throughout: wgmma takes fp32 only as TF32.
+
+In Mosaic GPU's interpret mode (off a GPU) the two products are jnp dots on the tiles loaded from
+shared memory: the interpreter's wgmma takes neither a transposed shared-memory operand nor one in
+registers. The pipeline, barriers, masking, softmax and stores run as on the GPU; the wgmma forms
+are checked by lowering for CUDA (tests/test_pallas_mosaic.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels import contract, registry
+from kernels.pallas import attention as pallas_attention
+from kernels.pallas._common import pad_axis
+from kernels.pallas_mosaic._common import SHARED_BYTES, interpret_params, swizzled, tags, unavailable
+
+# wgmma's M: the query rows of one compute warpgroup; a block has two of them.
+ROWS = 64
+MEMORY_REGISTERS = 40
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """block_kv: keys per step; stages: key blocks in flight (shared memory: 2 x stages tiles of
+    block_kv x D, plus q and the logsumexp)."""
+
+    block_kv: int = 128
+    stages: int = 2
+
+    def shared_bytes(self, d: int, itemsize: int) -> int:
+        return itemsize * d * (2 * self.stages * self.block_kv + 2 * ROWS) + 4 * 2 * ROWS
+
+
+def blocks_for(d: int) -> Blocks:
+    """Head dims up to 64 leave room for a third key block in flight; 256 only for 64-key blocks."""
+    if d > 128:
+        return Blocks(block_kv=64, stages=2)
+    return Blocks(block_kv=128, stages=3 if d <= 64 else 2)
+
+
+def _scores(q_smem, k_smem, wgmma: bool):
+    """q k^T in fp32: by wgmma with k transposed in shared memory, or (interpret mode) a jnp dot."""
+    if not wgmma:
+        return lax.dot_general(q_smem[...], k_smem[...], (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+    def mma(s_ref):
+        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+        return s_ref[...]
+    return pl.run_scoped(mma, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
+
+
+def _p_times_v(p, v_smem, wgmma: bool):
+    """p v in fp32, p (already in v's dtype) from registers."""
+    if not wgmma:
+        return jnp.dot(p, v_smem[...], preferred_element_type=jnp.float32)
+
+    def mma(acc_ref):
+        plgpu.wgmma(acc_ref, p, v_smem)
+        return acc_ref[...]
+    return pl.run_scoped(mma, plgpu.ACC((p.shape[0], v_smem.shape[1]), jnp.float32))
+
+
+def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, lse_smem, q_barrier, *,
+            st: pallas_attention._Static, blocks: Blocks):
+    b, h = lax.axis_index("batch"), lax.axis_index("head")
+    dtype, d = q_gmem.dtype, q_gmem.shape[-1]
+    bkv = blocks.block_kv
+    wgmma = interpret_params() is None
+    qk_scale = st.scale * pallas_attention.LOG2_E
+
+    def layout(x, wgmma_layout):
+        return plgpu.layout_cast(x, wgmma_layout) if wgmma else x
+
+    def iota(dim):
+        if wgmma:
+            return plgpu.broadcasted_iota(jnp.int32, (ROWS, bkv), dim, layout=plgpu.Layout.WGMMA)
+        return lax.broadcasted_iota(jnp.int32, (ROWS, bkv), dim)
+
+    def first_row():
+        return lax.axis_index("q") * (2 * ROWS) + lax.axis_index("wg") * ROWS
+
+    def step(idx, k_smem, v_smem, carry):
+        (j,) = idx
+        wg, row0 = lax.axis_index("wg"), first_row()
+
+        def attend(carry):
+            acc, m, l = carry
+            s = _scores(q_smem.at[wg], k_smem, wgmma) * qk_scale
+            keys = iota(1) + j * bkv
+            visible = keys < st.sk
+            if st.causal:  # top-left aligned: query i sees keys j <= i
+                visible = visible & (keys <= iota(0) + row0)
+            s = jnp.where(visible, s, -jnp.inf)
+            # Key 0 is visible to every row, and block 0 is never skipped: m is finite from then.
+            m_new = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l = l * alpha + p.sum(axis=1)
+            pv = _p_times_v(p.astype(dtype), v_smem, wgmma)
+            return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
+
+        if not st.causal:
+            return attend(carry)
+        return lax.cond(j * bkv <= row0 + ROWS - 1, attend, lambda c: c, carry)
+
+    def compute(run_pipeline):
+        wg, row0 = lax.axis_index("wg"), first_row()
+        rows = pl.ds(row0, ROWS)
+        plgpu.copy_gmem_to_smem(q_gmem.at[b, h, rows], q_smem.at[wg], q_barrier.at[wg])
+        plgpu.barrier_wait(q_barrier.at[wg])
+        acc, m, l = run_pipeline((
+            layout(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
+            layout(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+            layout(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))))
+        # q's tile is done with: it stages o for the TMA store.
+        q_smem.at[wg][...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+        lse_smem.at[wg][...] = m + jnp.log2(l)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem.at[wg], o_gmem.at[b, h, rows])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_gmem.at[b, h, rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    kv_head = lax.div(h, jnp.int32(st.groups))
+    tile = plgpu.BlockSpec((bkv, d), lambda j: (j, 0), transforms=swizzled(d, dtype))
+    plgpu.emit_pipeline_warp_specialized(
+        step, grid=(k_gmem.shape[2] // bkv,), memory_registers=MEMORY_REGISTERS,
+        in_specs=[tile, tile], wg_axis="wg", num_compute_wgs=2,
+        max_concurrent_steps=blocks.stages, compute_context=compute,
+    )(k_gmem.at[b, kv_head], v_gmem.at[b, kv_head])
+
+
+def _forward(q, k, v, st: pallas_attention._Static, blocks: Blocks):
+    B, H, Sq, D = q.shape
+
+    def entry(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem):
+        pl.run_scoped(
+            functools.partial(_kernel, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, st=st,
+                              blocks=blocks),
+            plgpu.SMEM((2, ROWS, D), q.dtype, transforms=swizzled(D, q.dtype)),
+            plgpu.SMEM((2, ROWS), jnp.float32),
+            plgpu.Barrier(num_barriers=2),
+            collective_axes="wg")
+
+    return plgpu.kernel(
+        entry,
+        out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                  jax.ShapeDtypeStruct((B, H, Sq), jnp.float32)],
+        grid=(B, H, Sq // (2 * ROWS)), grid_names=("batch", "head", "q"),
+        num_threads=3, thread_name="wg",  # two compute warpgroups and the memory one
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret_params(),
+    )(q, k, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(q, k, v, st: pallas_attention._Static, blocks: Blocks):
+    return _forward(q, k, v, st, blocks)[0]
+
+
+def _flash_fwd(q, k, v, st, blocks):
+    o, lse = _forward(q, k, v, st, blocks)
+    return o, (q, k, v, o, lse)
+
+
+def _flash_bwd(st, blocks, residuals, do):
+    return pallas_attention._backward(st, residuals, do)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "blocks"))
+def _attention(q, k, v, *, causal: bool, scale: float, blocks: Blocks):
+    _, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    # The backward's tiles (powers of two <= 64) divide both paddings.
+    st = pallas_attention._Static(causal, scale, Sq, Sk, H // Hkv,
+                                  pallas_attention.BlockSizes().fit(Sq, Sk))
+    d_padded = max(64, pl.next_power_of_2(D))
+    q = pad_axis(pad_axis(q, 2, 2 * ROWS), 3, d_padded)
+    k = pad_axis(pad_axis(k, 2, blocks.block_kv), 3, d_padded)
+    v = pad_axis(pad_axis(v, 2, blocks.block_kv), 3, d_padded)
+    return _flash(q, k, v, st, blocks)[:, :, :Sq, :D]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False,
+              scale: float | None = None, *, blocks: Blocks | None = None) -> jax.Array:
+    """softmax(q k^T * scale) v: q [B, H, Sq, D], k and v [B, Hkv, Sk, D] -> [B, H, Sq, D].
+
+    Differentiable (jax.grad) in q, k, v. `blocks` overrides the choice by head dim.
+    """
+    dims = contract.attention_args(q, k, v, causal, scale, "jax")
+    if q.dtype == jnp.float32:
+        return pallas_attention.attention(q, k, v, causal=causal, scale=scale)
+    if dims.D > pallas_attention.MAX_HEAD_DIM:
+        raise ValueError(f"q's head dimension D={dims.D} must be <= "
+                         f"{pallas_attention.MAX_HEAD_DIM} for this kernel")
+    d_padded = max(64, pl.next_power_of_2(dims.D))
+    blocks = blocks or blocks_for(d_padded)
+    if blocks.block_kv % 64 or blocks.stages < 2:
+        raise ValueError(f"{blocks=}: block_kv must be a multiple of 64 and stages >= 2")
+    if blocks.shared_bytes(d_padded, q.dtype.itemsize) > SHARED_BYTES:
+        raise ValueError(f"{blocks=} at head dim {d_padded} needs more than the {SHARED_BYTES} "
+                         "bytes of shared memory a block may have")
+    return _attention(q, k, v, causal=dims.causal, scale=dims.scale, blocks=blocks)
+
+
+registry.register("attention", "pallas_mosaic", framework="jax", kind="hand",
+                  backend="Pallas Mosaic GPU", enabled=not unavailable(), reason=unavailable(),
+                  reset=jax.clear_caches, tags=tags())(attention)
