@@ -145,20 +145,23 @@ def _ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
 
 
 def compile_all(found: list[Launch], target: str, prune: bool = True) -> list[Build]:
-    """Each distinct (kernel, specialisation, config) compiled once for `target` ("cuda:90");
+    """Each distinct (kernel, specialisation, config) compiled once for `target` ("cuda:90"), in
+    parallel threads (as the suite's autotuners compile on a GPU: kernels.triton._common);
     prune=False: every config of each kernel, also those its autotuner would not try here."""
-    import triton
+    from concurrent.futures import ThreadPoolExecutor
+
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import make_backend
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import create_function_from_signature
 
+    from kernels.triton._common import compile_threads
+
     backend_name, capability = target.split(":")
-    capability = int(capability)
-    gpu = GPUTarget(backend_name, capability, 32)
+    gpu = GPUTarget(backend_name, int(capability), 32)
     backend = make_backend(gpu)
-    limit = SHARED_LIMIT.get(capability)
     builds: dict[tuple, Build] = {}
+    jobs = []
     binders = {}
     for launch in found:
         fn = launch.kernel.fn if isinstance(launch.kernel, Autotuner) else launch.kernel
@@ -174,24 +177,37 @@ def compile_all(found: list[Launch], target: str, prune: bool = True) -> list[Bu
                 builds[key].cases.append(launch.case)
                 continue
             build = builds[key] = Build(fn.__name__, _config_text(config), [launch.case])
-            try:
-                options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
-                                                                      spec, opts)
-                compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                                          target=gpu, options=options.__dict__)
-                ptx = compiled.asm["ptx"]
-                build.registers, build.spill_bytes = _ptxas_usage(ptx, capability)
+            try:  # the specialisation is taken now: the next config's pre-hook changes the args
+                jobs.append((build, fn, fn._pack_args(backend, kwargs, bound, spec, opts)))
             except Exception as e:  # noqa: BLE001 - a config that fails is the finding
                 build.status, build.error = "error", f"{type(e).__name__}: {e}"[:500]
-                continue
-            build.shared_bytes = compiled.metadata.shared
-            build.mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else ""
-            build.tma = "cp.async.bulk.tensor" in ptx
-            if limit is not None and build.shared_bytes > limit:
-                build.status = "over_shared"
-            elif build.spill_bytes:
-                build.status = "spills"
+    with ThreadPoolExecutor(compile_threads()) as pool:
+        list(pool.map(lambda job: _build(*job, gpu), jobs))
     return list(builds.values())
+
+
+def _build(build: Build, fn, packed: tuple, gpu) -> None:
+    """Compiles one config and fills in `build`: what ptxas and the compiler report."""
+    import triton
+    from triton.compiler import ASTSource
+
+    options, signature, constexprs, attrs = packed
+    try:
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=gpu,
+                                  options=options.__dict__)
+        ptx = compiled.asm["ptx"]
+        build.registers, build.spill_bytes = _ptxas_usage(ptx, gpu.arch)
+    except Exception as e:  # noqa: BLE001 - a config that fails is the finding
+        build.status, build.error = "error", f"{type(e).__name__}: {e}"[:500]
+        return
+    build.shared_bytes = compiled.metadata.shared
+    build.mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else ""
+    build.tma = "cp.async.bulk.tensor" in ptx
+    limit = SHARED_LIMIT.get(gpu.arch)
+    if limit is not None and build.shared_bytes > limit:
+        build.status = "over_shared"
+    elif build.spill_bytes:
+        build.status = "spills"
 
 
 def table(builds: list[Build], target: str) -> str:
