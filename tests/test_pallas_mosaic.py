@@ -80,6 +80,8 @@ def test_tiles_by_shape_and_shared_memory():
     a, b = _inputs(8, 8, 8, jnp.bfloat16)
     with pytest.raises(ValueError, match="shared memory"):
         mosaic_matmul.matmul(a, b, tiles=mosaic_matmul.Tiles(m=128, n=256, stages=4))
+    with pytest.raises(ValueError, match="stages must be >= 2"):
+        mosaic_matmul.matmul(a, b, tiles=mosaic_matmul.Tiles(m=64, n=64, stages=1))
 
 
 def test_float32_runs_the_pallas_kernel():

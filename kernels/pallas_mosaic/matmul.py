@@ -2,7 +2,7 @@
 moved by TMA into swizzled shared memory and multiplied by warpgroup MMA (wgmma).
 
 Each block (CTA) owns one output tile and runs three warpgroups: a memory warpgroup that keeps
-`stages` k-steps of a and b tiles in flight (TMA copies, barriers), and two compute warpgroups that
+k-steps of a and b tiles in flight (TMA copies, barriers), and two compute warpgroups that
 each accumulate half of the tile in fp32 registers and then write it out through shared memory
 (TMA stores, `EPILOGUE_COLS` columns at a time). Blocks walk the tiles in grouped order, so blocks
 running together share tiles of b in L2. Any M, N, K by zero-padding to tile multiples (no copy
@@ -39,7 +39,8 @@ MEMORY_REGISTERS = 40
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """m x n: each compute warpgroup's accumulator; the block's tile is two of them side by side
-    along `split` ("m": 2m x n, "n": m x 2n). k: the reduction step. stages: k-steps in flight."""
+    along `split` ("m": 2m x n, "n": m x 2n). k: the reduction step. stages: k-step buffers (one
+    of them held by the wgmma in flight, the others filled ahead by TMA); at least 2."""
 
     m: int = 128
     n: int = 128
@@ -82,12 +83,15 @@ def _kernel(a_gmem, b_gmem, o_gmem, *, tiles: Tiles, grid_m: int, grid_n: int):
 
         def step(_, a_smem, b_smem, acc):
             plgpu.wgmma(acc, a_smem.at[rows], b_smem.at[:, cols])
-            plgpu.wgmma_wait(1)  # keep one wgmma in flight; the previous one's tiles are free
+            # One wgmma stays in flight, still reading this step's tiles: the pipeline frees a
+            # step's tiles one step later (delay_release=1), once the next wait has retired it.
+            plgpu.wgmma_wait(1)
             return acc
 
         def with_accumulator(run_pipeline):
             def body(acc):
-                out = run_pipeline(acc)[...].astype(dtype)  # fp32 accumulator, rounded once
+                # Reading the accumulator waits for the last wgmma; fp32, rounded once.
+                out = run_pipeline(acc)[...].astype(dtype)
                 dest = o_gmem.at[block_rows, block_cols].at[rows, cols]
                 for c in range(0, tiles.n, EPILOGUE_COLS):
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # staging free again
@@ -101,8 +105,10 @@ def _kernel(a_gmem, b_gmem, o_gmem, *, tiles: Tiles, grid_m: int, grid_n: int):
         operand = swizzled(tiles.k, dtype)
         plgpu.emit_pipeline_warp_specialized(
             step, grid=(a_gmem.shape[1] // tiles.k,), memory_registers=MEMORY_REGISTERS,
-            in_specs=[plgpu.BlockSpec((bm, tiles.k), lambda k: (0, k), transforms=operand),
-                      plgpu.BlockSpec((tiles.k, bn), lambda k: (k, 0), transforms=operand)],
+            in_specs=[plgpu.BlockSpec((bm, tiles.k), lambda k: (0, k), transforms=operand,
+                                      delay_release=1),
+                      plgpu.BlockSpec((tiles.k, bn), lambda k: (k, 0), transforms=operand,
+                                      delay_release=1)],
             wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=tiles.stages,
             compute_context=with_accumulator,
         )(a_gmem.at[block_rows], b_gmem.at[:, block_cols])
@@ -137,6 +143,9 @@ def matmul(a: jax.Array, b: jax.Array, *, tiles: Tiles | None = None) -> jax.Arr
     if a.dtype == jnp.float32:
         return pallas_matmul(a, b)
     tiles = tiles or tiles_for(dims.M)
+    if tiles.stages < 2:
+        raise ValueError(f"{tiles=}: stages must be >= 2 (one buffer is held by the wgmma in "
+                         "flight)")
     if tiles.shared_bytes(a.dtype.itemsize) > SHARED_BYTES:
         raise ValueError(f"{tiles=} needs {tiles.shared_bytes(a.dtype.itemsize)} bytes of shared "
                          f"memory, more than the {SHARED_BYTES} a block may have")
