@@ -3,14 +3,13 @@ test_ops_all_impls.py, and test_attention_kernels.py for attention's gradients):
 shapes on odd sizes with several k-steps, attention's causal block skipping, the race detector of
 GPU interpret mode, and Mosaic GPU's own lowering for CUDA (layouts, wgmma operand forms, shared
 memory), which runs here without a GPU; compiling to a cubin and running it needs the H100."""
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import registry
+from harness import check
+from kernels import reference, registry
 from kernels.pallas_mosaic import _common
 from kernels.pallas_mosaic import attention as mosaic_attention
 from kernels.pallas_mosaic import matmul as mosaic_matmul
@@ -24,11 +23,6 @@ def _inputs(M, K, N, dtype, seed=0):
     return jax.random.normal(ka, (M, K), dtype), jax.random.normal(kb, (K, N), dtype)
 
 
-def _rel_err(out, a, b) -> float:
-    ref = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
-    return float(np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref))
-
-
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("tiles", [mosaic_matmul.Tiles(m=64, n=64, stages=2, split="m"),
                                    mosaic_matmul.Tiles(m=64, n=128, stages=3, split="n")],
@@ -40,8 +34,7 @@ def test_blocks_on_odd_shapes_without_races(tiles, dtype):
     a, b = _inputs(bm + 37, 3 * tiles.k + 5, bn + 11, dtype)
     out = mosaic_matmul.matmul(a, b, tiles=tiles)
     assert out.shape == (a.shape[0], b.shape[1]) and out.dtype == a.dtype
-    budget = 4 * {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}[dtype]
-    assert _rel_err(out, a, b) <= budget
+    assert check.rel_err(out, reference.matmul(a, b)) <= check.budget(dtype, None)
     if not _common.on_gpu():
         assert not _common.races_found()
 
@@ -87,7 +80,8 @@ def test_tiles_by_shape_and_shared_memory():
 def test_float32_runs_the_pallas_kernel():
     a, b = _inputs(33, 70, 17, jnp.float32)
     out = mosaic_matmul.matmul(a, b)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(registry.get("matmul", "pallas")(a, b)))
+    expected = registry.get("matmul", "pallas")(a, b)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
 
 
 @pytest.mark.skipif(_common.on_gpu(), reason="on a GPU the kernels compile and run for real")
@@ -112,17 +106,6 @@ def _attention_inputs(B, H, Hkv, Sq, Sk, D, dtype=jnp.bfloat16):
             jax.random.normal(kv, (B, Hkv, Sk, D), dtype))
 
 
-def _attention_float64(q, k, v, causal):
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    groups = q.shape[1] // k.shape[1]
-    k, v = np.repeat(k, groups, 1), np.repeat(v, groups, 1)
-    s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1])
-    if causal:
-        s = np.where(np.arange(k.shape[2])[None, :] <= np.arange(q.shape[2])[:, None], s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    return (p / p.sum(-1, keepdims=True)) @ v
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_key_blocks_skipped_and_masked_without_races(causal):
     """Three blocks of 128 query rows and five key blocks of 64 (the last mostly padding), GQA:
@@ -131,9 +114,8 @@ def test_attention_key_blocks_skipped_and_masked_without_races(causal):
     q, k, v = _attention_inputs(1, 2, 1, 300, 270, 64)
     out = mosaic_attention.attention(q, k, v, causal,
                                      blocks=mosaic_attention.Blocks(block_kv=64, stages=2))
-    ref = _attention_float64(q, k, v, causal)
-    err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
-    assert err <= 4 * 2.0 ** -8
+    err = check.rel_err(out, reference.attention(q, k, v, causal))
+    assert err <= check.budget("bfloat16", None)
     if not _common.on_gpu():
         assert not _common.races_found()
 
