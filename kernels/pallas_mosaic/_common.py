@@ -26,7 +26,8 @@ def unavailable() -> str:
         return ""
     capability = getattr(jax.devices()[0], "compute_capability", "")
     if not capability.startswith("9."):
-        return f"Mosaic GPU kernels here are written for Hopper (sm_90); this GPU is sm_{capability}"
+        return ("Mosaic GPU kernels here are written for Hopper (sm_90); "
+                f"this GPU is sm_{capability}")
     return ""
 
 

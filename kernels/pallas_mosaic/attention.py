@@ -33,7 +33,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import contract, registry
 from kernels.pallas import attention as pallas_attention
 from kernels.pallas._common import pad_axis
-from kernels.pallas_mosaic._common import SHARED_BYTES, interpret_params, swizzled, tags, unavailable
+from kernels.pallas_mosaic._common import (SHARED_BYTES, interpret_params, swizzled, tags,
+                                           unavailable)
 
 # wgmma's M: the query rows of one compute warpgroup; a block has two of them.
 ROWS = 64
