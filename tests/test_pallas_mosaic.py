@@ -109,8 +109,9 @@ def _attention_inputs(B, H, Hkv, Sq, Sk, D, dtype=jnp.bfloat16):
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_key_blocks_skipped_and_masked_without_races(causal):
     """Three blocks of 128 query rows and five key blocks of 64 (the last mostly padding), GQA:
-    under causal masking each warpgroup skips the key blocks wholly past its last row, and
-    attends to the others, masking the diagonal ones."""
+    under causal masking the pipeline of query block i loads key blocks 0..2i+1 only (the last
+    block all five), each warpgroup skips those wholly past its last row and attends to the
+    others, masking the diagonal ones. One key block too few fails the error check."""
     q, k, v = _attention_inputs(1, 2, 1, 300, 270, 64)
     out = mosaic_attention.attention(q, k, v, causal,
                                      blocks=mosaic_attention.Blocks(block_kv=64, stages=2))

@@ -6,7 +6,8 @@ warpgroup streaming k and v tiles by TMA into swizzled shared memory, `stages` k
 and two compute warpgroups of 64 rows each. A compute warpgroup keeps its q tile in shared memory
 and, per key block, takes the scores by wgmma (k transposed in place), an online softmax in fp32
 registers (base 2: log2(e) folded into the scale), and P V by wgmma with P from registers. Under
-causal masking a key block wholly past a warpgroup's last row is skipped (no MMA, no softmax).
+causal masking the pipeline stops at the block's diagonal (later key blocks are never loaded), and
+a key block wholly past a warpgroup's last row is skipped by it (no MMA, no softmax).
 GQA: k and v of kv head h // (H // Hkv) are read in place, never repeated.
 
 Sequences are zero-padded to block multiples (padded keys masked out of the softmax) and the head
@@ -144,9 +145,15 @@ def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, lse_smem, q_barrie
         plgpu.wait_smem_to_gmem(0)
 
     kv_head = lax.div(h, jnp.int32(st.groups))
+    kv_steps = k_gmem.shape[2] // bkv
+    if st.causal:
+        # Key blocks past the block's last query row are never loaded: the pipeline's length
+        # (the same for the memory and the compute warpgroups) stops at the diagonal.
+        last_row = lax.axis_index("q") * (2 * ROWS) + 2 * ROWS - 1
+        kv_steps = jnp.minimum(last_row // bkv + 1, kv_steps)
     tile = plgpu.BlockSpec((bkv, d), lambda j: (j, 0), transforms=swizzled(d, dtype))
     plgpu.emit_pipeline_warp_specialized(
-        step, grid=(k_gmem.shape[2] // bkv,), memory_registers=MEMORY_REGISTERS,
+        step, grid=(kv_steps,), memory_registers=MEMORY_REGISTERS,
         in_specs=[tile, tile], wg_axis="wg", num_compute_wgs=2,
         max_concurrent_steps=blocks.stages, compute_context=compute,
     )(k_gmem.at[b, kv_head], v_gmem.at[b, kv_head])
