@@ -55,6 +55,9 @@ class Build:
     shared_bytes: int | None = None
     mma: str = ""  # "wgmma", "mma" or "" (no tensor-core instruction in the PTX)
     tma: bool = False  # tiles moved by the Tensor Memory Accelerator (cp.async.bulk.tensor)
+    # warp-specialized: partitions of warps given their own register budgets (setmaxnreg), as
+    # Triton's Hopper warp specialization makes them
+    ws: bool = False
 
 
 @contextmanager
@@ -203,6 +206,7 @@ def _build(build: Build, fn, packed: tuple, gpu) -> None:
     build.shared_bytes = compiled.metadata.shared
     build.mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else ""
     build.tma = "cp.async.bulk.tensor" in ptx
+    build.ws = "setmaxnreg" in ptx
     limit = SHARED_LIMIT.get(gpu.arch)
     if limit is not None and build.shared_bytes > limit:
         build.status = "over_shared"
@@ -215,12 +219,13 @@ def table(builds: list[Build], target: str) -> str:
     lines = [f"{len(builds)} kernel builds for {target}"
              + (f" (shared memory limit {limit // 1024} KiB per block)" if limit else ""),
              f"{'kernel':<18} {'config':<58} {'status':<11} {'regs':>4} {'spill B':>7} "
-             f"{'smem KiB':>8} {'mma':<5} {'tma':<3} {'cases':>5}  first case"]
+             f"{'smem KiB':>8} {'mma':<5} {'tma':<3} {'ws':<3} {'cases':>5}  first case"]
     for b in sorted(builds, key=lambda b: (b.kernel, b.config, b.cases[0])):
         smem = f"{b.shared_bytes / 1024:.0f}" if b.shared_bytes is not None else "-"
         lines.append(f"{b.kernel:<18} {b.config:<58} {b.status:<11} {b.registers or '-':>4} "
                      f"{b.spill_bytes if b.spill_bytes is not None else '-':>7} {smem:>8} "
-                     f"{b.mma or '-':<5} {'yes' if b.tma else '-':<3} {len(b.cases):>5}  "
+                     f"{b.mma or '-':<5} {'yes' if b.tma else '-':<3} {'yes' if b.ws else '-':<3} "
+                     f"{len(b.cases):>5}  "
                      f"{b.cases[0]}")
         if b.error:
             lines.append(f"    {b.error.splitlines()[0]}")

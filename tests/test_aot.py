@@ -126,29 +126,35 @@ def _q(dtype) -> torch.Tensor:
     return torch.empty((1, 1, 1, 16), dtype=dtype)
 
 
-def test_autotuners_prune_by_descriptors_registers_and_dtype():
-    """The attention kernels' TMA configs only when the launcher made descriptors (and that is in
-    their autotune key, so a TMA choice is never reused without them); no attention configs
-    whose tiles spill at D=128, and only small ones in fp32; no TMA matmul tiles over shared
-    memory in fp32."""
-    def kept(fits, configs, descs, block_d, dtype=torch.bfloat16):
+def test_autotuners_prune_by_tma_registers_and_dtype():
+    """The attention kernels' TMA configs only where the tensors allow TMA (and that is in their
+    autotune key, so a TMA choice is never reused for tensors that do not); no attention configs
+    whose tiles spill at D=128, and only small ones in fp32; the forward's warp-specialized
+    configs counted by their two consumer partitions; no TMA matmul tiles over shared memory in
+    fp32."""
+    def kept(fits, configs, tma_ok, block_d, dtype=torch.bfloat16):
         prune = prune_by(fits)["early_config_prune"]
-        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["TMA"])
-                for c in prune(configs, {"DESCS": descs, "BLOCK_D": block_d, "Q": _q(dtype)})]
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["TMA"],
+                 c.kwargs.get("WS", False))
+                for c in prune(configs, {"TMA_OK": tma_ok, "BLOCK_D": block_d, "Q": _q(dtype)})]
 
-    def fwd(descs, block_d, dtype=torch.bfloat16):
-        return kept(triton_attention._fwd_fits, triton_attention._FWD_GPU_CONFIGS, descs,
+    def fwd(tma_ok, block_d, dtype=torch.bfloat16):
+        return kept(triton_attention._fwd_fits, triton_attention._FWD_GPU_CONFIGS, tma_ok,
                     block_d, dtype)
 
-    assert (128, 64, 8, True) in fwd(True, 128)
-    assert (128, 64, 4, True) not in fwd(True, 128) and (128, 64, 4, False) not in fwd(True, 128)
-    assert (128, 64, 4, True) in fwd(True, 64)
-    assert fwd(True, 128, torch.float32) == [(64, 32, 4, False)]  # fp32: small tiles only
+    assert (128, 64, 8, True, False) in fwd(True, 128)
+    # 128x64 tiles in 4 warps spill at D=128; warp-specialized, two partitions of 4 share them
+    assert (128, 64, 4, True, False) not in fwd(True, 128)
+    assert (128, 64, 4, False, False) not in fwd(True, 128)
+    assert {(128, 64, 4, True, True), (128, 128, 4, True, True)} <= set(fwd(True, 128))
+    assert (128, 64, 4, True, False) in fwd(True, 64)
+    assert not any(ws for *_, ws in fwd(False, 64))  # warp specialization needs TMA
+    assert fwd(True, 128, torch.float32) == [(64, 32, 4, False, False)]  # fp32: small tiles only
     # the backward's spilling configs at D=128 (and only there)
     for fits, configs, spiller in ((triton_attention._dq_fits, triton_attention._DQ_GPU_CONFIGS,
-                                    (128, 32, 4, False)),
+                                    (128, 32, 4, False, False)),
                                    (triton_attention._dkv_fits, triton_attention._DKV_GPU_CONFIGS,
-                                    (32, 128, 4, False))):
+                                    (32, 128, 4, False, False))):
         assert spiller not in kept(fits, configs, True, 128)
         assert spiller in kept(fits, configs, True, 64)
         assert len(kept(fits, configs, True, 128)) == len(configs) - 1
@@ -157,9 +163,9 @@ def test_autotuners_prune_by_descriptors_registers_and_dtype():
             (triton_attention._fwd_fits, triton_attention._FWD_GPU_CONFIGS, "_fwd_kernel"),
             (triton_attention._dq_fits, triton_attention._DQ_GPU_CONFIGS, "_bwd_dq_kernel"),
             (triton_attention._dkv_fits, triton_attention._DKV_GPU_CONFIGS, "_bwd_dkv_kernel")):
-        assert any(tma for *_, tma in kept(fits, configs, True, 128)), kernel
-        assert not any(tma for *_, tma in kept(fits, configs, False, 128)), kernel
-        assert "DESCS" in getattr(triton_attention, kernel).keys
+        assert any(tma for *_, tma, _ in kept(fits, configs, True, 128)), kernel
+        assert not any(tma for *_, tma, _ in kept(fits, configs, False, 128)), kernel
+        assert "TMA_OK" in getattr(triton_attention, kernel).keys
 
     def matmul_tiles(dtype):
         kept = prune_by(triton_matmul._tma_fits)["early_config_prune"](
@@ -221,7 +227,10 @@ for launch in aot.launches(["matmul", "attention"], "smoke", ["bfloat16"], ["fwd
         found.append(any(kernel is k for k in cache.values()))
     report.append({"kernel": fn.__name__, "configs": len(configs), "binaries": len(cache),
                    "while_pruning": while_pruning, "later": compiled_by[len(while_pruning):],
-                   "found": found, "tma": sum(c.pre_hook is not None for c in configs)})
+                   "found": found,
+                   "tma": sum(c.pre_hook is not None or c.kwargs.get("TMA", False)
+                              for c in configs),
+                   "ws": sum(c.kwargs.get("WS", False) for c in configs)})
 
 # a config that does not compile (a dot 8 wide) is left to its timed launch; the others are built
 import torch, triton
@@ -253,9 +262,10 @@ def test_autotuners_compile_their_configs_in_parallel_before_timing_them():
         assert all(name.startswith("triton-compile") for name in r["while_pruning"]), r
         # ... and the launches that time them compile nothing more
         assert r["later"] == [] and all(r["found"]), r
-    # configs whose pre-launch hook sets TMA tile shapes (in the signature) are built with them
+    # configs whose pre-launch hook sets TMA tile shapes (in the signature) are built with them;
+    # so are the attention forward's TMA and warp-specialized ones
     assert report["_matmul_tma_kernel"]["tma"] == report["_matmul_tma_kernel"]["configs"]
-    assert report["_fwd_kernel"]["tma"] >= 1
+    assert report["_fwd_kernel"]["tma"] >= 1 and report["_fwd_kernel"]["ws"] >= 1
 
 
 def test_compile_threads_setting(monkeypatch):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.check import rel_err
-import kernels  # noqa: F401  (switches Triton to its interpreter when there is no GPU)
+import kernels  # switches Triton to its interpreter when there is no GPU
 from kernels import reference, registry
 from kernels.pallas import attention as pallas_attention
 from kernels.triton import attention as triton_attention
@@ -119,15 +119,32 @@ def pointer_loads_only(monkeypatch):
     """The Triton kernels load their tiles by pointers, as where no descriptor can be made. (The
     interpreter otherwise takes TMA descriptors whenever the tensors allow; on a GPU the
     autotuners choose between the two.)"""
-    monkeypatch.setattr(triton_attention, "_descriptors", lambda *t: [None] * len(t))
+    monkeypatch.setattr(triton_attention, "_tma_possible", lambda *tensors: False)
+
+
+def warp_specialized_forward(monkeypatch):
+    """The forward in its warp-specialized form (one loop over the key blocks, every block
+    masked): the interpreter runs that code as it is; on a GPU the forward's autotuner is offered
+    only its warp-specialized configs."""
+    kernel = triton_attention._fwd_kernel
+    if kernels.TRITON_INTERPRET:
+        configs = [triton_attention._config(32, 64, 4, 1, ws=True)]
+    else:
+        configs = [c for c in kernel.configs if c.kwargs.get("WS")]
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "cache", {})  # no choice made here outlives the test
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("impl", ["triton", "triton-pointer-loads", "pallas", "pallas_mosaic"])
+@pytest.mark.parametrize("impl", ["triton", "triton-pointer-loads", "triton-warp-specialized",
+                                  "pallas", "pallas_mosaic"])
 def test_forward_and_gradients_match_reference(impl, case, dtype, monkeypatch):
     if impl == "triton-pointer-loads":
         pointer_loads_only(monkeypatch)
+        impl = "triton"
+    if impl == "triton-warp-specialized":
+        warp_specialized_forward(monkeypatch)
         impl = "triton"
     if impl not in registry.impls("attention"):
         pytest.skip(registry.disabled("attention").get(impl, f"{impl} is not registered"))

@@ -166,6 +166,18 @@ def tma_ready(t: torch.Tensor) -> bool:
             and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
 
 
+def _allocate(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device=DEVICE_TYPE)
+
+
+def use_descriptor_allocator() -> None:
+    """Kernels that make tensor descriptors on the GPU need global scratch memory for them (one
+    per program), which Triton takes from the allocator set in the launching thread's context;
+    torch's caching allocator serves it. The interpreter needs none."""
+    if not TRITON_INTERPRET:
+        triton.set_allocator(_allocate)
+
+
 def small_tile_if_fp32(meta, fp32: bool, cap: int) -> bool:
     """For an autotuner's fits: fp32 inputs (true fp32 dots, no tensor cores) only with tiles of
     at most `cap` output elements. fp32 is here to be checked, not raced: fewer configs compile
@@ -174,7 +186,8 @@ def small_tile_if_fp32(meta, fp32: bool, cap: int) -> bool:
 
 
 def pick_configs(gpu_configs: list, interpret_configs: list) -> list:
-    """The interpreter would 'autotune' by running every config at interpreter speed: one is enough."""
+    """The interpreter would 'autotune' by running every config at interpreter speed: one is
+    enough."""
     return interpret_configs if TRITON_INTERPRET else gpu_configs
 
 

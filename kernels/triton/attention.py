@@ -3,10 +3,14 @@ three kernels (delta = rowsum(dO * O), dK/dV over query blocks, dQ over key bloc
 
 Layout [B, H, S, D] with any strides. GQA/MQA read kv head h // (H // Hkv) in place; k and v are
 never repeated. On a GPU each kernel's autotuner also tries configs that move q, k, v, o and dO
-by TMA through tensor descriptors (Hopper and later, rows of 16-byte multiples) and keeps
-whichever measures faster. D is padded (by masks or TMA's zero fill, not copies) to a power of
-two >= 16 for tl.dot. Softmax runs in base 2: log2(e) is folded into the scale so the inner loop
-uses exp2, and the saved logsumexp is base 2 as well.
+by TMA (Hopper and later, rows of 16-byte multiples) and keeps whichever measures faster: each
+program makes [S, D] tensor descriptors of its heads in the kernel. The forward's autotuner also
+tries warp-specialized TMA configs (Triton's Hopper warp specialization: a producer warpgroup
+issues the TMA loads, two consumer warpgroups of 64 query rows each run the dots and the
+softmax), which Triton builds only from descriptors made in the kernel. D is padded (by masks
+or TMA's zero fill, not copies) to a power of two >= 16 for tl.dot. Softmax runs in base 2:
+log2(e) is folded into the scale so the inner loop uses exp2, and the saved logsumexp is base 2
+as well.
 """
 from __future__ import annotations
 
@@ -15,32 +19,23 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import TRITON_INTERPRET, contract, registry
 from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, dot_precision,
                                     pick_configs, reset_jit, small_tile_if_fp32,
-                                    tma_device, tma_ready, to_output, upcast_dot)
+                                    tma_device, tma_ready, to_output, upcast_dot,
+                                    use_descriptor_allocator)
 
 LOG2_E = 1 / math.log(2)
 
 
-def _set_blocks(nargs) -> None:
-    """A config's pre-launch hook: descriptor tiles [1, 1, rows, BLOCK_D], query-side tensors
-    (q, o, dO) by BLOCK_M rows, key-side ones (k, v) by BLOCK_N."""
-    if not nargs["DESCS"]:
-        return
-    for name, rows in (("Qd", "BLOCK_M"), ("Od", "BLOCK_M"), ("DOd", "BLOCK_M"),
-                       ("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")):
-        if name in nargs:
-            nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
-
-
-def _config(bm, bn, warps, stages, tma=None):
+def _config(bm, bn, warps, stages, tma=None, ws=False):
     """tma: whether tiles move by TMA; None in the interpreter, which runs one config and takes
-    TMA whenever the launcher could make descriptors."""
+    TMA whenever the tensors allow it. ws: the forward's key loops warp-specialized (TMA only;
+    `warps` is then the warps of one partition: 4 make 12 in all)."""
     meta = {"BLOCK_M": bm, "BLOCK_N": bn} | ({} if tma is None else {"TMA": tma})
-    return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=_set_blocks)
+    meta |= {"WS": True} if ws else {}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
 # BLOCK_M tiles queries, BLOCK_N tiles keys. The kernel that owns a query block (forward, dQ) wants
@@ -52,7 +47,8 @@ def _config(bm, bn, warps, stages, tma=None):
 _FWD_GPU_CONFIGS = [
     _config(128, 64, 4, 3, False), _config(128, 128, 8, 3, False), _config(64, 64, 4, 3, False),
     _config(128, 32, 4, 2, False), _config(64, 32, 4, 2, False),
-    _config(128, 64, 4, 3, True), _config(128, 128, 8, 3, True), _config(128, 64, 8, 3, True)]
+    _config(128, 64, 4, 3, True), _config(128, 128, 8, 3, True), _config(128, 64, 8, 3, True),
+    _config(128, 64, 4, 3, True, ws=True), _config(128, 128, 4, 2, True, ws=True)]
 _FWD_CONFIGS = pick_configs(_FWD_GPU_CONFIGS, [_config(32, 64, 4, 1)])
 _DKV_GPU_CONFIGS = [
     _config(32, 128, 4, 3, False), _config(64, 128, 8, 3, False), _config(32, 64, 4, 3, False),
@@ -65,9 +61,9 @@ _DQ_GPU_CONFIGS = [
     _config(128, 64, 8, 3, True), _config(64, 64, 4, 3, True)]
 _DQ_CONFIGS = pick_configs(_DQ_GPU_CONFIGS, [_config(64, 32, 4, 1)])
 _DELTA_BLOCK_M = 64
-# DESCS (whether the launcher made descriptors) is in the key: a TMA config chosen for tensors
-# with descriptors must not be reused for tensors without
-_AUTOTUNE_KEY = ["Sq", "Sk", "GROUP", "BLOCK_D", "CAUSAL", "DESCS"]
+# TMA_OK (whether the tensors allow TMA) is in the key: a TMA config chosen for tensors that allow
+# it must not be reused for tensors that do not
+_AUTOTUNE_KEY = ["Sq", "Sk", "GROUP", "BLOCK_D", "CAUSAL", "TMA_OK"]
 
 
 def _narrow_enough(meta, args) -> bool:
@@ -77,7 +73,9 @@ def _narrow_enough(meta, args) -> bool:
 
 
 def _per_thread(meta, values: int) -> float:
-    return values / (meta["num_warps"] * 32)
+    """Values per thread of the warps that compute: warp-specialized, two consumer partitions
+    of num_warps warps each share them (the producer holds no tiles in registers)."""
+    return values / ((2 if meta.get("WS") else 1) * meta["num_warps"] * 32)
 
 
 # Register budgets: fp32 values per thread in each kernel's accumulators and score-sized tiles,
@@ -87,12 +85,12 @@ def _per_thread(meta, values: int) -> float:
 # 208-396 bytes. dK/dV, 2 BLOCK_N x (BLOCK_D + BLOCK_M): 32x128/4 warps at D=128 (320) spilled
 # 2.2-6.0 KB; the configs at 192 spill at most a few bytes outside grouped-query causal cases.
 def _fits(meta, args, values: int, budget: int) -> bool:
-    """Within the kernel's register budget; TMA configs only where the launcher made
-    descriptors. fp32 spilled registers in every forward config at D=128 (make aot: 11 KB to
-    225 KB per thread): tiles of at most 64x32, one or two configs per kernel."""
+    """Within the kernel's register budget; TMA configs only where the tensors allow TMA. fp32
+    spilled registers in every forward config at D=128 (make aot: 11 KB to 225 KB per thread):
+    tiles of at most 64x32, one or two configs per kernel."""
     return (_narrow_enough(meta, args) and _per_thread(meta, values) <= budget
             and small_tile_if_fp32(meta, args["Q"].element_size() == 4, 64 * 32)
-            and (args["DESCS"] or not meta.get("TMA")))
+            and (args["TMA_OK"] or not meta.get("TMA")))
 
 
 def _fwd_fits(meta, args) -> bool:
@@ -128,14 +126,46 @@ def _load(base, rows, n_rows, stride_s, cols, D, stride_d, UPCAST: tl.constexpr,
 
 
 @triton.jit
-def _tile(desc, b, h, base, row0, rows, n_rows, stride_s, cols, D, stride_d,
-          UPCAST: tl.constexpr, ROW_EDGE: tl.constexpr, D_EDGE: tl.constexpr, TMA: tl.constexpr):
-    """The [rows, cols] tile (rows = row0 + arange) of head (b, h) of a [B, heads, S, D] tensor:
-    by TMA through its descriptor `desc`, or by pointers from the head's start `base` (_load).
-    Both are zero past the sequence end and the head dim (TMA fills what lies outside the tensor
-    with zeros)."""
+def _descriptor(base, n_rows, stride_s, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                TMA: tl.constexpr):
+    """With TMA, a descriptor of one head's [n_rows, D] matrix starting at `base`, moving
+    [ROWS, BLOCK_D] tiles: loads are zero past the sequence end and the head dim, stores are
+    clipped there. Made in the kernel (a head's base is 16-byte aligned where the tensor's
+    strides are multiples of 16 bytes: the launcher checks). Without TMA, `base` itself (the
+    tiles are then loaded by pointers from it)."""
     if TMA:
-        x = desc.load([b, h, row0, 0]).reshape(rows.shape[0], cols.shape[0])
+        return tl.make_tensor_descriptor(base, shape=[n_rows, D], strides=[stride_s, 1],
+                                         block_shape=[ROWS, BLOCK_D])
+    else:
+        return base
+
+
+@triton.jit
+def _group_descriptor(base, group, stride_h, n_rows, stride_s, D, ROWS: tl.constexpr,
+                      BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """_descriptor for the `group` heads from `base` on ([group, n_rows, D], [1, ROWS, BLOCK_D]
+    tiles): the query heads of a GQA group, which dK/dV loop over. One descriptor made before
+    that loop: made inside it, Triton's software pipeliner fails on Hopper."""
+    if TMA:
+        return tl.make_tensor_descriptor(base, shape=[group, n_rows, D],
+                                         strides=[stride_h, stride_s, 1],
+                                         block_shape=[1, ROWS, BLOCK_D])
+    else:
+        return base
+
+
+@triton.jit
+def _tile(desc, base, row0, rows, n_rows, stride_s, cols, D, stride_d,
+          UPCAST: tl.constexpr, ROW_EDGE: tl.constexpr, D_EDGE: tl.constexpr, TMA: tl.constexpr,
+          head=None):
+    """The [rows, cols] tile (rows = row0 + arange) of one head: by TMA through the head's
+    descriptor `desc` (or head `head` of a _group_descriptor), or by pointers from the head's
+    start `base` (_load). Both are zero past the sequence end and the head dim."""
+    if TMA:
+        if head is None:
+            x = desc.load([row0, 0])
+        else:
+            x = desc.load([head, row0, 0]).reshape(rows.shape[0], cols.shape[0])
         if UPCAST:
             x = x.to(tl.float32)
     else:
@@ -202,17 +232,17 @@ def _key_ranges(row0, Sk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, rows, start_n, Sk, stride_ks, stride_kd,
+def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, rows, start_n, Sk, stride_ks, stride_kd,
               stride_vs, stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr,
               PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
               TMA: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """One key block of the online softmax; the scale is applied inside the exponent's
     multiply-add, after the row max (a positive scale does not change which score is largest)."""
     keys = start_n + tl.arange(0, BLOCK_N)
-    k = _tile(Kd, b, hkv, K, start_n, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED,
-              D_EDGE, TMA)
-    v = _tile(Vd, b, hkv, V, start_n, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED,
-              D_EDGE, TMA)
+    k = _tile(Kd, K, start_n, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED, D_EDGE,
+              TMA)
+    v = _tile(Vd, V, start_n, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED, D_EDGE,
+              TMA)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASKED:
         s = tl.where(_visible(rows[:, None], keys[None, :], Sk, CAUSAL), s, float("-inf"))
@@ -227,28 +257,31 @@ def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, rows, start_n, Sk, stride_
 
 @autotune(_FWD_CONFIGS, _AUTOTUNE_KEY, _fwd_fits)
 @triton.jit
-def _fwd_kernel(Q, K, V, O, Qd, Kd, Vd, Od, DESCS, LSE, qk_scale, Sq, Sk, H, GROUP, D,
+def _fwd_kernel(Q, K, V, O, TMA_OK, LSE, qk_scale, Sq, Sk, H, GROUP, D,
                 stride_qb, stride_qh, stride_qs, stride_qd,
                 stride_kb, stride_kh, stride_ks, stride_kd,
                 stride_vb, stride_vh, stride_vs, stride_vd,
                 stride_ob, stride_oh, stride_os, stride_od,
                 CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, D_EDGE: tl.constexpr,
                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Q, K, V, O by pointer, or (TMA) Qd, Kd, Vd, Od: their descriptors (DESCS: whether they
-    were made; an autotune key, unused in the kernel)."""
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr = False):
+    """Q, K, V, O by pointer, or (TMA) through descriptors of the program's heads (TMA_OK:
+    whether the tensors allow that; an autotune key, unused in the kernel). WS: the key loops
+    warp-specialized."""
     pid_m = _query_block(tl.program_id(0), CAUSAL)
     pid_bh = tl.program_id(1)
     b, h, hkv = _heads(pid_bh, H, GROUP)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + hkv * stride_kh
     V += b * stride_vb + hkv * stride_vh
+    O += b * stride_ob + h * stride_oh
+    Qd = _descriptor(Q, Sq, stride_qs, D, BLOCK_M, BLOCK_D, TMA)
+    Kd = _descriptor(K, Sk, stride_ks, D, BLOCK_N, BLOCK_D, TMA)
+    Vd = _descriptor(V, Sk, stride_vs, D, BLOCK_N, BLOCK_D, TMA)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    # descriptor coordinates are 32-bit
-    b32, h32, hkv32 = b.to(tl.int32), h.to(tl.int32), hkv.to(tl.int32)
-    q = _tile(Qd, b32, h32, Q, pid_m * BLOCK_M, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST,
-              True, D_EDGE, TMA)
+    q = _tile(Qd, Q, pid_m * BLOCK_M, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST, True,
+              D_EDGE, TMA)
 
     # Online softmax state in fp32. Key 0 is visible to every row (also padded rows) and is in
     # the first block either loop runs, so every m_i is finite from then on and no -inf - -inf
@@ -257,22 +290,33 @@ def _fwd_kernel(Q, K, V, O, Qd, Kd, Vd, Od, DESCS, LSE, qk_scale, Sq, Sk, H, GRO
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     whole_end, end = _key_ranges(pid_m * BLOCK_M, Sk, CAUSAL, BLOCK_M, BLOCK_N)
-    for start_n in range(0, whole_end, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, b32, hkv32, rows, start_n, Sk,
-                                  stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale,
-                                  CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, False)
-    for start_n in range(whole_end, end, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, b32, hkv32, rows, start_n, Sk,
-                                  stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale,
-                                  CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, True)
+    if WS:
+        # Triton's Hopper warp specialization takes a single loop without branches (a second
+        # loop, or an `if` on the block, and it fails or quietly does not specialize): every
+        # block is masked, a compare and a select per score.
+        for start_n in tl.range(0, end, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, rows, start_n, Sk,
+                                      stride_ks, stride_kd, stride_vs, stride_vd, cols, D,
+                                      qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N,
+                                      True)
+    else:
+        for start_n in range(0, whole_end, BLOCK_N):
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, rows, start_n, Sk,
+                                      stride_ks, stride_kd, stride_vs, stride_vd, cols, D,
+                                      qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N,
+                                      False)
+        for start_n in range(whole_end, end, BLOCK_N):
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, rows, start_n, Sk,
+                                      stride_ks, stride_kd, stride_vs, stride_vd, cols, D,
+                                      qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N,
+                                      True)
 
     acc = acc / l_i[:, None]
     tl.store(LSE + pid_bh.to(tl.int64) * Sq + rows, m_i + tl.log2(l_i), mask=rows < Sq)
     if TMA:  # the store writes only the rows and head dims inside o
-        out = to_output(acc, Od.dtype, UPCAST)
-        Od.store([b32, h32, pid_m * BLOCK_M, 0], out.reshape(1, 1, BLOCK_M, BLOCK_D))
+        Od = _descriptor(O, Sq, stride_os, D, BLOCK_M, BLOCK_D, TMA)
+        Od.store([pid_m * BLOCK_M, 0], to_output(acc, O.dtype.element_ty, UPCAST))
     else:
-        O += b * stride_ob + h * stride_oh
         _store(O, acc, rows, Sq, stride_os, cols, D, stride_od, UPCAST)
 
 
@@ -294,17 +338,18 @@ def _bwd_delta_kernel(O, DO, DELTA, Sq, H, D,
 
 
 @triton.jit
-def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, b, h, LSE, DELTA, row0, keys, start_m, Sq, Sk,
+def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, DELTA, row0, keys, start_m, Sq, Sk,
               stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
               CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
               D_EDGE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
               MASKED: tl.constexpr):
-    """One query block's contribution to a key block's dK and dV."""
+    """One query block's contribution to a key block's dK and dV (Qd, DOd: the group's
+    descriptors; g: the head in the group)."""
     rows = start_m + tl.arange(0, BLOCK_M)
-    q = _tile(Qd, b, h, Qh, start_m, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST, MASKED,
-              D_EDGE, TMA)
-    do = _tile(DOd, b, h, DOh, start_m, rows, Sq, stride_ds, cols, D, stride_dd, UPCAST, MASKED,
-               D_EDGE, TMA)
+    q = _tile(Qd, Qh, start_m, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST, MASKED, D_EDGE,
+              TMA, g)
+    do = _tile(DOd, DOh, start_m, rows, Sq, stride_ds, cols, D, stride_dd, UPCAST, MASKED,
+               D_EDGE, TMA, g)
     if MASKED:
         lse = tl.load(LSE + row0 + rows, mask=rows < Sq, other=0.0)
         delta = tl.load(DELTA + row0 + rows, mask=rows < Sq, other=0.0)
@@ -328,7 +373,7 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, b, h, LSE, DELTA, row0, keys, star
 
 @autotune(_DKV_CONFIGS, _AUTOTUNE_KEY, _dkv_fits)
 @triton.jit
-def _bwd_dkv_kernel(Q, K, V, DO, Qd, Kd, Vd, DOd, DESCS, LSE, DELTA, DK, DV, qk_scale, scale,
+def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, DELTA, DK, DV, qk_scale, scale,
                     Sq, Sk, H, GROUP, D,
                     stride_qb, stride_qh, stride_qs, stride_qd,
                     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -351,11 +396,12 @@ def _bwd_dkv_kernel(Q, K, V, DO, Qd, Kd, Vd, DOd, DESCS, LSE, DELTA, DK, DV, qk_
     key0 = pid_n * BLOCK_N
     keys = key0 + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    b32, hkv32 = b.to(tl.int32), hkv.to(tl.int32)  # descriptor coordinates are 32-bit
-    k = _tile(Kd, b32, hkv32, K + b * stride_kb + hkv * stride_kh, key0, keys, Sk, stride_ks,
-              cols, D, stride_kd, UPCAST, True, D_EDGE, TMA)
-    v = _tile(Vd, b32, hkv32, V + b * stride_vb + hkv * stride_vh, key0, keys, Sk, stride_vs,
-              cols, D, stride_vd, UPCAST, True, D_EDGE, TMA)
+    K += b * stride_kb + hkv * stride_kh
+    V += b * stride_vb + hkv * stride_vh
+    k = _tile(_descriptor(K, Sk, stride_ks, D, BLOCK_N, BLOCK_D, TMA), K, key0, keys, Sk,
+              stride_ks, cols, D, stride_kd, UPCAST, True, D_EDGE, TMA)
+    v = _tile(_descriptor(V, Sk, stride_vs, D, BLOCK_N, BLOCK_D, TMA), V, key0, keys, Sk,
+              stride_vs, cols, D, stride_vd, UPCAST, True, D_EDGE, TMA)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     full = Sq // BLOCK_M * BLOCK_M
@@ -365,24 +411,27 @@ def _bwd_dkv_kernel(Q, K, V, DO, Qd, Kd, Vd, DOd, DESCS, LSE, DELTA, DK, DV, qk_
         lo = key0 // BLOCK_M * BLOCK_M
         # the first query block whose first row sees the block's last key
         whole = min(tl.cdiv(key0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, Sq)
+    Q += b * stride_qb + hkv * GROUP * stride_qh
+    DO += b * stride_db + hkv * GROUP * stride_dh
+    Qd = _group_descriptor(Q, GROUP, stride_qh, Sq, stride_qs, D, BLOCK_M, BLOCK_D, TMA)
+    DOd = _group_descriptor(DO, GROUP, stride_dh, Sq, stride_ds, D, BLOCK_M, BLOCK_D, TMA)
     for g in range(0, GROUP):
         h = hkv * GROUP + g
-        Qh = Q + b * stride_qb + h * stride_qh
-        DOh = DO + b * stride_db + h * stride_dh
+        Qh = Q + g * stride_qh
+        DOh = DO + g * stride_dh
         row0 = (b * H + h) * Sq
-        h32 = h.to(tl.int32)
         for start_m in range(lo, whole, BLOCK_M):
-            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, b32, h32, LSE, DELTA, row0, keys,
+            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, DELTA, row0, keys,
                                start_m, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols,
                                D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M,
                                True)
         for start_m in range(whole, full, BLOCK_M):
-            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, b32, h32, LSE, DELTA, row0, keys,
+            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, DELTA, row0, keys,
                                start_m, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols,
                                D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M,
                                False)
         for start_m in range(max(whole, full), Sq, BLOCK_M):
-            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, b32, h32, LSE, DELTA, row0, keys,
+            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, DELTA, row0, keys,
                                start_m, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols,
                                D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M,
                                True)
@@ -393,16 +442,16 @@ def _bwd_dkv_kernel(Q, K, V, DO, Qd, Kd, Vd, DOd, DESCS, LSE, DELTA, DK, DV, qk_
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, b, hkv, rows, start_n, Sk, stride_ks,
+def _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
              stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr,
              PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
              TMA: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """One key block's contribution to a query block's dQ."""
     keys = start_n + tl.arange(0, BLOCK_N)
-    k = _tile(Kd, b, hkv, K, start_n, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED,
-              D_EDGE, TMA)
-    v = _tile(Vd, b, hkv, V, start_n, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED,
-              D_EDGE, TMA)
+    k = _tile(Kd, K, start_n, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED, D_EDGE,
+              TMA)
+    v = _tile(Vd, V, start_n, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED, D_EDGE,
+              TMA)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     p = tl.exp2(s * qk_scale - lse[:, None])
     if MASKED:
@@ -414,7 +463,7 @@ def _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, b, hkv, rows, start_n, Sk, str
 
 @autotune(_DQ_CONFIGS, _AUTOTUNE_KEY, _dq_fits)
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, Qd, Kd, Vd, DOd, DESCS, LSE, DELTA, DQ, qk_scale, scale, Sq, Sk,
+def _bwd_dq_kernel(Q, K, V, DO, TMA_OK, LSE, DELTA, DQ, qk_scale, scale, Sq, Sk,
                    H, GROUP, D,
                    stride_qb, stride_qh, stride_qs, stride_qd,
                    stride_kb, stride_kh, stride_ks, stride_kd,
@@ -430,21 +479,24 @@ def _bwd_dq_kernel(Q, K, V, DO, Qd, Kd, Vd, DOd, DESCS, LSE, DELTA, DQ, qk_scale
     V += b * stride_vb + hkv * stride_vh
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    b32, h32, hkv32 = b.to(tl.int32), h.to(tl.int32), hkv.to(tl.int32)
-    q = _tile(Qd, b32, h32, Q + b * stride_qb + h * stride_qh, pid_m * BLOCK_M, rows, Sq,
-              stride_qs, cols, D, stride_qd, UPCAST, True, D_EDGE, TMA)
-    do = _tile(DOd, b32, h32, DO + b * stride_db + h * stride_dh, pid_m * BLOCK_M, rows, Sq,
-               stride_ds, cols, D, stride_dd, UPCAST, True, D_EDGE, TMA)
+    Kd = _descriptor(K, Sk, stride_ks, D, BLOCK_N, BLOCK_D, TMA)
+    Vd = _descriptor(V, Sk, stride_vs, D, BLOCK_N, BLOCK_D, TMA)
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_db + h * stride_dh
+    q = _tile(_descriptor(Q, Sq, stride_qs, D, BLOCK_M, BLOCK_D, TMA), Q, pid_m * BLOCK_M, rows,
+              Sq, stride_qs, cols, D, stride_qd, UPCAST, True, D_EDGE, TMA)
+    do = _tile(_descriptor(DO, Sq, stride_ds, D, BLOCK_M, BLOCK_D, TMA), DO, pid_m * BLOCK_M,
+               rows, Sq, stride_ds, cols, D, stride_dd, UPCAST, True, D_EDGE, TMA)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     whole_end, end = _key_ranges(pid_m * BLOCK_M, Sk, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, whole_end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, b32, hkv32, rows, start_n, Sk,
+        dq = _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, rows, start_n, Sk,
                       stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
                       PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, False)
     for start_n in range(whole_end, end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, b32, hkv32, rows, start_n, Sk,
+        dq = _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, rows, start_n, Sk,
                       stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
                       PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, True)
     # dQ is written contiguous [B, H, Sq, D].
@@ -455,32 +507,30 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _descriptors(*tensors) -> list:
-    """Descriptors for the kernel's four [B, heads, S, D] tensors (q, k, v and o or dO; tiles
-    set per config by its pre-launch hook), or Nones where TMA cannot be used: no Hopper-class
-    GPU, or a tensor a descriptor cannot take."""
-    if not (tma_device() and all(tma_ready(t) for t in tensors)):
-        return [None] * len(tensors)
-    return [TensorDescriptor.from_tensor(t, [1, 1, 16, 16]) for t in tensors]
+def _tma_possible(*tensors) -> bool:
+    """Whether the kernels may move these [B, heads, S, D] tensors (q, k, v and o or dO) by TMA:
+    a Hopper-class GPU (or the interpreter), and tensors whose heads descriptors can take."""
+    return tma_device() and all(tma_ready(t) for t in tensors)
 
 
-def _tma_args(*tensors) -> tuple[list, dict]:
-    """The descriptors (or Nones) and DESCS argument, and the TMA meta-parameter where the launcher
-    chooses it: the interpreter runs its one config, and there takes TMA whenever it can."""
-    descs = _descriptors(*tensors)
-    made = descs[0] is not None
-    return [*descs, int(made)], ({"TMA": made} if TRITON_INTERPRET else {})
+def _tma_args(*tensors) -> tuple[int, dict]:
+    """The TMA_OK argument, and the TMA meta-parameter where the launcher chooses it: the
+    interpreter runs its one config, and there takes TMA whenever it can."""
+    ok = _tma_possible(*tensors)
+    if ok:
+        use_descriptor_allocator()
+    return int(ok), ({"TMA": ok} if TRITON_INTERPRET else {})
 
 
 def _forward(q, k, v, dims, out):
     lse = torch.empty((dims.B, dims.H, dims.Sq), dtype=torch.float32, device=q.device)
     block_d = _block_d(dims.D)
-    descs, tma = _tma_args(q, k, v, out)
+    tma_ok, tma = _tma_args(q, k, v, out)
 
     def grid(meta):
         return (triton.cdiv(dims.Sq, meta["BLOCK_M"]), dims.B * dims.H)
 
-    _fwd_kernel[grid](q, k, v, out, *descs, lse, dims.scale * LOG2_E, dims.Sq,
+    _fwd_kernel[grid](q, k, v, out, tma_ok, lse, dims.scale * LOG2_E, dims.Sq,
                       dims.Sk, dims.H, dims.H // dims.Hkv, dims.D,
                       *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                       CAUSAL=dims.causal, BLOCK_D=block_d, D_EDGE=dims.D != block_d,
@@ -500,7 +550,7 @@ def _backward(q, k, v, o, lse, do, dims):
     dv = torch.empty_like(dk)
     args = (dims.scale * LOG2_E, dims.scale, dims.Sq, dims.Sk, dims.H, dims.H // dims.Hkv, dims.D,
             *q.stride(), *k.stride(), *v.stride(), *do.stride())
-    descs, tma = _tma_args(q, k, v, do)
+    tma_ok, tma = _tma_args(q, k, v, do)
     meta = dict(CAUSAL=dims.causal, BLOCK_D=block_d, D_EDGE=dims.D != block_d,
                 PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype), **tma)
 
@@ -510,8 +560,8 @@ def _backward(q, k, v, o, lse, do, dims):
     def dq_grid(m):
         return (triton.cdiv(dims.Sq, m["BLOCK_M"]), dims.B * dims.H)
 
-    _bwd_dkv_kernel[dkv_grid](q, k, v, do, *descs, lse, delta, dk, dv, *args, **meta)
-    _bwd_dq_kernel[dq_grid](q, k, v, do, *descs, lse, delta, dq, *args, **meta)
+    _bwd_dkv_kernel[dkv_grid](q, k, v, do, tma_ok, lse, delta, dk, dv, *args, **meta)
+    _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, lse, delta, dq, *args, **meta)
     return dq, dk, dv
 
 
