@@ -172,7 +172,7 @@ def compile_all(found: list[Launch], target: str, prune: bool = True) -> list[Bu
             binders[id(fn)] = create_function_from_signature(fn.signature, fn.params, backend)
         for config in _configs(launch, prune):
             kwargs = {**launch.kwargs, **(config.all_kwargs() if config else {})}
-            if config is not None and config.pre_hook is not None:  # e.g. sets TMA tile shapes
+            if config is not None and config.pre_hook is not None:  # may set signature args
                 config.pre_hook({**dict(zip(fn.arg_names, launch.args)), **kwargs})
             bound, spec, opts = binders[id(fn)](*launch.args, **kwargs)
             key = (fn.__name__, repr(spec), _config_text(config))

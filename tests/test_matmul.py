@@ -54,15 +54,28 @@ def test_pallas_lowers_for_gpu(dtype, monkeypatch):
 TMA_SHAPES = [(67, 200, 136), (1, 8, 8), (130, 64, 72), (200, 24, 1000)]
 
 
+@pytest.mark.parametrize("warp_specialized", [False, True], ids=["", "warp-specialized"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", TMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_tma_kernel_where_descriptors_fit(shape, dtype):
+def test_tma_kernel_where_descriptors_fit(shape, dtype, warp_specialized, monkeypatch):
     """triton_tma runs its persistent TMA kernel on these (the interpreter's three programs walk
-    several tiles each), and it is right."""
+    several tiles each), and it is right; also in its warp-specialized form (the tile loop not
+    flattened: the interpreter runs that code as it is, a GPU's autotuner is offered only its
+    warp-specialized configs)."""
+    import kernels
     from harness import compile as compile_mod
+    from kernels.triton import matmul as triton_matmul
 
     if "triton_tma" not in registry.impls("matmul"):
         pytest.skip("triton_tma needs a GPU of compute capability 9.0 or later")
+    if warp_specialized:
+        kernel = triton_matmul._matmul_tma_kernel
+        if kernels.TRITON_INTERPRET:
+            configs = [triton_matmul._config(64, 64, 32, 4, 1, 4, ws=True)]
+        else:
+            configs = [c for c in kernel.configs if c.kwargs.get("WS")]
+        monkeypatch.setattr(kernel, "configs", configs)
+        monkeypatch.setattr(kernel, "cache", {})  # no choice made here outlives the test
     ran: dict[str, str] = {}
     with compile_mod.autotune_choices(ran):
         err, budget = error_and_budget("matmul", "triton_tma", _case(*shape), dtype)

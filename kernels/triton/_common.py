@@ -131,7 +131,7 @@ class ParallelCompileAutotuner(Autotuner):
         with ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool, \
                 triton.AsyncCompileMode(pool, ignore_errors=True):
             for config in configs:
-                if config.pre_hook is not None:  # e.g. TMA tile shapes, part of the signature
+                if config.pre_hook is not None:  # it may set arguments the signature includes
                     config.pre_hook({**self.nargs, **meta, **config.all_kwargs()})
                 self.fn.run(*args, grid=None, warmup=True, **meta, **config.all_kwargs())
 

@@ -2,7 +2,11 @@
 
 Two kernels: `triton`, one program per output tile with pointer loads (any GPU, any strides), and
 `triton_tma`, for Hopper-class GPUs: persistent (one program per SM walking the tiles), with
-operands and output moved by the Tensor Memory Accelerator through tensor descriptors.
+operands and output moved by the Tensor Memory Accelerator through tensor descriptors that each
+program makes. Its autotuner also tries warp-specialized configs (Triton's Hopper warp
+specialization: a producer warpgroup issues the TMA loads, two consumer warpgroups each
+accumulate half of a 128-row tile by wgmma), which Triton builds only from descriptors made in
+the kernel and a tile loop that is not flattened.
 """
 from __future__ import annotations
 
@@ -11,17 +15,18 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import ON_CUDA, contract, registry
 from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, dot_precision, grouped_tile,
                                     pick_configs, reset_jit, small_tile_if_fp32, tma_device,
-                                    tma_ready, to_output, upcast_dot)
+                                    tma_ready, to_output, upcast_dot, use_descriptor_allocator)
 
 
-def _config(bm, bn, bk, group, stages, warps, pre_hook=None):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
-                         num_stages=stages, num_warps=warps, pre_hook=pre_hook)
+def _config(bm, bn, bk, group, stages, warps, ws=False):
+    """ws (TMA kernel only): warp-specialized, `warps` being those of one partition (4 make 12
+    in all)."""
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}
+    return triton.Config(meta | ({"WS": True} if ws else {}), num_stages=stages, num_warps=warps)
 
 
 # A small bounded set for Hopper-class GPUs: large tiles for big square problems, narrow tiles for
@@ -93,28 +98,20 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
 
 
 # ---------------------------------------------------------------- persistent, TMA (Hopper)
-def _set_blocks(nargs) -> None:
-    """A config's pre-launch hook: the descriptors' tiles are the config's tiles."""
-    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    nargs["a_desc"].block_shape = [bm, bk]
-    nargs["b_desc"].block_shape = [bk, bn]
-    nargs["c_desc"].block_shape = [bm, bn]
-
-
-_tma_config = functools.partial(_config, pre_hook=_set_blocks)
-
-
 # The TMA engine fills rows past M with zeros without reading memory, so decode-sized M takes
-# 64-row tiles (the smallest warpgroup MMA) with a deep K step; the rest as the pointer kernel's.
+# 64-row tiles (the smallest warpgroup MMA) with a deep K step; the rest as the pointer kernel's,
+# and warp-specialized 128-row tiles (two consumer warpgroups of 64 rows).
 _TMA_GPU_CONFIGS = [
-    _tma_config(128, 256, 64, 8, 3, 8),
-    _tma_config(128, 128, 64, 8, 4, 8),
-    _tma_config(128, 128, 64, 8, 4, 4),
-    _tma_config(128, 64, 64, 8, 4, 4),
-    _tma_config(64, 64, 128, 1, 4, 4),
-    _tma_config(64, 32, 128, 1, 4, 4),
+    _config(128, 256, 64, 8, 3, 8),
+    _config(128, 128, 64, 8, 4, 8),
+    _config(128, 128, 64, 8, 4, 4),
+    _config(128, 64, 64, 8, 4, 4),
+    _config(64, 64, 128, 1, 4, 4),
+    _config(64, 32, 128, 1, 4, 4),
+    _config(128, 256, 64, 8, 3, 4, ws=True),
+    _config(128, 128, 64, 8, 4, 4, ws=True),
 ]
-_TMA_INTERPRET_CONFIGS = [_tma_config(64, 64, 32, 4, 1, 4)]
+_TMA_INTERPRET_CONFIGS = [_config(64, 64, 32, 4, 1, 4)]
 
 
 _SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may have on Hopper
@@ -132,17 +129,27 @@ def _tma_fits(meta, args) -> bool:
 
 @autotune(pick_configs(_TMA_GPU_CONFIGS, _TMA_INTERPRET_CONFIGS), _MATMUL_KEY, _tma_fits)
 @triton.jit
-def _matmul_tma_kernel(a_desc, b_desc, c_desc, M, N, K,
+def _matmul_tma_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bk, stride_cm,
                        M_KEY, N_KEY, K_KEY,  # autotune key only
                        IN_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                        NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, WS: tl.constexpr = False):
+    """Row-major a, b and c (unit column strides: the launcher checks) through descriptors made
+    here, once per program."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                       block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
+                                       block_shape=[BLOCK_K, BLOCK_N])
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                       block_shape=[BLOCK_M, BLOCK_N])
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
-    # Each program walks every NUM_PROGRAMS-th tile; flattening the two loops lets the compiler
-    # pipeline the next tile's loads under this tile's last steps and store.
-    for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_PROGRAMS, flatten=True):
+    # Each program walks every NUM_PROGRAMS-th tile. Without warp specialization the two loops
+    # are flattened, so the compiler pipelines the next tile's loads under this tile's last
+    # steps and store; with it (which needs them apart) the producer runs ahead by itself.
+    for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_PROGRAMS, flatten=not WS,
+                         warp_specialize=WS):
         pid_m, pid_n = grouped_tile(tile, grid_m, grid_n, GROUP_M)
         row, col = pid_m * BLOCK_M, pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # fp32 accumulation for accuracy
@@ -155,7 +162,7 @@ def _matmul_tma_kernel(a_desc, b_desc, c_desc, M, N, K,
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         # the store writes only the part of the tile inside the output
-        c_desc.store([row, col], to_output(acc, c_desc.dtype, UPCAST))
+        c_desc.store([row, col], to_output(acc, c_ptr.dtype.element_ty, UPCAST))
 
 
 @functools.cache
@@ -167,16 +174,16 @@ def _num_programs(device_index: int | None) -> int:
 
 
 def _launch_tma(a, b, out, dims: contract.MatmulDims) -> None:
-    # Placeholder tiles: the chosen config's pre-launch hook sets the real ones.
-    descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (a, b, out)]
     programs = _num_programs(out.device.index)
+    use_descriptor_allocator()
 
     def grid(meta):
         tiles = triton.cdiv(dims.M, meta["BLOCK_M"]) * triton.cdiv(dims.N, meta["BLOCK_N"])
         return (min(programs, tiles),)
 
-    _matmul_tma_kernel[grid](*descs, dims.M, dims.N, dims.K, *_tuning_keys(dims),
-                             **_dtype_flags(a.dtype), NUM_PROGRAMS=programs)
+    _matmul_tma_kernel[grid](a, b, out, dims.M, dims.N, dims.K, a.stride(0), b.stride(0),
+                             out.stride(0), *_tuning_keys(dims), **_dtype_flags(a.dtype),
+                             NUM_PROGRAMS=programs)
 
 
 # ---------------------------------------------------------------- launchers
