@@ -83,7 +83,8 @@ def _per_thread(meta, values: int) -> float:
 # every config above 160 spilled (128x64 tiles, 4 warps, D=128: 144-532 bytes), none at or
 # below. dQ, BLOCK_M x (BLOCK_D + 2 BLOCK_N): above 160 only 128x32/4 warps at D=128, spilling
 # 208-396 bytes. dK/dV, 2 BLOCK_N x (BLOCK_D + BLOCK_M): 32x128/4 warps at D=128 (320) spilled
-# 2.2-6.0 KB; the configs at 192 spill at most a few bytes outside grouped-query causal cases.
+# 2.2-6.0 KB; the configs at 192 spill at most 128 bytes, 356 in the grouped-query causal case
+# at D=128 (up to 2 KB before _dkv_blocks' flat loop over the group's heads).
 def _fits(meta, args, values: int, budget: int) -> bool:
     """Within the kernel's register budget; TMA configs only where the tensors allow TMA. fp32
     spilled registers in every forward config at D=128 (make aot: 11 KB to 225 KB per thread):
@@ -371,6 +372,34 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, DELTA, row0, keys, start_m
     return dk, dv
 
 
+@triton.jit
+def _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, DELTA, lse0, keys, lo,
+                hi, GROUP, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
+                CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                D_EDGE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                GROUPED: tl.constexpr, MASKED: tl.constexpr):
+    """Query blocks lo .. hi of every query head of the group (GROUPED: more than one; lse0: the
+    group's first row in LSE and DELTA). Grouped, one flat loop runs a head's blocks one after
+    another: as a loop over heads around a loop over blocks, most dK/dV configs spilled registers
+    in grouped-query cases (make aot, sm_90: up to 2 KB a thread), while the flat loop's index
+    arithmetic made several spill with a single head, which keeps the plain loop."""
+    if GROUPED:
+        blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
+        for i in range(0, GROUP * blocks):
+            g = i // blocks
+            start_m = lo + (i - g * blocks) * BLOCK_M
+            dk, dv = _dkv_step(dk, dv, k, v, Q + g * stride_qh, DO + g * stride_dh, Qd, DOd, g,
+                               LSE, DELTA, lse0 + g * Sq, keys, start_m, Sq, Sk, stride_qs,
+                               stride_qd, stride_ds, stride_dd, cols, D, qk_scale, CAUSAL,
+                               PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, MASKED)
+    else:
+        for start_m in range(lo, hi, BLOCK_M):
+            dk, dv = _dkv_step(dk, dv, k, v, Q, DO, Qd, DOd, 0, LSE, DELTA, lse0, keys, start_m,
+                               Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols, D,
+                               qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, MASKED)
+    return dk, dv
+
+
 @autotune(_DKV_CONFIGS, _AUTOTUNE_KEY, _dkv_fits)
 @triton.jit
 def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, DELTA, DK, DV, qk_scale, scale,
@@ -381,7 +410,7 @@ def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, DELTA, DK, DV, qk_scale, scale,
                     stride_db, stride_dh, stride_ds, stride_dd,
                     CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, D_EDGE: tl.constexpr,
                     PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block of one kv head; loops over the GROUP query heads that share it, so dK/dV of
     a GQA group accumulate in fp32 registers with no atomics and no per-q-head copies.
 
@@ -415,26 +444,19 @@ def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, DELTA, DK, DV, qk_scale, scale,
     DO += b * stride_db + hkv * GROUP * stride_dh
     Qd = _group_descriptor(Q, GROUP, stride_qh, Sq, stride_qs, D, BLOCK_M, BLOCK_D, TMA)
     DOd = _group_descriptor(DO, GROUP, stride_dh, Sq, stride_ds, D, BLOCK_M, BLOCK_D, TMA)
-    for g in range(0, GROUP):
-        h = hkv * GROUP + g
-        Qh = Q + g * stride_qh
-        DOh = DO + g * stride_dh
-        row0 = (b * H + h) * Sq
-        for start_m in range(lo, whole, BLOCK_M):
-            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, DELTA, row0, keys,
-                               start_m, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols,
-                               D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M,
-                               True)
-        for start_m in range(whole, full, BLOCK_M):
-            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, DELTA, row0, keys,
-                               start_m, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols,
-                               D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M,
-                               False)
-        for start_m in range(max(whole, full), Sq, BLOCK_M):
-            dk, dv = _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, DELTA, row0, keys,
-                               start_m, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols,
-                               D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M,
-                               True)
+    lse0 = (b * H + hkv * GROUP) * Sq
+    dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, DELTA, lse0,
+                         keys, lo, whole, GROUP, Sq, Sk, stride_qs, stride_qd, stride_ds,
+                         stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA,
+                         BLOCK_M, GROUPED, True)
+    dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, DELTA, lse0,
+                         keys, whole, full, GROUP, Sq, Sk, stride_qs, stride_qd, stride_ds,
+                         stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA,
+                         BLOCK_M, GROUPED, False)
+    dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, DELTA, lse0,
+                         keys, max(whole, full), Sq, GROUP, Sq, Sk, stride_qs, stride_qd,
+                         stride_ds, stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST,
+                         D_EDGE, TMA, BLOCK_M, GROUPED, True)
     # dK/dV are written contiguous [B, Hkv, Sk, D].
     base = (b * Hkv + hkv) * Sk * D
     _store(DK + base, dk * scale, keys, Sk, D, cols, D, 1, UPCAST)
@@ -560,7 +582,8 @@ def _backward(q, k, v, o, lse, do, dims):
     def dq_grid(m):
         return (triton.cdiv(dims.Sq, m["BLOCK_M"]), dims.B * dims.H)
 
-    _bwd_dkv_kernel[dkv_grid](q, k, v, do, tma_ok, lse, delta, dk, dv, *args, **meta)
+    _bwd_dkv_kernel[dkv_grid](q, k, v, do, tma_ok, lse, delta, dk, dv, *args, **meta,
+                              GROUPED=dims.H != dims.Hkv)
     _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, lse, delta, dq, *args, **meta)
     return dq, dk, dv
 
