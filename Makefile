@@ -91,11 +91,14 @@ clean-venv:
 # Every Triton kernel config the tier's cases launch, compiled for a GPU that need not be here
 # (TARGET, default Hopper): registers, spills, shared memory, wgmma, and what does not compile.
 TARGET ?= cuda:90
+# CASES: a regular expression; only the cases whose name it finds (e.g. _q1_, the decode steps)
+CASES ?=
 # the GPU's tier unless TIER is given (the Makefile's own default is the CPU's smoke tier)
 AOT_TIER := $(if $(filter file,$(origin TIER)),standard,$(TIER))
 aot: $(SETUP)
 	$(PY) -m harness.aot --tier $(AOT_TIER) --target $(TARGET) \
-		$(if $(OPS),--ops $(OPS)) $(if $(DTYPES),--dtypes $(DTYPES)) --modes fwd,bwd
+		$(if $(OPS),--ops $(OPS)) $(if $(DTYPES),--dtypes $(DTYPES)) --modes fwd,bwd \
+		$(if $(CASES),--cases '$(CASES)')
 
 # ---------------------------------------------------------------- the H100 run (issue: baselines)
 # On a CPU machine with network: `make gpu-wheels` fetches what the GPU machine lacks (the perfetto

@@ -79,9 +79,10 @@ def captured_launches(sink: list, case: str):
 
 
 def launches(ops: list[str], tier: str, dtypes: list[str], modes: list[str],
-             max_cases: int | None = None) -> list[Launch]:
-    """The Triton launches of every Triton implementation on the tier's cases (the first
-    `max_cases` of each op), forward and (attention) backward, on empty tensors."""
+             max_cases: int | None = None, name_pattern: str = "") -> list[Launch]:
+    """The Triton launches of every Triton implementation on the tier's cases (those whose name
+    `name_pattern` finds, a regular expression; then the first `max_cases` of each op), forward
+    and (attention) backward, on empty tensors."""
     import torch
 
     from harness import cases as cases_mod
@@ -94,7 +95,8 @@ def launches(ops: list[str], tier: str, dtypes: list[str], modes: list[str],
         names = [n for n in registry.impls(op) if registry.get(op, n).backend.startswith("Triton")]
         for name in names:
             impl = registry.get(op, name)
-            for case in cases_mod.cases(op, tier)[:max_cases]:
+            chosen = [c for c in cases_mod.cases(op, tier) if re.search(name_pattern, c.name)]
+            for case in chosen[:max_cases]:
                 for dtype in dtypes:
                     arrays = [torch.empty(s, dtype=inputs.TORCH_DTYPES[dtype], device=device)
                               for s in inputs.shapes(case).values()]
@@ -240,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tier", default="standard", choices=cases_mod.TIERS)
     p.add_argument("--dtypes", default="bf16", help="comma-separated, e.g. bf16,fp32")
     p.add_argument("--modes", default="fwd,bwd", help="attention modes: fwd, bwd")
+    p.add_argument("--cases", default="", metavar="REGEX",
+                   help="only the cases whose name this finds, e.g. '_q1_' (decode)")
     p.add_argument("--max-cases", type=int, help="only the first N cases of each op")
     p.add_argument("--target", default="cuda:90", help="backend:capability, e.g. cuda:90")
     p.add_argument("--all-configs", action="store_true",
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     dtypes = [cases_mod.DTYPE_ALIASES.get(d, d) for d in args.dtypes.split(",")]
     found = launches(args.ops.split(","), args.tier, dtypes, args.modes.split(","),
-                     args.max_cases)
+                     args.max_cases, args.cases)
     builds = compile_all(found, args.target, prune=not args.all_configs)
     print(table(builds, args.target))
     if args.json:

@@ -125,7 +125,7 @@ def pointer_loads_only(monkeypatch):
 def warp_specialized_forward(monkeypatch):
     """The forward in its warp-specialized form (one loop over the key blocks, every block
     masked): the interpreter runs that code as it is; on a GPU the forward's autotuner is offered
-    only its warp-specialized configs."""
+    only its warp-specialized configs. (Decode-like cases take the decode kernels instead.)"""
     kernel = triton_attention._fwd_kernel
     if kernels.TRITON_INTERPRET:
         configs = [triton_attention._config(32, 64, 4, 1, ws=True)]
@@ -171,14 +171,17 @@ def test_triton_tma_kernels_on_gpu(case, dtype, monkeypatch):
     """On a GPU each attention kernel's autotuner keeps the faster of its pointer and TMA
     configs; here they are offered only the TMA ones, so the TMA paths are checked whichever
     wins elsewhere."""
-    kernels = (triton_attention._fwd_kernel, triton_attention._bwd_dq_kernel,
-               triton_attention._bwd_dkv_kernel)
+    kernels = (triton_attention._fwd_kernel, triton_attention._decode_kernel,
+               triton_attention._bwd_dq_kernel, triton_attention._bwd_dkv_kernel)
     for kernel in kernels:
         monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs.get("TMA")])
+        monkeypatch.setattr(kernel, "best_config", None, raising=False)  # set by a launch
         kernel.cache.clear()
     try:
         test_forward_and_gradients_match_reference("triton", case, dtype, monkeypatch)
-        assert all(kernel.best_config.kwargs["TMA"] for kernel in kernels)
+        launched = [kernel for kernel in kernels if kernel.best_config is not None]
+        assert len(launched) == 3  # a forward (decode-like or not), dQ, dK/dV
+        assert all(kernel.best_config.kwargs["TMA"] for kernel in launched)
     finally:
         for kernel in kernels:
             kernel.cache.clear()  # no TMA-only choice is left for the tests after this one
@@ -224,6 +227,86 @@ def test_triton_unmasked_and_masked_blocks(case, loads, monkeypatch):
     results = run_triton(q, k, v, do, causal, scale)
     errors = [rel_err(x, r) for x, r in zip(results, refs)]
     check_within_budget(errors, stock, torch.float32, "triton many blocks")
+
+
+# Decode-like calls (no causal mask, Sq * H / Hkv <= 64) take the Triton split-KV kernels: a GQA
+# group's queries packed into one tile's rows, the keys split over programs (in the interpreter as
+# if on 2 multiprocessors: 8 programs), the splits merged by a second kernel. Each case below has
+# several splits (the last one partial) except where noted, and a tile of packed rows that is
+# not full.
+DECODE_CASES = [
+    pytest.param((1, 4, 1, 1, 300, 64, False, None), id="mqa-Sq1"),
+    pytest.param((2, 8, 2, 3, 250, 80, False, 0.3), id="gqa-Sq3-D80-scale"),
+    pytest.param((1, 16, 1, 4, 200, 16, False, None), id="64-packed-rows"),
+    pytest.param((1, 2, 2, 5, 37, 32, False, None), id="one-split"),
+]
+
+
+# pallas in every dtype; pallas_mosaic (float32 runs pallas) in one of its two: the same kernel
+@pytest.mark.parametrize("impl, dtype", [("pallas", d) for d in DTYPES]
+                         + [("pallas_mosaic", "bfloat16")])
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_pallas_packed_query_groups(impl, case, dtype):
+    """Non-causal GQA: the Pallas kernels see a group's queries as one sequence of its kv head."""
+    B, H, Hkv, Sq, Sk, D, causal, scale = case
+    if impl not in registry.impls("attention"):
+        pytest.skip(registry.disabled("attention").get(impl, f"{impl} is not registered"))
+    torch_dtype, jax_dtype = DTYPES[dtype]
+    q, k, v, do = make_inputs(case, torch_dtype)
+    packed, unpack = pallas_attention.pack_query_groups(to_jax(q, jax_dtype), Hkv, causal)
+    assert packed.shape == ((B, Hkv, H // Hkv * Sq, D) if H > Hkv else (B, H, Sq, D))
+    assert unpack(packed).shape == q.shape
+    causal_q = to_jax(q, jax_dtype)
+    assert pallas_attention.pack_query_groups(causal_q, Hkv, True)[0] is causal_q  # rows matter
+    refs = reference_with_grads(q, k, v, do, causal, scale)
+    stock = sdpa_errors(q, k, v, do, causal, scale, refs)
+    results = run_pallas(q, k, v, do, causal, scale, jax_dtype, impl=impl)
+    errors = [rel_err(x, r) for x, r in zip(results, refs)]
+    check_within_budget(errors, stock, torch_dtype, f"{impl} packed groups {dtype}")
+
+
+# TMA loads in every dtype; pointer loads (the same tiles, loaded another way) in one
+@pytest.mark.parametrize("loads, dtype", [("tma", d) for d in DTYPES] + [("pointer", "float16")])
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_triton_decode_kernels(case, dtype, loads, monkeypatch):
+    if loads == "pointer":
+        pointer_loads_only(monkeypatch)
+    B, H, Hkv, Sq, Sk, D, causal, scale = case
+    dims = triton_attention.contract.attention_args(*make_inputs(case, torch.float32)[:3],
+                                                    causal, scale, "torch")
+    assert triton_attention._decodes(dims)
+    splits, _ = triton_attention._decode_splits(B * Hkv, Sk, torch.device(DEVICE))
+    assert (splits == 1) == (Sk < 64), "a case meant to have several splits has one"
+    torch_dtype = DTYPES[dtype][0]
+    q, k, v, do = make_inputs(case, torch_dtype)
+    refs = reference_with_grads(q, k, v, do, causal, scale)
+    stock = sdpa_errors(q, k, v, do, causal, scale, refs)
+    errors = [rel_err(x, r) for x, r in zip(run_triton(q, k, v, do, causal, scale), refs)]
+    check_within_budget(errors, stock, torch_dtype, f"triton decode {dtype}")
+
+
+def test_decode_only_where_a_group_fits_a_tile():
+    def decodes(H, Hkv, Sq, causal=False):
+        q = torch.empty(1, H, Sq, 16)
+        k = torch.empty(1, Hkv, 8, 16)
+        return triton_attention._decodes(
+            triton_attention.contract.attention_args(q, k, k, causal, None, "torch"))
+    assert decodes(16, 1, 4) and not decodes(16, 1, 5)  # 64 packed rows, 80
+    assert decodes(1, 1, 64) and not decodes(1, 1, 65)
+    assert not decodes(4, 1, 1, causal=True)
+
+
+@pytest.mark.parametrize("sms", [2, 132])
+def test_decode_splits_cover_the_keys(sms, monkeypatch):
+    """Splits are whole key tiles (but the last), none is empty, and they cover every key."""
+    monkeypatch.setattr(triton_attention, "TRITON_INTERPRET", sms == 2)
+    align = triton_attention._DECODE_SPLIT_ALIGN
+    for programs in (1, 3, 64, 256, 2000):
+        for Sk in (1, 63, 64, 65, 300, 4096, 32768, 100_003):
+            splits, per = triton_attention._decode_splits(programs, Sk, torch.device("cpu"))
+            assert per % align == 0 and 1 <= splits
+            assert (splits - 1) * per < Sk <= splits * per, (programs, Sk, splits, per)
+            assert splits == 1 or programs * (splits - 1) < 4 * sms
 
 
 def test_pallas_small_blocks():

@@ -5,7 +5,8 @@ fp32 (base 2: log2(e) folded into the scale; the saved logsumexp is base 2 too).
 rowsum(dO * O) in plain jnp, then a dQ kernel looping over key blocks and a dK/dV kernel looping
 over query blocks. GQA/MQA: the k/v BlockSpec index_map reads kv head h // (H // Hkv), so k and v
 are never repeated; dK/dV are computed per q head (fp32 when a group has several heads) and summed
-over the group outside the kernel.
+over the group outside the kernel. Without a causal mask a group's queries are instead packed into
+one sequence of their kv head (pack_query_groups), which reads k and v once per group.
 
 Sequences are zero-padded to block multiples and the head dim to a power of two >= 16 (the GPU's
 Triton lowering needs power-of-two shapes; padded head-dim columns add nothing to any dot product);
@@ -257,8 +258,22 @@ def _flash_fwd(q, k, v, st: _Static):
 _flash.defvjp(_flash_fwd, _backward)
 
 
+def pack_query_groups(q, hkv: int, causal: bool):
+    """Without a causal mask no query row depends on its index, so the queries of the H // Hkv
+    heads that share a kv head can be one longer sequence of that kv head: q [B, H, Sq, D] as
+    [B, Hkv, H // Hkv * Sq, D], a reshape. k and v are then streamed once per kv head, not once
+    per q head (a decode step: Sq = 1 and 4-8 heads a group, each padded to a 16-row tile
+    alone), and dK/dV need no sum over the group. Returns that q and the function that gives an
+    output of its shape the shape of q."""
+    B, H, Sq, D = q.shape
+    if causal or H == hkv:
+        return q, lambda o: o
+    return q.reshape(B, hkv, H // hkv * Sq, D), lambda o: o.reshape(B, H, Sq, D)
+
+
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "blocks"))
 def _attention(q, k, v, *, causal: bool, scale: float, blocks: BlockSizes):
+    q, unpack = pack_query_groups(q, k.shape[1], causal)
     _, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     blocks = blocks.fit(Sq, Sk)
@@ -271,7 +286,7 @@ def _attention(q, k, v, *, causal: bool, scale: float, blocks: BlockSizes):
     q = pad_axis(pad_axis(q, 2, q_multiple), 3, d_padded)
     k = pad_axis(pad_axis(k, 2, k_multiple), 3, d_padded)
     v = pad_axis(pad_axis(v, 2, k_multiple), 3, d_padded)
-    return _flash(q, k, v, st)[:, :, :Sq, :D]
+    return unpack(_flash(q, k, v, st)[:, :, :Sq, :D])
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False,

@@ -8,7 +8,8 @@ and, per key block, takes the scores by wgmma (k transposed in place), an online
 registers (base 2: log2(e) folded into the scale), and P V by wgmma with P from registers. Under
 causal masking the pipeline stops at the block's diagonal (later key blocks are never loaded), and
 a key block wholly past a warpgroup's last row is skipped by it (no MMA, no softmax).
-GQA: k and v of kv head h // (H // Hkv) are read in place, never repeated.
+GQA: k and v of kv head h // (H // Hkv) are read in place, never repeated; without a causal mask
+a group's queries are packed into one sequence of their kv head (as the `pallas` kernels do).
 
 Sequences are zero-padded to block multiples (padded keys masked out of the softmax) and the head
 dim to a power of two >= 64 (padded columns add nothing to a dot product). The saved logsumexp
@@ -202,6 +203,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "blocks"))
 def _attention(q, k, v, *, causal: bool, scale: float, blocks: Blocks):
+    q, unpack = pallas_attention.pack_query_groups(q, k.shape[1], causal)
     _, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     # The backward's tiles (powers of two <= 64) divide both paddings.
@@ -211,7 +213,7 @@ def _attention(q, k, v, *, causal: bool, scale: float, blocks: Blocks):
     q = pad_axis(pad_axis(q, 2, 2 * ROWS), 3, d_padded)
     k = pad_axis(pad_axis(k, 2, blocks.block_kv), 3, d_padded)
     v = pad_axis(pad_axis(v, 2, blocks.block_kv), 3, d_padded)
-    return _flash(q, k, v, st, blocks)[:, :, :Sq, :D]
+    return unpack(_flash(q, k, v, st, blocks)[:, :, :Sq, :D])
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False,

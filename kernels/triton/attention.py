@@ -32,8 +32,10 @@ LOG2_E = 1 / math.log(2)
 def _config(bm, bn, warps, stages, tma=None, ws=False):
     """tma: whether tiles move by TMA; None in the interpreter, which runs one config and takes
     TMA whenever the tensors allow it. ws: the forward's key loops warp-specialized (TMA only;
-    `warps` is then the warps of one partition: 4 make 12 in all)."""
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn} | ({} if tma is None else {"TMA": tma})
+    `warps` is then the warps of one partition: 4 make 12 in all). bm None: BLOCK_M is the
+    launcher's (the decode kernel's packed query rows)."""
+    meta = ({} if bm is None else {"BLOCK_M": bm}) | {"BLOCK_N": bn}
+    meta |= {} if tma is None else {"TMA": tma}
     meta |= {"WS": True} if ws else {}
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
@@ -60,6 +62,18 @@ _DQ_GPU_CONFIGS = [
     _config(64, 32, 4, 2, False), _config(32, 32, 4, 2, False),
     _config(128, 64, 8, 3, True), _config(64, 64, 4, 3, True)]
 _DQ_CONFIGS = pick_configs(_DQ_GPU_CONFIGS, [_config(64, 32, 4, 1)])
+# The decode kernel's tile of packed query rows is the launcher's (the fewest that hold a GQA
+# group's queries); its configs choose only the key tile. A memory-bound stream of k and v.
+_DECODE_GPU_CONFIGS = [
+    _config(None, 64, 4, 3, False), _config(None, 128, 8, 3, False), _config(None, 64, 4, 4, False),
+    _config(None, 128, 4, 2, False), _config(None, 64, 4, 3, True), _config(None, 128, 4, 3, True)]
+_DECODE_CONFIGS = pick_configs(_DECODE_GPU_CONFIGS, [_config(None, 64, 4, 1)])
+# Splits of the key range are a multiple of every config's key tile: a key block never straddles
+# two splits.
+_DECODE_SPLIT_ALIGN = max(c.kwargs["BLOCK_N"] for c in _DECODE_CONFIGS)
+# Decode-like calls (no causal mask, and the query rows of a GQA group, Sq * H / Hkv, at most
+# this many) take the decode kernels.
+_DECODE_MAX_ROWS = 64
 _DELTA_BLOCK_M = 64
 # TMA_OK (whether the tensors allow TMA) is in the key: a TMA config chosen for tensors that allow
 # it must not be reused for tensors that do not
@@ -100,6 +114,15 @@ def _fwd_fits(meta, args) -> bool:
 
 def _dq_fits(meta, args) -> bool:
     return _fits(meta, args, meta["BLOCK_M"] * (args["BLOCK_D"] + 2 * meta["BLOCK_N"]), 160)
+
+
+def _decode_fits(meta, args) -> bool:
+    """As the forward; fp32 (make aot, D=64-128: TMA configs spilled 0.7-8 KB, 16x128 tiles
+    0.1-2.4 KB) only by pointers with 16x64 tiles."""
+    meta = {**meta, "BLOCK_M": args["BLOCK_M"]}
+    fp32 = args["Q"].element_size() == 4
+    return (_fits(meta, args, meta["BLOCK_M"] * (args["BLOCK_D"] + meta["BLOCK_N"]), 160)
+            and small_tile_if_fp32(meta, fp32, 16 * 64) and not (fp32 and meta.get("TMA")))
 
 
 def _dkv_fits(meta, args) -> bool:
@@ -319,6 +342,101 @@ def _fwd_kernel(Q, K, V, O, TMA_OK, LSE, qk_scale, Sq, Sk, H, GROUP, D,
         Od.store([pid_m * BLOCK_M, 0], to_output(acc, O.dtype.element_ty, UPCAST))
     else:
         _store(O, acc, rows, Sq, stride_os, cols, D, stride_od, UPCAST)
+
+
+@triton.jit
+def _packed_rows(pid, Sq, H, GROUP, stride_b, stride_h, stride_s, BLOCK_M: tl.constexpr):
+    """The rows of decode program `pid` (= b * Hkv + hkv): query i of head g of kv head hkv's
+    group is packed row g * Sq + i, the order of [B, H, Sq] (whose offset is b * H * Sq +
+    hkv * GROUP * Sq + packed row). Returns b and hkv (int64, as _heads), the packed rows, their
+    offsets in a [B, H, Sq, D] tensor of the given strides, and which rows exist."""
+    b = (pid // (H // GROUP)).to(tl.int64)
+    hkv = (pid % (H // GROUP)).to(tl.int64)
+    packed = tl.arange(0, BLOCK_M)
+    head = hkv * GROUP + packed // Sq
+    offsets = b * stride_b + head * stride_h + (packed % Sq) * stride_s
+    return b, hkv, packed, offsets, packed < GROUP * Sq
+
+
+@autotune(_DECODE_CONFIGS, ["Sk", "BLOCK_M", "BLOCK_D", "keys_per_split", "TMA_OK"],
+          _decode_fits)
+@triton.jit
+def _decode_kernel(Q, K, V, TMA_OK, PART_O, PART_LSE, qk_scale, Sq, Sk, H, GROUP, D,
+                   keys_per_split,
+                   stride_qb, stride_qh, stride_qs, stride_qd,
+                   stride_kb, stride_kh, stride_ks, stride_kd,
+                   stride_vb, stride_vh, stride_vs, stride_vd,
+                   BLOCK_D: tl.constexpr, D_EDGE: tl.constexpr, PRECISION: tl.constexpr,
+                   UPCAST: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Split-KV forward for few queries (flash-decoding): program (split, b * Hkv + hkv) runs
+    the online softmax of every query of kv head hkv's GQA group (packed into the rows of one
+    tile, so k and v are read once for the whole group) over one split of the keys, and writes
+    its normalised output and base-2 logsumexp for _decode_combine_kernel."""
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
+    b, hkv, packed, q_offsets, row_ok = _packed_rows(pid, Sq, H, GROUP, stride_qb, stride_qh,
+                                                     stride_qs, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + q_offsets[:, None] + cols[None, :] * stride_qd,
+                mask=row_ok[:, None] & (cols[None, :] < D), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    K += b * stride_kb + hkv * stride_kh
+    V += b * stride_vb + hkv * stride_vh
+    Kd = _descriptor(K, Sk, stride_ks, D, BLOCK_N, BLOCK_D, TMA)
+    Vd = _descriptor(V, Sk, stride_vs, D, BLOCK_N, BLOCK_D, TMA)
+
+    # Every split holds at least one key, visible to every row: m_i is finite after its first
+    # block. A split ends at a multiple of BLOCK_N or at Sk, so only the last one has a
+    # partial block.
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    start = split * keys_per_split
+    stop = min(start + keys_per_split, Sk)
+    whole_end = stop // BLOCK_N * BLOCK_N
+    for start_n in range(start, whole_end, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, packed, start_n, Sk,
+                                  stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale,
+                                  False, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, False)
+    for start_n in range(whole_end, stop, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, packed, start_n, Sk,
+                                  stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale,
+                                  False, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, True)
+
+    # Partials [B * Hkv, splits, BLOCK_M (, BLOCK_D)], fp32, every row (padded rows are finite).
+    part = (pid.to(tl.int64) * tl.num_programs(0) + split) * BLOCK_M + packed
+    tl.store(PART_LSE + part, m_i + tl.log2(l_i))
+    tl.store(PART_O + part[:, None] * BLOCK_D + cols[None, :], acc / l_i[:, None])
+
+
+@triton.jit
+def _decode_combine_kernel(PART_O, PART_LSE, O, LSE, splits, Sq, H, GROUP, D,
+                           stride_ob, stride_oh, stride_os, stride_od,
+                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
+    """Program b * Hkv + hkv merges its splits' partial outputs, each weighted by its share of
+    the softmax's total, 2^(lse_split - lse), and writes o and the logsumexp of every packed
+    query row (as the forward kernel does, for the backward)."""
+    pid = tl.program_id(0)
+    _, _, packed, o_offsets, row_ok = _packed_rows(pid, Sq, H, GROUP, stride_ob, stride_oh,
+                                                   stride_os, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    first = pid.to(tl.int64) * splits * BLOCK_M + packed
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    for s in range(splits):
+        m = tl.maximum(m, tl.load(PART_LSE + first + s * BLOCK_M))
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for s in range(splits):
+        weight = tl.exp2(tl.load(PART_LSE + first + s * BLOCK_M) - m)
+        part = tl.load(PART_O + (first + s * BLOCK_M)[:, None] * BLOCK_D + cols[None, :])
+        total += weight
+        acc += weight[:, None] * part
+    out = to_output(acc / total[:, None], O.dtype.element_ty, UPCAST)
+    tl.store(O + o_offsets[:, None] + cols[None, :] * stride_od, out,
+             mask=row_ok[:, None] & (cols[None, :] < D))
+    tl.store(LSE + pid.to(tl.int64) * GROUP * Sq + packed, m + tl.log2(total), mask=row_ok)
 
 
 @triton.jit
@@ -544,8 +662,53 @@ def _tma_args(*tensors) -> tuple[int, dict]:
     return int(ok), ({"TMA": ok} if TRITON_INTERPRET else {})
 
 
+def _decodes(dims) -> bool:
+    """Whether the call is decode-like: no causal mask (under one, few queries see few keys and
+    the forward kernel stops at them) and a GQA group's queries fit one tile of packed rows."""
+    return not dims.causal and dims.Sq * (dims.H // dims.Hkv) <= _DECODE_MAX_ROWS
+
+
+def _decode_splits(programs: int, Sk: int, device: torch.device) -> tuple[int, int]:
+    """(splits, keys per split) of the key range: enough programs for four per multiprocessor
+    (a memory-bound stream wants many loads in flight), splits a multiple of the key tiles, none
+    empty. Without a GPU, as if on 132 multiprocessors (an H100: what harness.aot compiles
+    for) or, in the interpreter, on 2 (a few splits, which the CPU tests need)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 2 if TRITON_INTERPRET else 132
+    blocks = triton.cdiv(Sk, _DECODE_SPLIT_ALIGN)
+    splits = min(blocks, max(1, triton.cdiv(4 * sms, programs)))
+    keys_per_split = triton.cdiv(blocks, splits) * _DECODE_SPLIT_ALIGN
+    return triton.cdiv(Sk, keys_per_split), keys_per_split
+
+
+def _decode_forward(q, k, v, dims, out, lse):
+    group = dims.H // dims.Hkv
+    block_d = _block_d(dims.D)
+    block_m = max(16, triton.next_power_of_2(dims.Sq * group))  # tl.dot's smallest M
+    programs = dims.B * dims.Hkv
+    splits, keys_per_split = _decode_splits(programs, dims.Sk, q.device)
+    part_lse = torch.empty((programs, splits, block_m), dtype=torch.float32, device=q.device)
+    part_o = torch.empty((programs, splits, block_m, block_d), dtype=torch.float32,
+                         device=q.device)
+    tma_ok, tma = _tma_args(k, v)
+    upcast = upcast_dot(q.dtype)
+    _decode_kernel[(splits, programs)](
+        q, k, v, tma_ok, part_o, part_lse, dims.scale * LOG2_E, dims.Sq, dims.Sk, dims.H, group,
+        dims.D, keys_per_split, *q.stride(), *k.stride(), *v.stride(),
+        BLOCK_D=block_d, D_EDGE=dims.D != block_d, PRECISION=dot_precision(q.dtype),
+        UPCAST=upcast, BLOCK_M=block_m, **tma)
+    _decode_combine_kernel[(programs,)](
+        part_o, part_lse, out, lse, splits, dims.Sq, dims.H, group, dims.D, *out.stride(),
+        BLOCK_D=block_d, BLOCK_M=block_m, UPCAST=upcast)
+
+
 def _forward(q, k, v, dims, out):
     lse = torch.empty((dims.B, dims.H, dims.Sq), dtype=torch.float32, device=q.device)
+    if _decodes(dims):
+        _decode_forward(q, k, v, dims, out, lse)
+        return lse
     block_d = _block_d(dims.D)
     tma_ok, tma = _tma_args(q, k, v, out)
 
@@ -628,5 +791,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
 registry.register("attention", "triton", framework="torch", kind="hand", backend="Triton",
                   accepts_out=True, tags=TAGS,
-                  reset=lambda: reset_jit(_fwd_kernel, _bwd_delta_kernel, _bwd_dkv_kernel,
-                                          _bwd_dq_kernel))(attention)
+                  reset=lambda: reset_jit(_fwd_kernel, _decode_kernel,
+                                          _decode_combine_kernel, _bwd_delta_kernel,
+                                          _bwd_dkv_kernel, _bwd_dq_kernel))(attention)
