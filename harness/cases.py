@@ -71,13 +71,14 @@ _ATTENTION_FULL = _flash_grid((512, 1024, 2048, 4096, 8192, 16384), (64, 128)) +
 
 
 # ---------------------------------------------------------------- conv2d
-def _conv(N, H, W, C, K, KH, KW, stride=1, padding=0, dilation=1, label=""):
+def _conv(N, H, W, C, K, KH, KW, stride=1, padding=0, dilation=1, label="", groups=1):
     def fmt(v):
         return str(v) if isinstance(v, int) else f"{v[0]}x{v[1]}"
     name = f"{label + '_' if label else ''}n{N}_{H}x{W}x{C}_k{KH}x{KW}x{K}_s{fmt(stride)}" \
-           f"_p{fmt(padding)}_d{fmt(dilation)}"
+           f"_p{fmt(padding)}_d{fmt(dilation)}" + (f"_g{groups}" if groups != 1 else "")
     return Case("conv2d", name, {"N": N, "H": H, "W": W, "C": C, "K": K, "KH": KH, "KW": KW,
-                                 "stride": stride, "padding": padding, "dilation": dilation})
+                                 "stride": stride, "padding": padding, "dilation": dilation,
+                                 "groups": groups})
 
 
 def _resnet50(batch):
@@ -102,6 +103,21 @@ def _resnet50(batch):
     return layers
 
 
+def _depthwise(batch):
+    """Grouped convolutions: MobileNetV2's depthwise 3x3 layers (groups = C, one filter per
+    channel; the stride-2 ones where a stage shrinks), where a conv moves far more bytes than it
+    does FLOPs, and ResNeXt-50's grouped 3x3 (32 groups of 4 channels)."""
+    return [
+        _conv(batch, 112, 112, 32, 32, 3, 3, 1, 1, label="dw_c32", groups=32),
+        _conv(batch, 112, 112, 96, 96, 3, 3, 2, 1, label="dw_c96_s2", groups=96),
+        _conv(batch, 56, 56, 144, 144, 3, 3, 1, 1, label="dw_c144", groups=144),
+        _conv(batch, 28, 28, 192, 192, 3, 3, 1, 1, label="dw_c192", groups=192),
+        _conv(batch, 14, 14, 576, 576, 3, 3, 1, 1, label="dw_c576", groups=576),
+        _conv(batch, 7, 7, 960, 960, 3, 3, 1, 1, label="dw_c960", groups=960),
+        _conv(batch, 56, 56, 128, 128, 3, 3, 1, 1, label="resnext_c128", groups=32),
+    ]
+
+
 _CONV_ODD = [
     _conv(2, 31, 29, 3, 1, 3, 3, 1, 1, label="odd_k1"),
     _conv(2, 33, 33, 16, 32, 3, 3, 1, 2, 2, label="odd_dilation2"),
@@ -114,9 +130,11 @@ _CONV_SMOKE = [
     _conv(1, 32, 32, 3, 16, 7, 7, 2, 3, label="stem"),
     _conv(1, 15, 13, 3, 1, 3, 3, 1, 1, label="odd_k1"),
     _conv(1, 17, 17, 8, 8, 3, 3, 3, 2, 2, label="odd_s3_d2"),
+    _conv(2, 16, 16, 32, 32, 3, 3, 1, 1, label="dw", groups=32),
+    _conv(1, 15, 13, 12, 24, 3, 3, 2, 1, label="grouped", groups=4),
 ]
-_CONV_STANDARD = _resnet50(32) + _CONV_ODD
-_CONV_FULL = _resnet50(32) + _resnet50(128) + _CONV_ODD
+_CONV_STANDARD = _resnet50(32) + _CONV_ODD + _depthwise(32)
+_CONV_FULL = _resnet50(32) + _resnet50(128) + _CONV_ODD + _depthwise(32) + _depthwise(128)
 
 CASES: dict[str, dict[str, list[Case]]] = {
     "matmul": {"smoke": _MATMUL_SMOKE, "standard": _MATMUL_STANDARD, "full": _MATMUL_FULL},
@@ -144,6 +162,16 @@ def normalize_dtype(name: str) -> str:
 
 def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def conv_groups(d: dict) -> int:
+    """A conv case's channel groups (1 where the case does not say)."""
+    return d.get("groups", 1)
+
+
+def conv_group_channels(d: dict) -> int:
+    """Input channels each output channel reads: C / groups (w's third dimension)."""
+    return d["C"] // conv_groups(d)
 
 
 def conv_out_hw(d: dict) -> tuple[int, int]:
@@ -176,7 +204,7 @@ def flops(case: Case, mode: str = "fwd") -> float:
         return 4.0 * d["B"] * d["H"] * d["D"] * _attention_pairs(d) * _MODE_FLOP_FACTOR[mode]
     if case.op == "conv2d":
         oh, ow = conv_out_hw(d)
-        return 2.0 * d["N"] * oh * ow * d["K"] * d["C"] * d["KH"] * d["KW"]
+        return 2.0 * d["N"] * oh * ow * d["K"] * conv_group_channels(d) * d["KH"] * d["KW"]
     raise ValueError(f"unknown op {case.op!r}")
 
 
@@ -193,7 +221,8 @@ def min_bytes(case: Case, dtype: str, mode: str = "fwd") -> float:
         elements = {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
     elif case.op == "conv2d":
         oh, ow = conv_out_hw(d)
-        elements = (d["N"] * d["H"] * d["W"] * d["C"] + d["KH"] * d["KW"] * d["C"] * d["K"]
+        elements = (d["N"] * d["H"] * d["W"] * d["C"]
+                    + d["KH"] * d["KW"] * conv_group_channels(d) * d["K"]
                     + d["N"] * oh * ow * d["K"])
     else:
         raise ValueError(f"unknown op {case.op!r}")

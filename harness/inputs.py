@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import torch
 
-from harness.cases import Case
+from harness.cases import Case, conv_group_channels, conv_groups
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -23,7 +23,8 @@ def shapes(case: Case) -> dict[str, tuple[int, ...]]:
         return {"q": (d["B"], d["H"], d["Sq"], d["D"]), "k": (d["B"], d["Hkv"], d["Sk"], d["D"]),
                 "v": (d["B"], d["Hkv"], d["Sk"], d["D"])}
     if case.op == "conv2d":
-        return {"x": (d["N"], d["H"], d["W"], d["C"]), "w": (d["KH"], d["KW"], d["C"], d["K"])}
+        return {"x": (d["N"], d["H"], d["W"], d["C"]),
+                "w": (d["KH"], d["KW"], conv_group_channels(d), d["K"])}
     raise ValueError(f"unknown op {case.op!r}")
 
 
@@ -32,8 +33,9 @@ def options(case: Case) -> dict:
     d = case.dims
     if case.op == "attention":
         return {"causal": d["causal"]}
-    if case.op == "conv2d":
-        return {k: d[k] for k in ("stride", "padding", "dilation")}
+    if case.op == "conv2d":  # groups only where there are several (not every plugin takes it)
+        groups = {"groups": conv_groups(d)} if conv_groups(d) != 1 else {}
+        return {k: d[k] for k in ("stride", "padding", "dilation")} | groups
     return {}
 
 

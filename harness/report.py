@@ -438,6 +438,13 @@ def problems_section(run: Run) -> Section:
         Table(["op", "case", "dtype", "mode", "impl", "status", "reason"], rows)])
 
 
+def _op_family(r: dict) -> str:
+    """The op, with grouped convolutions (depthwise among them: memory-bound, another contest
+    than the dense layers' GEMMs) apart: "conv2d (grouped)"."""
+    grouped = r["op"] == "conv2d" and (r.get("dims") or {}).get("groups", 1) > 1
+    return f"{r['op']} (grouped)" if grouped else r["op"]
+
+
 def kernels_section(run: Run) -> Section:
     """Each hand-written kernel against the best stock op, over the cases both ran: the geometric
     mean of the throughput ratio (100% = as fast as the best stock), and its share of the roofline."""
@@ -445,7 +452,7 @@ def kernels_section(run: Run) -> Section:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in _ok(run.records):
         if r.get("kind") in CANDIDATE_KINDS and _benchmark(r) in best:
-            groups[(r["op"], r.get("mode", "fwd"), r["dtype"], r["impl"])].append(r)
+            groups[(_op_family(r), r.get("mode", "fwd"), r["dtype"], r["impl"])].append(r)
     if not groups:
         return Section("Hand-written kernels vs the best stock", "kernels",
                        ["no hand-written kernel and stock op measured on the same benchmark"])

@@ -144,14 +144,32 @@ class Conv2dDims:
     dilation: tuple[int, int]
     OH: int
     OW: int
+    groups: int = 1  # channels in `groups` independent groups: C // groups in, K // groups out
+
+    @property
+    def Cg(self) -> int:
+        """Input channels per group (w's third dimension)."""
+        return self.C // self.groups
+
+    @property
+    def Kg(self) -> int:
+        """Output channels per group."""
+        return self.K // self.groups
 
 
-def conv2d_args(x, w, stride, padding, dilation, framework: str) -> Conv2dDims:
+def conv2d_args(x, w, stride, padding, dilation, framework: str, groups=1) -> Conv2dDims:
     N, H, W, C = check_array("x", x, framework, 4)
     KH, KW, Cw, K = check_array("w", w, framework, 4)
-    if Cw != C:
-        raise ValueError(f"w must have shape [KH, KW, C={C}, K] to match x [N, H, W, C], "
-                         f"got {[KH, KW, Cw, K]}")
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    if groups < 1 or C % groups:
+        raise ValueError(f"groups={groups} must be >= 1 and divide x's channels C={C}")
+    if Cw != C // groups:
+        per_group = f"C={C}" if groups == 1 else f"C / groups = {C // groups}"
+        raise ValueError(f"w must have shape [KH, KW, {per_group}, K] to match x [N, H, W, C] = "
+                         f"{[N, H, W, C]} with groups={groups}, got {[KH, KW, Cw, K]}")
+    if K % groups:
+        raise ValueError(f"w's output channels K={K} must be a multiple of groups={groups}")
     check_same_dtype(x=x, w=w)
     s = int_pair("stride", stride, 1)
     p = int_pair("padding", padding, 0)
@@ -163,4 +181,4 @@ def conv2d_args(x, w, stride, padding, dilation, framework: str) -> Conv2dDims:
                          f"{padded} (x [N, H, W, C] = {[N, H, W, C]}, padding={p})")
     OH = (padded[0] - extent[0]) // s[0] + 1
     OW = (padded[1] - extent[1]) // s[1] + 1
-    return Conv2dDims(N, H, W, C, KH, KW, K, s, p, d, OH, OW)
+    return Conv2dDims(N, H, W, C, KH, KW, K, s, p, d, OH, OW, groups)

@@ -74,8 +74,8 @@ def attention_grads(q, k, v, do, causal=False, scale=None, device="cpu"):
             dv.view(B, H // groups, groups, Sk, D).sum(2))
 
 
-def conv2d(x, w, stride=1, padding=0, dilation=1, device="cpu") -> torch.Tensor:
+def conv2d(x, w, stride=1, padding=0, dilation=1, groups=1, device="cpu") -> torch.Tensor:
     x = as_float64(x, device).permute(0, 3, 1, 2)  # NHWC -> NCHW
-    w = as_float64(w, device).permute(3, 2, 0, 1)  # HWIO -> OIHW
-    out = F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)
+    w = as_float64(w, device).permute(3, 2, 0, 1)  # HWIO -> OIHW ([K, C / groups, KH, KW])
+    out = F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)
     return out.permute(0, 2, 3, 1)  # -> NHWC

@@ -118,10 +118,10 @@ for _name, _backend, _enabled, _why in (
 
 
 # ---------------------------------------------------------------- conv2d
-def _nchw_args(x, w, stride, padding, dilation):
+def _nchw_args(x, w, stride, padding, dilation, groups):
     """Checks the contract; returns x as an NCHW view (channels_last memory, no copy), the weight
     as OIHW in channels_last memory (one copy: prepare steps do it once, untimed), and the dims."""
-    dims = contract.conv2d_args(x, w, stride, padding, dilation, "torch")
+    dims = contract.conv2d_args(x, w, stride, padding, dilation, "torch", groups)
     x_nchw = x.permute(0, 3, 1, 2)
     w_oihw = w.permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
     return x_nchw, w_oihw, dims
@@ -129,7 +129,7 @@ def _nchw_args(x, w, stride, padding, dilation):
 
 def _conv(x_nchw, w_oihw, dims):
     out = F.conv2d(x_nchw, w_oihw, stride=dims.stride, padding=dims.padding,
-                   dilation=dims.dilation)
+                   dilation=dims.dilation, groups=dims.groups)
     return out.permute(0, 2, 3, 1)  # a view: channels_last output is NHWC in memory
 
 
@@ -137,8 +137,8 @@ _conv_compiled = _compiled(_conv)
 
 
 def _conv_prepare(conv_fn, memory_format):
-    def prepare(x, w, stride=1, padding=0, dilation=1):
-        x_nchw, w_oihw, dims = _nchw_args(x, w, stride, padding, dilation)
+    def prepare(x, w, stride=1, padding=0, dilation=1, groups=1):
+        x_nchw, w_oihw, dims = _nchw_args(x, w, stride, padding, dilation, groups)
         x_nchw = x_nchw.contiguous(memory_format=memory_format)
         w_oihw = w_oihw.contiguous(memory_format=memory_format)
         return lambda: conv_fn(x_nchw, w_oihw, dims)
@@ -148,8 +148,8 @@ def _conv_prepare(conv_fn, memory_format):
 def _conv_impl(name, conv_fn, memory_format, backend, **extra):
     prepare = _conv_prepare(conv_fn, memory_format)
 
-    def run(x, w, stride=1, padding=0, dilation=1):
-        return prepare(x, w, stride, padding, dilation)()
+    def run(x, w, stride=1, padding=0, dilation=1, groups=1):
+        return prepare(x, w, stride, padding, dilation, groups)()
 
     registry.register("conv2d", name, framework="torch", kind="stock", backend=backend,
                       prepare=prepare, **extra)(run)

@@ -64,17 +64,17 @@ registry.register("attention", "xla_cudnn", framework="jax", kind="stock", backe
                   reason="needs a CUDA GPU")(_attention_impl("cudnn"))
 
 
-@functools.partial(jax.jit, static_argnames=("stride", "padding", "dilation"))
-def _conv2d(x, w, stride, padding, dilation):
+@functools.partial(jax.jit, static_argnames=("stride", "padding", "dilation", "groups"))
+def _conv2d(x, w, stride, padding, dilation, groups):
     out = lax.conv_general_dilated(
         x, w, window_strides=stride, padding=[(p, p) for p in padding], rhs_dilation=dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_precision(x),
-        preferred_element_type=jnp.float32)
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+        precision=_precision(x), preferred_element_type=jnp.float32)
     return out.astype(x.dtype)
 
 
 @registry.register("conv2d", "xla", framework="jax", kind="stock", backend="XLA",
                    reset=jax.clear_caches)
-def conv2d(x, w, stride=1, padding=0, dilation=1):
-    dims = contract.conv2d_args(x, w, stride, padding, dilation, "jax")
-    return _conv2d(x, w, dims.stride, dims.padding, dims.dilation)
+def conv2d(x, w, stride=1, padding=0, dilation=1, groups=1):
+    dims = contract.conv2d_args(x, w, stride, padding, dilation, "jax", groups)
+    return _conv2d(x, w, dims.stride, dims.padding, dims.dilation, dims.groups)

@@ -58,24 +58,29 @@ def test_every_triton_config_compiles_for_hopper(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="on a GPU the other tests compile every kernel for real")
-def test_decode_kernels_compile_for_hopper(tmp_path):
-    """The split-KV decode kernels, which the first smoke cases above do not reach, on the
-    standard tier's decode cases (Sq = 1, GQA, D = 128)."""
+def test_decode_and_depthwise_kernels_compile_for_hopper(tmp_path):
+    """The kernels that the first smoke cases above do not reach: attention's split-KV decode
+    kernels on the standard tier's decode cases (Sq = 1, GQA, D = 128) and conv2d's multiply-add
+    kernel on a depthwise layer."""
     out = tmp_path / "builds.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "harness.aot", "--ops", "attention", "--tier", "standard",
-         "--cases", "_q1_", "--dtypes", "bf16", "--modes", "fwd", "--target", "cuda:90",
+        [sys.executable, "-m", "harness.aot", "--ops", "attention,conv2d", "--tier", "standard",
+         "--cases", "_q1_|dw_c144", "--dtypes", "bf16", "--modes", "fwd", "--target", "cuda:90",
          "--json", str(out)],
         cwd=ROOT, env=outer_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     builds = json.loads(out.read_text())
-    assert {b["kernel"] for b in builds} == {"_decode_kernel", "_decode_combine_kernel"}
-    decode = [b for b in builds if b["kernel"] == "_decode_kernel"]
-    assert len(decode) == len(triton_attention._DECODE_GPU_CONFIGS)
+    assert {b["kernel"] for b in builds} == {"_decode_kernel", "_decode_combine_kernel",
+                                             "_grouped_direct_kernel"}
     for b in builds:
         assert b["status"] == "ok", b  # no spills either
+    decode = [b for b in builds if b["kernel"] == "_decode_kernel"]
+    assert len(decode) == len(triton_attention._DECODE_GPU_CONFIGS)
     assert all(b["mma"] for b in decode)  # 16 packed rows: too few for wgmma's 64
     assert {b["tma"] for b in decode} == {True, False}
+    direct = [b for b in builds if b["kernel"] == "_grouped_direct_kernel"]
+    assert len(direct) == len(triton_conv2d._DIRECT_GPU_CONFIGS)
+    assert not any(b["mma"] for b in direct)  # multiply-adds, no dot
 
 
 def _square_dot(a_ptr, b_ptr, c_ptr, BLOCK: tl.constexpr):

@@ -127,7 +127,12 @@ def test_attention_dtypes_and_framework(impl):
     (((1, 8, 8, 3), (3, 3, 3, 4)), {"stride": (1, -2)}, ValueError, ["stride"]),
     (((1, 8, 8, 3), (3, 3, 3, 4)), {"dilation": 1.5}, TypeError, ["dilation", "int"]),
     (((1, 8, 8, 3), (3, 3, 3, 4)), {"padding": -1}, ValueError, ["padding", ">= 0"]),
-], ids=["rank", "channels", "too_large", "stride0", "stride_neg", "dilation_float", "pad_neg"])
+    (((1, 8, 8, 6), (3, 3, 2, 6)), {"groups": 4}, ValueError, ["groups=4", "C=6"]),
+    (((1, 8, 8, 6), (3, 3, 6, 6)), {"groups": 2}, ValueError, ["w", "C / groups = 3"]),
+    (((1, 8, 8, 6), (3, 3, 2, 4)), {"groups": 3}, ValueError, ["K=4", "groups=3"]),
+    (((1, 8, 8, 6), (3, 3, 6, 6)), {"groups": 0}, ValueError, ["groups=0", ">= 1"]),
+], ids=["rank", "channels", "too_large", "stride0", "stride_neg", "dilation_float", "pad_neg",
+        "groups_C", "groups_w", "groups_K", "groups0"])
 def test_conv2d_bad_shapes_and_options(impl, shapes, kwargs, error, words):
     fn = registry.get("conv2d", impl)
     with pytest.raises(error) as e:

@@ -31,7 +31,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 BUDGET_FACTOR = 4.0
 FLOOR = {d: torch.finfo(getattr(torch, d)).eps / 4 for d in DTYPES}
 
-# name: (x shape [N, H, W, C], w shape [KH, KW, C, K], stride, padding, dilation)
+# name: (x shape [N, H, W, C], w shape [KH, KW, C / groups, K], stride, padding, dilation
+#        [, groups])
 CASES = {
     "rgb_3x5_kernel_on_11x7": ((1, 11, 7, 3), (3, 5, 3, 4), 1, (1, 2), 1),
     "single_filter_stride2_batch3": ((3, 9, 10, 5), (3, 3, 5, 1), 2, 1, 1),
@@ -45,6 +46,13 @@ CASES = {
     "many_rows": ((2, 13, 11, 5), (3, 3, 5, 40), 1, 1, 1),
     "pointwise": ((3, 5, 7, 20), (1, 1, 20, 17), 1, 0, 1),  # Triton's plain-GEMM fast path
     "pointwise_stride2": ((2, 9, 8, 6), (1, 1, 6, 33), 2, 0, 1),
+    # grouped: under 16 channels a group, Triton's multiply-add kernel; from 16, its implicit
+    # GEMM per group (two channel blocks and two output tiles, the second partial, per group)
+    "depthwise_3x3": ((2, 9, 10, 24), (3, 3, 1, 24), 1, 1, 1, 24),
+    "depthwise_multiplier2_stride2": ((1, 11, 9, 5), (3, 3, 1, 10), 2, 1, 1, 5),
+    "grouped_4_channels_dilation2": ((1, 10, 7, 12), (3, 2, 4, 9), 1, (1, 0), 2, 3),
+    "grouped_gemm": ((1, 7, 6, 160), (3, 3, 80, 80), 1, 1, 1, 2),
+    "grouped_pointwise": ((2, 5, 6, 32), (1, 1, 16, 24), 1, 0, 1, 2),  # not the plain GEMM
 }
 
 
@@ -61,10 +69,10 @@ def _to_jax(t: torch.Tensor):
     return jnp.asarray(t.float().numpy(), dtype=str(t.dtype).removeprefix("torch."))
 
 
-def _torch_error(x, w, stride, padding, dilation, ref) -> float:
+def _torch_error(x, w, stride, padding, dilation, groups, ref) -> float:
     """The stock op's error in the same dtype: the scale of the budget."""
     y = F.conv2d(x.permute(0, 3, 1, 2), w.permute(3, 2, 0, 1), stride=stride, padding=padding,
-                 dilation=dilation)
+                 dilation=dilation, groups=groups)
     return rel_err(y.permute(0, 2, 3, 1), ref)
 
 
@@ -75,12 +83,13 @@ def _run(impl_name: str, x: torch.Tensor, w: torch.Tensor, *args, **kwargs):
     return impl(x.to(DEVICE_TYPE), w.to(DEVICE_TYPE), *args, **kwargs)
 
 
-def _check(y, x, w, stride, padding, dilation, dtype):
-    ref = reference.conv2d(x, w, stride, padding, dilation)
+def _check(y, x, w, stride, padding, dilation, dtype, groups=1):
+    ref = reference.conv2d(x, w, stride, padding, dilation, groups)
     assert tuple(y.shape) == tuple(ref.shape)
     assert str(y.dtype).removeprefix("torch.") == dtype
     err = rel_err(y, ref)
-    budget = BUDGET_FACTOR * _torch_error(x, w, stride, padding, dilation, ref) + FLOOR[dtype]
+    stock = _torch_error(x, w, stride, padding, dilation, groups, ref)
+    budget = BUDGET_FACTOR * stock + FLOOR[dtype]
     assert err <= budget, f"relative error {err:.3e} over budget {budget:.3e}"
 
 
@@ -88,34 +97,37 @@ def _check(y, x, w, stride, padding, dilation, dtype):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("impl_name", IMPLS)
 def test_matches_reference(impl_name, case, dtype):
-    x_shape, w_shape, stride, padding, dilation = CASES[case]
+    x_shape, w_shape, stride, padding, dilation, *groups = CASES[case]
+    groups = groups[0] if groups else 1
     x, w = _inputs(x_shape, w_shape, dtype)
-    kwargs = {}
+    kwargs = {"groups": groups}
     if registry.get("conv2d", impl_name).accepts_out:
         # Poison the output: an element the kernel fails to write stays NaN and fails the check.
         # (Pallas interpret mode fills unwritten outputs with NaN itself.)
-        shape = reference.conv2d(x, w, stride, padding, dilation).shape
+        shape = reference.conv2d(x, w, stride, padding, dilation, groups).shape
         kwargs["out"] = torch.full(shape, float("nan"), dtype=x.dtype, device=DEVICE_TYPE)
     y = _run(impl_name, x, w, stride, padding, dilation, **kwargs)
     if "out" in kwargs:
         assert y is kwargs["out"]
-    _check(y, x, w, stride, padding, dilation, dtype)
+    _check(y, x, w, stride, padding, dilation, dtype, groups)
 
 
-@pytest.mark.parametrize("kernel_hw, padding", [((3, 2), 1), ((1, 1), 0)])
+@pytest.mark.parametrize("kernel_hw, padding, groups", [((3, 2), 1, 1), ((1, 1), 0, 1),
+                                                        ((3, 3), 1, 5)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_triton_non_contiguous_inputs_and_output(dtype, kernel_hw, padding):
+def test_triton_non_contiguous_inputs_and_output(dtype, kernel_hw, padding, groups):
     """x and w made by permuting NCHW / OIHW tensors, the output a strided view. The 1x1 case
-    takes the general kernel: the plain-GEMM fast path needs a contiguous output."""
-    x, w = _inputs((2, 6, 9, 5), (*kernel_hw, 5, 7), dtype)
+    takes the general kernel: the plain-GEMM fast path needs a contiguous output. groups=5:
+    depthwise, two filters a channel (the multiply-add kernel)."""
+    x, w = _inputs((2, 6, 9, 5), (*kernel_hw, 5 // groups, 10), dtype)
     x_strided = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
     w_strided = w.permute(3, 2, 0, 1).contiguous().permute(2, 3, 1, 0)
     assert not x_strided.is_contiguous() and not w_strided.is_contiguous()
-    n, oh, ow, k = reference.conv2d(x, w, 1, padding).shape
+    n, oh, ow, k = reference.conv2d(x, w, 1, padding, 1, groups).shape
     poisoned = torch.full((n, oh, ow, 2 * k), float("nan"), dtype=x.dtype, device=DEVICE_TYPE)
     out = poisoned[..., ::2]  # every other channel
-    y = _run("triton", x_strided, w_strided, 1, padding, out=out)
-    _check(y, x, w, 1, padding, 1, dtype)
+    y = _run("triton", x_strided, w_strided, 1, padding, groups=groups, out=out)
+    _check(y, x, w, 1, padding, 1, dtype, groups)
     assert torch.isnan(poisoned[..., 1::2]).all(), "wrote outside the output view"
 
 
@@ -154,6 +166,13 @@ BAD_INPUTS = {
     "negative_padding": ((1, 5, 5, 2), (3, 3, 2, 4), {"padding": -1}, None, ValueError, "padding"),
     "float_stride": ((1, 5, 5, 2), (3, 3, 2, 4), {"stride": 1.5}, None, TypeError, "stride"),
     "mixed_dtypes": ((1, 5, 5, 2), (3, 3, 2, 4), {}, "float16", TypeError, "dtype"),
+    "groups_not_dividing_C": ((1, 5, 5, 6), (3, 3, 2, 4), {"groups": 4}, None, ValueError,
+                              "groups=4 must be >= 1 and divide"),
+    "w_channels_not_C_over_groups": ((1, 5, 5, 6), (3, 3, 6, 6), {"groups": 3}, None,
+                                     ValueError, "C / groups = 2"),
+    "K_not_a_multiple_of_groups": ((1, 5, 5, 6), (3, 3, 2, 4), {"groups": 3}, None, ValueError,
+                                   "K=4 must be a multiple of groups=3"),
+    "float_groups": ((1, 5, 5, 6), (3, 3, 2, 4), {"groups": 3.0}, None, TypeError, "groups"),
 }
 
 

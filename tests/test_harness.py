@@ -36,6 +36,20 @@ def test_conv_output_size_matches_reference():
     out = reference.conv2d(x["x"], x["w"], **inputs.options(case))
     assert tuple(out.shape) == (2, *cases.conv_out_hw(case.dims), 4)
     assert cases.flops(case) == 2 * 2 * out.shape[1] * out.shape[2] * 4 * 3 * 3 * 2
+    assert "groups" not in inputs.options(case)  # one group: nothing extra in the call
+
+
+def test_grouped_conv_shapes_flops_and_bytes():
+    """Depthwise with two filters a channel: each output channel reads one input channel."""
+    case = Case("conv2d", "t", {"N": 2, "H": 9, "W": 8, "C": 6, "K": 12, "KH": 3, "KW": 3,
+                                "stride": 1, "padding": 1, "dilation": 1, "groups": 6})
+    assert inputs.shapes(case)["w"] == (3, 3, 1, 12)
+    assert inputs.options(case)["groups"] == 6
+    x = inputs.make_torch(case, "float32")
+    out = reference.conv2d(x["x"], x["w"], **inputs.options(case))
+    assert tuple(out.shape) == (2, 9, 8, 12)
+    assert cases.flops(case) == 2 * 2 * 9 * 8 * 12 * 1 * 3 * 3
+    assert cases.min_bytes(case, "float32") == 4 * (2 * 9 * 8 * 6 + 3 * 3 * 12 + 2 * 9 * 8 * 12)
 
 
 @pytest.mark.parametrize("op", sorted(cases.CASES))

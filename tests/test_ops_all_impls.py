@@ -18,15 +18,20 @@ ATTENTION = [_attn(1, 2, 2, 1, 1, 16, False), _attn(2, 4, 2, 37, 61, 32, True),
              _attn(1, 2, 1, 17, 70, 80, False)]
 
 
-def _conv(N, H, W, C, K, KH, KW, stride, padding, dilation):
-    return Case("conv2d", f"t_{N}_{H}x{W}x{C}_{KH}x{KW}x{K}_s{stride}_p{padding}_d{dilation}",
-                dict(N=N, H=H, W=W, C=C, K=K, KH=KH, KW=KW, stride=stride, padding=padding,
-                     dilation=dilation))
+def _conv(N, H, W, C, K, KH, KW, stride, padding, dilation, groups=1):
+    return Case("conv2d", f"t_{N}_{H}x{W}x{C}_{KH}x{KW}x{K}_s{stride}_p{padding}_d{dilation}"
+                f"_g{groups}", dict(N=N, H=H, W=W, C=C, K=K, KH=KH, KW=KW, stride=stride,
+                                    padding=padding, dilation=dilation, groups=groups))
 
 
 CONV = [_conv(1, 1, 1, 1, 1, 1, 1, 1, 0, 1), _conv(2, 11, 7, 3, 5, 3, 5, 1, (1, 2), 1),
         _conv(3, 13, 13, 5, 1, 3, 3, 2, 1, 2), _conv(1, 17, 19, 16, 24, 3, 3, (3, 4), 1, (3, 1)),
-        _conv(2, 9, 9, 33, 17, 1, 1, 2, 0, 1)]
+        _conv(2, 9, 9, 33, 17, 1, 1, 2, 0, 1),
+        # grouped: depthwise (groups = C) with 3 filters per channel, stride 2 and a 5x3
+        # kernel; 3 groups of 4 -> 2 channels, dilation 2 (the hand-written kernels' own tests
+        # have more)
+        _conv(1, 15, 16, 6, 18, 5, 3, 2, (2, 1), 1, groups=6),
+        _conv(1, 13, 9, 12, 6, 3, 3, 1, 2, 2, groups=3)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -254,6 +254,18 @@ def test_kernels_vs_best_stock_and_noise_sections():
     # triton: 50% of the best stock on "a" (xla, 1 ms vs 2 ms), 200% on "b": geomean 100%
     row = next(line for line in kernels.splitlines() if "| triton |" in line)
     assert row.split("|")[5:9] == [" 2 ", " 100.0 ", " 50.0 ", " 200.0 "], row
+    # grouped convolutions get a row of their own, apart from the dense layers
+    conv = [_record("conv2d", "torch", "torch", "stock", "d", 1e9, "bfloat16", 1e-3),
+            _record("conv2d", "triton", "torch", "hand", "d", 1e9, "bfloat16", 2e-3),
+            _record("conv2d", "torch", "torch", "stock", "g", 1e9, "bfloat16", 1e-3),
+            _record("conv2d", "triton", "torch", "hand", "g", 1e9, "bfloat16", 0.5e-3)]
+    for r in conv[2:]:
+        r["dims"] = {"groups": 8}
+    conv_md = report.render_markdown("t", [report.kernels_section(
+        report.Run(Path("unused"), conv, {}, None))])
+    rows = {line.split("|")[1].strip(): line.split("|")[6].strip()
+            for line in conv_md.splitlines() if "| triton |" in line}
+    assert rows == {"conv2d": "50.0", "conv2d (grouped)": "200.0"}, conv_md
     noise = report.render_markdown("t", [report.noise_section(run)])
     all_row = next(line for line in noise.splitlines() if line.startswith("| all |"))
     assert all_row.split("|")[2:6] == [" 3 ", " 1.00 ", " 5.00 ", " 1 "], all_row

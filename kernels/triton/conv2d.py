@@ -59,27 +59,39 @@ def _accumulate(acc, a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def _output_pixels(rm, OH, OW, SH, SW, PH, PW):
+    """Output rows (flat pixel indices) -> (n, oh, ow) and the top-left input pixel (ih0, iw0)
+    of each one's receptive field (negative inside the padding)."""
+    ow = rm % OW
+    oh = (rm // OW) % OH
+    n = rm // (OW * OH)
+    return n, oh, ow, oh * SH - PH, ow * SW - PW
+
+
 @autotune(pick_configs(_GPU_CONFIGS, _INTERPRET_CONFIGS),
-          ["M", "H", "W", "C", "K", "KH", "KW", "SH", "SW", "DH", "DW", "IN_DTYPE"], _channels_fit)
+          ["M", "H", "W", "C", "K", "KH", "KW", "SH", "SW", "DH", "DW", "GROUPS", "IN_DTYPE"],
+          _channels_fit)
 @triton.jit
 def _conv2d_kernel(x_ptr, w_ptr, y_ptr, M, H, W, C, OH, OW, K, KH, KW, SH, SW, PH, PW, DH, DW,
-                   sxn, sxh, sxw, sxc, swh, sww, swc, swk, syn, syh, syw, syk,
+                   sxn, sxh, sxw, sxc, swh, sww, swc, swk, syn, syh, syw, syk, GROUPS,
                    IN_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """C and K are the channels of one group; program_id(1) is the group, whose input channels
+    start at g * C and output channels at g * K (one group: the whole conv)."""
     # Grouped order: programs sharing a band of output channels re-read weight tiles from L2.
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+    group = tl.program_id(1)
+    x_ptr += group * C * sxc
+    w_ptr += group * K * swk
+    y_ptr += group * K * syk
 
-    # Output row -> (n, oh, ow) and the top-left input pixel of its receptive field.
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rc = tl.arange(0, BLOCK_C)
     m_ok = rm < M
-    ow = rm % OW
-    oh = (rm // OW) % OH
-    n = rm // (OW * OH)
-    ih0 = oh * SH - PH
-    iw0 = ow * SW - PW
+    n, oh, ow, ih0, iw0 = _output_pixels(rm, OH, OW, SH, SW, PH, PW)
     x_rows = x_ptr + n.to(tl.int64) * sxn  # int64: a batch of large images passes 2**31 elements
     n_ok = rn < K
 
@@ -133,6 +145,61 @@ def _conv2d_kernel(x_ptr, w_ptr, y_ptr, M, H, W, C, OH, OW, K, KH, KW, SH, SW, P
 FLAT_BELOW_C = 16  # the smallest dot dimension on a GPU: fewer channels would be padding
 
 
+def _direct_config(bm, bk, warps):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=2, num_warps=warps)
+
+
+# Tiles of output pixels x output channels; channels are the contiguous NHWC axis.
+_DIRECT_GPU_CONFIGS = [_direct_config(64, 64, 4), _direct_config(128, 32, 4),
+                       _direct_config(64, 32, 4),
+                       _direct_config(32, 128, 4), _direct_config(128, 64, 8),
+                       _direct_config(64, 128, 8)]
+_DIRECT_INTERPRET_CONFIGS = [_direct_config(64, 32, 4)]
+
+
+def _channels_fit_direct(meta, args) -> bool:
+    """Output-channel tiles no wider than the output channels."""
+    return meta["BLOCK_K"] <= max(32, triton.next_power_of_2(args["K"]))
+
+
+@autotune(pick_configs(_DIRECT_GPU_CONFIGS, _DIRECT_INTERPRET_CONFIGS),
+          ["M", "H", "W", "K", "KH", "KW", "SH", "SW", "DH", "DW", "CG", "KG", "IN_DTYPE"],
+          _channels_fit_direct)
+@triton.jit
+def _grouped_direct_kernel(x_ptr, w_ptr, y_ptr, M, H, W, OH, OW, K, KH, KW, SH, SW, PH, PW,
+                           DH, DW, CG, KG, sxn, sxh, sxw, sxc, swh, sww, swc, swk,
+                           syn, syh, syw, syk, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grouped conv with few channels per group (CG < 16; depthwise: CG = 1) by multiply-adds
+    on a [pixels, output channels] tile: a dot over CG channels would be mostly padding.
+    Output channel k reads input channels (k // KG) * CG .. + CG, KG output channels a group."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    k_ok = rk < K
+    n, oh, ow, ih0, iw0 = _output_pixels(rm, OH, OW, SH, SW, PH, PW)
+    x_rows = x_ptr + n.to(tl.int64) * sxn
+    first_c = (rk // KG) * CG
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for tap in range(0, KH * KW):
+        kh = tap // KW
+        kw = tap - kh * KW
+        ih = ih0 + kh * DH
+        iw = iw0 + kw * DW
+        # Zero padding is a mask: rows whose input pixel lies outside x load 0.
+        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_tap = x_rows + ih * sxh + iw * sxw
+        for c in range(0, CG):
+            x = tl.load(x_tap[:, None] + (first_c + c)[None, :] * sxc,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + kh * swh + kw * sww + c * swc + rk * swk, mask=k_ok, other=0.0)
+            acc += x.to(tl.float32) * w.to(tl.float32)[None, :]  # fp32 products and sums
+    y_ptrs = (y_ptr + n.to(tl.int64)[:, None] * syn + oh[:, None] * syh + ow[:, None] * syw
+              + rk[None, :] * syk)
+    tl.store(y_ptrs, to_output(acc, y_ptr.dtype.element_ty, UPCAST),
+             mask=m_ok[:, None] & k_ok[None, :])
+
+
 def _reduction_block(C: int, R: int) -> int:
     """The reduction tile: a channel block, or with C < 16 a block of R = KH*KW*C. tl.dot needs
     every dimension >= 16 on a GPU; above 64 channels the tile only costs registers and shared
@@ -143,13 +210,14 @@ def _reduction_block(C: int, R: int) -> int:
     return min(32, max(16, triton.next_power_of_2(R)))
 
 
-def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, *,
+def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, groups=1, *,
            out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, H, W, C] (NHWC) conv w [KH, KW, C, K] (HWIO) -> [N, OH, OW, K] in x's dtype.
+    """x [N, H, W, C] (NHWC) conv w [KH, KW, C // groups, K] (HWIO) -> [N, OH, OW, K] in x's
+    dtype; `groups` channel groups (depthwise: groups = C).
 
     Any strides for x, w and `out` (a preallocated NHWC output, e.g. poisoned with NaN by a test).
     """
-    d = contract.conv2d_args(x, w, stride, padding, dilation, "torch")
+    d = contract.conv2d_args(x, w, stride, padding, dilation, "torch", groups)
     contract.check_device("x", x, DEVICE_TYPE)
     contract.check_device("w", w, DEVICE_TYPE)
     shape = (d.N, d.OH, d.OW, d.K)
@@ -159,26 +227,36 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, *,
         raise ValueError(f"out must be a {x.dtype} tensor of shape {list(shape)} on {x.device}, "
                          f"got {out.dtype} {list(out.shape)} on {out.device}")
 
-    pointwise = (d.KH, d.KW, d.stride, d.padding) == (1, 1, (1, 1), (0, 0))
+    pointwise = (d.KH, d.KW, d.stride, d.padding, d.groups) == (1, 1, (1, 1), (0, 0), 1)
     if pointwise and out.is_contiguous():
         # A 1x1 stride-1 conv is exactly the GEMM [N*H*W, C] @ [C, K]: no gather, no masks.
         matmul(x.reshape(-1, d.C), w.reshape(d.C, d.K), out=out.view(-1, d.K))
         return out
 
     M = d.N * d.OH * d.OW
+    geometry = (d.KH, d.KW, *d.stride, *d.padding, *d.dilation)
+    strides = (*x.stride(), *w.stride(), *out.stride())
+    if d.groups > 1 and d.Cg < FLAT_BELOW_C:
+        def direct_grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(d.K, meta["BLOCK_K"]))
+
+        _grouped_direct_kernel[direct_grid](x, w, out, M, d.H, d.W, d.OH, d.OW, d.K, *geometry,
+                                            d.Cg, d.Kg, *strides, IN_DTYPE=str(x.dtype),
+                                            UPCAST=upcast_dot(x.dtype))
+        return out
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(d.K, meta["BLOCK_N"]),)
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(d.Kg, meta["BLOCK_N"]), d.groups)
 
-    _conv2d_kernel[grid](x, w, out, M, d.H, d.W, d.C, d.OH, d.OW, d.K, d.KH, d.KW,
-                         *d.stride, *d.padding, *d.dilation, *x.stride(), *w.stride(),
-                         *out.stride(),
-                         IN_DTYPE=str(x.dtype), PRECISION=dot_precision(x.dtype),
-                         UPCAST=upcast_dot(x.dtype), FLAT=d.C < FLAT_BELOW_C,
-                         BLOCK_C=_reduction_block(d.C, d.KH * d.KW * d.C))
+    # One implicit GEMM per group (the grid's second axis), each of its C / groups channels.
+    _conv2d_kernel[grid](x, w, out, M, d.H, d.W, d.Cg, d.OH, d.OW, d.Kg, *geometry, *strides,
+                         d.groups, IN_DTYPE=str(x.dtype), PRECISION=dot_precision(x.dtype),
+                         UPCAST=upcast_dot(x.dtype), FLAT=d.Cg < FLAT_BELOW_C,
+                         BLOCK_C=_reduction_block(d.Cg, d.KH * d.KW * d.Cg))
     return out
 
 
 registry.register("conv2d", "triton", framework="torch", kind="hand", backend="Triton",
                   accepts_out=True, tags=TAGS,
-                  reset=lambda: reset_jit(_conv2d_kernel, _matmul_kernel))(conv2d)
+                  reset=lambda: reset_jit(_conv2d_kernel, _grouped_direct_kernel,
+                                          _matmul_kernel))(conv2d)
