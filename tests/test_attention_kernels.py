@@ -187,17 +187,20 @@ def test_triton_tma_kernels_on_gpu(case, dtype, monkeypatch):
             kernel.cache.clear()  # no TMA-only choice is left for the tests after this one
 
 
-def test_triton_non_contiguous_inputs():
+@pytest.mark.parametrize("case", [pytest.param((1, 4, 2, 37, 61, 32, True, None), id="causal"),
+                                  pytest.param((1, 8, 2, 3, 130, 32, False, None),
+                                               id="decode-kernels")])
+def test_triton_non_contiguous_inputs(case):
     """[B, S, H, D] storage viewed as [B, H, S, D]: the kernels take strides, no copies."""
-    case = (1, 4, 2, 37, 61, 32, True, None)
+    causal = case[6]
     q, k, v, do = make_inputs(case, torch.float32)
     q_t, k_t, v_t, do_t = (t.to(DEVICE).transpose(1, 2).contiguous().transpose(1, 2)
                            for t in (q, k, v, do))
     assert not q_t.is_contiguous()
-    refs = reference_with_grads(q, k, v, do, True, None)
-    stock = sdpa_errors(q, k, v, do, True, None, refs)
+    refs = reference_with_grads(q, k, v, do, causal, None)
+    stock = sdpa_errors(q, k, v, do, causal, None, refs)
     x = [t.detach().requires_grad_() for t in (q_t, k_t, v_t)]
-    out = triton_attention.attention(*x, causal=True)
+    out = triton_attention.attention(*x, causal=causal)
     out.backward(do_t)
     errors = [rel_err(t, r) for t, r in zip([out.detach()] + [t.grad for t in x], refs)]
     check_within_budget(errors, stock, torch.float32, "triton non-contiguous")
@@ -247,7 +250,8 @@ DECODE_CASES = [
                          + [("pallas_mosaic", "bfloat16")])
 @pytest.mark.parametrize("case", DECODE_CASES)
 def test_pallas_packed_query_groups(impl, case, dtype):
-    """Non-causal GQA: the Pallas kernels see a group's queries as one sequence of its kv head."""
+    """Non-causal GQA: the Pallas kernels see a group's queries as one sequence of its kv head
+    (and `pallas`, with few query blocks, splits the keys over programs)."""
     B, H, Hkv, Sq, Sk, D, causal, scale = case
     if impl not in registry.impls("attention"):
         pytest.skip(registry.disabled("attention").get(impl, f"{impl} is not registered"))
@@ -258,11 +262,49 @@ def test_pallas_packed_query_groups(impl, case, dtype):
     assert unpack(packed).shape == q.shape
     causal_q = to_jax(q, jax_dtype)
     assert pallas_attention.pack_query_groups(causal_q, Hkv, True)[0] is causal_q  # rows matter
+    if impl == "pallas":  # the forward splits the keys unless there is one key block
+        jaxpr = str(jax.make_jaxpr(pallas_attention.attention)(
+            *(to_jax(t, jax_dtype) for t in (q, k, v))))
+        assert ("flash_attention_fwd_split_kv" in jaxpr) == (Sk > 64)
     refs = reference_with_grads(q, k, v, do, causal, scale)
     stock = sdpa_errors(q, k, v, do, causal, scale, refs)
     results = run_pallas(q, k, v, do, causal, scale, jax_dtype, impl=impl)
     errors = [rel_err(x, r) for x, r in zip(results, refs)]
     check_within_budget(errors, stock, torch_dtype, f"{impl} packed groups {dtype}")
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param((1, 4, 1, 1, 4096, 64, False, None), id="decode-split-kv"),
+    pytest.param((1, 4, 2, 200, 200, 80, True, None), id="gqa-causal"),
+])
+def test_pallas_lowers_for_gpu(case, monkeypatch):
+    """Forward and backward lowered for CUDA (Pallas' Triton lowering: power-of-two blocks,
+    dots of 16 and more, its supported ops), which interpret mode does not check. Nothing runs."""
+    monkeypatch.setattr(pallas_attention, "interpret", lambda: False)
+    B, H, Hkv, Sq, Sk, D, causal, _ = case
+    q, k, v = (jnp.zeros(s, jnp.bfloat16) for s in ((B, H, Sq, D), (B, Hkv, Sk, D),
+                                                    (B, Hkv, Sk, D)))
+
+    def loss(q, k, v):
+        return pallas_attention.attention(q, k, v, causal).astype(jnp.float32).sum()
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
+        lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert "triton" in text
+    assert ("flash_attention_fwd_split_kv" in text) == (not causal)
+
+
+def test_pallas_kv_splits_cover_the_key_blocks(monkeypatch):
+    """Splits of whole key blocks, none empty, covering every block; as many as make four
+    programs a multiprocessor (interpret mode: 2), no more."""
+    monkeypatch.setattr(pallas_attention, "interpret", lambda: True)
+    for programs in (1, 3, 8, 100):
+        for blocks in (1, 2, 5, 64, 513):
+            splits, per = pallas_attention.kv_splits(programs, blocks)
+            assert (splits - 1) * per < blocks <= splits * per, (programs, blocks, splits, per)
+            assert splits == 1 or programs * (splits - 1) < 4 * 2
+    assert pallas_attention.kv_splits(1, 5) == (5, 1)
 
 
 # TMA loads in every dtype; pointer loads (the same tiles, loaded another way) in one

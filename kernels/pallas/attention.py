@@ -6,7 +6,9 @@ rowsum(dO * O) in plain jnp, then a dQ kernel looping over key blocks and a dK/d
 over query blocks. GQA/MQA: the k/v BlockSpec index_map reads kv head h // (H // Hkv), so k and v
 are never repeated; dK/dV are computed per q head (fp32 when a group has several heads) and summed
 over the group outside the kernel. Without a causal mask a group's queries are instead packed into
-one sequence of their kv head (pack_query_groups), which reads k and v once per group.
+one sequence of their kv head (pack_query_groups), which reads k and v once per group. With few
+query blocks (a decode step) the forward splits the keys over a fourth grid axis (kv_splits) and
+merges the splits' outputs by their logsumexp.
 
 Sequences are zero-padded to block multiples and the head dim to a power of two >= 16 (the GPU's
 Triton lowering needs power-of-two shapes; padded head-dim columns add nothing to any dot product);
@@ -68,6 +70,10 @@ class _Static:
     sk: int
     groups: int  # H // Hkv
     blocks: BlockSizes
+    # Forward only: the key blocks split over a fourth grid axis (split-KV, for few query blocks),
+    # kv_split_blocks key blocks a split; 1 split: no fourth axis.
+    kv_splits: int = 1
+    kv_split_blocks: int = 0
 
 
 def _dot(a, b, *, trans_b=False):
@@ -95,6 +101,16 @@ def _num_key_blocks(q_block, block_q, block_k, st: _Static):
     return n
 
 
+def _key_block_range(q_block, st: _Static):
+    """Key blocks [first, last) a forward program visits: all it must see, or with the keys
+    split (never under causal) its split's share, which is never empty."""
+    n = _num_key_blocks(q_block, st.blocks.block_q, st.blocks.block_k, st)
+    if st.kv_splits == 1:
+        return 0, n
+    first = pl.program_id(3) * st.kv_split_blocks
+    return first, jnp.minimum(first + st.kv_split_blocks, n)
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
     block_q, block_k = st.blocks.block_q, st.blocks.block_k
     i = pl.program_id(2)
@@ -117,10 +133,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return m_new, l, acc
 
-    # Key 0 is visible to every row, padded rows too, so the first block makes m finite.
+    # The first key of the range is visible to every row, padded rows too (key 0, or without a
+    # causal mask a split's first key), so the first block makes m finite.
     init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
             jnp.zeros(q.shape, jnp.float32))
-    m, l, acc = lax.fori_loop(0, _num_key_blocks(i, block_q, block_k, st), body, init)
+    m, l, acc = lax.fori_loop(*_key_block_range(i, st), body, init)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log2(l)
 
@@ -201,7 +218,32 @@ def _vec_spec(block):
     return pl.BlockSpec((_SQ, _SQ, block), lambda b, h, i: (b, h, i))
 
 
+def _split_forward(q, k, v, st: _Static):
+    """The forward with the keys split over a fourth grid axis: each split's normalised output
+    and logsumexp in fp32, merged here, each weighted by its share of the softmax's total."""
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    bq, g, splits = st.blocks.block_q, st.groups, st.kv_splits
+    o, lse = _call(
+        _fwd_kernel, st, (B, H, Sq // bq, splits),
+        in_specs=[pl.BlockSpec((_SQ, _SQ, bq, D), lambda b, h, i, j: (b, h, i, 0)),
+                  pl.BlockSpec((_SQ, _SQ, Sk, D), lambda b, h, i, j: (b, h // g, 0, 0)),
+                  pl.BlockSpec((_SQ, _SQ, Sk, D), lambda b, h, i, j: (b, h // g, 0, 0))],
+        out_specs=[pl.BlockSpec((_SQ, _SQ, _SQ, bq, D), lambda b, h, i, j: (b, h, j, i, 0)),
+                   pl.BlockSpec((_SQ, _SQ, _SQ, bq), lambda b, h, i, j: (b, h, j, i))],
+        out_shape=[jax.ShapeDtypeStruct((B, H, splits, Sq, D), jnp.float32),
+                   jax.ShapeDtypeStruct((B, H, splits, Sq), jnp.float32)],
+        name="flash_attention_fwd_split_kv")(q, k, v)
+    m = lse.max(axis=2)
+    weights = jnp.exp2(lse - m[:, :, None])
+    total = weights.sum(axis=2)
+    out = (weights[..., None] * o).sum(axis=2) / total[..., None]
+    return out.astype(q.dtype), m + jnp.log2(total)
+
+
 def _forward(q, k, v, st: _Static):
+    if st.kv_splits > 1:
+        return _split_forward(q, k, v, st)
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     bq = st.blocks.block_q
@@ -271,13 +313,25 @@ def pack_query_groups(q, hkv: int, causal: bool):
     return q.reshape(B, hkv, H // hkv * Sq, D), lambda o: o.reshape(B, H, Sq, D)
 
 
+def kv_splits(programs: int, key_blocks: int) -> tuple[int, int]:
+    """(splits, key blocks a split) of the forward's keys: with fewer programs than four a GPU
+    multiprocessor (decode: one query block per head), the keys are split until there are that
+    many, none empty. In interpret mode as if on 2 multiprocessors (the tests need splits)."""
+    cores = 2 if interpret() else getattr(jax.devices()[0], "core_count", None) or 132
+    wanted = min(key_blocks, max(1, pl.cdiv(4 * cores, programs)))
+    per_split = pl.cdiv(key_blocks, wanted)
+    return pl.cdiv(key_blocks, per_split), per_split
+
+
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "blocks"))
 def _attention(q, k, v, *, causal: bool, scale: float, blocks: BlockSizes):
     q, unpack = pack_query_groups(q, k.shape[1], causal)
     _, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     blocks = blocks.fit(Sq, Sk)
-    st = _Static(causal, scale, Sq, Sk, H // Hkv, blocks)
+    programs = q.shape[0] * H * pl.cdiv(Sq, blocks.block_q)
+    splits, split_blocks = (1, 0) if causal else kv_splits(programs, pl.cdiv(Sk, blocks.block_k))
+    st = _Static(causal, scale, Sq, Sk, H // Hkv, blocks, splits, split_blocks)
     # Block sizes are powers of two, so the largest is a multiple of the others: one padding
     # serves every kernel.
     q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
