@@ -31,6 +31,7 @@ ISOLATE ?=
 TIMEOUT ?= 900
 RESUME ?=
 WORKERS ?= 1
+TEST_WORKERS ?= 2
 PROFILE ?=
 RETIME ?=
 COLD ?= first
@@ -74,8 +75,10 @@ report: $(SETUP)
 profile: $(SETUP)
 	@$(MAKE) --no-print-directory bench PROFILE=1
 
+# Tests spread over TEST_WORKERS pytest-xdist processes (0: one process). Two halve the 2-core CI
+# machine's wall time; each worker holds its own torch, JAX and Triton (1-2 GB).
 test: $(SETUP)
-	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # Compares the device-time medians of two runs (default: the last two under reports/runs) and
 # fails on a regression over THRESHOLD percent.
