@@ -76,16 +76,18 @@ def _output_pixels(rm, OH, OW, SH, SW, PH, PW):
 def _conv2d_kernel(x_ptr, w_ptr, y_ptr, M, H, W, C, OH, OW, K, KH, KW, SH, SW, PH, PW, DH, DW,
                    sxn, sxh, sxw, sxc, swh, sww, swc, swk, syn, syh, syw, syk, GROUPS,
                    IN_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                   FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """C and K are the channels of one group; program_id(1) is the group, whose input channels
-    start at g * C and output channels at g * K (one group: the whole conv)."""
+                   FLAT: tl.constexpr, GROUPED: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """C and K are the channels of one group; with GROUPED, program_id(1) is the group, whose
+    input channels start at g * C and output channels at g * K. (Without, the kernel is as it was
+    before groups: the offsets' registers made an RGB-stem config spill, 0 -> 8 bytes.)"""
     # Grouped order: programs sharing a band of output channels re-read weight tiles from L2.
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
-    group = tl.program_id(1)
-    x_ptr += group * C * sxc
-    w_ptr += group * K * swk
-    y_ptr += group * K * syk
+    if GROUPED:
+        group = tl.program_id(1)
+        x_ptr += group * C * sxc
+        w_ptr += group * K * swk
+        y_ptr += group * K * syk
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -252,6 +254,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, gr
     _conv2d_kernel[grid](x, w, out, M, d.H, d.W, d.Cg, d.OH, d.OW, d.Kg, *geometry, *strides,
                          d.groups, IN_DTYPE=str(x.dtype), PRECISION=dot_precision(x.dtype),
                          UPCAST=upcast_dot(x.dtype), FLAT=d.Cg < FLAT_BELOW_C,
+                         GROUPED=d.groups > 1,
                          BLOCK_C=_reduction_block(d.Cg, d.KH * d.KW * d.Cg))
     return out
 
