@@ -1,4 +1,5 @@
-"""The public contract of every implementation: argument checks shared by all backends.
+"""The public contract of every implementation: argument checks shared by all backends, and the
+shape arithmetic the backends share (output sizes, split-KV splits).
 
 Each check raises TypeError (wrong kind of array, unsupported dtype) or ValueError (wrong rank or
 shape) with a message naming the argument and what was expected, and returns the problem's sizes.
@@ -182,3 +183,13 @@ def conv2d_args(x, w, stride, padding, dilation, framework: str, groups=1) -> Co
     OH = (padded[0] - extent[0]) // s[0] + 1
     OW = (padded[1] - extent[1]) // s[1] + 1
     return Conv2dDims(N, H, W, C, KH, KW, K, s, p, d, OH, OW, groups)
+
+
+def key_splits(programs: int, key_blocks: int, cores: int) -> tuple[int, int]:
+    """(splits, key blocks per split) of a split-KV attention forward (decode): the key blocks
+    split until `programs` programs become four per core (a memory-bound stream wants many loads
+    in flight; no split when there are that many already), every split whole blocks and none
+    empty. Shared by the Triton and Pallas launchers."""
+    wanted = min(key_blocks, max(1, -(-4 * cores // programs)))
+    per_split = -(-key_blocks // wanted)
+    return -(-key_blocks // per_split), per_split

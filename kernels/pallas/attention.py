@@ -318,9 +318,7 @@ def kv_splits(programs: int, key_blocks: int) -> tuple[int, int]:
     multiprocessor (decode: one query block per head), the keys are split until there are that
     many, none empty. In interpret mode as if on 2 multiprocessors (the tests need splits)."""
     cores = 2 if interpret() else getattr(jax.devices()[0], "core_count", None) or 132
-    wanted = min(key_blocks, max(1, pl.cdiv(4 * cores, programs)))
-    per_split = pl.cdiv(key_blocks, wanted)
-    return pl.cdiv(key_blocks, per_split), per_split
+    return contract.key_splits(programs, key_blocks, cores)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "blocks"))

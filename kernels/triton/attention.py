@@ -677,10 +677,8 @@ def _decode_splits(programs: int, Sk: int, device: torch.device) -> tuple[int, i
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         sms = 2 if TRITON_INTERPRET else 132
-    blocks = triton.cdiv(Sk, _DECODE_SPLIT_ALIGN)
-    splits = min(blocks, max(1, triton.cdiv(4 * sms, programs)))
-    keys_per_split = triton.cdiv(blocks, splits) * _DECODE_SPLIT_ALIGN
-    return triton.cdiv(Sk, keys_per_split), keys_per_split
+    splits, blocks = contract.key_splits(programs, triton.cdiv(Sk, _DECODE_SPLIT_ALIGN), sms)
+    return splits, blocks * _DECODE_SPLIT_ALIGN
 
 
 def _decode_forward(q, k, v, dims, out, lse):
