@@ -10,6 +10,7 @@ import pytest
 
 from harness import check
 from kernels import reference, registry
+from kernels.pallas import attention as pallas_attention
 from kernels.pallas_mosaic import _common
 from kernels.pallas_mosaic import attention as mosaic_attention
 from kernels.pallas_mosaic import matmul as mosaic_matmul
@@ -121,6 +122,39 @@ def test_attention_key_blocks_skipped_and_masked_without_races(causal):
         assert not _common.races_found()
 
 
+def _count_merges(monkeypatch) -> list:
+    """The shapes of the split outputs merged (each a split-KV forward) from here on."""
+    merged = []
+    merge = pallas_attention.merge_splits
+
+    def counted(o, lse, dtype):
+        merged.append(o.shape)
+        return merge(o, lse, dtype)
+    monkeypatch.setattr(pallas_attention, "merge_splits", counted)
+    jax.clear_caches()  # a cached trace would not call it
+    return merged
+
+
+def test_attention_decode_splits_the_keys(monkeypatch):
+    """A decode step (Sq = 1, a GQA group of 2 packed into one sequence) with 3 programs, fewer
+    than four per multiprocessor (interpret mode counts 2): the 5 key blocks of 128 split over 3
+    programs each, 2, 2 and 1 (the last key block mostly padding), each split's fp32 output
+    leaving in two 64-column chunks, merged by logsumexp. Forward and gradients (the backward
+    takes the merged logsumexp) against float64."""
+    merged = _count_merges(monkeypatch)
+    q, k, v = _attention_inputs(3, 2, 1, 1, 603, 128, jnp.float16)
+    out = mosaic_attention.attention(q, k, v)
+    assert merged == [(3, 1, 3, 128, 128)]
+    assert check.rel_err(out, reference.attention(q, k, v)) <= check.budget("float16", None)
+    if not _common.on_gpu():
+        assert not _common.races_found()
+    do = jax.random.normal(jax.random.key(2), out.shape, out.dtype)
+    grads = jax.grad(lambda *qkv: jnp.vdot(mosaic_attention.attention(*qkv), do).real
+                     .astype(jnp.float32), argnums=(0, 1, 2))(q, k, v)
+    for grad, expected in zip(grads, reference.attention_grads(q, k, v, do)):
+        assert check.rel_err(grad, expected) <= check.budget("float16", None)
+
+
 def test_attention_blocks_checked():
     q, k, v = _attention_inputs(1, 1, 1, 8, 8, 128)
     for blocks in (mosaic_attention.Blocks(block_kv=96), mosaic_attention.Blocks(stages=1),
@@ -146,4 +180,23 @@ def test_attention_lowers_for_hopper(D, causal, monkeypatch):
             q, kv, kv).lower(lowering_platforms=("cuda",))
     finally:
         jax.clear_caches()
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.skipif(_common.on_gpu(), reason="on a GPU the kernels compile and run for real")
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_decode_lowers_for_hopper(D, monkeypatch):
+    """The split-KV forward's GPU form: a fourth grid axis, each split's key range by its index,
+    fp32 partial outputs through their own staging tile, within the shared memory a block may
+    have (Mosaic GPU's lowering refused the first version of it at D = 128)."""
+    monkeypatch.setattr(mosaic_attention, "interpret_params", lambda: None)
+    merged = _count_merges(monkeypatch)
+    q = jax.ShapeDtypeStruct((1, 8, 1, D), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 2, 4096, D), jnp.bfloat16)
+    try:
+        lowered = jax.jit(mosaic_attention.attention).trace(q, kv, kv).lower(
+            lowering_platforms=("cuda",))
+    finally:
+        jax.clear_caches()
+    assert merged == [(1, 2, 4, 128, D)]
     assert "mosaic_gpu" in lowered.as_text()

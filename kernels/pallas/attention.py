@@ -234,11 +234,18 @@ def _split_forward(q, k, v, st: _Static):
         out_shape=[jax.ShapeDtypeStruct((B, H, splits, Sq, D), jnp.float32),
                    jax.ShapeDtypeStruct((B, H, splits, Sq), jnp.float32)],
         name="flash_attention_fwd_split_kv")(q, k, v)
+    return merge_splits(o, lse, q.dtype)
+
+
+def merge_splits(o, lse, dtype):
+    """The output and base-2 logsumexp of attention over all keys from those of the key splits
+    (o [B, H, splits, Sq, D] normalised per split, lse [B, H, splits, Sq], both fp32): each
+    split weighted by its share of the softmax's total."""
     m = lse.max(axis=2)
     weights = jnp.exp2(lse - m[:, :, None])
     total = weights.sum(axis=2)
     out = (weights[..., None] * o).sum(axis=2) / total[..., None]
-    return out.astype(q.dtype), m + jnp.log2(total)
+    return out.astype(dtype), m + jnp.log2(total)
 
 
 def _forward(q, k, v, st: _Static):

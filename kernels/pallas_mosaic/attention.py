@@ -10,6 +10,9 @@ causal masking the pipeline stops at the block's diagonal (later key blocks are 
 a key block wholly past a warpgroup's last row is skipped by it (no MMA, no softmax).
 GQA: k and v of kv head h // (H // Hkv) are read in place, never repeated; without a causal mask
 a group's queries are packed into one sequence of their kv head (as the `pallas` kernels do).
+With fewer blocks than four per multiprocessor and no causal mask (a decode step), the key blocks
+are split over a fourth grid axis (split-KV): each split writes its output in fp32 and its
+logsumexp, merged as the `pallas` forward merges its splits.
 
 Sequences are zero-padded to block multiples (padded keys masked out of the softmax) and the head
 dim to a power of two >= 64 (padded columns add nothing to a dot product). The saved logsumexp
@@ -40,19 +43,29 @@ from kernels.pallas_mosaic._common import (SHARED_BYTES, interpret_params, swizz
 
 # wgmma's M: the query rows of one compute warpgroup; a block has two of them.
 ROWS = 64
+# With the keys split, a split's fp32 output leaves through a staging tile of this many columns
+# per compute warpgroup, a chunk at a time: a whole fp32 row of D = 128 would not fit beside the
+# pipeline's buffers (Mosaic GPU's lowering counted 232496 bytes, 48 over the limit).
+SPLIT_COLS = 64
+# Shared memory Mosaic GPU adds to the buffers (the pipeline's barriers, buffers aligned for the
+# swizzle): 2608 bytes in its lowering at D = 256 with the keys split.
+BARRIERS_AND_ALIGNMENT = 4096
 MEMORY_REGISTERS = 40
 
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
     """block_kv: keys per step; stages: key blocks in flight (shared memory: 2 x stages tiles of
-    block_kv x D, plus q and the logsumexp)."""
+    block_kv x D, plus q and the logsumexp, and with the keys split an fp32 ROWS x SPLIT_COLS
+    tile per compute warpgroup staging its output)."""
 
     block_kv: int = 128
     stages: int = 2
 
-    def shared_bytes(self, d: int, itemsize: int) -> int:
-        return itemsize * d * (2 * self.stages * self.block_kv + 2 * ROWS) + 4 * 2 * ROWS
+    def shared_bytes(self, d: int, itemsize: int, split: bool = False) -> int:
+        staging = 4 * SPLIT_COLS * 2 * ROWS if split else 0
+        tiles = itemsize * d * (2 * self.stages * self.block_kv + 2 * ROWS)
+        return tiles + 4 * 2 * ROWS + staging + BARRIERS_AND_ALIGNMENT
 
 
 def blocks_for(d: int) -> Blocks:
@@ -85,8 +98,11 @@ def _p_times_v(p, v_smem, wgmma: bool):
     return pl.run_scoped(mma, plgpu.ACC((p.shape[0], v_smem.shape[1]), jnp.float32))
 
 
-def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, lse_smem, q_barrier, *,
+def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, lse_smem, q_barrier, *split_smem,
             st: pallas_attention._Static, blocks: Blocks):
+    """With the keys split (st.kv_splits > 1, never causal), grid axis "split" picks a run of
+    st.kv_split_blocks key blocks, and o and lse have a split axis after the head: this
+    split's output in fp32 (staged in split_smem) and its logsumexp, merged by the caller."""
     b, h = lax.axis_index("batch"), lax.axis_index("head")
     dtype, d = q_gmem.dtype, q_gmem.shape[-1]
     bkv = blocks.block_kv
@@ -104,6 +120,14 @@ def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, lse_smem, q_barrie
     def first_row():
         return lax.axis_index("q") * (2 * ROWS) + lax.axis_index("wg") * ROWS
 
+    kv_steps = k_gmem.shape[2] // bkv
+    first_block, out_head = 0, (b, h)  # out_head: where this program's o and lse rows go
+    if st.kv_splits > 1:
+        split = lax.axis_index("split")
+        first_block = split * st.kv_split_blocks
+        kv_steps = jnp.minimum(kv_steps - first_block, st.kv_split_blocks)  # never empty
+        out_head = (b, h, split)
+
     def step(idx, k_smem, v_smem, carry):
         (j,) = idx
         wg, row0 = lax.axis_index("wg"), first_row()
@@ -111,12 +135,13 @@ def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, lse_smem, q_barrie
         def attend(carry):
             acc, m, l = carry
             s = _scores(q_smem.at[wg], k_smem, wgmma) * qk_scale
-            keys = iota(1) + j * bkv
+            keys = iota(1) + (first_block + j) * bkv
             visible = keys < st.sk
             if st.causal:  # top-left aligned: query i sees keys j <= i
                 visible = visible & (keys <= iota(0) + row0)
             s = jnp.where(visible, s, -jnp.inf)
-            # Key 0 is visible to every row, and block 0 is never skipped: m is finite from then.
+            # The first key of the range (key 0, or a split's first) is visible to every row and
+            # its block is never skipped: m is finite from then.
             m_new = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -137,22 +162,31 @@ def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, lse_smem, q_barrie
             layout(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
             layout(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
             layout(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))))
-        # q's tile is done with: it stages o for the TMA store.
-        q_smem.at[wg][...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+        o = acc / lax.broadcast_in_dim(l, acc.shape, [0])
         lse_smem.at[wg][...] = m + jnp.log2(l)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem.at[wg], o_gmem.at[b, h, rows])
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_gmem.at[b, h, rows])
+        o_rows = o_gmem.at[(*out_head, rows)]
+        if split_smem:  # a split's o in fp32, SPLIT_COLS columns at a time
+            (staging,) = split_smem
+            for c in range(0, d, SPLIT_COLS):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # staging free again
+                staging.at[wg][...] = o[:, c:c + SPLIT_COLS]
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(staging.at[wg], o_rows.at[:, pl.ds(c, SPLIT_COLS)])
+        else:  # q's tile is done with: it stages o for the TMA store
+            q_smem.at[wg][...] = o.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem.at[wg], o_rows)
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_gmem.at[(*out_head, rows)])
         plgpu.wait_smem_to_gmem(0)
 
     kv_head = lax.div(h, jnp.int32(st.groups))
-    kv_steps = k_gmem.shape[2] // bkv
     if st.causal:
         # Key blocks past the block's last query row are never loaded: the pipeline's length
         # (the same for the memory and the compute warpgroups) stops at the diagonal.
         last_row = lax.axis_index("q") * (2 * ROWS) + 2 * ROWS - 1
         kv_steps = jnp.minimum(last_row // bkv + 1, kv_steps)
-    tile = plgpu.BlockSpec((bkv, d), lambda j: (j, 0), transforms=swizzled(d, dtype))
+    tile = plgpu.BlockSpec((bkv, d), lambda j: (first_block + j, 0),
+                           transforms=swizzled(d, dtype))
     plgpu.emit_pipeline_warp_specialized(
         step, grid=(kv_steps,), memory_registers=MEMORY_REGISTERS,
         in_specs=[tile, tile], wg_axis="wg", num_compute_wgs=2,
@@ -162,26 +196,34 @@ def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, lse_smem, q_barrie
 
 def _forward(q, k, v, st: pallas_attention._Static, blocks: Blocks):
     B, H, Sq, D = q.shape
+    splits = st.kv_splits
+    scratch = [plgpu.SMEM((2, ROWS, D), q.dtype, transforms=swizzled(D, q.dtype)),
+               plgpu.SMEM((2, ROWS), jnp.float32),
+               plgpu.Barrier(num_barriers=2)]
+    grid, grid_names = (B, H, Sq // (2 * ROWS)), ("batch", "head", "q")
+    out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                jax.ShapeDtypeStruct((B, H, Sq), jnp.float32)]
+    if splits > 1:
+        scratch.append(plgpu.SMEM((2, ROWS, SPLIT_COLS), jnp.float32,
+                                  transforms=swizzled(SPLIT_COLS, jnp.float32)))
+        grid, grid_names = grid + (splits,), grid_names + ("split",)
+        out_type = [jax.ShapeDtypeStruct((B, H, splits, Sq, D), jnp.float32),
+                    jax.ShapeDtypeStruct((B, H, splits, Sq), jnp.float32)]
 
     def entry(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem):
         pl.run_scoped(
             functools.partial(_kernel, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, st=st,
                               blocks=blocks),
-            plgpu.SMEM((2, ROWS, D), q.dtype, transforms=swizzled(D, q.dtype)),
-            plgpu.SMEM((2, ROWS), jnp.float32),
-            plgpu.Barrier(num_barriers=2),
-            collective_axes="wg")
+            *scratch, collective_axes="wg")
 
-    return plgpu.kernel(
-        entry,
-        out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                  jax.ShapeDtypeStruct((B, H, Sq), jnp.float32)],
-        grid=(B, H, Sq // (2 * ROWS)), grid_names=("batch", "head", "q"),
+    o, lse = plgpu.kernel(
+        entry, out_type=out_type, grid=grid, grid_names=grid_names,
         num_threads=3, thread_name="wg",  # two compute warpgroups and the memory one
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params(),
     )(q, k, v)
+    return pallas_attention.merge_splits(o, lse, q.dtype) if splits > 1 else (o, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -206,10 +248,16 @@ def _attention(q, k, v, *, causal: bool, scale: float, blocks: Blocks):
     q, unpack = pallas_attention.pack_query_groups(q, k.shape[1], causal)
     _, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
+    d_padded = max(64, pl.next_power_of_2(D))
+    # Decode-like calls (few blocks of queries; never causal) split the keys, where the fp32
+    # staging of a split's output fits in shared memory beside the pipeline.
+    programs = q.shape[0] * H * pl.cdiv(Sq, 2 * ROWS)
+    splits = (1, 0)
+    if not causal and blocks.shared_bytes(d_padded, q.dtype.itemsize, split=True) <= SHARED_BYTES:
+        splits = pallas_attention.kv_splits(programs, pl.cdiv(Sk, blocks.block_kv))
     # The backward's tiles (powers of two <= 64) divide both paddings.
     st = pallas_attention._Static(causal, scale, Sq, Sk, H // Hkv,
-                                  pallas_attention.BlockSizes().fit(Sq, Sk))
-    d_padded = max(64, pl.next_power_of_2(D))
+                                  pallas_attention.BlockSizes().fit(Sq, Sk), *splits)
     q = pad_axis(pad_axis(q, 2, 2 * ROWS), 3, d_padded)
     k = pad_axis(pad_axis(k, 2, blocks.block_kv), 3, d_padded)
     v = pad_axis(pad_axis(v, 2, blocks.block_kv), 3, d_padded)
