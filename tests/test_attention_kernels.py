@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.check import rel_err
+from harness.check import UNIT_ROUNDOFF, rel_err
 import kernels  # switches Triton to its interpreter when there is no GPU
 from kernels import reference, registry
 from kernels.pallas import attention as pallas_attention
@@ -34,13 +34,16 @@ DTYPES = {"float32": (torch.float32, jnp.float32), "float16": (torch.float16, jn
 GRAD_NAMES = ("out", "dq", "dk", "dv")
 
 # (B, H, Hkv, Sq, Sk, D, causal, scale): decode (Sq=1), primes, Sq < Sk and Sq > Sk with causal
-# (top-left aligned), GQA and MQA, D in 16/32/64/128 and an odd D=80 (padded to 128 by masks).
+# (top-left aligned), GQA and MQA, D in 16/32/64/128 and an odd D=80 (padded to 128 by masks),
+# a single key.
 CASES = [
     pytest.param((1, 2, 2, 1, 61, 64, False, None), id="decode-Sq1-D64"),
     pytest.param((1, 4, 2, 37, 61, 32, True, None), id="gqa-causal-Sq<Sk-D32"),
     pytest.param((1, 4, 1, 130, 37, 80, True, 0.3), id="mqa-causal-Sq>Sk-D80-scale"),
     pytest.param((2, 2, 2, 64, 64, 128, True, None), id="mha-causal-square-D128"),
     pytest.param((1, 2, 1, 61, 130, 16, False, None), id="mqa-Sq<Sk-D16"),
+    # one key: the softmax is constant, so dQ and dK are exactly 0 (an absolute error is judged)
+    pytest.param((2, 2, 1, 5, 1, 64, True, None), id="one-key-Sk1"),
 ]
 
 
@@ -366,14 +369,27 @@ def test_pallas_small_blocks():
 
 
 @pytest.mark.parametrize("impl", ["triton", "pallas"])
-def test_single_key_returns_v(impl):
-    """Sk = 1: every query (causal too) sees only key 0, so the output is v exactly."""
-    q, k, v, _ = make_inputs((1, 2, 1, 5, 1, 16, True, None), torch.float32)
+@pytest.mark.parametrize("causal", [False, True])
+def test_single_key_returns_v_and_no_score_gradient(impl, causal):
+    """Sk = 1: every query sees only key 0, so the output is v (exactly, from Triton; Pallas within
+    one rounding: XLA may fuse s * scale - max into one FMA, leaving p = 1 + 1 ulp), and the
+    softmax is constant, so dQ and dK are exactly 0 (both kernels left fp32 rounding noise there,
+    up to 1e-6, before they said so) while dV sums dO over the queries."""
+    case = (2, 2, 1, 5, 1, 16, causal, None)
+    q, k, v, do = make_inputs(case, torch.float32)
     if impl == "triton":
-        out = triton_attention.attention(*(t.to(DEVICE) for t in (q, k, v)), causal=True)
+        out, dq, dk, dv = run_triton(q, k, v, do, causal, None)
     else:
-        out = pallas_attention.attention(*(to_jax(t, jnp.float32) for t in (q, k, v)), True)
-    assert torch.equal(reference.as_float64(out), reference.as_float64(v).expand(1, 2, 5, 16))
+        out, dq, dk, dv = run_pallas(q, k, v, do, causal, None, jnp.float32)
+    out, dq, dk, dv = (reference.as_float64(t) for t in (out, dq, dk, dv))
+    v_per_query = reference.as_float64(v).expand(2, 2, 5, 16)
+    if impl == "triton":
+        assert torch.equal(out, v_per_query)
+    else:
+        assert rel_err(out, v_per_query) <= UNIT_ROUNDOFF["float32"]
+    assert not dq.any() and not dk.any()
+    expected_dv = reference.as_float64(do).sum(dim=(1, 2), keepdim=True)
+    torch.testing.assert_close(dv, expected_dv, rtol=1e-6, atol=1e-6)
 
 
 def test_registered():

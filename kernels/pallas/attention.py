@@ -142,6 +142,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
     lse_ref[...] = m + jnp.log2(l)
 
 
+def _score_grads(p, dp, delta, st: _Static):
+    """dS = P * (dP - delta), the softmax's backward (delta: rowsum(dO * O), broadcast like dp).
+    With one key the softmax is constant and dS is exactly 0, which dP - delta, two fp32 sums of
+    the same products in different orders, would leave as rounding noise: in fp32, dQ and dK of
+    Sk = 1 came out near 2e-6 where they are 0 (torch's, on CPU: about 2.5e-7)."""
+    if st.sk == 1:
+        return jnp.zeros_like(p)
+    return p * (dp - delta)
+
+
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static):
     block_q, block_k = st.blocks.block_q_dq, st.blocks.block_k_dq
     i = pl.program_id(2)
@@ -155,7 +165,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _
         v = v_ref[pl.ds(start, block_k), :]
         p = jnp.exp2(_dot(q, k, trans_b=True) * (st.scale * LOG2_E) - lse[:, None])
         p = jnp.where(_visible(rows[:, None], start + jnp.arange(block_k)[None, :], st), p, 0.0)
-        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        ds = _score_grads(p, _dot(do, v, trans_b=True), delta[:, None], st)
         return dq + _dot(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(0, _num_key_blocks(i, block_q, block_k, st), body,
@@ -184,7 +194,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         visible = _visible(rows[None, :], keys[:, None], st) & (rows[None, :] < st.sq)
         p_t = jnp.where(visible, p_t, 0.0)
         dv = dv + _dot(p_t.astype(do.dtype), do)
-        ds_t = p_t * (_dot(v, do, trans_b=True) - delta[None, :])
+        ds_t = _score_grads(p_t, _dot(v, do, trans_b=True), delta[None, :], st)
         dk = dk + _dot(ds_t.astype(q.dtype), q)
         return dk, dv
 
