@@ -223,7 +223,13 @@ def _forward(q, k, v, st: pallas_attention._Static, blocks: Blocks):
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params(),
     )(q, k, v)
-    return pallas_attention.merge_splits(o, lse, q.dtype) if splits > 1 else (o, lse)
+    if splits == 1:
+        return o, lse
+    # Only the real query rows are merged: a decode step's block is mostly padding rows (4 real
+    # of 128 in the standard cases), whose partial outputs the merge would otherwise read. The
+    # backward's tiles take the merged o and lse padded back.
+    o, lse = pallas_attention.merge_splits(o[:, :, :, :st.sq], lse[:, :, :, :st.sq], q.dtype)
+    return pad_axis(o, 2, 2 * ROWS), pad_axis(lse, 2, 2 * ROWS)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
