@@ -135,16 +135,24 @@ def _count_merges(monkeypatch) -> list:
     return merged
 
 
-def test_attention_decode_splits_the_keys(monkeypatch):
-    """A decode step (Sq = 1, a GQA group of 2 packed into one sequence) with 2 programs, fewer
-    than four per multiprocessor (interpret mode counts 2): the 5 key blocks of 128 split over 3
-    programs each, 2, 2 and 1 (the last key block mostly padding), each split's fp32 output
-    leaving in two 64-column chunks, merged by logsumexp. Forward and gradients (the backward
+@pytest.mark.parametrize("case", [
+    # (B, H, Hkv, Sq, Sk, D), the split outputs' shape: 5 key blocks of 128 over 2 programs split
+    # 2, 2 and 1 (the last block mostly padding); a GQA group of 2 packed into 2 rows, so the
+    # second warpgroup holds padding only and does no work
+    ((2, 2, 1, 1, 603, 128), (2, 1, 3, 2, 128)),
+    # 80 packed rows: both warpgroups attend; 3 key blocks over 1 program, one each
+    ((1, 2, 1, 40, 300, 64), (1, 1, 3, 80, 64)),
+], ids=["decode-step", "both-warpgroups"])
+def test_attention_decode_splits_the_keys(case, monkeypatch):
+    """Fewer programs than four per multiprocessor (interpret mode counts 2) and no causal mask:
+    the keys split over a grid axis, each split's fp32 output leaving in 64-column chunks (two
+    at D = 128), merged by logsumexp over the real rows. Forward and gradients (the backward
     takes the merged logsumexp) against float64."""
+    shape, merged_shape = case
     merged = _count_merges(monkeypatch)
-    q, k, v = _attention_inputs(2, 2, 1, 1, 603, 128, jnp.float16)
+    q, k, v = _attention_inputs(*shape, jnp.float16)
     out, vjp = jax.vjp(mosaic_attention.attention, q, k, v)
-    assert set(merged) == {(2, 1, 3, 2, 128)}  # traced for the primal and for the vjp
+    assert set(merged) == {merged_shape}  # traced for the primal and for the vjp
     assert check.rel_err(out, reference.attention(q, k, v)) <= check.budget("float16", None)
     if not _common.on_gpu():
         assert not _common.races_found()

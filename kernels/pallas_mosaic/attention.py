@@ -149,9 +149,11 @@ def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, lse_smem, q_barrie
             pv = _p_times_v(p.astype(dtype), v_smem, wgmma)
             return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
 
-        if not st.causal:
-            return attend(carry)
-        return lax.cond(j * bkv <= row0 + ROWS - 1, attend, lambda c: c, carry)
+        if st.causal:
+            return lax.cond(j * bkv <= row0 + ROWS - 1, attend, lambda c: c, carry)
+        if st.kv_splits > 1:  # a warpgroup of padding rows (decode) only keeps the pipeline going
+            return lax.cond(row0 < st.sq, attend, lambda c: c, carry)
+        return attend(carry)
 
     def compute(run_pipeline):
         wg, row0 = lax.axis_index("wg"), first_row()
@@ -162,22 +164,31 @@ def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, lse_smem, q_barrie
             layout(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
             layout(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
             layout(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))))
-        o = acc / lax.broadcast_in_dim(l, acc.shape, [0])
-        lse_smem.at[wg][...] = m + jnp.log2(l)
-        o_rows = o_gmem.at[(*out_head, rows)]
-        if split_smem:  # a split's o in fp32, SPLIT_COLS columns at a time
-            (staging,) = split_smem
-            for c in range(0, d, SPLIT_COLS):
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # staging free again
-                staging.at[wg][...] = o[:, c:c + SPLIT_COLS]
+
+        def store():
+            o = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+            lse_smem.at[wg][...] = m + jnp.log2(l)
+            o_rows = o_gmem.at[(*out_head, rows)]
+            if split_smem:  # a split's o in fp32, SPLIT_COLS columns at a time
+                (staging,) = split_smem
+                for c in range(0, d, SPLIT_COLS):
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # staging free again
+                    staging.at[wg][...] = o[:, c:c + SPLIT_COLS]
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(staging.at[wg], o_rows.at[:, pl.ds(c, SPLIT_COLS)])
+            else:  # q's tile is done with: it stages o for the TMA store
+                q_smem.at[wg][...] = o.astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(staging.at[wg], o_rows.at[:, pl.ds(c, SPLIT_COLS)])
-        else:  # q's tile is done with: it stages o for the TMA store
-            q_smem.at[wg][...] = o.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem.at[wg], o_rows)
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_gmem.at[(*out_head, rows)])
-        plgpu.wait_smem_to_gmem(0)
+                plgpu.copy_smem_to_gmem(q_smem.at[wg], o_rows)
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_gmem.at[(*out_head, rows)])
+            plgpu.wait_smem_to_gmem(0)
+
+        if split_smem:
+            # Split outputs are merged over the real rows only, so a warpgroup of padding rows
+            # (the second one of a standard decode case) writes nothing.
+            pl.when(row0 < st.sq)(store)
+        else:
+            store()
 
     kv_head = lax.div(h, jnp.int32(st.groups))
     if st.causal:
