@@ -58,10 +58,13 @@ class Tiles:
         return itemsize * (self.stages * self.k * (bm + bn) + 2 * self.m * EPILOGUE_COLS)
 
 
-# Blocks of 256x128 where there are rows for them; 64x256 for short problems (decode-like M <= 64),
-# where 256 rows would be mostly padding. wgmma's M is 64 per warpgroup.
+# Blocks of 256x128 where there are rows for them; 64x128 for short problems (decode-like M <= 64),
+# where 256 rows would be mostly padding. wgmma's M is 64 per warpgroup. A short problem's time
+# is reading b once, which takes many SMs at once: at M=16, N=4096, 64x256 blocks were 16 for
+# 132 SMs, 64x128 ones are 32. (Narrower ones, 64x64 and 64x32, fail Mosaic GPU's layout
+# inference when lowered for CUDA.)
 WIDE = Tiles(m=128, n=128, split="m")
-SHORT = Tiles(m=64, n=128, split="n")
+SHORT = Tiles(m=64, n=64, split="n")
 
 
 def tiles_for(M: int) -> Tiles:
