@@ -230,7 +230,7 @@ def _vec_spec(block):
 
 def _split_forward(q, k, v, st: _Static):
     """The forward with the keys split over a fourth grid axis: each split's normalised output
-    and logsumexp in fp32, merged here, each weighted by its share of the softmax's total."""
+    and logsumexp in fp32, then merge_splits."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     bq, g, splits = st.blocks.block_q, st.groups, st.kv_splits
