@@ -91,8 +91,9 @@ summary: $(SETUP)
 clean-venv:
 	rm -rf $(VENV)
 
-# Every Triton kernel config the tier's cases launch, compiled for a GPU that need not be here
-# (TARGET, default Hopper): registers, spills, shared memory, wgmma, and what does not compile.
+# Every Triton kernel config the tier's cases launch, and every Pallas kernel as Pallas' GPU
+# lowering hands it to Triton, compiled for a GPU that need not be here (TARGET, default Hopper):
+# registers, spills, shared memory, wgmma, and what does not compile.
 TARGET ?= cuda:90
 # CASES: a regular expression; only the cases whose name it finds (e.g. _q1_, the decode steps)
 CASES ?=
@@ -100,7 +101,8 @@ CASES ?=
 AOT_TIER := $(if $(filter file,$(origin TIER)),standard,$(TIER))
 aot: $(SETUP)
 	$(PY) -m harness.aot --tier $(AOT_TIER) --target $(TARGET) \
-		$(if $(OPS),--ops $(OPS)) $(if $(DTYPES),--dtypes $(DTYPES)) --modes fwd,bwd \
+		$(if $(OPS),--ops $(OPS)) $(if $(IMPLS),--impls $(IMPLS)) \
+		$(if $(DTYPES),--dtypes $(DTYPES)) --modes fwd,bwd \
 		$(if $(CASES),--cases '$(CASES)')
 
 # ---------------------------------------------------------------- the H100 run (issue: baselines)

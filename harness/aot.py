@@ -9,6 +9,12 @@ called on empty tensors of the case's shapes with kernel launches captured inste
 arguments, strides and constexprs are exactly what the GPU run will pass (Triton specialises on
 them: divisibility by 16, strides of 1).
 
+The Pallas kernels (`pallas`, Pallas' Triton lowering) go the same way from the other side: their
+launchers are lowered for CUDA (which needs no GPU), each Triton module Pallas hands over is
+captured with its warps and stages, and Triton compiles it for the target. On the GPU it is XLA's
+own copy of Triton that compiles these modules, so their figures here are those of Triton 3.6,
+close to but not exactly what the GPU run builds.
+
     python -m harness.aot --tier standard --dtypes bf16 --target cuda:90
 
 Needs TRITON_INTERPRET=0 before the kernels are imported (set here when run as a module; without
@@ -25,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from harness.compile import config_text
@@ -78,25 +85,124 @@ def captured_launches(sink: list, case: str):
         Autotuner.run, JITFunction.run = originals
 
 
+@dataclass
+class TritonModule:
+    """One Pallas kernel as Pallas' GPU lowering hands it to Triton: its IR and launch options."""
+    name: str
+    ir: str
+    num_warps: int
+    num_stages: int
+    case: str
+
+
+@contextmanager
+def captured_pallas_modules(sink: list, case: str):
+    """The Pallas launchers lower for the GPU inside the block (not in interpret mode), and each
+    Triton module their lowering for CUDA makes is recorded into `sink`."""
+    import jax
+    from jax._src.pallas import core as pallas_core
+    from jax._src.pallas.triton import core as triton_core
+    from jax._src.pallas.triton import lowering
+    from jax._src.pallas.triton import pallas_call_registration  # noqa: F401 - registers the rule
+
+    from kernels.pallas import attention, conv2d, matmul
+
+    rule = pallas_core.get_lowering_rule(triton_core.CompilerParams, "gpu")
+    to_module = lowering.lower_jaxpr_to_triton_module
+    options = {}
+
+    def recording_rule(ctx, *args, compiler_params=None, **kwargs):
+        params = compiler_params or triton_core.CompilerParams()
+        options.update(num_warps=params.num_warps or 4, num_stages=params.num_stages or 3)
+        return rule(ctx, *args, compiler_params=compiler_params, **kwargs)
+
+    def recording_to_module(*args, **kwargs):
+        result = to_module(*args, **kwargs)
+        ir = result.module.operation.get_asm()
+        sink.append(TritonModule(re.match(r"module @(\S+)", ir).group(1), ir, case=case,
+                                 **options))
+        return result
+
+    modules = (attention, conv2d, matmul)
+    interpret = [m.interpret for m in modules]
+    jax.clear_caches()  # jitted launchers traced in interpret mode must trace again
+    pallas_core.register_lowering_rule(triton_core.CompilerParams, recording_rule, "gpu")
+    lowering.lower_jaxpr_to_triton_module = recording_to_module
+    for m in modules:
+        m.interpret = lambda: False
+    try:
+        yield
+    finally:
+        for m, original in zip(modules, interpret):
+            m.interpret = original
+        lowering.lower_jaxpr_to_triton_module = to_module
+        pallas_core.register_lowering_rule(triton_core.CompilerParams, rule, "gpu")
+        jax.clear_caches()
+
+
+def _chosen_cases(op: str, tier: str, max_cases: int | None, name_pattern: str) -> list:
+    from harness import cases as cases_mod
+
+    return [c for c in cases_mod.cases(op, tier) if re.search(name_pattern, c.name)][:max_cases]
+
+
+def _implementations(op: str, backend: Callable[[str], bool], names: Sequence[str]) -> list:
+    """The op's registered implementations whose backend passes `backend` (those in `names`
+    only, unless it is empty)."""
+    from kernels import registry
+
+    impls = [registry.get(op, n) for n in registry.impls(op) if not names or n in names]
+    return [impl for impl in impls if backend(impl.backend)]
+
+
+def pallas_modules(ops: list[str], tier: str, dtypes: list[str], modes: list[str],
+                   max_cases: int | None = None, name_pattern: str = "",
+                   impls: Sequence[str] = ()) -> list[TritonModule]:
+    """The Triton modules of every Pallas (Triton-lowered) implementation on the tier's cases,
+    chosen as in `launches`, forward and (attention) backward."""
+    import jax
+
+    from harness import inputs
+
+    found: list[TritonModule] = []
+    for op in ops:
+        for impl in _implementations(op, lambda backend: backend == "Pallas", impls):
+            for case in _chosen_cases(op, tier, max_cases, name_pattern):
+                opts = inputs.options(case)
+
+                def forward(*xs):
+                    return impl.fn(*xs, **opts)
+
+                def gradients(*xs):
+                    out, vjp = jax.vjp(forward, *xs)
+                    return vjp(out)
+
+                calls = ([forward] if "fwd" in modes or op != "attention" else []) + (
+                    [gradients] if op == "attention" and {"bwd", "fwd_bwd"} & set(modes) else [])
+                for dtype in dtypes:
+                    arrays = [jax.ShapeDtypeStruct(s, jax.numpy.dtype(dtype))
+                              for s in inputs.shapes(case).values()]
+                    with captured_pallas_modules(found, f"{case.name} {dtype}"):
+                        for call in calls:
+                            jax.jit(call).trace(*arrays).lower(lowering_platforms=("cuda",))
+    return found
+
+
 def launches(ops: list[str], tier: str, dtypes: list[str], modes: list[str],
-             max_cases: int | None = None, name_pattern: str = "") -> list[Launch]:
-    """The Triton launches of every Triton implementation on the tier's cases (those whose name
-    `name_pattern` finds, a regular expression; then the first `max_cases` of each op), forward
-    and (attention) backward, on empty tensors."""
+             max_cases: int | None = None, name_pattern: str = "",
+             impls: Sequence[str] = ()) -> list[Launch]:
+    """The Triton launches of every Triton implementation (or those named in `impls`) on the
+    tier's cases (those whose name `name_pattern` finds, a regular expression; then the first
+    `max_cases` of each op), forward and (attention) backward, on empty tensors."""
     import torch
 
-    from harness import cases as cases_mod
     from harness import inputs
-    from kernels import registry
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     found: list[Launch] = []
     for op in ops:
-        names = [n for n in registry.impls(op) if registry.get(op, n).backend.startswith("Triton")]
-        for name in names:
-            impl = registry.get(op, name)
-            chosen = [c for c in cases_mod.cases(op, tier) if re.search(name_pattern, c.name)]
-            for case in chosen[:max_cases]:
+        for impl in _implementations(op, lambda backend: backend.startswith("Triton"), impls):
+            for case in _chosen_cases(op, tier, max_cases, name_pattern):
                 for dtype in dtypes:
                     arrays = [torch.empty(s, dtype=inputs.TORCH_DTYPES[dtype], device=device)
                               for s in inputs.shapes(case).values()]
@@ -156,7 +262,7 @@ def compile_all(found: list[Launch], target: str, prune: bool = True) -> list[Bu
     from concurrent.futures import ThreadPoolExecutor
 
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
+    from triton.compiler import ASTSource, make_backend
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import create_function_from_signature
 
@@ -183,7 +289,10 @@ def compile_all(found: list[Launch], target: str, prune: bool = True) -> list[Bu
                 continue
             build = builds[key] = Build(fn.__name__, _config_text(config), [launch.case])
             try:  # the specialisation is taken now: the next config's pre-hook changes the args
-                jobs.append((build, fn, fn._pack_args(backend, kwargs, bound, spec, opts)))
+                options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
+                                                                      spec, opts)
+                jobs.append((build, ASTSource(fn, signature, constexprs, attrs),
+                             options.__dict__))
             except Exception as e:  # noqa: BLE001 - a config that fails is the finding
                 build.status, build.error = "error", f"{type(e).__name__}: {e}"[:500]
     with ThreadPoolExecutor(compile_threads()) as pool:
@@ -191,15 +300,46 @@ def compile_all(found: list[Launch], target: str, prune: bool = True) -> list[Bu
     return list(builds.values())
 
 
-def _build(build: Build, fn, packed: tuple, gpu) -> None:
-    """Compiles one config and fills in `build`: what ptxas and the compiler report."""
-    import triton
-    from triton.compiler import ASTSource
+def compile_modules(modules: list[TritonModule], target: str) -> list[Build]:
+    """Each distinct Pallas kernel (module text, warps, stages) compiled once for `target`."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    options, signature, constexprs, attrs = packed
+    from triton.backends.compiler import GPUTarget
+
+    from kernels.triton._common import compile_threads
+
+    backend_name, capability = target.split(":")
+    gpu = GPUTarget(backend_name, int(capability), 32)
+    builds: dict[tuple, Build] = {}
+    jobs = []
+    for m in modules:
+        key = (m.ir, m.num_warps, m.num_stages)
+        if key in builds:
+            builds[key].cases.append(m.case)
+            continue
+        builds[key] = Build(m.name, f"pallas, warps={m.num_warps}, stages={m.num_stages}",
+                            [m.case])
+        jobs.append((builds[key], m))
+    with tempfile.TemporaryDirectory(prefix="aot-pallas-") as tmp:
+        def build(i: int, job: tuple) -> None:
+            build, m = job
+            path = os.path.join(tmp, f"{i}.ttir")  # Triton compiles IR from a file
+            with open(path, "w") as f:
+                f.write(m.ir)
+            _build(build, path, dict(num_warps=m.num_warps, num_stages=m.num_stages), gpu)
+
+        with ThreadPoolExecutor(compile_threads()) as pool:
+            list(pool.map(build, range(len(jobs)), jobs))
+    return list(builds.values())
+
+
+def _build(build: Build, source, options: dict, gpu) -> None:
+    """Compiles one kernel (a Triton ASTSource or a Triton IR file) and fills in `build`: what
+    ptxas and the compiler report."""
+    import triton
+
     try:
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=gpu,
-                                  options=options.__dict__)
+        compiled = triton.compile(source, target=gpu, options=options)
         ptx = compiled.asm["ptx"]
         build.registers, build.spill_bytes = _ptxas_usage(ptx, gpu.arch)
     except Exception as e:  # noqa: BLE001 - a config that fails is the finding
@@ -218,13 +358,14 @@ def _build(build: Build, fn, packed: tuple, gpu) -> None:
 
 def table(builds: list[Build], target: str) -> str:
     limit = SHARED_LIMIT.get(int(target.split(":")[1]))
+    width = max([len("kernel")] + [len(b.kernel) for b in builds])
     lines = [f"{len(builds)} kernel builds for {target}"
              + (f" (shared memory limit {limit // 1024} KiB per block)" if limit else ""),
-             f"{'kernel':<18} {'config':<58} {'status':<11} {'regs':>4} {'spill B':>7} "
+             f"{'kernel':<{width}} {'config':<58} {'status':<11} {'regs':>4} {'spill B':>7} "
              f"{'smem KiB':>8} {'mma':<5} {'tma':<3} {'ws':<3} {'cases':>5}  first case"]
     for b in sorted(builds, key=lambda b: (b.kernel, b.config, b.cases[0])):
         smem = f"{b.shared_bytes / 1024:.0f}" if b.shared_bytes is not None else "-"
-        lines.append(f"{b.kernel:<18} {b.config:<58} {b.status:<11} {b.registers or '-':>4} "
+        lines.append(f"{b.kernel:<{width}} {b.config:<58} {b.status:<11} {b.registers or '-':>4} "
                      f"{b.spill_bytes if b.spill_bytes is not None else '-':>7} {smem:>8} "
                      f"{b.mma or '-':<5} {'yes' if b.tma else '-':<3} {'yes' if b.ws else '-':<3} "
                      f"{len(b.cases):>5}  "
@@ -245,15 +386,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", default="", metavar="REGEX",
                    help="only the cases whose name this finds, e.g. '_q1_' (decode)")
     p.add_argument("--max-cases", type=int, help="only the first N cases of each op")
+    p.add_argument("--impls", default="",
+                   help="comma-separated implementations, e.g. pallas (default: every Triton "
+                        "and Pallas one)")
     p.add_argument("--target", default="cuda:90", help="backend:capability, e.g. cuda:90")
     p.add_argument("--all-configs", action="store_true",
                    help="every config of each kernel, also those its autotuner prunes for a case")
     p.add_argument("--json", help="also write the builds here as JSON")
     args = p.parse_args(argv)
     dtypes = [cases_mod.DTYPE_ALIASES.get(d, d) for d in args.dtypes.split(",")]
-    found = launches(args.ops.split(","), args.tier, dtypes, args.modes.split(","),
-                     args.max_cases, args.cases)
-    builds = compile_all(found, args.target, prune=not args.all_configs)
+    selection = (args.ops.split(","), args.tier, dtypes, args.modes.split(","), args.max_cases,
+                 args.cases, [n for n in args.impls.split(",") if n])
+    builds = compile_all(launches(*selection), args.target, prune=not args.all_configs)
+    builds += compile_modules(pallas_modules(*selection), args.target)
     print(table(builds, args.target))
     if args.json:
         with open(args.json, "w") as f:

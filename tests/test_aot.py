@@ -32,7 +32,8 @@ def test_every_triton_config_compiles_for_hopper(tmp_path):
     out = tmp_path / "builds.json"
     proc = subprocess.run(
         [sys.executable, "-m", "harness.aot", "--tier", "smoke", "--max-cases", "1",
-         "--dtypes", "bf16", "--modes", "fwd,bwd", "--target", "cuda:90", "--all-configs",
+         "--impls", "triton,triton_tma", "--dtypes", "bf16", "--modes", "fwd,bwd",
+         "--target", "cuda:90", "--all-configs",
          "--json", str(out)],
         cwd=ROOT, env=outer_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -64,8 +65,9 @@ def test_decode_and_depthwise_kernels_compile_for_hopper(tmp_path):
     kernel on a depthwise layer."""
     out = tmp_path / "builds.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "harness.aot", "--ops", "attention,conv2d", "--tier", "standard",
-         "--cases", "_q1_|dw_c144", "--dtypes", "bf16", "--modes", "fwd", "--target", "cuda:90",
+        [sys.executable, "-m", "harness.aot", "--ops", "attention,conv2d", "--impls", "triton",
+         "--tier", "standard", "--cases", "_q1_|dw_c144", "--dtypes", "bf16", "--modes", "fwd",
+         "--target", "cuda:90",
          "--json", str(out)],
         cwd=ROOT, env=outer_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -81,6 +83,64 @@ def test_decode_and_depthwise_kernels_compile_for_hopper(tmp_path):
     direct = [b for b in builds if b["kernel"] == "_grouped_direct_kernel"]
     assert len(direct) == len(triton_conv2d._DIRECT_GPU_CONFIGS)
     assert not any(b["mma"] for b in direct)  # multiply-adds, no dot
+
+
+# One case of each Pallas kernel in the standard tier: the large square matmul and the 16-row one,
+# attention at D = 128 (forward and backward) and a decode step (split-KV forward), a ResNet 3x3
+# conv and a depthwise one.
+PALLAS_CASES = ("8192x8192x8192|16x4096x4096|b4_h16_q4096_k4096_d128_causal|b8_h32kv8_q1_k4096_"
+                "|c64_3x3_n32|dw_c144")
+PALLAS_KERNELS = {"matmul_grouped_tiles", "flash_attention_fwd", "flash_attention_fwd_split_kv",
+                  "flash_attention_dq", "flash_attention_dkv", "conv2d_nhwc_implicit_gemm",
+                  "conv2d_nhwc_depthwise"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="on a GPU the other tests compile every kernel for real")
+def test_pallas_kernels_compile_for_hopper(tmp_path):
+    """Pallas' GPU lowering of each kernel, compiled by Triton for sm_90 (on the GPU, XLA's copy
+    of Triton compiles the same modules)."""
+    out = tmp_path / "builds.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.aot", "--impls", "pallas", "--tier", "standard",
+         "--cases", PALLAS_CASES, "--dtypes", "bf16", "--modes", "fwd,bwd", "--target", "cuda:90",
+         "--json", str(out)],
+        cwd=ROOT, env=outer_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    builds = json.loads(out.read_text())
+    assert {b["kernel"] for b in builds} == PALLAS_KERNELS
+    for b in builds:
+        assert b["status"] in ("ok", "spills") and b["registers"], b
+        assert b["shared_bytes"] <= aot.SHARED_LIMIT[90], b
+    for b in builds:
+        # tiles of 64 rows or more become warpgroup MMAs; those of the 16-row matmul and of the
+        # decode step's queries (4 a kv head) mma.sync; the depthwise kernel has no dot
+        rows_under_64 = b["cases"][0].startswith("16x4096") or (
+            b["cases"][0].startswith("b8_h32kv8_q1_") and b["kernel"] != "flash_attention_dkv")
+        expected = ("" if b["kernel"] == "conv2d_nhwc_depthwise"
+                    else "mma" if rows_under_64 else "wgmma")
+        assert b["mma"] == expected, b
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU Pallas compiles for real")
+def test_pallas_capture_leaves_interpret_mode_as_it_was():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kernels.pallas import matmul as pallas_matmul
+
+    sink = []
+    with aot.captured_pallas_modules(sink, "m"):
+        jax.jit(pallas_matmul.matmul).trace(
+            jax.ShapeDtypeStruct((20, 30), jnp.bfloat16),
+            jax.ShapeDtypeStruct((30, 40), jnp.bfloat16)).lower(lowering_platforms=("cuda",))
+    assert [(m.name, m.case, m.num_warps, m.num_stages) for m in sink] == [
+        ("matmul_grouped_tiles", "m", 4, 3)]
+    assert "tt.dot" in sink[0].ir
+    a = jnp.ones((20, 30), jnp.float32)
+    assert pallas_matmul.interpret()
+    np.testing.assert_array_equal(pallas_matmul.matmul(a, a.T), np.full((20, 20), 30.0))
 
 
 def _square_dot(a_ptr, b_ptr, c_ptr, BLOCK: tl.constexpr):

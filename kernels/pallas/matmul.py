@@ -80,6 +80,7 @@ def _matmul(a: jax.Array, b: jax.Array, blocks: Blocks) -> jax.Array:
         out_specs=pl.BlockSpec((blocks.m, blocks.n), out_index),
         compiler_params=params,
         interpret=interpret(),
+        name="matmul_grouped_tiles",
     )(a, b)
     return out[:M, :N]
 
