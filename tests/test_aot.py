@@ -26,18 +26,23 @@ TRITON_KERNELS = {"_matmul_kernel", "_matmul_tma_kernel", "_conv2d_kernel", "_fw
                   "_bwd_delta_kernel", "_bwd_dkv_kernel", "_bwd_dq_kernel"}
 
 
-@pytest.mark.skipif(torch.cuda.is_available(),
-                    reason="on a GPU the other tests compile every kernel for real")
-def test_every_triton_config_compiles_for_hopper(tmp_path):
+def _aot_builds(tmp_path, *args: str) -> list[dict]:
+    """`python -m harness.aot` for sm_90 with these arguments (bf16), in a process of its own;
+    the builds it reports."""
     out = tmp_path / "builds.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "harness.aot", "--tier", "smoke", "--max-cases", "1",
-         "--impls", "triton,triton_tma", "--dtypes", "bf16", "--modes", "fwd,bwd",
-         "--target", "cuda:90", "--all-configs",
+        [sys.executable, "-m", "harness.aot", *args, "--dtypes", "bf16", "--target", "cuda:90",
          "--json", str(out)],
         cwd=ROOT, env=outer_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    builds = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="on a GPU the other tests compile every kernel for real")
+def test_every_triton_config_compiles_for_hopper(tmp_path):
+    builds = _aot_builds(tmp_path, "--tier", "smoke", "--max-cases", "1", "--impls",
+                         "triton,triton_tma", "--modes", "fwd,bwd", "--all-configs")
     assert {b["kernel"] for b in builds} == TRITON_KERNELS
     for b in builds:
         assert b["status"] in ("ok", "spills"), b
@@ -63,15 +68,8 @@ def test_decode_and_depthwise_kernels_compile_for_hopper(tmp_path):
     """The kernels that the first smoke cases above do not reach: attention's split-KV decode
     kernels on the standard tier's decode cases (Sq = 1, GQA, D = 128) and conv2d's multiply-add
     kernel on a depthwise layer."""
-    out = tmp_path / "builds.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "harness.aot", "--ops", "attention,conv2d", "--impls", "triton",
-         "--tier", "standard", "--cases", "_q1_|dw_c144", "--dtypes", "bf16", "--modes", "fwd",
-         "--target", "cuda:90",
-         "--json", str(out)],
-        cwd=ROOT, env=outer_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    builds = json.loads(out.read_text())
+    builds = _aot_builds(tmp_path, "--ops", "attention,conv2d", "--impls", "triton", "--tier",
+                         "standard", "--cases", "_q1_|dw_c144", "--modes", "fwd")
     assert {b["kernel"] for b in builds} == {"_decode_kernel", "_decode_combine_kernel",
                                              "_grouped_direct_kernel"}
     for b in builds:
@@ -100,18 +98,14 @@ PALLAS_KERNELS = {"matmul_grouped_tiles", "flash_attention_fwd", "flash_attentio
 def test_pallas_kernels_compile_for_hopper(tmp_path):
     """Pallas' GPU lowering of each kernel, compiled by Triton for sm_90 (on the GPU, XLA's copy
     of Triton compiles the same modules)."""
-    out = tmp_path / "builds.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "harness.aot", "--impls", "pallas", "--tier", "standard",
-         "--cases", PALLAS_CASES, "--dtypes", "bf16", "--modes", "fwd,bwd", "--target", "cuda:90",
-         "--json", str(out)],
-        cwd=ROOT, env=outer_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    builds = json.loads(out.read_text())
+    builds = _aot_builds(tmp_path, "--impls", "pallas", "--tier", "standard", "--cases",
+                         PALLAS_CASES, "--modes", "fwd,bwd")
     assert {b["kernel"] for b in builds} == PALLAS_KERNELS
     for b in builds:
         assert b["status"] in ("ok", "spills") and b["registers"], b
         assert b["shared_bytes"] <= aot.SHARED_LIMIT[90], b
+    matmul = [b for b in builds if b["kernel"] == "matmul_grouped_tiles"]
+    assert len(matmul) == 2 and all(b["status"] == "ok" for b in matmul)  # no spills
     for b in builds:
         # tiles of 64 rows or more become warpgroup MMAs; those of the 16-row matmul and of the
         # decode step's queries (4 a kv head) mma.sync; the depthwise kernel has no dot
