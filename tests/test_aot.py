@@ -102,10 +102,10 @@ def test_pallas_kernels_compile_for_hopper(tmp_path):
                          PALLAS_CASES, "--modes", "fwd,bwd")
     assert {b["kernel"] for b in builds} == PALLAS_KERNELS
     for b in builds:
-        assert b["status"] in ("ok", "spills") and b["registers"], b
+        assert b["status"] == "ok" and b["registers"], b  # no spills either
         assert b["shared_bytes"] <= aot.SHARED_LIMIT[90], b
-    matmul = [b for b in builds if b["kernel"] == "matmul_grouped_tiles"]
-    assert len(matmul) == 2 and all(b["status"] == "ok" for b in matmul)  # no spills
+    dkv = [b for b in builds if b["kernel"] == "flash_attention_dkv"]
+    assert {b["config"] for b in dkv} == {"pallas, warps=8, stages=2"}  # four spill at D = 128
     for b in builds:
         # tiles of 64 rows or more become warpgroup MMAs; those of the 16-row matmul and of the
         # decode step's queries (4 a kv head) mma.sync; the depthwise kernel has no dot

@@ -46,7 +46,15 @@ class BlockSizes:
     block_q_dq: int = 64
     block_k_dq: int = 32
     num_warps: int = 4
+    num_warps_dkv: int = 4
     num_stages: int = 2
+
+    @classmethod
+    def for_head_dim(cls, d: int) -> "BlockSizes":
+        """The default tiles for head dimension d. The dK/dV kernel keeps two [block_k_dkv, D]
+        fp32 accumulators besides its k and v tiles: at D > 64 four warps spill them (sm_90:
+        255 registers, 352 bytes spilled; make aot), eight do not (169 registers)."""
+        return cls(num_warps_dkv=8 if d > 64 else 4)
 
     def fit(self, sq: int, sk: int) -> "BlockSizes":
         """Shrinks blocks longer than the (power-of-two rounded) sequence: Sq=1 should not pad to
@@ -206,9 +214,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _call(kernel, st: _Static, grid, in_specs, out_specs, out_shape, name):
+def _call(kernel, st: _Static, grid, in_specs, out_specs, out_shape, name, num_warps=None):
     # The Triton-lowering params also pick Pallas' Triton backend on a GPU (not Mosaic GPU).
-    params = gpu_compiler_params(st.blocks.num_warps, st.blocks.num_stages)
+    params = gpu_compiler_params(num_warps or st.blocks.num_warps, st.blocks.num_stages)
     return pl.pallas_call(functools.partial(kernel, st=st), grid=grid, in_specs=in_specs,
                           out_specs=out_specs, out_shape=out_shape, compiler_params=params,
                           interpret=interpret(), name=name)
@@ -297,7 +305,7 @@ def _backward(st: _Static, residuals, do):
         in_specs=[_whole_spec(Sq, D), _rows_spec(bk, D, g), _rows_spec(bk, D, g),
                   _whole_spec(Sq, D), whole_vec, whole_vec],
         out_specs=[_rows_spec(bk, D), _rows_spec(bk, D)], out_shape=[per_head, per_head],
-        name="flash_attention_dkv")(q, k, v, do, lse, delta)
+        name="flash_attention_dkv", num_warps=st.blocks.num_warps_dkv)(q, k, v, do, lse, delta)
     if g > 1:
         dk = dk.reshape(B, Hkv, g, Sk, D).sum(axis=2).astype(k.dtype)
         dv = dv.reshape(B, Hkv, g, Sk, D).sum(axis=2).astype(v.dtype)
@@ -368,7 +376,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False,
     if dims.D > MAX_HEAD_DIM:
         raise ValueError(f"q's head dimension D={dims.D} must be <= {MAX_HEAD_DIM} "
                          "for this kernel")
-    blocks = block_sizes or BlockSizes()
+    blocks = block_sizes or BlockSizes.for_head_dim(dims.D)
     for name, value in dataclasses.asdict(blocks).items():
         if name.startswith("block") and (value < 16 or value & (value - 1)):
             raise ValueError(f"block_sizes.{name}={value} must be a power of two >= 16")

@@ -274,7 +274,8 @@ def _attention(q, k, v, *, causal: bool, scale: float, blocks: Blocks):
         splits = pallas_attention.kv_splits(programs, pl.cdiv(Sk, blocks.block_kv))
     # The backward's tiles (powers of two <= 64) divide both paddings.
     st = pallas_attention._Static(causal, scale, Sq, Sk, H // Hkv,
-                                  pallas_attention.BlockSizes().fit(Sq, Sk), *splits)
+                                  pallas_attention.BlockSizes.for_head_dim(D).fit(Sq, Sk),
+                                  *splits)
     q = pad_axis(pad_axis(q, 2, 2 * ROWS), 3, d_padded)
     k = pad_axis(pad_axis(k, 2, blocks.block_kv), 3, d_padded)
     v = pad_axis(pad_axis(v, 2, blocks.block_kv), 3, d_padded)
