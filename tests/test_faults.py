@@ -32,7 +32,12 @@ def _bench_cmd(reports: Path, run_id: str, *args: str) -> list[str]:
 
 
 def _env(reports: Path, plugins: str = "") -> dict:
-    return {**outer_env(), "KERNELS_REPORTS": str(reports), "KERNELS_PLUGINS": plugins}
+    # TMPDIR inside the test's directory: the run killed on purpose below cannot remove its
+    # compile caches, and pytest prunes its own temporary directories
+    tmp = reports / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return {**outer_env(), "KERNELS_REPORTS": str(reports), "KERNELS_PLUGINS": plugins,
+            "TMPDIR": str(tmp)}
 
 
 def _keys(reports: Path, run_id: str) -> list[str]:
