@@ -84,10 +84,10 @@ def test_decode_and_depthwise_kernels_compile_for_hopper(tmp_path):
 
 
 # One case of each Pallas kernel in the standard tier: the large square matmul and the 16-row one,
-# attention at D = 128 (forward and backward) and a decode step (split-KV forward), a ResNet 3x3
-# conv and a depthwise one.
+# attention at D = 128 (forward and backward) and a decode step (split-KV forward), ResNet 3x3
+# convs 56 and 7 pixels wide (one row and 8 rows a program) and a depthwise one.
 PALLAS_CASES = ("8192x8192x8192|16x4096x4096|b4_h16_q4096_k4096_d128_causal|b8_h32kv8_q1_k4096_"
-                "|c64_3x3_n32|dw_c144")
+                "|c64_3x3_n32|c512_3x3_n32|dw_c144")
 PALLAS_KERNELS = {"matmul_grouped_tiles", "flash_attention_fwd", "flash_attention_fwd_split_kv",
                   "flash_attention_dq", "flash_attention_dkv", "conv2d_nhwc_implicit_gemm",
                   "conv2d_nhwc_depthwise"}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import kernels.pallas.conv2d as pallas_conv2d
 import kernels.triton.conv2d  # noqa: F401  (registers the Triton kernel)
 from harness.check import rel_err
-from kernels import reference, registry
+from kernels import contract, reference, registry
 from kernels.triton._common import DEVICE_TYPE
 
 jnp = pytest.importorskip("jax.numpy")
@@ -132,12 +132,29 @@ def test_triton_non_contiguous_inputs_and_output(dtype, kernel_hw, padding, grou
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_pallas_several_blocks_on_every_axis(dtype):
-    """Small blocks force several output-column, channel and output-channel blocks per problem."""
-    x, w = _inputs((2, 7, 37, 40), (3, 3, 40, 20), dtype)
-    blocks = pallas_conv2d.BlockSizes(block_ow=16, block_c=16, block_k=16)
-    y = pallas_conv2d.conv2d(_to_jax(x), _to_jax(w), 1, (1, 2), (1, 2), block_sizes=blocks)
-    _check(y, x, w, 1, (1, 2), (1, 2), dtype)
+@pytest.mark.parametrize("block_oh", [1, 4], ids=["rows", "patches"])
+def test_pallas_several_blocks_on_every_axis(block_oh, dtype):
+    """Small blocks force several output-row, output-column, channel and output-channel blocks
+    per problem; patches of 4 rows leave the second all but one row past the 5 output rows,
+    under a stride of 2 in both directions."""
+    x, w = _inputs((2, 12, 37, 40), (3, 3, 40, 20), dtype)
+    blocks = pallas_conv2d.BlockSizes(block_ow=64 // block_oh // 4, block_c=16, block_k=16,
+                                      block_oh=block_oh)
+    y = pallas_conv2d.conv2d(_to_jax(x), _to_jax(w), 2, (1, 2), (1, 2), block_sizes=blocks)
+    _check(y, x, w, 2, (1, 2), (1, 2), dtype)
+
+
+@pytest.mark.parametrize("image, patch", [
+    ((56, 56), (1, 64)), ((28, 28), (2, 32)), ((14, 14), (4, 16)), ((7, 7), (8, 8)),
+    ((100, 3), (16, 4)), ((1, 1), (1, 16)), ((2, 2), (2, 8))])
+def test_pallas_patches_of_64_output_pixels(image, patch):
+    """Whole rows of the power-of-two rounded width, 64 pixels (Hopper's smallest warpgroup MMA)
+    where the image has them, never fewer than the dot's 16."""
+    oh, ow = image
+    d = contract.Conv2dDims(N=1, H=oh, W=ow, C=8, KH=1, KW=1, K=8, stride=(1, 1),
+                            padding=(0, 0), dilation=(1, 1), OH=oh, OW=ow)
+    b = pallas_conv2d.BlockSizes.for_dims(d)
+    assert (b.block_oh, b.block_ow) == patch
 
 
 def test_pallas_rejects_bad_block_sizes():
@@ -145,6 +162,12 @@ def test_pallas_rejects_bad_block_sizes():
     with pytest.raises(ValueError, match="block_c"):
         pallas_conv2d.conv2d(_to_jax(x), _to_jax(w),
                              block_sizes=pallas_conv2d.BlockSizes(16, 24, 16))
+    with pytest.raises(ValueError, match="block_oh"):
+        pallas_conv2d.conv2d(_to_jax(x), _to_jax(w),
+                             block_sizes=pallas_conv2d.BlockSizes(16, 16, 16, block_oh=3))
+    with pytest.raises(ValueError, match="output pixels must be >= 16"):
+        pallas_conv2d.conv2d(_to_jax(x), _to_jax(w),
+                             block_sizes=pallas_conv2d.BlockSizes(4, 16, 16, block_oh=2))
 
 
 def test_triton_rejects_wrong_out():
