@@ -50,10 +50,16 @@ class BlockSizes:
     num_stages: int = 2
 
     @classmethod
-    def for_head_dim(cls, d: int) -> "BlockSizes":
-        """The default tiles for head dimension d. The dK/dV kernel keeps two [block_k_dkv, D]
-        fp32 accumulators besides its k and v tiles: at D > 64 four warps spill them (sm_90:
-        255 registers, 352 bytes spilled; make aot), eight do not (169 registers)."""
+    def default_for(cls, d: int, dtype) -> "BlockSizes":
+        """The default tiles for head dimension d and the inputs' dtype (figures from make aot,
+        sm_90). The dK/dV kernel keeps two [block_k_dkv, D] fp32 accumulators besides its k and
+        v tiles: at D > 64 four warps spill them (255 registers, 352 bytes spilled), eight do
+        not (169 registers). True fp32 dots are multiply-adds without tensor cores, each thread
+        holding its rows and columns of both operands: the 16-bit tiles spilled up to 60 KB a
+        thread at D = 128; 32x32 tiles on eight warps take at most 110 registers."""
+        if jnp.dtype(dtype) == jnp.float32:
+            return cls(block_q=32, block_k=32, block_q_dkv=32, block_k_dkv=32, block_q_dq=32,
+                       block_k_dq=32, num_warps=8, num_warps_dkv=8)
         return cls(num_warps_dkv=8 if d > 64 else 4)
 
     def fit(self, sq: int, sk: int) -> "BlockSizes":
@@ -376,7 +382,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False,
     if dims.D > MAX_HEAD_DIM:
         raise ValueError(f"q's head dimension D={dims.D} must be <= {MAX_HEAD_DIM} "
                          "for this kernel")
-    blocks = block_sizes or BlockSizes.for_head_dim(dims.D)
+    blocks = block_sizes or BlockSizes.default_for(dims.D, q.dtype)
     for name, value in dataclasses.asdict(blocks).items():
         if name.startswith("block") and (value < 16 or value & (value - 1)):
             raise ValueError(f"block_sizes.{name}={value} must be a power of two >= 16")

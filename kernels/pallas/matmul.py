@@ -24,17 +24,19 @@ class Blocks:
     num_stages: int = 3
 
 
-def _blocks_for(M: int, N: int, K: int) -> Blocks:
+def _blocks_for(M: int, N: int, K: int, dtype) -> Blocks:
     """Default tiles, shrunk (to powers of two >= 16, as the GPU lowering needs) for small dims so
     a 16-row problem is not padded to 128 rows. A whole 128x128 tile takes eight warps: with four,
     each thread's share of the fp32 accumulator and of the operand addresses Pallas' lowering
-    keeps in registers spilled (255 registers, 304 bytes spilled for sm_90: make aot)."""
+    keeps in registers spilled (255 registers, 304 bytes spilled for sm_90: make aot). True fp32
+    dots run as multiply-adds without tensor cores: 128x128 tiles spilled 3.5 KB a thread even on
+    eight warps, 64x64x32 tiles on eight take 80 registers."""
     def fit(block, dim):
         return min(block, max(16, pl.next_power_of_2(dim)))
-    b = Blocks()
+    b = Blocks(m=64, n=64, k=32, num_warps=8) if jnp.dtype(dtype) == jnp.float32 else Blocks()
     m, n = fit(b.m, M), fit(b.n, N)
     return dataclasses.replace(b, m=m, n=n, k=fit(b.k, K),
-                               num_warps=8 if m * n >= 128 * 128 else 4)
+                               num_warps=8 if m * n >= 128 * 128 else b.num_warps)
 
 
 def _tile(pid, grid_m: int, grid_n: int, group_m: int):
@@ -92,7 +94,7 @@ def _matmul(a: jax.Array, b: jax.Array, blocks: Blocks) -> jax.Array:
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     """a [M, K] @ b [K, N] -> [M, N] in the inputs' dtype."""
     dims = contract.matmul_args(a, b, "jax")
-    return _matmul(a, b, _blocks_for(dims.M, dims.N, dims.K))
+    return _matmul(a, b, _blocks_for(dims.M, dims.N, dims.K, a.dtype))
 
 
 registry.register("matmul", "pallas", framework="jax", kind="hand", backend="Pallas",

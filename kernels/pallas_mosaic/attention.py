@@ -273,9 +273,8 @@ def _attention(q, k, v, *, causal: bool, scale: float, blocks: Blocks):
     if not causal and blocks.shared_bytes(d_padded, q.dtype.itemsize, split=True) <= SHARED_BYTES:
         splits = pallas_attention.kv_splits(programs, pl.cdiv(Sk, blocks.block_kv))
     # The backward's tiles (powers of two <= 64) divide both paddings.
-    st = pallas_attention._Static(causal, scale, Sq, Sk, H // Hkv,
-                                  pallas_attention.BlockSizes.for_head_dim(D).fit(Sq, Sk),
-                                  *splits)
+    backward_blocks = pallas_attention.BlockSizes.default_for(D, q.dtype).fit(Sq, Sk)
+    st = pallas_attention._Static(causal, scale, Sq, Sk, H // Hkv, backward_blocks, *splits)
     q = pad_axis(pad_axis(q, 2, 2 * ROWS), 3, d_padded)
     k = pad_axis(pad_axis(k, 2, blocks.block_kv), 3, d_padded)
     v = pad_axis(pad_axis(v, 2, blocks.block_kv), 3, d_padded)
