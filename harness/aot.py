@@ -395,8 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the builds here as JSON")
     args = p.parse_args(argv)
     dtypes = [cases_mod.DTYPE_ALIASES.get(d, d) for d in args.dtypes.split(",")]
-    selection = (args.ops.split(","), args.tier, dtypes, args.modes.split(","), args.max_cases,
-                 args.cases, [n for n in args.impls.split(",") if n])
+    ops, impls = args.ops.split(","), [n for n in args.impls.split(",") if n]
+    compiled_here = {impl.name for op in ops for impl in _implementations(
+        op, lambda backend: backend.startswith("Triton") or backend == "Pallas", ())}
+    if set(impls) - compiled_here:
+        p.error(f"--impls: {', '.join(sorted(set(impls) - compiled_here))} is not a Triton or "
+                f"Pallas implementation of {args.ops}; those are {', '.join(sorted(compiled_here))}")
+    selection = (ops, args.tier, dtypes, args.modes.split(","), args.max_cases, args.cases, impls)
     builds = compile_all(launches(*selection), args.target, prune=not args.all_configs)
     builds += compile_modules(pallas_modules(*selection), args.target)
     print(table(builds, args.target))

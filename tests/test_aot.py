@@ -116,6 +116,14 @@ def test_pallas_kernels_compile_for_hopper(tmp_path):
         assert b["mma"] == expected, b
 
 
+def test_impls_that_aot_cannot_compile_are_refused(capsys):
+    with pytest.raises(SystemExit) as stop:
+        aot.main(["--ops", "matmul", "--impls", "pallas,pallas_mosaic"])
+    assert stop.value.code == 2
+    assert ("--impls: pallas_mosaic is not a Triton or Pallas implementation of matmul; "
+            "those are pallas, triton, triton_tma") in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU Pallas compiles for real")
 def test_pallas_capture_leaves_interpret_mode_as_it_was():
     import jax
