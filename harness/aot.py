@@ -30,8 +30,8 @@ import re
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from harness.compile import config_text
@@ -109,8 +109,10 @@ def captured_pallas_modules(sink: list, case: str):
 
     rule = pallas_core.get_lowering_rule(triton_core.CompilerParams, "gpu")
     to_module = lowering.lower_jaxpr_to_triton_module
-    options = {}
+    options = {}  # of the kernel being lowered: the rule runs first, then makes its module
 
+    # The suite's Pallas launchers always pass Triton compiler params on a GPU, so each of their
+    # kernels goes through this rule.
     def recording_rule(ctx, *args, compiler_params=None, **kwargs):
         params = compiler_params or triton_core.CompilerParams()
         options.update(num_warps=params.num_warps or 4, num_stages=params.num_stages or 3)
@@ -123,17 +125,17 @@ def captured_pallas_modules(sink: list, case: str):
                                  **options))
         return result
 
-    modules = (attention, conv2d, matmul)
-    interpret = [m.interpret for m in modules]
+    launchers = (attention, conv2d, matmul)
+    interpret = [m.interpret for m in launchers]
     jax.clear_caches()  # jitted launchers traced in interpret mode must trace again
     pallas_core.register_lowering_rule(triton_core.CompilerParams, recording_rule, "gpu")
     lowering.lower_jaxpr_to_triton_module = recording_to_module
-    for m in modules:
+    for m in launchers:
         m.interpret = lambda: False
     try:
         yield
     finally:
-        for m, original in zip(modules, interpret):
+        for m, original in zip(launchers, interpret):
             m.interpret = original
         lowering.lower_jaxpr_to_triton_module = to_module
         pallas_core.register_lowering_rule(triton_core.CompilerParams, rule, "gpu")
@@ -161,6 +163,7 @@ def pallas_modules(ops: list[str], tier: str, dtypes: list[str], modes: list[str
     """The Triton modules of every Pallas (Triton-lowered) implementation on the tier's cases,
     chosen as in `launches`, forward and (attention) backward."""
     import jax
+    import jax.numpy as jnp
 
     from harness import inputs
 
@@ -180,7 +183,7 @@ def pallas_modules(ops: list[str], tier: str, dtypes: list[str], modes: list[str
                 calls = ([forward] if "fwd" in modes or op != "attention" else []) + (
                     [gradients] if op == "attention" and {"bwd", "fwd_bwd"} & set(modes) else [])
                 for dtype in dtypes:
-                    arrays = [jax.ShapeDtypeStruct(s, jax.numpy.dtype(dtype))
+                    arrays = [jax.ShapeDtypeStruct(s, jnp.dtype(dtype))
                               for s in inputs.shapes(case).values()]
                     with captured_pallas_modules(found, f"{case.name} {dtype}"):
                         for call in calls:
@@ -321,7 +324,7 @@ def compile_modules(modules: list[TritonModule], target: str) -> list[Build]:
                             [m.case])
         jobs.append((builds[key], m))
     with tempfile.TemporaryDirectory(prefix="aot-pallas-") as tmp:
-        def build(i: int, job: tuple) -> None:
+        def compile_one(i: int, job: tuple) -> None:
             build, m = job
             path = os.path.join(tmp, f"{i}.ttir")  # Triton compiles IR from a file
             with open(path, "w") as f:
@@ -329,7 +332,7 @@ def compile_modules(modules: list[TritonModule], target: str) -> list[Build]:
             _build(build, path, dict(num_warps=m.num_warps, num_stages=m.num_stages), gpu)
 
         with ThreadPoolExecutor(compile_threads()) as pool:
-            list(pool.map(build, range(len(jobs)), jobs))
+            list(pool.map(compile_one, range(len(jobs)), jobs))
     return list(builds.values())
 
 
