@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -93,6 +94,7 @@ class TritonModule:
     num_warps: int
     num_stages: int
     case: str
+    programs: int = 0  # the launch grid's size
 
 
 @contextmanager
@@ -122,7 +124,7 @@ def captured_pallas_modules(sink: list, case: str):
         result = to_module(*args, **kwargs)
         ir = result.module.operation.get_asm()
         sink.append(TritonModule(re.match(r"module @(\S+)", ir).group(1), ir, case=case,
-                                 **options))
+                                 programs=math.prod(result.grid), **options))
         return result
 
     launchers = (attention, conv2d, matmul)
@@ -320,8 +322,8 @@ def compile_modules(modules: list[TritonModule], target: str) -> list[Build]:
         if key in builds:
             builds[key].cases.append(m.case)
             continue
-        builds[key] = Build(m.name, f"pallas, warps={m.num_warps}, stages={m.num_stages}",
-                            [m.case])
+        builds[key] = Build(m.name, f"pallas, {m.programs} programs, warps={m.num_warps}, "
+                                    f"stages={m.num_stages}", [m.case])
         jobs.append((builds[key], m))
     with tempfile.TemporaryDirectory(prefix="aot-pallas-") as tmp:
         def compile_one(i: int, job: tuple) -> None:

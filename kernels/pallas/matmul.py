@@ -24,6 +24,12 @@ class Blocks:
     num_stages: int = 3
 
 
+# A decode-sized problem (M <= 16) is a read of b: 16x128 tiles gave the 16x4096x4096 case 32
+# programs for 132 multiprocessors, 16x32 tiles with 256-deep k steps give it 128 (40 registers,
+# 72 KiB of shared memory for sm_90: make aot), as the Triton kernel's 16-row configs do.
+SHORT = Blocks(m=16, n=32, k=256, num_stages=4)
+
+
 def _blocks_for(M: int, N: int, K: int, dtype) -> Blocks:
     """Default tiles, shrunk (to powers of two >= 16, as the GPU lowering needs) for small dims so
     a 16-row problem is not padded to 128 rows. A whole 128x128 tile takes eight warps: with four,
@@ -33,7 +39,12 @@ def _blocks_for(M: int, N: int, K: int, dtype) -> Blocks:
     eight warps, 64x64x32 tiles on eight take 80 registers."""
     def fit(block, dim):
         return min(block, max(16, pl.next_power_of_2(dim)))
-    b = Blocks(m=64, n=64, k=32, num_warps=8) if jnp.dtype(dtype) == jnp.float32 else Blocks()
+    if jnp.dtype(dtype) == jnp.float32:
+        b = Blocks(m=64, n=64, k=32, num_warps=8)
+    elif M <= 16:
+        b = SHORT
+    else:
+        b = Blocks()
     m, n = fit(b.m, M), fit(b.n, N)
     return dataclasses.replace(b, m=m, n=n, k=fit(b.k, K),
                                num_warps=8 if m * n >= 128 * 128 else b.num_warps)
