@@ -105,7 +105,7 @@ def test_pallas_kernels_compile_for_hopper(tmp_path):
         assert b["status"] == "ok" and b["registers"], b  # no spills either
         assert b["shared_bytes"] <= aot.SHARED_LIMIT[90], b
     dkv = [b for b in builds if b["kernel"] == "flash_attention_dkv"]
-    assert {b["config"] for b in dkv} == {"pallas, warps=8, stages=2"}  # four spill at D = 128
+    assert all(b["config"].endswith("warps=8, stages=2") for b in dkv)  # four spill at D = 128
     for b in builds:
         # tiles of 64 rows or more become warpgroup MMAs; those of the 16-row matmul and of the
         # decode step's queries (4 a kv head) mma.sync; the depthwise kernel has no dot
