@@ -107,7 +107,7 @@ def captured_pallas_modules(sink: list, case: str):
     from jax._src.pallas.triton import lowering
     from jax._src.pallas.triton import pallas_call_registration  # noqa: F401 - registers the rule
 
-    from kernels.pallas import attention, conv2d, matmul
+    from kernels.pallas import _common, attention, conv2d, matmul
 
     rule = pallas_core.get_lowering_rule(triton_core.CompilerParams, "gpu")
     to_module = lowering.lower_jaxpr_to_triton_module
@@ -127,7 +127,7 @@ def captured_pallas_modules(sink: list, case: str):
                                  programs=math.prod(result.grid), **options))
         return result
 
-    launchers = (attention, conv2d, matmul)
+    launchers = (_common, attention, conv2d, matmul)  # each holds its own name `interpret`
     interpret = [m.interpret for m in launchers]
     jax.clear_caches()  # jitted launchers traced in interpret mode must trace again
     pallas_core.register_lowering_rule(triton_core.CompilerParams, recording_rule, "gpu")

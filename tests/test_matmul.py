@@ -34,6 +34,23 @@ def test_output_dtype_and_shape(impl):
         assert str(out.dtype).removeprefix("torch.") == dtype
 
 
+def test_pallas_tiles_by_shape(monkeypatch):
+    """On an H100 (132 multiprocessors): 128x128 tiles, or 64x128 where those are fewer than
+    the multiprocessors; 16-row problems 16x32 tiles 256 deep; float32 64x64."""
+    from kernels.pallas import matmul as pallas_matmul
+
+    monkeypatch.setattr(pallas_matmul, "multiprocessors", lambda: 132)
+
+    def tiles(M, N, K, dtype="bfloat16"):
+        b = pallas_matmul._blocks_for(M, N, K, dtype)
+        return b.m, b.n, b.k, b.num_warps
+
+    assert tiles(2048, 2048, 2048) == (128, 128, 64, 8)  # 256 tiles
+    assert tiles(1024, 1024, 1024) == (64, 128, 64, 4)  # 64 tiles of 128x128
+    assert tiles(16, 4096, 4096) == (16, 32, 256, 4)
+    assert tiles(8192, 8192, 8192, "float32") == (64, 64, 32, 8)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pallas_lowers_for_gpu(dtype, monkeypatch):
     """The GPU (Triton) lowering checks what interpret mode does not (power-of-two blocks, dot

@@ -13,6 +13,15 @@ def interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
+def multiprocessors() -> int:
+    """The GPU's multiprocessors, by which launchers size their grids: the device's count, 132
+    (an H100's) where the device does not say (lowering for CUDA on a machine without a GPU), and
+    2 in interpret mode, so that small test problems are split as large ones are on a GPU."""
+    if interpret():
+        return 2
+    return getattr(jax.devices()[0], "core_count", None) or 132
+
+
 def tags() -> tuple[str, ...]:
     """Registry tags: "interpreted" where the kernels run in interpret mode."""
     return ("interpreted",) if interpret() else ()

@@ -26,7 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import contract, registry
-from kernels.pallas._common import gpu_compiler_params, interpret, pad_axis, tags
+from kernels.pallas._common import (gpu_compiler_params, interpret, multiprocessors, pad_axis,
+                                    tags)
 
 LOG2_E = 1 / math.log(2)
 _SQ = getattr(pl, "squeezed", None)  # a block dim dropped from the kernel's view (None: older jax)
@@ -347,9 +348,8 @@ def pack_query_groups(q, hkv: int, causal: bool):
 def kv_splits(programs: int, key_blocks: int) -> tuple[int, int]:
     """(splits, key blocks a split) of the forward's keys: with fewer programs than four a GPU
     multiprocessor (decode: one query block per head), the keys are split until there are that
-    many, none empty. In interpret mode as if on 2 multiprocessors (the tests need splits)."""
-    cores = 2 if interpret() else getattr(jax.devices()[0], "core_count", None) or 132
-    return contract.key_splits(programs, key_blocks, cores)
+    many, none empty."""
+    return contract.key_splits(programs, key_blocks, multiprocessors())
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "blocks"))

@@ -11,7 +11,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import contract, registry
-from kernels.pallas._common import gpu_compiler_params, interpret, pad_axis, round_up, tags
+from kernels.pallas._common import (gpu_compiler_params, interpret, multiprocessors, pad_axis,
+                                    round_up, tags)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,8 @@ def _blocks_for(M: int, N: int, K: int, dtype) -> Blocks:
     else:
         b = Blocks()
     m, n = fit(b.m, M), fit(b.n, N)
+    if (m, n) == (128, 128) and pl.cdiv(M, m) * pl.cdiv(N, n) < multiprocessors():
+        m = 64  # 1024x1024: 64 tiles of 128x128 for 132 multiprocessors, 128 of 64x128
     return dataclasses.replace(b, m=m, n=n, k=fit(b.k, K),
                                num_warps=8 if m * n >= 128 * 128 else b.num_warps)
 
