@@ -150,6 +150,14 @@ def _chosen_cases(op: str, tier: str, max_cases: int | None, name_pattern: str) 
     return [c for c in cases_mod.cases(op, tier) if re.search(name_pattern, c.name)][:max_cases]
 
 
+def _is_triton(backend: str) -> bool:
+    return backend.startswith("Triton")
+
+
+def _is_pallas(backend: str) -> bool:
+    return backend == "Pallas"  # Pallas' Triton lowering; not Mosaic GPU, not the TPU kernels
+
+
 def _implementations(op: str, backend: Callable[[str], bool], names: Sequence[str]) -> list:
     """The op's registered implementations whose backend passes `backend` (those in `names`
     only, unless it is empty)."""
@@ -171,7 +179,7 @@ def pallas_modules(ops: list[str], tier: str, dtypes: list[str], modes: list[str
 
     found: list[TritonModule] = []
     for op in ops:
-        for impl in _implementations(op, lambda backend: backend == "Pallas", impls):
+        for impl in _implementations(op, _is_pallas, impls):
             for case in _chosen_cases(op, tier, max_cases, name_pattern):
                 opts = inputs.options(case)
 
@@ -206,7 +214,7 @@ def launches(ops: list[str], tier: str, dtypes: list[str], modes: list[str],
     device = "cuda" if torch.cuda.is_available() else "cpu"
     found: list[Launch] = []
     for op in ops:
-        for impl in _implementations(op, lambda backend: backend.startswith("Triton"), impls):
+        for impl in _implementations(op, _is_triton, impls):
             for case in _chosen_cases(op, tier, max_cases, name_pattern):
                 for dtype in dtypes:
                     arrays = [torch.empty(s, dtype=inputs.TORCH_DTYPES[dtype], device=device)
@@ -402,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [cases_mod.DTYPE_ALIASES.get(d, d) for d in args.dtypes.split(",")]
     ops, impls = args.ops.split(","), [n for n in args.impls.split(",") if n]
     compiled_here = {impl.name for op in ops for impl in _implementations(
-        op, lambda backend: backend.startswith("Triton") or backend == "Pallas", ())}
+        op, lambda backend: _is_triton(backend) or _is_pallas(backend), ())}
     if set(impls) - compiled_here:
         p.error(f"--impls: {', '.join(sorted(set(impls) - compiled_here))} is not a Triton or "
                 f"Pallas implementation of {args.ops}; those are {', '.join(sorted(compiled_here))}")
