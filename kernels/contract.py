@@ -7,7 +7,10 @@ Zero-sized dimensions are rejected: every op in the suite needs at least one ele
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
+
+import numpy as np
 
 DTYPES = ("float32", "float16", "bfloat16")
 FRAMEWORKS = ("torch", "jax")
@@ -111,20 +114,31 @@ def attention_args(q, k, v, causal, scale, framework: str) -> AttentionDims:
     if H % Hkv:
         raise ValueError(f"q's heads H={H} must be a multiple of k's heads Hkv={Hkv}")
     check_same_dtype(q=q, k=k, v=v)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    # numpy's scalars pass too (a bool from a comparison, a float32 scale), as Python values
+    if not _is_bool(causal):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
     if scale is None:
         scale = D ** -0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+    elif not isinstance(scale, numbers.Real) or _is_bool(scale):
+        raise TypeError(f"scale must be a positive number or None, got {scale!r}")
+    elif not scale > 0:
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
-    return AttentionDims(B, H, Hkv, Sq, Sk, D, causal, float(scale))
+    return AttentionDims(B, H, Hkv, Sq, Sk, D, bool(causal), float(scale))
+
+
+def _is_bool(x) -> bool:
+    return isinstance(x, (bool, np.bool_))
+
+
+def _is_int(x) -> bool:
+    """An int, a numpy integer too; not a bool."""
+    return isinstance(x, numbers.Integral) and not _is_bool(x)
 
 
 def int_pair(name: str, value, minimum: int) -> tuple[int, int]:
     """An int or an (h, w) pair of ints, each >= minimum."""
-    pair = (value, value) if isinstance(value, int) else value
-    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
-            or not all(isinstance(p, int) and not isinstance(p, bool) for p in pair)):
+    pair = (value, value) if _is_int(value) else value
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(map(_is_int, pair)):
         raise TypeError(f"{name} must be an int or an (h, w) pair of ints, got {value!r}")
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
@@ -161,8 +175,9 @@ class Conv2dDims:
 def conv2d_args(x, w, stride, padding, dilation, framework: str, groups=1) -> Conv2dDims:
     N, H, W, C = check_array("x", x, framework, 4)
     KH, KW, Cw, K = check_array("w", w, framework, 4)
-    if not isinstance(groups, int) or isinstance(groups, bool):
+    if not _is_int(groups):
         raise TypeError(f"groups must be an int, got {groups!r}")
+    groups = int(groups)
     if groups < 1 or C % groups:
         raise ValueError(f"groups={groups} must be >= 1 and divide x's channels C={C}")
     if Cw != C // groups:

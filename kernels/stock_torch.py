@@ -67,14 +67,14 @@ _attention_compiled = _compiled(_attention_formula)
                    backend="SDPA (own choice)")
 def attention(q, k, v, causal=False, scale=None):
     dims = contract.attention_args(q, k, v, causal, scale, "torch")
-    return _sdpa(q, k, v, causal, dims.scale)
+    return _sdpa(q, k, v, dims.causal, dims.scale)
 
 
 @registry.register("attention", "torch_compile", framework="torch", kind="stock",
                    backend="torch.compile (Inductor)", reset=torch._dynamo.reset)
 def attention_compiled(q, k, v, causal=False, scale=None):
     dims = contract.attention_args(q, k, v, causal, scale, "torch")
-    return _attention_compiled(q, k, v, causal, dims.scale)
+    return _attention_compiled(q, k, v, dims.causal, dims.scale)
 
 
 # torch's words when a pinned SDPA backend cannot take the inputs (CUDA, CPU)
@@ -86,7 +86,7 @@ def _pinned_sdpa(backend: SDPBackend):
         dims = contract.attention_args(q, k, v, causal, scale, "torch")
         try:
             with sdpa_kernel(backend):
-                return _sdpa(q, k, v, causal, dims.scale)
+                return _sdpa(q, k, v, dims.causal, dims.scale)
         except RuntimeError as e:
             if not any(m in str(e) for m in _NO_KERNEL):
                 raise
@@ -96,7 +96,7 @@ def _pinned_sdpa(backend: SDPBackend):
             with sdpa_kernel(backend), warnings.catch_warnings(record=True) as why:
                 warnings.simplefilter("always")
                 try:
-                    _sdpa(q, k, v, causal, dims.scale)
+                    _sdpa(q, k, v, dims.causal, dims.scale)
                 except RuntimeError:
                     pass
             reasons = "; ".join(str(w.message).strip() for w in why)

@@ -53,7 +53,7 @@ def _attention(q, k, v, causal, scale, implementation):
 def _attention_impl(implementation):
     def run(q, k, v, causal=False, scale=None):
         dims = contract.attention_args(q, k, v, causal, scale, "jax")
-        return _attention(q, k, v, causal, dims.scale, implementation)
+        return _attention(q, k, v, dims.causal, dims.scale, implementation)
     return run
 
 

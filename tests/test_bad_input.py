@@ -18,6 +18,15 @@ def _arrays(framework, *shapes, dtype="float32"):
     return out
 
 
+def _on_device(arrays):
+    """torch tensors where the torch kernels run (the GPU when there is one)."""
+    return [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in arrays]
+
+
+def _numpy(x) -> np.ndarray:
+    return x.float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
+
+
 def _other_framework(framework, x):
     if framework == "torch":
         import jax.numpy as jnp
@@ -116,6 +125,20 @@ def test_attention_dtypes_and_framework(impl):
         fn(_other_framework(fn.framework, q), k, k)
     with pytest.raises(TypeError, match="causal must be a bool"):
         fn(q, k, k, causal="yes")
+    with pytest.raises(TypeError, match="scale must be a positive number"):
+        fn(q, k, k, scale="0.5")
+    with pytest.raises(ValueError, match="scale must be a positive number"):
+        fn(q, k, k, scale=0.0)
+
+
+@pytest.mark.parametrize("impl", ATTENTION)
+def test_attention_takes_numpy_scalars(impl):
+    """A numpy bool (from a comparison) and a numpy float scale are a bool and a number."""
+    fn = registry.get("attention", impl)
+    q, k, v = _on_device(_arrays(fn.framework, (1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)))
+    want = _numpy(fn(q, k, v, causal=True, scale=0.25))
+    np.testing.assert_array_equal(_numpy(fn(q, k, v, causal=np.bool_(True),
+                                            scale=np.float32(0.25))), want)
 
 
 @pytest.mark.parametrize("impl", CONV)
@@ -139,6 +162,17 @@ def test_conv2d_bad_shapes_and_options(impl, shapes, kwargs, error, words):
         fn(*_arrays(fn.framework, *shapes), **kwargs)
     for w in words:
         assert w in str(e.value)
+
+
+@pytest.mark.parametrize("impl", CONV)
+def test_conv2d_takes_numpy_integers(impl):
+    """stride, padding, dilation and groups as numpy integers (from a config array) are ints."""
+    fn = registry.get("conv2d", impl)
+    x, w = _on_device(_arrays(fn.framework, (1, 9, 8, 4), (3, 3, 2, 4)))
+    want = _numpy(fn(x, w, stride=2, padding=(1, 0), dilation=1, groups=2))
+    got = fn(x, w, stride=np.int64(2), padding=(np.int32(1), 0), dilation=np.int64(1),
+             groups=np.int64(2))
+    np.testing.assert_array_equal(_numpy(got), want)
 
 
 @pytest.mark.parametrize("impl", CONV)

@@ -289,7 +289,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False,
     """
     dims = contract.attention_args(q, k, v, causal, scale, "jax")
     if q.dtype == jnp.float32:
-        return pallas_attention.attention(q, k, v, causal=causal, scale=scale)
+        return pallas_attention.attention(q, k, v, causal=dims.causal, scale=dims.scale)
     if dims.D > pallas_attention.MAX_HEAD_DIM:
         raise ValueError(f"q's head dimension D={dims.D} must be <= "
                          f"{pallas_attention.MAX_HEAD_DIM} for this kernel")
