@@ -112,8 +112,11 @@ aot: $(SETUP)
 # one go, the tests (the GPU timing cross-check alone on the card, the rest in parallel), the
 # `standard` tier of every op, and a few profiled benchmarks, and leaves in OUT: env.txt, tests.txt,
 # tests.xml, bench.txt and run.tar.gz (records, benchmark JSON, report, traces). Each stage has a
-# time limit (GPU_*_S) so a call fits a 10-minute command; a stage cut short keeps what it
-# measured (records are appended as they come), and `make gpu RESUME=<run>` (no tests) finishes it.
+# time limit (GPU_*_S), and all of them one deadline (GPU_TOTAL_S from the start, less GPU_PACK_S
+# to pack the results): a stage gets what is left when its own limit would pass the deadline, so
+# the call ends inside a 10-minute command with run.tar.gz written, instead of being killed with
+# the records still outside OUT. A stage cut short keeps what it measured (records are appended
+# as they come), and `make gpu RESUME=<run>` (no tests) finishes it.
 # The TPU kernels are left out here: off a TPU they only run in the TPU interpreter, which the
 # CPU test run covers.
 GPU_PY ?= python3
@@ -132,12 +135,35 @@ GPU_COLD ?= first
 GPU_TEST_S ?= 170
 GPU_BENCH_S ?= 330
 GPU_PROFILE_S ?= 45
+GPU_TOTAL_S ?= 570
+GPU_PACK_S ?= 30
+GPU_START := $(shell date +%s)
 # the profiled few: the largest square matmul, the 4k-token D=128 causal attention, a ResNet 3x3
 GPU_PROFILE_CASES ?= 8192x8192x8192 or b4_h16_q4096_k4096_d128_causal or c64_3x3_n32
 GPU_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
 OUT ?= reports/gpu-out
-STAGE = timeout -s INT -k 20
 GPU_STAGE := reports/runs/.gpu-stage
+
+# $(call gpu_stage,<own limit s>,<command>): the command under `timeout`, for its own limit or
+# what is left before the deadline, whichever is less (SIGINT first, so pytest writes what it
+# has; a kill 15 s later, which GPU_PACK_S covers); under 10 s left, skipped, saying so.
+define gpu_stage
+left=$$(( $(GPU_START) + $(GPU_TOTAL_S) - $(GPU_PACK_S) - $$(date +%s) )); \
+	limit=$$(( $(1) < left ? $(1) : left )); \
+	if [ $$limit -lt 10 ]; then \
+		echo "skipped: $$left s left of GPU_TOTAL_S=$(GPU_TOTAL_S) (less GPU_PACK_S)"; \
+	else timeout -s INT -k 15 $$limit $(2); fi
+endef
+
+# The run's records, benchmark JSON, report and traces into OUT/run.tar.gz (after each stage
+# that adds to them, so a later stage cut short loses nothing before it).
+define gpu_pack
+	rm -rf $(GPU_STAGE) && mkdir -p $(GPU_STAGE)
+	for d in reports/runs/$(GPU_RUN) reports/runs/$(GPU_RUN)-profile; do \
+		[ ! -d $$d ] || cp -r $$d $(GPU_STAGE)/; done
+	[ ! -d profiles/$(GPU_RUN)-profile ] || cp -r profiles/$(GPU_RUN)-profile $(GPU_STAGE)/traces
+	tar czf $(OUT)/run.tar.gz -C $(GPU_STAGE) .
+endef
 
 gpu-wheels:
 	python3 -m pip download --no-deps -d wheels perfetto==0.59.1
@@ -152,25 +178,23 @@ gpu:
 	  from harness import env; print(json.dumps({'gpu': env.device_name(), **env.versions()}, \
 	  indent=1))"; nvidia-smi; } > $(OUT)/env.txt 2>&1; cat $(OUT)/env.txt
 ifeq ($(RESUME),)
-	-$(STAGE) $(GPU_TEST_S) $(GPU_PY) -m pytest tests -q -p no:cacheprovider -m "not gpu" \
-		-n $(GPU_TEST_WORKERS) --ignore=tests/test_faults.py --ignore=tests/test_pallas_tpu.py \
-		-k "not pallas_tpu" --durations=20 --junitxml=$(OUT)/tests.xml > $(OUT)/tests.txt 2>&1; \
-		tail -30 $(OUT)/tests.txt
-	-$(STAGE) 90 $(GPU_PY) -m pytest tests -q -p no:cacheprovider -m gpu -rA \
+	-$(call gpu_stage,$(GPU_TEST_S),$(GPU_PY) -m pytest tests -q -p no:cacheprovider \
+		-m "not gpu" -n $(GPU_TEST_WORKERS) --ignore=tests/test_faults.py \
+		--ignore=tests/test_pallas_tpu.py -k "not pallas_tpu" --durations=20 \
+		--junitxml=$(OUT)/tests.xml) > $(OUT)/tests.txt 2>&1; tail -30 $(OUT)/tests.txt
+	-$(call gpu_stage,90,$(GPU_PY) -m pytest tests -q -p no:cacheprovider -m gpu -rA) \
 		>> $(OUT)/tests.txt 2>&1; tail -8 $(OUT)/tests.txt
 endif
-	-$(STAGE) $(GPU_BENCH_S) $(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) TIER=standard \
-		OPS=$(GPU_OPS) DTYPES=$(GPU_DTYPES) MODES=$(GPU_MODES) RUN=$(GPU_RUN) \
-		$(if $(RESUME),RESUME=$(RESUME)) RETIME=$(GPU_RETIME) COLD=$(GPU_COLD) \
+	-$(call gpu_stage,$(GPU_BENCH_S),$(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) \
+		TIER=standard OPS=$(GPU_OPS) DTYPES=$(GPU_DTYPES) MODES=$(GPU_MODES) RUN=$(GPU_RUN) \
+		$(if $(RESUME),RESUME=$(RESUME)) RETIME=$(GPU_RETIME) COLD=$(GPU_COLD)) \
 		> $(OUT)/bench.txt 2>&1; tail -5 $(OUT)/bench.txt
 	-$(GPU_PY) -m harness.report reports/runs/$(GPU_RUN) >> $(OUT)/bench.txt 2>&1
+	$(gpu_pack)
 ifneq ($(GPU_PROFILE_S),0)
-	-$(STAGE) $(GPU_PROFILE_S) $(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) TIER=standard \
-		DTYPES=$(GPU_DTYPES) MODES=fwd RUN=$(GPU_RUN)-profile PROFILE=1 \
-		PYTEST_ARGS='-k "$(GPU_PROFILE_CASES)"' >> $(OUT)/bench.txt 2>&1
+	-$(call gpu_stage,$(GPU_PROFILE_S),$(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) \
+		TIER=standard DTYPES=$(GPU_DTYPES) MODES=fwd RUN=$(GPU_RUN)-profile PROFILE=1 \
+		PYTEST_ARGS='-k "$(GPU_PROFILE_CASES)"') >> $(OUT)/bench.txt 2>&1
+	$(gpu_pack)
 endif
-	rm -rf $(GPU_STAGE) && mkdir -p $(GPU_STAGE)
-	-cp -r reports/runs/$(GPU_RUN) reports/runs/$(GPU_RUN)-profile $(GPU_STAGE)/
-	-cp -r profiles/$(GPU_RUN)-profile $(GPU_STAGE)/traces
-	tar czf $(OUT)/run.tar.gz -C $(GPU_STAGE) .
 	ls -la $(OUT)
