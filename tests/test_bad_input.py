@@ -133,12 +133,20 @@ def test_attention_dtypes_and_framework(impl):
 
 @pytest.mark.parametrize("impl", ATTENTION)
 def test_attention_takes_numpy_scalars(impl):
-    """A numpy bool (from a comparison) and a numpy float scale are a bool and a number."""
+    """A numpy bool (from a comparison) and a numpy float scale are a bool and a number: the
+    same output as with Python's (float16, which the GPU's fused backends take; close, not
+    equal, as a GPU kernel need not repeat its rounding exactly). The scale is not the
+    default 1/sqrt(16) and causal changes the output, so a value dropped on the way shows."""
     fn = registry.get("attention", impl)
-    q, k, v = _on_device(_arrays(fn.framework, (1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)))
-    want = _numpy(fn(q, k, v, causal=True, scale=0.25))
-    np.testing.assert_array_equal(_numpy(fn(q, k, v, causal=np.bool_(True),
-                                            scale=np.float32(0.25))), want)
+    q, k, v = _on_device(_arrays(fn.framework, (1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16),
+                                 dtype="float16"))
+    try:
+        want = _numpy(fn(q, k, v, causal=True, scale=0.5))
+    except NotImplementedError as e:  # a pinned SDPA backend without a kernel for these inputs
+        pytest.skip(str(e))
+    got = _numpy(fn(q, k, v, causal=np.bool_(True), scale=np.float32(0.5)))
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+    assert not np.allclose(_numpy(fn(q, k, v, causal=False, scale=0.5)), want, atol=1e-2)
 
 
 @pytest.mark.parametrize("impl", CONV)
@@ -172,7 +180,7 @@ def test_conv2d_takes_numpy_integers(impl):
     want = _numpy(fn(x, w, stride=2, padding=(1, 0), dilation=1, groups=2))
     got = fn(x, w, stride=np.int64(2), padding=(np.int32(1), 0), dilation=np.int64(1),
              groups=np.int64(2))
-    np.testing.assert_array_equal(_numpy(got), want)
+    np.testing.assert_allclose(_numpy(got), want, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("impl", CONV)
