@@ -5,12 +5,20 @@
   jax anywhere:   XLA's compiled memory_analysis(): temporaries plus outputs, read from the very
                   jitted function that was timed, so its compiled executable comes from the jit
                   cache instead of a second compilation.
-  torch on CPU:   max_memory_allocated returns 0 there, so the process's peak resident set
-                  (VmHWM, reset through /proc/self/clear_refs) minus the resident set before the
-                  call. Allocator reuse can hide memory, so this is a lower bound.
+  torch on CPU:   max_memory_allocated returns 0 there. torch.profiler's memory events
+                  instead: every CPU tensor allocation and free during the call, in order; the
+                  peak of their running sum. The fallback where the profiler cannot run, the
+                  process's resident-set high water mark, is noise at this scale: three calls
+                  of SDPA's math path at 128 tokens, which allocate 426 KB each, read 12.4 MB,
+                  131 KB and 328 KB (the allocator reuses memory the process already holds, and
+                  a first call pages in more than it allocates).
 """
 from __future__ import annotations
 
+import itertools
+import json
+import os
+import tempfile
 from typing import Any, Callable
 
 import torch
@@ -34,6 +42,23 @@ def _torch_cuda(fn: Callable[[], Any]) -> tuple[int, str]:
     peak = torch.cuda.max_memory_allocated() - before
     del out
     return int(peak), "torch.cuda.max_memory_allocated"
+
+
+def _torch_cpu(fn: Callable[[], Any]) -> tuple[int, str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    del out
+    with tempfile.TemporaryDirectory(prefix="memory-") as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    # "[memory]" events: Bytes > 0 an allocation, < 0 a free; Device Type 0 is the CPU
+    changes = [e["args"]["Bytes"] for e in sorted(events, key=lambda e: e.get("ts", 0))
+               if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    return max([0, *itertools.accumulate(changes)]), "torch.profiler.cpu_allocations"
 
 
 def _rss(fn: Callable[[], Any]) -> tuple[int, str]:
@@ -65,6 +90,10 @@ def peak_bytes(fn: Callable[[], Any], framework: str, on_cuda: bool,
         return _xla(jitted, args)
     if on_cuda:
         return _torch_cuda(fn)
+    try:
+        return _torch_cpu(fn)
+    except RuntimeError:  # e.g. a profiler already running in this thread
+        pass
     try:
         return _rss(fn)
     except OSError as e:
