@@ -44,11 +44,19 @@ def _torch_cuda(fn: Callable[[], Any]) -> tuple[int, str]:
     return int(peak), "torch.cuda.max_memory_allocated"
 
 
-def _torch_cpu(fn: Callable[[], Any]) -> tuple[int, str]:
+def _torch_cpu(fn: Callable[[], Any]) -> tuple[int, str] | None:
+    """None where the profiler cannot start."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    try:
+        prof.start()
+    except RuntimeError:
+        return None
+    try:
         out = fn()
+    finally:
+        prof.stop()
     del out
     with tempfile.TemporaryDirectory(prefix="memory-") as tmp:
         path = os.path.join(tmp, "trace.json")
@@ -90,10 +98,9 @@ def peak_bytes(fn: Callable[[], Any], framework: str, on_cuda: bool,
         return _xla(jitted, args)
     if on_cuda:
         return _torch_cuda(fn)
-    try:
-        return _torch_cpu(fn)
-    except RuntimeError:  # e.g. a profiler already running in this thread
-        pass
+    measured = _torch_cpu(fn)
+    if measured is not None:
+        return measured
     try:
         return _rss(fn)
     except OSError as e:
