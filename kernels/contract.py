@@ -126,6 +126,14 @@ def attention_args(q, k, v, causal, scale, framework: str) -> AttentionDims:
     return AttentionDims(B, H, Hkv, Sq, Sk, D, bool(causal), float(scale))
 
 
+def one_visible_key(sq: int, sk: int, causal: bool) -> bool:
+    """Every query sees exactly one key: Sk = 1, or under the causal mask (top-left aligned) a
+    single query, which sees key 0 alone. The softmax is then constant: q and k get no
+    gradient, exactly, where a kernel's dP - delta (two fp32 sums of the same products in
+    different orders) leaves rounding noise."""
+    return sk == 1 or (causal and sq == 1)
+
+
 def _is_bool(x) -> bool:
     return isinstance(x, (bool, np.bool_))
 

@@ -394,6 +394,27 @@ def test_single_key_returns_v_and_no_score_gradient(impl, causal):
     torch.testing.assert_close(dv, expected_dv, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["triton", "pallas"])
+def test_one_causal_query_sees_key_0_alone(impl):
+    """Sq = 1 under the causal mask (top-left aligned): the query sees key 0 alone among 70, so
+    the output is v's first row, dQ and dK are exactly 0 (at D=256 the Triton kernels had left
+    8e-6 of fp32 noise in dQ, 6 times torch's), and only dV's first row is not 0: dO summed
+    over the query heads."""
+    case = (1, 3, 1, 1, 70, 256, True, None)
+    q, k, v, do = make_inputs(case, torch.float32)
+    if impl == "triton":
+        out, dq, dk, dv = run_triton(q, k, v, do, True, None)
+    else:
+        out, dq, dk, dv = run_pallas(q, k, v, do, True, None, jnp.float32)
+    out, dq, dk, dv = (reference.as_float64(t) for t in (out, dq, dk, dv))
+    assert rel_err(out, reference.as_float64(v[:, :, :1]).expand(1, 3, 1, 256)) <= (
+        UNIT_ROUNDOFF["float32"])
+    assert not dq.any() and not dk.any()
+    torch.testing.assert_close(dv[:, :, :1], reference.as_float64(do).sum(1, keepdim=True),
+                               rtol=1e-6, atol=1e-6)
+    assert not dv[:, :, 1:].any()
+
+
 def test_registered():
     triton_impl = registry.get("attention", "triton")
     assert triton_impl.fn is triton_attention.attention

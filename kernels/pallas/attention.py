@@ -159,10 +159,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
 
 def _score_grads(p, dp, delta, st: _Static):
     """dS = P * (dP - delta), the softmax's backward (delta: rowsum(dO * O), broadcast like dp).
-    With one key the softmax is constant and dS is exactly 0, which dP - delta, two fp32 sums of
-    the same products in different orders, would leave as rounding noise: in fp32, dQ and dK of
-    Sk = 1 came out near 2e-6 where they are 0 (torch's, on CPU: about 2.5e-7)."""
-    if st.sk == 1:
+    Where every query sees one key dS is exactly 0 (contract.one_visible_key), which dP - delta
+    would leave as rounding noise: in fp32, dQ and dK of Sk = 1 came out near 2e-6 where they
+    are 0 (torch's, on CPU: about 2.5e-7)."""
+    if contract.one_visible_key(st.sq, st.sk, st.causal):
         return jnp.zeros_like(p)
     return p * (dp - delta)
 
