@@ -369,6 +369,17 @@ def test_pallas_small_blocks():
     check_within_budget(errors, stock, torch.float32, "pallas 16-wide blocks")
 
 
+def _fp32_run(impl: str, case):
+    """The case's fp32 inputs (q, k, v, dO) and the kernel's out, dq, dk, dv as float64."""
+    q, k, v, do = make_inputs(case, torch.float32)
+    causal, scale = case[6], case[7]
+    if impl == "triton":
+        results = run_triton(q, k, v, do, causal, scale)
+    else:
+        results = run_pallas(q, k, v, do, causal, scale, jnp.float32)
+    return (q, k, v, do), [reference.as_float64(t) for t in results]
+
+
 @pytest.mark.parametrize("impl", ["triton", "pallas"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_single_key_returns_v_and_no_score_gradient(impl, causal):
@@ -377,13 +388,7 @@ def test_single_key_returns_v_and_no_score_gradient(impl, causal):
     FMA, leaving p = 1 + 1 ulp), and the softmax is constant, so dQ and dK are exactly 0 (both
     kernels left fp32 rounding noise there, up to 1e-6, before they said so) while dV sums dO
     over the queries."""
-    case = (2, 2, 1, 5, 1, 16, causal, None)
-    q, k, v, do = make_inputs(case, torch.float32)
-    if impl == "triton":
-        out, dq, dk, dv = run_triton(q, k, v, do, causal, None)
-    else:
-        out, dq, dk, dv = run_pallas(q, k, v, do, causal, None, jnp.float32)
-    out, dq, dk, dv = (reference.as_float64(t) for t in (out, dq, dk, dv))
+    (q, k, v, do), (out, dq, dk, dv) = _fp32_run(impl, (2, 2, 1, 5, 1, 16, causal, None))
     v_per_query = reference.as_float64(v).expand(2, 2, 5, 16)
     if impl == "pallas" and not causal:
         assert rel_err(out, v_per_query) <= UNIT_ROUNDOFF["float32"]
@@ -400,13 +405,7 @@ def test_one_causal_query_sees_key_0_alone(impl):
     the output is v's first row, dQ and dK are exactly 0 (at D=256 the Triton kernels had left
     8e-6 of fp32 noise in dQ, 6 times torch's), and only dV's first row is not 0: dO summed
     over the query heads."""
-    case = (1, 3, 1, 1, 70, 256, True, None)
-    q, k, v, do = make_inputs(case, torch.float32)
-    if impl == "triton":
-        out, dq, dk, dv = run_triton(q, k, v, do, True, None)
-    else:
-        out, dq, dk, dv = run_pallas(q, k, v, do, True, None, jnp.float32)
-    out, dq, dk, dv = (reference.as_float64(t) for t in (out, dq, dk, dv))
+    (q, k, v, do), (out, dq, dk, dv) = _fp32_run(impl, (1, 3, 1, 1, 70, 256, True, None))
     assert rel_err(out, reference.as_float64(v[:, :, :1]).expand(1, 3, 1, 256)) <= (
         UNIT_ROUNDOFF["float32"])
     assert not dq.any() and not dk.any()
