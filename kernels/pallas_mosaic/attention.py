@@ -144,7 +144,8 @@ def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, lse_smem, q_barrie
             # its block is never skipped: m is finite from then.
             m_new = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            p = pallas_attention._one_key_exact(
+                jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0])), visible, st)
             l = l * alpha + p.sum(axis=1)
             pv = _p_times_v(p.astype(dtype), v_smem, wgmma)
             return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l

@@ -259,9 +259,11 @@ def _key_ranges(row0, Sk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: 
 def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, rows, start_n, Sk, stride_ks, stride_kd,
               stride_vs, stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr,
               PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
-              TMA: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+              TMA: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              ONE_KEY: tl.constexpr):
     """One key block of the online softmax; the scale is applied inside the exponent's
-    multiply-add, after the row max (a positive scale does not change which score is largest)."""
+    multiply-add, after the row max (a positive scale does not change which score is largest).
+    ONE_KEY: every query sees one key (contract.one_visible_key; the block is then masked)."""
     keys = start_n + tl.arange(0, BLOCK_N)
     k = _tile(Kd, K, start_n, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED, D_EDGE,
               TMA)
@@ -272,6 +274,11 @@ def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, rows, start_n, Sk, stride_ks, stri
         s = tl.where(_visible(rows[:, None], keys[None, :], Sk, CAUSAL), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.exp2(s * qk_scale - m_new[:, None])
+    if ONE_KEY:
+        # The key's probability is exactly 1. The multiply-add leaves the rounding of the scaled
+        # row max in the exponent (s * scale - round(max(s) * scale)), so p came out 1 + 1 ulp
+        # and v * p / p missed v by an ulp where torch returns v itself.
+        p = tl.where(s == float("-inf"), 0.0, 1.0)
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     p = _as_operand(p, V.dtype.element_ty, UPCAST)
@@ -288,7 +295,8 @@ def _fwd_kernel(Q, K, V, O, TMA_OK, LSE, qk_scale, Sq, Sk, H, GROUP, D,
                 stride_ob, stride_oh, stride_os, stride_od,
                 CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, D_EDGE: tl.constexpr,
                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr = False):
+                ONE_KEY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                WS: tl.constexpr = False):
     """Q, K, V, O by pointer, or (TMA) through descriptors of the program's heads (TMA_OK:
     whether the tensors allow that; an autotune key, unused in the kernel). WS: the key loops
     warp-specialized."""
@@ -322,18 +330,18 @@ def _fwd_kernel(Q, K, V, O, TMA_OK, LSE, qk_scale, Sq, Sk, H, GROUP, D,
             acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, rows, start_n, Sk,
                                       stride_ks, stride_kd, stride_vs, stride_vd, cols, D,
                                       qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N,
-                                      True)
+                                      True, ONE_KEY)
     else:
         for start_n in range(0, whole_end, BLOCK_N):
             acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, rows, start_n, Sk,
                                       stride_ks, stride_kd, stride_vs, stride_vd, cols, D,
                                       qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N,
-                                      False)
+                                      False, ONE_KEY)
         for start_n in range(whole_end, end, BLOCK_N):
             acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, rows, start_n, Sk,
                                       stride_ks, stride_kd, stride_vs, stride_vd, cols, D,
                                       qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N,
-                                      True)
+                                      True, ONE_KEY)
 
     acc = acc / l_i[:, None]
     tl.store(LSE + pid_bh.to(tl.int64) * Sq + rows, m_i + tl.log2(l_i), mask=rows < Sq)
@@ -367,8 +375,8 @@ def _decode_kernel(Q, K, V, TMA_OK, PART_O, PART_LSE, qk_scale, Sq, Sk, H, GROUP
                    stride_kb, stride_kh, stride_ks, stride_kd,
                    stride_vb, stride_vh, stride_vs, stride_vd,
                    BLOCK_D: tl.constexpr, D_EDGE: tl.constexpr, PRECISION: tl.constexpr,
-                   UPCAST: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   UPCAST: tl.constexpr, TMA: tl.constexpr, ONE_KEY: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Split-KV forward for few queries (flash-decoding): program (split, b * Hkv + hkv) runs
     the online softmax of every query of kv head hkv's GQA group (packed into the rows of one
     tile, so k and v are read once for the whole group) over one split of the keys, and writes
@@ -399,11 +407,13 @@ def _decode_kernel(Q, K, V, TMA_OK, PART_O, PART_LSE, qk_scale, Sq, Sk, H, GROUP
     for start_n in range(start, whole_end, BLOCK_N):
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, packed, start_n, Sk,
                                   stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale,
-                                  False, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, False)
+                                  False, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, False,
+                                  ONE_KEY)
     for start_n in range(whole_end, stop, BLOCK_N):
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, packed, start_n, Sk,
                                   stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale,
-                                  False, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, True)
+                                  False, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, True,
+                                  ONE_KEY)
 
     # Partials [B * Hkv, splits, BLOCK_M (, BLOCK_D)], fp32, every row (padded rows are finite).
     part = (pid.to(tl.int64) * tl.num_programs(0) + split) * BLOCK_M + packed
@@ -461,9 +471,9 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, DELTA, row0, keys, start_m
               stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
               CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
               D_EDGE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-              MASKED: tl.constexpr):
+              MASKED: tl.constexpr, ONE_KEY: tl.constexpr):
     """One query block's contribution to a key block's dK and dV (Qd, DOd: the group's
-    descriptors; g: the head in the group)."""
+    descriptors; g: the head in the group). ONE_KEY: as in _fwd_step."""
     rows = start_m + tl.arange(0, BLOCK_M)
     q = _tile(Qd, Qh, start_m, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST, MASKED, D_EDGE,
               TMA, g)
@@ -478,6 +488,8 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, DELTA, row0, keys, start_m
     # Transposed scores [keys, queries], so P^T and dS^T feed the dots directly.
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
     p_t = tl.exp2(s_t * qk_scale - lse[None, :])
+    if ONE_KEY:  # exactly 1 where visible, as in the forward; padded keys' rows are not stored
+        p_t = tl.full(p_t.shape, 1.0, tl.float32)
     if MASKED:
         # Padded query rows (zero q, dO, lse, delta) would add nothing anyway; masking them
         # keeps exp2 of garbage out of the sums.
@@ -495,7 +507,7 @@ def _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, DELTA, 
                 hi, GROUP, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
                 CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                 D_EDGE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                GROUPED: tl.constexpr, MASKED: tl.constexpr):
+                GROUPED: tl.constexpr, MASKED: tl.constexpr, ONE_KEY: tl.constexpr):
     """Query blocks lo .. hi of every query head of the group (GROUPED: more than one; lse0: the
     group's first row in LSE and DELTA). Grouped, one flat loop runs a head's blocks one after
     another: as a loop over heads around a loop over blocks, most dK/dV configs spilled registers
@@ -509,12 +521,13 @@ def _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, DELTA, 
             dk, dv = _dkv_step(dk, dv, k, v, Q + g * stride_qh, DO + g * stride_dh, Qd, DOd, g,
                                LSE, DELTA, lse0 + g * Sq, keys, start_m, Sq, Sk, stride_qs,
                                stride_qd, stride_ds, stride_dd, cols, D, qk_scale, CAUSAL,
-                               PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, MASKED)
+                               PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, MASKED, ONE_KEY)
     else:
         for start_m in range(lo, hi, BLOCK_M):
             dk, dv = _dkv_step(dk, dv, k, v, Q, DO, Qd, DOd, 0, LSE, DELTA, lse0, keys, start_m,
                                Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols, D,
-                               qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, MASKED)
+                               qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, MASKED,
+                               ONE_KEY)
     return dk, dv
 
 
@@ -528,7 +541,8 @@ def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, DELTA, DK, DV, qk_scale, scale,
                     stride_db, stride_dh, stride_ds, stride_dd,
                     CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, D_EDGE: tl.constexpr,
                     PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-                    GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    GROUPED: tl.constexpr, ONE_KEY: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
     """One key block of one kv head; loops over the GROUP query heads that share it, so dK/dV of
     a GQA group accumulate in fp32 registers with no atomics and no per-q-head copies.
 
@@ -566,15 +580,15 @@ def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, DELTA, DK, DV, qk_scale, scale,
     dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, DELTA, lse0,
                          keys, lo, whole, GROUP, Sq, Sk, stride_qs, stride_qd, stride_ds,
                          stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA,
-                         BLOCK_M, GROUPED, True)
+                         BLOCK_M, GROUPED, True, ONE_KEY)
     dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, DELTA, lse0,
                          keys, whole, full, GROUP, Sq, Sk, stride_qs, stride_qd, stride_ds,
                          stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA,
-                         BLOCK_M, GROUPED, False)
+                         BLOCK_M, GROUPED, False, ONE_KEY)
     dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, DELTA, lse0,
                          keys, max(whole, full), Sq, GROUP, Sq, Sk, stride_qs, stride_qd,
                          stride_ds, stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST,
-                         D_EDGE, TMA, BLOCK_M, GROUPED, True)
+                         D_EDGE, TMA, BLOCK_M, GROUPED, True, ONE_KEY)
     # dK/dV are written contiguous [B, Hkv, Sk, D].
     base = (b * Hkv + hkv) * Sk * D
     _store(DK + base, dk * scale, keys, Sk, D, cols, D, 1, UPCAST)
@@ -681,7 +695,7 @@ def _decode_splits(programs: int, Sk: int, device: torch.device) -> tuple[int, i
     return splits, blocks * _DECODE_SPLIT_ALIGN
 
 
-def _decode_forward(q, k, v, dims, out, lse):
+def _decode_forward(q, k, v, dims, out, lse, one_key: bool):
     group = dims.H // dims.Hkv
     block_d = _block_d(dims.D)
     block_m = max(16, triton.next_power_of_2(dims.Sq * group))  # tl.dot's smallest M
@@ -696,7 +710,7 @@ def _decode_forward(q, k, v, dims, out, lse):
         q, k, v, tma_ok, part_o, part_lse, dims.scale * LOG2_E, dims.Sq, dims.Sk, dims.H, group,
         dims.D, keys_per_split, *q.stride(), *k.stride(), *v.stride(),
         BLOCK_D=block_d, D_EDGE=dims.D != block_d, PRECISION=dot_precision(q.dtype),
-        UPCAST=upcast, BLOCK_M=block_m, **tma)
+        UPCAST=upcast, ONE_KEY=one_key, BLOCK_M=block_m, **tma)
     _decode_combine_kernel[(programs,)](
         part_o, part_lse, out, lse, splits, dims.Sq, dims.H, group, dims.D, *out.stride(),
         BLOCK_D=block_d, BLOCK_M=block_m, UPCAST=upcast)
@@ -704,8 +718,9 @@ def _decode_forward(q, k, v, dims, out, lse):
 
 def _forward(q, k, v, dims, out):
     lse = torch.empty((dims.B, dims.H, dims.Sq), dtype=torch.float32, device=q.device)
+    one_key = contract.one_visible_key(dims.Sq, dims.Sk, dims.causal)
     if _decodes(dims):
-        _decode_forward(q, k, v, dims, out, lse)
+        _decode_forward(q, k, v, dims, out, lse, one_key)
         return lse
     block_d = _block_d(dims.D)
     tma_ok, tma = _tma_args(q, k, v, out)
@@ -717,12 +732,14 @@ def _forward(q, k, v, dims, out):
                       dims.Sk, dims.H, dims.H // dims.Hkv, dims.D,
                       *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                       CAUSAL=dims.causal, BLOCK_D=block_d, D_EDGE=dims.D != block_d,
-                      PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype), **tma)
+                      PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
+                      ONE_KEY=one_key, **tma)
     return lse
 
 
 def _backward(q, k, v, o, lse, do, dims):
     block_d = _block_d(dims.D)
+    one_key = contract.one_visible_key(dims.Sq, dims.Sk, dims.causal)
     delta = torch.empty_like(lse)
     _bwd_delta_kernel[(triton.cdiv(dims.Sq, _DELTA_BLOCK_M), dims.B * dims.H)](
         o, do, delta, dims.Sq, dims.H, dims.D, *o.stride(), *do.stride(),
@@ -744,9 +761,9 @@ def _backward(q, k, v, o, lse, do, dims):
         return (triton.cdiv(dims.Sq, m["BLOCK_M"]), dims.B * dims.H)
 
     _bwd_dkv_kernel[dkv_grid](q, k, v, do, tma_ok, lse, delta, dk, dv, *args, **meta,
-                              GROUPED=dims.H != dims.Hkv)
+                              GROUPED=dims.H != dims.Hkv, ONE_KEY=one_key)
     _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, lse, delta, dq, *args, **meta)
-    if contract.one_visible_key(dims.Sq, dims.Sk, dims.causal):
+    if one_key:
         # the kernels left rounding noise where the gradients are 0 (fp32: up to 1e-6 with one
         # key; 8e-6 for one causal query at D=256)
         dq.zero_()
