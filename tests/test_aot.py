@@ -26,12 +26,12 @@ TRITON_KERNELS = {"_matmul_kernel", "_matmul_tma_kernel", "_conv2d_kernel", "_fw
                   "_bwd_delta_kernel", "_bwd_dkv_kernel", "_bwd_dq_kernel"}
 
 
-def _aot_builds(tmp_path, *args: str) -> list[dict]:
-    """`python -m harness.aot` for sm_90 with these arguments (bf16), in a process of its own;
-    the builds it reports."""
+def _aot_builds(tmp_path, *args: str, dtype: str = "bf16") -> list[dict]:
+    """`python -m harness.aot` for sm_90 with these arguments, in a process of its own; the
+    builds it reports."""
     out = tmp_path / "builds.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "harness.aot", *args, "--dtypes", "bf16", "--target", "cuda:90",
+        [sys.executable, "-m", "harness.aot", *args, "--dtypes", dtype, "--target", "cuda:90",
          "--json", str(out)],
         cwd=ROOT, env=outer_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -75,12 +75,30 @@ def test_decode_and_depthwise_kernels_compile_for_hopper(tmp_path):
     for b in builds:
         assert b["status"] == "ok", b  # no spills either
     decode = [b for b in builds if b["kernel"] == "_decode_kernel"]
-    assert len(decode) == len(triton_attention._DECODE_GPU_CONFIGS)
+    # every config but float32's own (these cases are bf16)
+    assert len(decode) == (len(triton_attention._DECODE_GPU_CONFIGS)
+                           - len(triton_attention._DECODE_FP32))
     assert all(b["mma"] for b in decode)  # 16 packed rows: too few for wgmma's 64
     assert {b["tma"] for b in decode} == {True, False}
     direct = [b for b in builds if b["kernel"] == "_grouped_direct_kernel"]
     assert len(direct) == len(triton_conv2d._DIRECT_GPU_CONFIGS)
     assert not any(b["mma"] for b in direct)  # multiply-adds, no dot
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="on a GPU the other tests compile every kernel for real")
+def test_fp32_attention_takes_tiles_that_compile_for_hopper(tmp_path):
+    """float32 attention, forward and backward, at D=128 and in a decode step: every tile its
+    autotuners try fits in shared memory and spills at most 2 KB a thread. (With the 16-bit
+    tiles it spilled up to 193 KB a thread on these cases.)"""
+    builds = _aot_builds(tmp_path, "--ops", "attention", "--impls", "triton", "--tier",
+                         "standard", "--cases", "b16_h16_q1024_k1024_d128_causal|_q1_k4096_",
+                         dtype="fp32")
+    assert {"_fwd_kernel", "_decode_kernel", "_bwd_dq_kernel", "_bwd_dkv_kernel"} <= {
+        b["kernel"] for b in builds}
+    for b in builds:
+        assert b["status"] in ("ok", "spills") and b["spill_bytes"] <= 2048, b
+        assert b["shared_bytes"] <= aot.SHARED_LIMIT[90], b
 
 
 # One case of each Pallas kernel in the standard tier: the large square matmul and the 16-row one,
@@ -218,9 +236,9 @@ def _q(dtype) -> torch.Tensor:
 def test_autotuners_prune_by_tma_registers_and_dtype():
     """The attention kernels' TMA configs only where the tensors allow TMA (and that is in their
     autotune key, so a TMA choice is never reused for tensors that do not); no attention configs
-    whose tiles spill at D=128, and only small ones in fp32; the forward's warp-specialized
-    configs counted by their two consumer partitions; no TMA matmul tiles over shared memory in
-    fp32."""
+    whose tiles spill at D=128; fp32 only its own tiles, smaller as the head dim grows, and the
+    16-bit dtypes never those; the forward's warp-specialized configs counted by their two
+    consumer partitions; no TMA matmul tiles over shared memory in fp32."""
     def kept(fits, configs, tma_ok, block_d, dtype=torch.bfloat16):
         prune = prune_by(fits)["early_config_prune"]
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["TMA"],
@@ -238,16 +256,26 @@ def test_autotuners_prune_by_tma_registers_and_dtype():
     assert {(128, 64, 4, True, True), (128, 128, 4, True, True)} <= set(fwd(True, 128))
     assert (128, 64, 4, True, False) in fwd(True, 64)
     assert not any(ws for *_, ws in fwd(False, 64))  # warp specialization needs TMA
-    assert fwd(True, 128, torch.float32) == [(64, 32, 4, False, False)]  # fp32: small tiles only
+    # fp32: its own tiles of at most 16 x 16 x 256 elements (BLOCK_M x BLOCK_N x BLOCK_D)
+    assert fwd(True, 64, torch.float32) == [(32, 32, 8, False, False), (32, 16, 4, False, False),
+                                            (16, 16, 4, False, False)]
+    assert fwd(True, 128, torch.float32) == [(32, 16, 4, False, False), (16, 16, 4, False, False)]
+    assert fwd(True, 256, torch.float32) == [(16, 16, 4, False, False)]
     # the backward's spilling configs at D=128 (and only there)
-    for fits, configs, spiller in ((triton_attention._dq_fits, triton_attention._DQ_GPU_CONFIGS,
-                                    (128, 32, 4, False, False)),
-                                   (triton_attention._dkv_fits, triton_attention._DKV_GPU_CONFIGS,
-                                    (32, 128, 4, False, False))):
+    for fits, configs, fp32_tiles, spiller in (
+            (triton_attention._dq_fits, triton_attention._DQ_GPU_CONFIGS,
+             triton_attention._DQ_FP32, (128, 32, 4, False, False)),
+            (triton_attention._dkv_fits, triton_attention._DKV_GPU_CONFIGS,
+             triton_attention._DKV_FP32, (32, 128, 4, False, False))):
         assert spiller not in kept(fits, configs, True, 128)
         assert spiller in kept(fits, configs, True, 64)
-        assert len(kept(fits, configs, True, 128)) == len(configs) - 1
-        assert all(m * n <= 64 * 32 for m, n, *_ in kept(fits, configs, True, 64, torch.float32))
+        assert len(kept(fits, configs, True, 128)) == len(configs) - len(fp32_tiles) - 1
+        for block_d in (16, 64, 128, 256):
+            fp32 = kept(fits, configs, True, block_d, torch.float32)
+            assert fp32 and {(m, n, w) for m, n, w, *_ in fp32} <= {t[:3] for t in fp32_tiles}
+            assert all(m * n * block_d <= 16 * 16 * 256 for m, n, *_ in fp32)
+            assert not {(m, n, w) for m, n, w, *_ in kept(fits, configs, True, block_d)} & {
+                t[:3] for t in fp32_tiles}, "a 16-bit call would time an fp32 tile"
     for fits, configs, kernel in (
             (triton_attention._fwd_fits, triton_attention._FWD_GPU_CONFIGS, "_fwd_kernel"),
             (triton_attention._dq_fits, triton_attention._DQ_GPU_CONFIGS, "_bwd_dq_kernel"),

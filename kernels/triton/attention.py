@@ -22,9 +22,8 @@ import triton.language as tl
 
 from kernels import TRITON_INTERPRET, contract, registry
 from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, dot_precision,
-                                    pick_configs, reset_jit, small_tile_if_fp32,
-                                    tma_device, tma_ready, to_output, upcast_dot,
-                                    use_descriptor_allocator)
+                                    pick_configs, reset_jit, tma_device, tma_ready, to_output,
+                                    upcast_dot, use_descriptor_allocator)
 
 LOG2_E = 1 / math.log(2)
 
@@ -51,22 +50,43 @@ _FWD_GPU_CONFIGS = [
     _config(128, 32, 4, 2, False), _config(64, 32, 4, 2, False),
     _config(128, 64, 4, 3, True), _config(128, 128, 8, 3, True), _config(128, 64, 8, 3, True),
     _config(128, 64, 4, 3, True, ws=True), _config(128, 128, 4, 2, True, ws=True)]
+# float32 takes its own small tiles (none of them a 16-bit config: see _dtype_fits). Its true fp32
+# dots are multiply-adds without tensor cores, each thread holding the whole head dim of its
+# rows and columns: the small 16-bit tiles it took before spilled tens of KB a thread from D=80
+# on (make aot, sm_90: up to 223 KB), and at D=256 the decode kernel and a dK/dV tile asked for
+# more shared memory than a block may have. Of 12 tiles swept over D = 16-256, these spilled at
+# most 2 KB wherever _dtype_fits lets them run (most of them nothing).
+_FWD_FP32 = [(32, 32, 8, 2), (32, 16, 4, 2), (16, 16, 4, 2)]
+_DQ_FP32 = [(32, 32, 8, 2), (32, 16, 4, 2), (16, 16, 2, 2)]
+_DKV_FP32 = [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)]
+_DECODE_FP32 = [(None, 16, 8, 2)]
+_FP32_TILE_ELEMENTS = 16 * 16 * 256  # BLOCK_M x BLOCK_N x BLOCK_D of an fp32 tile, at most
+
+
+def _fp32_configs(tiles):
+    return [_config(bm, bn, warps, stages, False) for bm, bn, warps, stages in tiles]
+
+
+_FWD_GPU_CONFIGS += _fp32_configs(_FWD_FP32)
 _FWD_CONFIGS = pick_configs(_FWD_GPU_CONFIGS, [_config(32, 64, 4, 1)])
 _DKV_GPU_CONFIGS = [
     _config(32, 128, 4, 3, False), _config(64, 128, 8, 3, False), _config(32, 64, 4, 3, False),
     _config(64, 64, 4, 2, False), _config(32, 32, 4, 2, False),
     _config(64, 128, 8, 3, True), _config(32, 64, 4, 3, True)]
+_DKV_GPU_CONFIGS += _fp32_configs(_DKV_FP32)
 _DKV_CONFIGS = pick_configs(_DKV_GPU_CONFIGS, [_config(32, 64, 4, 1)])
 _DQ_GPU_CONFIGS = [
     _config(128, 32, 4, 3, False), _config(128, 64, 8, 3, False), _config(64, 64, 4, 3, False),
     _config(64, 32, 4, 2, False), _config(32, 32, 4, 2, False),
     _config(128, 64, 8, 3, True), _config(64, 64, 4, 3, True)]
+_DQ_GPU_CONFIGS += _fp32_configs(_DQ_FP32)
 _DQ_CONFIGS = pick_configs(_DQ_GPU_CONFIGS, [_config(64, 32, 4, 1)])
 # The decode kernel's tile of packed query rows is the launcher's (the fewest that hold a GQA
 # group's queries); its configs choose only the key tile. A memory-bound stream of k and v.
 _DECODE_GPU_CONFIGS = [
     _config(None, 64, 4, 3, False), _config(None, 128, 8, 3, False), _config(None, 64, 4, 4, False),
     _config(None, 128, 4, 2, False), _config(None, 64, 4, 3, True), _config(None, 128, 4, 3, True)]
+_DECODE_GPU_CONFIGS += _fp32_configs(_DECODE_FP32)
 _DECODE_CONFIGS = pick_configs(_DECODE_GPU_CONFIGS, [_config(None, 64, 4, 1)])
 # Splits of the key range are a multiple of every config's key tile: a key block never straddles
 # two splits.
@@ -100,33 +120,44 @@ def _per_thread(meta, values: int) -> float:
 # 2.2-6.0 KB; the configs at 192 spill at most 128 bytes, 356 in the grouped-query causal case
 # at D=128 (up to 2 KB before _dkv_blocks' flat loop over the group's heads).
 def _fits(meta, args, values: int, budget: int) -> bool:
-    """Within the kernel's register budget; TMA configs only where the tensors allow TMA. fp32
-    spilled registers in every forward config at D=128 (make aot: 11 KB to 225 KB per thread):
-    tiles of at most 64x32, one or two configs per kernel."""
+    """Within the kernel's register budget; TMA configs only where the tensors allow TMA."""
     return (_narrow_enough(meta, args) and _per_thread(meta, values) <= budget
-            and small_tile_if_fp32(meta, args["Q"].element_size() == 4, 64 * 32)
             and (args["TMA_OK"] or not meta.get("TMA")))
 
 
+def _dtype_fits(meta, args, fp32_tiles: list) -> bool:
+    """float32 takes only its own tiles (fp32_tiles), and of them those of at most
+    _FP32_TILE_ELEMENTS at the call's head dim (16x16 at D=256, 32x16 at 128); the 16-bit dtypes
+    never take those."""
+    tile = (meta.get("BLOCK_M"), meta["BLOCK_N"], meta["num_warps"], meta["num_stages"])
+    if args["Q"].element_size() != 4:
+        return tile not in fp32_tiles
+    return tile in fp32_tiles and (meta.get("BLOCK_M") is None or (
+        meta["BLOCK_M"] * meta["BLOCK_N"] * args["BLOCK_D"] <= _FP32_TILE_ELEMENTS))
+
+
 def _fwd_fits(meta, args) -> bool:
-    return _fits(meta, args, meta["BLOCK_M"] * (args["BLOCK_D"] + meta["BLOCK_N"]), 160)
+    return (_dtype_fits(meta, args, _FWD_FP32)
+            and _fits(meta, args, meta["BLOCK_M"] * (args["BLOCK_D"] + meta["BLOCK_N"]), 160))
 
 
 def _dq_fits(meta, args) -> bool:
-    return _fits(meta, args, meta["BLOCK_M"] * (args["BLOCK_D"] + 2 * meta["BLOCK_N"]), 160)
+    return (_dtype_fits(meta, args, _DQ_FP32)
+            and _fits(meta, args, meta["BLOCK_M"] * (args["BLOCK_D"] + 2 * meta["BLOCK_N"]), 160))
 
 
 def _decode_fits(meta, args) -> bool:
-    """As the forward; fp32 (make aot, D=64-128: TMA configs spilled 0.7-8 KB, 16x128 tiles
-    0.1-2.4 KB) only by pointers with 16x64 tiles."""
-    meta = {**meta, "BLOCK_M": args["BLOCK_M"]}
-    fp32 = args["Q"].element_size() == 4
-    return (_fits(meta, args, meta["BLOCK_M"] * (args["BLOCK_D"] + meta["BLOCK_N"]), 160)
-            and small_tile_if_fp32(meta, fp32, 16 * 64) and not (fp32 and meta.get("TMA")))
+    """As the forward, with the launcher's BLOCK_M (packed query rows). fp32's one tile of 16
+    keys on eight warps spilled nothing at 16 rows and D up to 256, at most 1.4 KB at 64 rows
+    (make aot)."""
+    return (_dtype_fits(meta, args, _DECODE_FP32)
+            and _fits({**meta, "BLOCK_M": args["BLOCK_M"]}, args,
+                      args["BLOCK_M"] * (args["BLOCK_D"] + meta["BLOCK_N"]), 160))
 
 
 def _dkv_fits(meta, args) -> bool:
-    return _fits(meta, args, 2 * meta["BLOCK_N"] * (args["BLOCK_D"] + meta["BLOCK_M"]), 192)
+    return (_dtype_fits(meta, args, _DKV_FP32)
+            and _fits(meta, args, 2 * meta["BLOCK_N"] * (args["BLOCK_D"] + meta["BLOCK_M"]), 192))
 
 
 @triton.jit
