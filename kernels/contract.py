@@ -128,9 +128,10 @@ def attention_args(q, k, v, causal, scale, framework: str) -> AttentionDims:
 
 def one_visible_key(sq: int, sk: int, causal: bool) -> bool:
     """Every query sees exactly one key: Sk = 1, or under the causal mask (top-left aligned) a
-    single query, which sees key 0 alone. The softmax is then constant: q and k get no
-    gradient, exactly, where a kernel's dP - delta (two fp32 sums of the same products in
-    different orders) leaves rounding noise."""
+    single query, which sees key 0 alone. The softmax is then constant: that key's probability
+    is exactly 1 (a kernel's 2^(s - max) can round to 1 + 1 ulp) and q and k get no gradient,
+    exactly (a kernel's dP - delta, two fp32 sums of the same products in different orders,
+    leaves rounding noise)."""
     return sk == 1 or (causal and sq == 1)
 
 

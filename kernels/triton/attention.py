@@ -529,6 +529,8 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, DELTA, row0, keys, start_m
     dv = tl.dot(_as_operand(p_t, DOh.dtype.element_ty, UPCAST), do, dv, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
+    if ONE_KEY:  # exactly 0, as in _dq_step
+        ds_t = tl.zeros_like(ds_t)
     dk = tl.dot(_as_operand(ds_t, Qh.dtype.element_ty, UPCAST), q, dk, input_precision=PRECISION)
     return dk, dv
 
@@ -630,8 +632,9 @@ def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, DELTA, DK, DV, qk_scale, scale,
 def _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
              stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr,
              PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
-             TMA: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """One key block's contribution to a query block's dQ."""
+             TMA: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+             ONE_KEY: tl.constexpr):
+    """One key block's contribution to a query block's dQ. ONE_KEY: as in _fwd_step."""
     keys = start_n + tl.arange(0, BLOCK_N)
     k = _tile(Kd, K, start_n, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED, D_EDGE,
               TMA)
@@ -643,6 +646,11 @@ def _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
         p = tl.where(_visible(rows[:, None], keys[None, :], Sk, CAUSAL), p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
+    if ONE_KEY:
+        # The softmax is constant, so dS is exactly 0, where dP - delta (two fp32 sums of the
+        # same products in different orders) left up to 1e-6 with one key and 8e-6 for one
+        # causal query at D=256.
+        ds = tl.zeros_like(ds)
     return tl.dot(_as_operand(ds, K.dtype.element_ty, UPCAST), k, dq, input_precision=PRECISION)
 
 
@@ -656,7 +664,7 @@ def _bwd_dq_kernel(Q, K, V, DO, TMA_OK, LSE, DELTA, DQ, qk_scale, scale, Sq, Sk,
                    stride_db, stride_dh, stride_ds, stride_dd,
                    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, D_EDGE: tl.constexpr,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   ONE_KEY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = _query_block(tl.program_id(0), CAUSAL)
     pid_bh = tl.program_id(1)
     b, h, hkv = _heads(pid_bh, H, GROUP)
@@ -679,11 +687,11 @@ def _bwd_dq_kernel(Q, K, V, DO, TMA_OK, LSE, DELTA, DQ, qk_scale, scale, Sq, Sk,
     for start_n in range(0, whole_end, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, rows, start_n, Sk,
                       stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
-                      PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, False)
+                      PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, False, ONE_KEY)
     for start_n in range(whole_end, end, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, rows, start_n, Sk,
                       stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
-                      PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, True)
+                      PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, True, ONE_KEY)
     # dQ is written contiguous [B, H, Sq, D].
     _store(DQ + pid_bh.to(tl.int64) * Sq * D, dq * scale, rows, Sq, D, cols, D, 1, UPCAST)
 
@@ -770,7 +778,6 @@ def _forward(q, k, v, dims, out):
 
 def _backward(q, k, v, o, lse, do, dims):
     block_d = _block_d(dims.D)
-    one_key = contract.one_visible_key(dims.Sq, dims.Sk, dims.causal)
     delta = torch.empty_like(lse)
     _bwd_delta_kernel[(triton.cdiv(dims.Sq, _DELTA_BLOCK_M), dims.B * dims.H)](
         o, do, delta, dims.Sq, dims.H, dims.D, *o.stride(), *do.stride(),
@@ -783,7 +790,8 @@ def _backward(q, k, v, o, lse, do, dims):
             *q.stride(), *k.stride(), *v.stride(), *do.stride())
     tma_ok, tma = _tma_args(q, k, v, do)
     meta = dict(CAUSAL=dims.causal, BLOCK_D=block_d, D_EDGE=dims.D != block_d,
-                PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype), **tma)
+                PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
+                ONE_KEY=contract.one_visible_key(dims.Sq, dims.Sk, dims.causal), **tma)
 
     def dkv_grid(m):
         return (triton.cdiv(dims.Sk, m["BLOCK_N"]), dims.B * dims.Hkv)
@@ -792,13 +800,8 @@ def _backward(q, k, v, o, lse, do, dims):
         return (triton.cdiv(dims.Sq, m["BLOCK_M"]), dims.B * dims.H)
 
     _bwd_dkv_kernel[dkv_grid](q, k, v, do, tma_ok, lse, delta, dk, dv, *args, **meta,
-                              GROUPED=dims.H != dims.Hkv, ONE_KEY=one_key)
+                              GROUPED=dims.H != dims.Hkv)
     _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, lse, delta, dq, *args, **meta)
-    if one_key:
-        # the kernels left rounding noise where the gradients are 0 (fp32: up to 1e-6 with one
-        # key; 8e-6 for one causal query at D=256)
-        dq.zero_()
-        dk.zero_()
     return dq, dk, dv
 
 
