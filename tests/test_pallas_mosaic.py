@@ -127,9 +127,9 @@ def _count_merges(monkeypatch) -> list:
     merged = []
     merge = pallas_attention.merge_splits
 
-    def counted(o, lse, dtype):
+    def counted(o, m, l, dtype):
         merged.append(o.shape)
-        return merge(o, lse, dtype)
+        return merge(o, m, l, dtype)
     monkeypatch.setattr(pallas_attention, "merge_splits", counted)
     jax.clear_caches()  # a cached trace would not call it
     return merged

@@ -138,7 +138,9 @@ def _key_block_range(q_block, st: _Static):
     return first, jnp.minimum(first + st.kv_split_blocks, n)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, *stat_refs, st: _Static):
+    """stat_refs: the rows' base-2 logsumexp, or with the keys split their max scaled score and
+    sum of 2^(s - max) apart, for merge_splits."""
     block_q, block_k = st.blocks.block_q, st.blocks.block_k
     i = pl.program_id(2)
     q = q_ref[...]
@@ -166,7 +168,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
             jnp.zeros(q.shape, jnp.float32))
     m, l, acc = lax.fori_loop(*_key_block_range(i, st), body, init)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log2(l)
+    if st.kv_splits > 1:
+        m_ref, l_ref = stat_refs
+        m_ref[...], l_ref[...] = m, l
+    else:
+        (lse_ref,) = stat_refs
+        lse_ref[...] = m + jnp.log2(l)
 
 
 def _score_grads(p, dp, delta, st: _Static):
@@ -257,33 +264,40 @@ def _vec_spec(block):
 
 
 def _split_forward(q, k, v, st: _Static):
-    """The forward with the keys split over a fourth grid axis: each split's normalised output
-    and logsumexp in fp32, then merge_splits."""
+    """The forward with the keys split over a fourth grid axis: each split's normalised output,
+    row max and sum in fp32, then merge_splits."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     bq, g, splits = st.blocks.block_q, st.groups, st.kv_splits
-    o, lse = _call(
+    vec = pl.BlockSpec((_SQ, _SQ, _SQ, bq), lambda b, h, i, j: (b, h, j, i))
+    stat = jax.ShapeDtypeStruct((B, H, splits, Sq), jnp.float32)
+    o, m, l = _call(
         _fwd_kernel, st, (B, H, Sq // bq, splits),
         in_specs=[pl.BlockSpec((_SQ, _SQ, bq, D), lambda b, h, i, j: (b, h, i, 0)),
                   pl.BlockSpec((_SQ, _SQ, Sk, D), lambda b, h, i, j: (b, h // g, 0, 0)),
                   pl.BlockSpec((_SQ, _SQ, Sk, D), lambda b, h, i, j: (b, h // g, 0, 0))],
         out_specs=[pl.BlockSpec((_SQ, _SQ, _SQ, bq, D), lambda b, h, i, j: (b, h, j, i, 0)),
-                   pl.BlockSpec((_SQ, _SQ, _SQ, bq), lambda b, h, i, j: (b, h, j, i))],
-        out_shape=[jax.ShapeDtypeStruct((B, H, splits, Sq, D), jnp.float32),
-                   jax.ShapeDtypeStruct((B, H, splits, Sq), jnp.float32)],
+                   vec, vec],
+        out_shape=[jax.ShapeDtypeStruct((B, H, splits, Sq, D), jnp.float32), stat, stat],
         name="flash_attention_fwd_split_kv")(q, k, v)
-    return merge_splits(o, lse, q.dtype)
+    return merge_splits(o, m, l, q.dtype)
 
 
-def merge_splits(o, lse, dtype):
+def merge_splits(o, m, l, dtype):
     """The output and base-2 logsumexp of attention over all keys from those of the key splits
-    (o [B, H, splits, Sq, D] normalised per split, lse [B, H, splits, Sq], both fp32): each
-    split weighted by its share of the softmax's total."""
-    m = lse.max(axis=2)
-    weights = jnp.exp2(lse - m[:, :, None])
+    (o [B, H, splits, Sq, D] normalised per split; m and l [B, H, splits, Sq], each split's row
+    max of the scaled scores and sum of 2^(s - m); all fp32): each split weighted by its share of
+    the softmax's total, l 2^(m - max m).
+
+    m and l come apart, not as a logsumexp m + log2(l): rounded to fp32 at the scores' magnitude
+    (tens to hundreds of base-2 units with a large scale; half an ulp is 3.8e-6 from 64 to 128),
+    that sum moved a split's weight by up to 2.6e-6, an error that reached the output and,
+    through rowsum(dO * O), the gradients."""
+    m_all = m.max(axis=2)
+    weights = l * jnp.exp2(m - m_all[:, :, None])
     total = weights.sum(axis=2)
     out = (weights[..., None] * o).sum(axis=2) / total[..., None]
-    return out.astype(dtype), m + jnp.log2(total)
+    return out.astype(dtype), m_all + jnp.log2(total)
 
 
 def _forward(q, k, v, st: _Static):

@@ -239,8 +239,10 @@ def _forward(q, k, v, st: pallas_attention._Static, blocks: Blocks):
         return o, lse
     # Only the real query rows are merged: a decode step's block is mostly padding rows (4 real
     # of 128 in the standard cases), whose partial outputs the merge would otherwise read. The
-    # backward's tiles take the merged o and lse padded back.
-    o, lse = pallas_attention.merge_splits(o[:, :, :, :st.sq], lse[:, :, :, :st.sq], q.dtype)
+    # backward's tiles take the merged o and lse padded back. Each split gives its logsumexp alone,
+    # so its sum is taken as 1 (the rounding of lse is far below a 16-bit output's).
+    lse = lse[:, :, :, :st.sq]
+    o, lse = pallas_attention.merge_splits(o[:, :, :, :st.sq], lse, jnp.ones_like(lse), q.dtype)
     return pad_axis(o, 2, 2 * ROWS), pad_axis(lse, 2, 2 * ROWS)
 
 

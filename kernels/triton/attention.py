@@ -400,7 +400,7 @@ def _packed_rows(pid, Sq, H, GROUP, stride_b, stride_h, stride_s, BLOCK_M: tl.co
 @autotune(_DECODE_CONFIGS, ["Sk", "BLOCK_M", "BLOCK_D", "keys_per_split", "TMA_OK"],
           _decode_fits)
 @triton.jit
-def _decode_kernel(Q, K, V, TMA_OK, PART_O, PART_LSE, qk_scale, Sq, Sk, H, GROUP, D,
+def _decode_kernel(Q, K, V, TMA_OK, PART_O, PART_M, PART_L, qk_scale, Sq, Sk, H, GROUP, D,
                    keys_per_split,
                    stride_qb, stride_qh, stride_qs, stride_qd,
                    stride_kb, stride_kh, stride_ks, stride_kd,
@@ -411,7 +411,7 @@ def _decode_kernel(Q, K, V, TMA_OK, PART_O, PART_LSE, qk_scale, Sq, Sk, H, GROUP
     """Split-KV forward for few queries (flash-decoding): program (split, b * Hkv + hkv) runs
     the online softmax of every query of kv head hkv's GQA group (packed into the rows of one
     tile, so k and v are read once for the whole group) over one split of the keys, and writes
-    its normalised output and base-2 logsumexp for _decode_combine_kernel."""
+    its normalised output, row max and sum for _decode_combine_kernel."""
     split = tl.program_id(0)
     pid = tl.program_id(1)
     b, hkv, packed, q_offsets, row_ok = _packed_rows(pid, Sq, H, GROUP, stride_qb, stride_qh,
@@ -448,17 +448,21 @@ def _decode_kernel(Q, K, V, TMA_OK, PART_O, PART_LSE, qk_scale, Sq, Sk, H, GROUP
 
     # Partials [B * Hkv, splits, BLOCK_M (, BLOCK_D)], fp32, every row (padded rows are finite).
     part = (pid.to(tl.int64) * tl.num_programs(0) + split) * BLOCK_M + packed
-    tl.store(PART_LSE + part, m_i + tl.log2(l_i))
+    tl.store(PART_M + part, m_i)
+    tl.store(PART_L + part, l_i)
     tl.store(PART_O + part[:, None] * BLOCK_D + cols[None, :], acc / l_i[:, None])
 
 
 @triton.jit
-def _decode_combine_kernel(PART_O, PART_LSE, O, LSE, splits, Sq, H, GROUP, D,
+def _decode_combine_kernel(PART_O, PART_M, PART_L, O, LSE, splits, Sq, H, GROUP, D,
                            stride_ob, stride_oh, stride_os, stride_od,
                            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
     """Program b * Hkv + hkv merges its splits' partial outputs, each weighted by its share of
-    the softmax's total, 2^(lse_split - lse), and writes o and the logsumexp of every packed
-    query row (as the forward kernel does, for the backward)."""
+    the softmax's total, l_split 2^(m_split - m), and writes o and the logsumexp of every packed
+    query row (as the forward kernel does, for the backward). The splits' maxima and sums come
+    apart, not as logsumexps m + log2(l): rounded to fp32 at the scores' magnitude (tens to
+    hundreds of base-2 units with a large scale; half an ulp is 3.8e-6 from 64 to 128), that sum
+    moved a split's weight by up to 2.6e-6."""
     pid = tl.program_id(0)
     _, _, packed, o_offsets, row_ok = _packed_rows(pid, Sq, H, GROUP, stride_ob, stride_oh,
                                                    stride_os, BLOCK_M)
@@ -466,11 +470,12 @@ def _decode_combine_kernel(PART_O, PART_LSE, O, LSE, splits, Sq, H, GROUP, D,
     first = pid.to(tl.int64) * splits * BLOCK_M + packed
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     for s in range(splits):
-        m = tl.maximum(m, tl.load(PART_LSE + first + s * BLOCK_M))
+        m = tl.maximum(m, tl.load(PART_M + first + s * BLOCK_M))
     total = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for s in range(splits):
-        weight = tl.exp2(tl.load(PART_LSE + first + s * BLOCK_M) - m)
+        weight = tl.load(PART_L + first + s * BLOCK_M) * tl.exp2(
+            tl.load(PART_M + first + s * BLOCK_M) - m)
         part = tl.load(PART_O + (first + s * BLOCK_M)[:, None] * BLOCK_D + cols[None, :])
         total += weight
         acc += weight[:, None] * part
@@ -740,18 +745,19 @@ def _decode_forward(q, k, v, dims, out, lse, one_key: bool):
     block_m = max(16, triton.next_power_of_2(dims.Sq * group))  # tl.dot's smallest M
     programs = dims.B * dims.Hkv
     splits, keys_per_split = _decode_splits(programs, dims.Sk, q.device)
-    part_lse = torch.empty((programs, splits, block_m), dtype=torch.float32, device=q.device)
+    part_m, part_l = (torch.empty((programs, splits, block_m), dtype=torch.float32,
+                                  device=q.device) for _ in range(2))
     part_o = torch.empty((programs, splits, block_m, block_d), dtype=torch.float32,
                          device=q.device)
     tma_ok, tma = _tma_args(k, v)
     upcast = upcast_dot(q.dtype)
     _decode_kernel[(splits, programs)](
-        q, k, v, tma_ok, part_o, part_lse, dims.scale * LOG2_E, dims.Sq, dims.Sk, dims.H, group,
-        dims.D, keys_per_split, *q.stride(), *k.stride(), *v.stride(),
+        q, k, v, tma_ok, part_o, part_m, part_l, dims.scale * LOG2_E, dims.Sq, dims.Sk, dims.H,
+        group, dims.D, keys_per_split, *q.stride(), *k.stride(), *v.stride(),
         BLOCK_D=block_d, D_EDGE=dims.D != block_d, PRECISION=dot_precision(q.dtype),
         UPCAST=upcast, ONE_KEY=one_key, BLOCK_M=block_m, **tma)
     _decode_combine_kernel[(programs,)](
-        part_o, part_lse, out, lse, splits, dims.Sq, dims.H, group, dims.D, *out.stride(),
+        part_o, part_m, part_l, out, lse, splits, dims.Sq, dims.H, group, dims.D, *out.stride(),
         BLOCK_D=block_d, BLOCK_M=block_m, UPCAST=upcast)
 
 
