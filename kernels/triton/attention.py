@@ -245,6 +245,32 @@ def _as_operand(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
     return x
 
 
+# Under the interpreter, scores are summed over the head dim in one fixed order (see _scores).
+_FIXED_ORDER_SCORES = tl.constexpr(TRITON_INTERPRET)
+
+
+@triton.jit
+def _scores(a, b, PRECISION: tl.constexpr):
+    """a @ b^T over the head dim: the scores (a = q, b = k) or their transpose (a = k, b = q).
+
+    The backward recomputes the forward's scores and subtracts the forward's logsumexp, so where
+    the two round differently P is off by their difference, which a peaked softmax (a large
+    scale, few keys with weight) does not average out. On the GPU a true fp32 dot is a chain of
+    multiply-adds over the head dim in order for each element (Triton's FMA dot), whatever the
+    tile shape or operand order, so the forward's, dQ's and dK/dV's scores are the same bits. The
+    interpreter's tl.dot is numpy's matmul, whose order changes with the tile: q k^T and (k q^T)^T
+    differed in 37 to 46% of a 16 x 64 tile's scores (D = 32 to 256). In 40 random fp32 calls of
+    1 to 3 queries at scale 0.5 and 1.3, 13 were over the tests' budget, dV up to 9.6 times
+    torch's error; with one order, 1. So under the interpreter, and only there, a score is an
+    elementwise product summed over the head dim (numpy's pairwise sum, the same order for every
+    tile: it reproduces the GPU's consistency, not its order). The GPU build is unchanged (a
+    constexpr branch)."""
+    if _FIXED_ORDER_SCORES:
+        return tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], 2)
+    else:
+        return tl.dot(a, tl.trans(b), input_precision=PRECISION)
+
+
 @triton.jit
 def _visible(rows, keys, Sk, CAUSAL: tl.constexpr):
     """Mask of the scores that exist, from broadcastable query and key indices: a real key and,
@@ -300,7 +326,7 @@ def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, rows, start_n, Sk, stride_ks, stri
               TMA)
     v = _tile(Vd, V, start_n, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED, D_EDGE,
               TMA)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s = _scores(q, k, PRECISION)
     if MASKED:
         s = tl.where(_visible(rows[:, None], keys[None, :], Sk, CAUSAL), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -522,7 +548,7 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, DELTA, row0, keys, start_m
         lse = tl.load(LSE + row0 + rows)
         delta = tl.load(DELTA + row0 + rows)
     # Transposed scores [keys, queries], so P^T and dS^T feed the dots directly.
-    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+    s_t = _scores(k, q, PRECISION)
     p_t = tl.exp2(s_t * qk_scale - lse[None, :])
     if ONE_KEY:  # exactly 1 where visible, as in the forward; padded keys' rows are not stored
         p_t = tl.full(p_t.shape, 1.0, tl.float32)
@@ -645,7 +671,7 @@ def _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
               TMA)
     v = _tile(Vd, V, start_n, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED, D_EDGE,
               TMA)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s = _scores(q, k, PRECISION)
     p = tl.exp2(s * qk_scale - lse[:, None])
     if MASKED:
         p = tl.where(_visible(rows[:, None], keys[None, :], Sk, CAUSAL), p, 0.0)
