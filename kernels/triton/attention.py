@@ -282,6 +282,30 @@ def _visible(rows, keys, Sk, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _first_query_alone(p, rows, visible, CAUSAL: tl.constexpr, DTYPE: tl.constexpr):
+    """P (a masked block's, [queries, keys] or transposed; `rows`: the queries' broadcastable
+    indices) with query 0's probabilities exact under the causal mask in fp32: it sees key 0
+    alone (contract.one_visible_key, for one row), whose probability is 1, where 2^(s * scale -
+    lse) is off by the rounding of the multiply-add and of lse. Query 0 is always in a masked
+    block (the diagonal's first). 16-bit inputs need none of it (P is rounded to their dtype, and
+    their error is far larger), and their builds stay as they were."""
+    if CAUSAL:
+        if DTYPE == tl.float32:
+            p = tl.where((rows == 0) & visible, 1.0, p)
+    return p
+
+
+@triton.jit
+def _first_query_no_score_grad(ds, rows, CAUSAL: tl.constexpr, DTYPE: tl.constexpr):
+    """dS with query 0's row (or column) exactly 0 under the causal mask in fp32, its softmax
+    being constant (_first_query_alone), where dP - delta leaves rounding noise."""
+    if CAUSAL:
+        if DTYPE == tl.float32:
+            ds = tl.where(rows == 0, 0.0, ds)
+    return ds
+
+
+@triton.jit
 def _heads(pid_bh, H, GROUP):
     """(batch, q head, kv head) of the program's [B * H] grid index, as int64 so that base
     offsets of large tensors cannot overflow int32."""
@@ -320,7 +344,8 @@ def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, rows, start_n, Sk, stride_ks, stri
               ONE_KEY: tl.constexpr):
     """One key block of the online softmax; the scale is applied inside the exponent's
     multiply-add, after the row max (a positive scale does not change which score is largest).
-    ONE_KEY: every query sees one key (contract.one_visible_key; the block is then masked)."""
+    ONE_KEY: every query sees one key (contract.one_visible_key; the block is then masked).
+    Under the causal mask query 0 always does (in fp32: _first_query_alone)."""
     keys = start_n + tl.arange(0, BLOCK_N)
     k = _tile(Kd, K, start_n, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED, D_EDGE,
               TMA)
@@ -328,7 +353,8 @@ def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, rows, start_n, Sk, stride_ks, stri
               TMA)
     s = _scores(q, k, PRECISION)
     if MASKED:
-        s = tl.where(_visible(rows[:, None], keys[None, :], Sk, CAUSAL), s, float("-inf"))
+        visible = _visible(rows[:, None], keys[None, :], Sk, CAUSAL)
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.exp2(s * qk_scale - m_new[:, None])
     if ONE_KEY:
@@ -336,6 +362,8 @@ def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, rows, start_n, Sk, stride_ks, stri
         # row max in the exponent (s * scale - round(max(s) * scale)), so p came out 1 + 1 ulp
         # and v * p / p missed v by an ulp where torch returns v itself.
         p = tl.where(s == float("-inf"), 0.0, 1.0)
+    if MASKED:
+        p = _first_query_alone(p, rows[:, None], visible, CAUSAL, V.dtype.element_ty)
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     p = _as_operand(p, V.dtype.element_ty, UPCAST)
@@ -556,12 +584,15 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, DELTA, row0, keys, start_m
         # Padded query rows (zero q, dO, lse, delta) would add nothing anyway; masking them
         # keeps exp2 of garbage out of the sums.
         visible = _visible(rows[None, :], keys[:, None], Sk, CAUSAL) & (rows[None, :] < Sq)
-        p_t = tl.where(visible, p_t, 0.0)
+        p_t = _first_query_alone(tl.where(visible, p_t, 0.0), rows[None, :], visible, CAUSAL,
+                                 DOh.dtype.element_ty)
     dv = tl.dot(_as_operand(p_t, DOh.dtype.element_ty, UPCAST), do, dv, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     if ONE_KEY:  # exactly 0, as in _dq_step
         ds_t = tl.zeros_like(ds_t)
+    if MASKED:
+        ds_t = _first_query_no_score_grad(ds_t, rows[None, :], CAUSAL, Qh.dtype.element_ty)
     dk = tl.dot(_as_operand(ds_t, Qh.dtype.element_ty, UPCAST), q, dk, input_precision=PRECISION)
     return dk, dv
 
@@ -674,7 +705,9 @@ def _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
     s = _scores(q, k, PRECISION)
     p = tl.exp2(s * qk_scale - lse[:, None])
     if MASKED:
-        p = tl.where(_visible(rows[:, None], keys[None, :], Sk, CAUSAL), p, 0.0)
+        visible = _visible(rows[:, None], keys[None, :], Sk, CAUSAL)
+        p = _first_query_alone(tl.where(visible, p, 0.0), rows[:, None], visible, CAUSAL,
+                               K.dtype.element_ty)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     if ONE_KEY:
@@ -682,6 +715,8 @@ def _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
         # same products in different orders) left up to 1e-6 with one key and 8e-6 for one
         # causal query at D=256.
         ds = tl.zeros_like(ds)
+    if MASKED:
+        ds = _first_query_no_score_grad(ds, rows[:, None], CAUSAL, K.dtype.element_ty)
     return tl.dot(_as_operand(ds, K.dtype.element_ty, UPCAST), k, dq, input_precision=PRECISION)
 
 
