@@ -309,7 +309,7 @@ class Session:
         t = timing.time_fn(calls.timed, impl.framework, ON_CUDA, self.policy)
         phases += t.phases
         rec["flags"] = guards.flags()
-        cold, warm = first.compile_times(t.median_s)
+        cold_s, warm_s = first.compile_times(t.median_s)
         if "interpreted" in impl.tags:
             peak, peak_method = None, INTERPRETED_MEMORY
         else:
@@ -327,8 +327,8 @@ class Session:
         rec.update(median_s=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, reps=t.reps,
                    spread=t.spread, timing_method=t.method, host_s=t.host_s,
                    tflops=rec["flops"] / t.median_s / 1e12, gbps=rec["bytes"] / t.median_s / 1e9,
-                   peak_bytes=peak, peak_method=peak_method, compile_cold_s=cold,
-                   compile_warm_s=warm,
+                   peak_bytes=peak, peak_method=peak_method, compile_cold_s=cold_s,
+                   compile_warm_s=warm_s,
                    compile_method="first call - median" + (
                        "; no compile step" if not impl.reset
                        else "; warm after in-memory reset" if cold

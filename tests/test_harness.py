@@ -345,6 +345,31 @@ def test_a_failed_benchmark_keeps_the_phases_it_ran(tmp_path, monkeypatch):
     assert rec["phases"][0]["end_ns"] >= rec["phases"][0]["start_ns"]
 
 
+def test_a_cold_compile_of_no_time_is_still_called_cold(tmp_path, monkeypatch):
+    """An implementation with a compile step whose first calls were no slower than the rest: its
+    cold compile time is 0 and its record says it was measured here (it once said "warm only",
+    taking the 0 for "not measured")."""
+    from harness import bench
+    from harness.cases import cases
+
+    calls = []
+
+    def first_calls_fast(a, b):
+        calls.append(1)
+        if len(calls) > 2:  # the cold and warm calls return at once, the timed ones do not
+            time.sleep(0.02)
+        return a @ b
+
+    get = registry.get
+    spy = dataclasses.replace(get("matmul", "torch"), fn=first_calls_fast, reset=lambda: None)
+    monkeypatch.setattr(registry, "get", lambda op, name: spy if name == "torch" else get(op, name))
+    session = bench.Session("t", str(tmp_path))
+    rec, _ = session.run(bench.Bench("matmul", "torch", cases("matmul", "smoke")[0], "float32"))
+    assert rec["status"] == "ok", rec["reason"]
+    assert rec["compile_cold_s"] == 0.0
+    assert rec["compile_method"].endswith("warm after in-memory reset")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels are compiled on a GPU")
 def test_interpreted_kernels_have_no_memory_figure(tmp_path):
     """Off a GPU the hand-written Triton and Pallas kernels run in interpreters: their records
