@@ -233,6 +233,13 @@ class Session:
     def __post_init__(self):
         self.references = References(self.device)
 
+    def settings(self) -> dict:
+        """The arguments that make an equal Session in another process (harness.worker): the
+        run's settings, none of this one's caches."""
+        return {"run_id": self.run_id, "cache_root": self.cache_root, "policy": self.policy,
+                "profile_dir": self.profile_dir, "retime": self.retime,
+                "compile_cold": self.compile_cold}
+
     def base_record(self, b: Bench) -> dict:
         rec = {"run_id": self.run_id, "op": b.op, "impl": b.impl, "case": b.case.name,
                "dims": b.case.dims, "dtype": b.dtype, "mode": b.mode, "status": "failed",

@@ -49,8 +49,7 @@ class Runner:
             with _alarm(self.timeout_s):
                 return self.session.run(b)
         if self._worker is None:
-            s = self.session
-            self._worker = IsolatedRunner(s.run_id, s.cache_root, s.policy, self.timeout_s)
+            self._worker = IsolatedRunner(self.session.settings(), self.timeout_s)
         try:
             record, timing = self._worker.run(b)
         except WorkerFailure as e:

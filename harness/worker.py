@@ -14,10 +14,10 @@ import signal
 STARTUP_TIMEOUT_S = 300.0  # importing torch and jax, loading plugins: not the benchmark's time
 
 
-def _serve(conn, run_id: str, cache_root: str, policy) -> None:
+def _serve(conn, settings: dict) -> None:
     from harness.bench import Session
 
-    session = Session(run_id, cache_root, policy)
+    session = Session(**settings)
     conn.send("ready")
     while True:
         bench = conn.recv()
@@ -31,8 +31,8 @@ class WorkerFailure(Exception):
 
 
 class IsolatedRunner:
-    def __init__(self, run_id: str, cache_root: str, policy, timeout_s: float):
-        self.args = (run_id, cache_root, policy)
+    def __init__(self, settings: dict, timeout_s: float):
+        self.settings = settings  # harness.bench.Session's: the worker's Session is the same
         self.timeout_s = timeout_s
         self.proc = None
         self.conn = None
@@ -41,7 +41,7 @@ class IsolatedRunner:
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, *self.args), daemon=True,
+        self.proc = ctx.Process(target=_serve, args=(child, self.settings), daemon=True,
                                 name="kernels-bench-worker")
         self.proc.start()
         child.close()
