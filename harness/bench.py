@@ -283,9 +283,12 @@ class Session:
             rec.update(status="skipped", reason=_reason(e))
         except Exception as e:  # the implementation failed: record it and go on
             rec.update(status="failed", reason=_reason(e))
-        finally:
-            if ON_CUDA:
-                torch.cuda.empty_cache()
+        lost = guards.cuda_context_error() if rec["status"] == "failed" else None
+        if lost:  # nothing more can run on the GPU in this process: the runner must know
+            rec.update(context_lost=lost,
+                       reason=f"{rec['reason']}; CUDA context lost after it ({lost})")
+        elif ON_CUDA:
+            torch.cuda.empty_cache()
         return rec, measured
 
     def _measure(self, impl: Impl, b: Bench, rec: dict) -> timing.Timing:

@@ -5,6 +5,8 @@ Each flag is a short string stored in the record's `flags` and shown in tables a
   gpu_shared:N                         N other processes have a context on this GPU
   low_clock:S/M                        SM clock S MHz, under 80% of its maximum M
 Without a GPU (NVML absent) there is nothing to guard and the list is empty.
+
+After a benchmark fails, cuda_context_error says whether this process can still run GPU work.
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ import warnings
 POWER_REASONS = ("clocksEventReasonSwPowerCap", "clocksEventReasonHwPowerBrakeSlowdown")
 THERMAL_REASONS = ("clocksEventReasonSwThermalSlowdown", "clocksEventReasonHwThermalSlowdown")
 LOW_CLOCK = 0.8
+# This run's own processes beside this one and its parent: the benchmark workers (harness.worker),
+# whose idle CUDA contexts are not another user of the GPU.
+own_processes: set[int] = set()
 
 
 def nvml_handle():
@@ -45,7 +50,7 @@ def flags() -> list[str]:
         out.append("throttled:power")
     if reasons & reason_mask(pynvml, THERMAL_REASONS):
         out.append("throttled:thermal")
-    ours = {os.getpid(), os.getppid()}
+    ours = {os.getpid(), os.getppid(), *own_processes}
     others = [p for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h) if p.pid not in ours]
     if others:
         out.append(f"gpu_shared:{len(others)}")
@@ -56,3 +61,23 @@ def flags() -> list[str]:
     if out:
         warnings.warn(f"measurement guard: {', '.join(out)}", RuntimeWarning, stacklevel=2)
     return out
+
+
+def cuda_context_error() -> str | None:
+    """None while this process can still run CUDA work (or has no GPU); otherwise the error that
+    says it cannot. An illegal memory access, like any sticky CUDA error, poisons the context of
+    the whole process: every later call fails with it, whatever it launches. torch and XLA both
+    run in the device's primary context, so a JAX kernel's fault ends torch's work too."""
+    import torch
+
+    from kernels import ON_CUDA
+
+    if not ON_CUDA:
+        return None
+    try:
+        torch.cuda.synchronize()
+        torch.ones(1, device="cuda").add_(1).item()
+    except Exception as e:  # RuntimeError, torch.AcceleratorError: the sticky error again
+        lines = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+    return None

@@ -5,6 +5,10 @@
 Each benchmark is one test `test_bench[<op>/<case>-<dtype>/<impl>]`; its record is appended to
 reports/runs/<run-id>/results.jsonl as it ends, and its device-time samples are handed to
 pytest-benchmark (grouped by case) so --benchmark-compare compares device time.
+
+In any pytest run on a GPU, a test that leaves its process's CUDA context unusable (an illegal
+memory access in a kernel does) ends that process, not the tests after it: see
+pytest_runtest_protocol.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import tempfile
 import pytest
 
 from harness import cases as cases_mod
-from harness import results
+from harness import guards, results
 
 
 def _csv(value: str | None) -> list[str]:
@@ -216,3 +220,33 @@ def pytest_terminal_summary(terminalreporter, config):
     terminalreporter.section("kernel benchmarks")
     terminalreporter.write_line(table(records))
     terminalreporter.write_line(f"records: {path}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A bench run whose CUDA context was lost in-process exits with CONTEXT_LOST_EXIT (the
+    benchmarks it could not run are skipped, unrecorded), on which `make bench` resumes it."""
+    state = getattr(session.config, "_kernels_run", None)
+    if state is not None and state.runner.context_lost:
+        from harness.runner import CONTEXT_LOST_EXIT
+
+        session.exitstatus = CONTEXT_LOST_EXIT
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Outside the benchmarks (which handle it themselves, harness.runner): after each test,
+    whether this process can still run CUDA work. If not, every later GPU test here would fail
+    with the first one's error, so the process ends: under pytest-xdist by dying, on which xdist
+    reports this test as crashed and hands the tests this worker had not run to a fresh one;
+    without xdist the session stops, saying why."""
+    result = yield
+    if not item.config.getoption("bench"):
+        lost = guards.cuda_context_error()
+        if lost:
+            message = (f"{item.nodeid} left this process's CUDA context unusable ({lost}); "
+                       f"no later test could use the GPU in this process")
+            if os.environ.get("PYTEST_XDIST_WORKER"):
+                print(message, file=sys.stderr, flush=True)
+                os._exit(1)
+            pytest.exit(message)
+    return result

@@ -4,6 +4,11 @@ Isolation: "plugins" (default) sends user plugins to a worker process; "all" als
 hand-written kernels (`ISOLATE=1`); "none" runs everything in-process. In-process benchmarks are
 bounded by SIGALRM, which ends a hang in Python code; a hang inside native code needs the worker,
 whose timeout kills the process.
+
+A benchmark that poisons its process's CUDA context (harness.guards.cuda_context_error) costs a
+worker its life; in-process, where nothing can recover the context, the benchmarks after it that
+would run in-process are not run (and not recorded), and the run exits with CONTEXT_LOST_EXIT:
+`make bench` then resumes it in a fresh process, which runs exactly those.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from harness.worker import IsolatedRunner, WorkerFailure
 from kernels import registry
 
 ISOLATION = ("plugins", "all", "none")
+CONTEXT_LOST_EXIT = 75  # the Makefile's bench target resumes the run on this exit status
 
 
 @contextmanager
@@ -37,6 +43,15 @@ class Runner:
             raise ValueError(f"isolation must be one of {list(ISOLATION)}, got {isolation!r}")
         self.session, self.isolation, self.timeout_s = session, isolation, timeout_s
         self._worker: IsolatedRunner | None = None
+        self.context_lost: str | None = None  # which in-process benchmark lost it, and how
+
+    def cannot_run(self, b: Bench) -> str | None:
+        """Why `b` cannot run now (None: it can): it would run in this process, whose CUDA
+        context an earlier benchmark lost."""
+        if self.context_lost is None or self.isolated(b):
+            return None
+        return (f"not run: {self.context_lost}; a resumed run (make bench RESUME=<run-id>) "
+                f"runs it in a fresh process")
 
     def isolated(self, b: Bench) -> bool:
         if self.isolation == "none" or b.impl in registry.disabled(b.op):
@@ -47,7 +62,11 @@ class Runner:
     def run(self, b: Bench):
         if not self.isolated(b):
             with _alarm(self.timeout_s):
-                return self.session.run(b)
+                record, timing = self.session.run(b)
+            if record.get("context_lost"):
+                self.context_lost = (f"{b.id} left this process's CUDA context unusable "
+                                     f"({record['context_lost']})")
+            return record, timing
         if self._worker is None:
             self._worker = IsolatedRunner(self.session.settings(), self.timeout_s)
         try:

@@ -3,13 +3,17 @@ the CUDA context (an illegal memory access does, for the whole process) costs on
 
 The worker is started once (spawn, so it owns a fresh CUDA context), imports the frameworks, says
 it is ready, then serves benchmarks one at a time. A benchmark that does not answer within the
-timeout gets its worker killed; a worker that dies is recorded with its exit signal; either way the
-next benchmark starts a fresh worker.
+timeout gets its worker killed; a worker that dies is recorded with its exit signal; a worker whose
+CUDA context a benchmark poisoned (an illegal memory access raises, and the process lives on unable
+to run anything on the GPU) is retired after returning that benchmark's record. Each time the next
+benchmark starts a fresh worker.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import signal
+
+from harness import guards
 
 STARTUP_TIMEOUT_S = 300.0  # importing torch and jax, loading plugins: not the benchmark's time
 
@@ -36,7 +40,6 @@ class IsolatedRunner:
         self.timeout_s = timeout_s
         self.proc = None
         self.conn = None
-        self.restarts = 0
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
@@ -44,6 +47,7 @@ class IsolatedRunner:
         self.proc = ctx.Process(target=_serve, args=(child, self.settings), daemon=True,
                                 name="kernels-bench-worker")
         self.proc.start()
+        guards.own_processes.add(self.proc.pid)
         child.close()
         if not self.conn.poll(STARTUP_TIMEOUT_S) or self.conn.recv() != "ready":
             self._kill()
@@ -54,27 +58,32 @@ class IsolatedRunner:
             self.proc.kill()
         if self.proc is not None:
             self.proc.join(10)
+            guards.own_processes.discard(self.proc.pid)
         self.proc = None
 
     def run(self, bench):
         """(record, timing) from the worker; raises WorkerFailure with the reason otherwise."""
         if self.proc is None or not self.proc.is_alive():
-            if self.proc is not None:
-                self.restarts += 1
+            self._kill()
             self._start()
         self.conn.send(bench)
         if not self.conn.poll(self.timeout_s):
             self._kill()
             raise WorkerFailure(f"timeout: no result after {self.timeout_s:g} s; worker killed")
         try:
-            return self.conn.recv()
+            record, timing = self.conn.recv()
         except (EOFError, ConnectionError):
             self.proc.join(10)
             code = self.proc.exitcode
+            guards.own_processes.discard(self.proc.pid)
             self.proc = None
             died = (f"signal {signal.Signals(-code).name}" if code is not None and code < 0
                     else f"exit code {code}")
             raise WorkerFailure(f"worker process died ({died})") from None
+        if record.get("context_lost"):
+            self._kill()
+            record["reason"] += "; its worker was retired, the next benchmark gets a fresh one"
+        return record, timing
 
     def close(self) -> None:
         if self.proc is not None and self.proc.is_alive():

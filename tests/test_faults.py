@@ -20,6 +20,7 @@ EXPECTED_FAILURES = {
     "fault_nan": "wrong result: output holds NaN or inf",
     "fault_kill": "worker process died (signal SIGKILL)",
     "fault_oom": "OutOfMemoryError: CUDA out of memory",
+    "fault_lost_context": "CUDA context lost after it",
 }
 
 
@@ -62,7 +63,50 @@ def test_every_fault_is_recorded_and_the_rest_survives(tmp_path):
     assert records["good"]["isolated"] is True  # plugins run in the worker by default
     # the worker's session has the run's settings: good is timed a second time there
     assert records["good"]["median_again_s"] > 0
+    # the worker whose CUDA context was lost is retired: fault_nan, next, gets a fresh one
+    assert "its worker was retired" in records["fault_lost_context"]["reason"]
+    assert "context lost" not in records["fault_nan"]["reason"]
     assert proc.returncode == 1  # the failures are reported as failed tests
+
+
+def test_a_lost_cuda_context_in_process_is_resumed_in_a_fresh_one(tmp_path):
+    """In-process (ISOLATE=0) nothing can recover a lost context: the benchmarks after it are not
+    run, and `make bench` resumes the run in a fresh process until every one has a record."""
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "bench", f"PYTHON={sys.executable}", "OPS=matmul",
+         "DTYPES=fp32", "IMPLS=fault_lost_context,good,torch", "ISOLATE=0", f"PLUGINS={FAULTY}",
+         "RUN=lost", "PYTEST_ARGS=-k 128x128x128"],
+        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert "resuming run lost in a fresh process" in out, out[-3000:]
+    records = results.load(tmp_path / "runs" / "lost" / "results.jsonl")
+    assert [(r["impl"], r["status"]) for r in records] == [
+        ("fault_lost_context", "failed"), ("good", "ok"), ("torch", "ok")]
+    assert list((tmp_path / "runs" / "lost").glob("benchmark-resumed-*.json"))
+    assert proc.returncode != 0  # a benchmark failed, though the last pass had no failure
+
+
+def test_a_test_that_loses_the_cuda_context_ends_its_process(tmp_path):
+    """In the test suite, a test after which the process cannot run CUDA work ends its process:
+    under pytest-xdist the worker dies and a fresh one runs the rest; without xdist the session
+    stops there, saying why."""
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["harness.plugin"]\n')
+    (tmp_path / "test_gpu_like.py").write_text(
+        "from harness import guards\n\n\n"
+        "def test_a_poisons():\n"
+        "    guards.cuda_context_error = lambda: 'AcceleratorError: simulated'\n"
+        "    raise RuntimeError('CUDA error: an illegal memory access was encountered')\n\n\n"
+        + "".join(f"def test_after_{i}():\n    assert guards.cuda_context_error() is None\n\n\n"
+                  for i in range(6)))
+    env = {**outer_env(), "PYTHONPATH": str(ROOT)}
+    for workers, later_passed in (("2", 6), ("0", 0)):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "-n", workers, "test_gpu_like.py"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        out = proc.stdout + proc.stderr
+        assert "test_a_poisons left this process's CUDA context unusable" in out, out[-3000:]
+        assert f"{later_passed} passed" in out if later_passed else "passed" not in out, out
+        assert proc.returncode != 0
 
 
 def test_a_broken_plugin_file_is_a_usage_error(tmp_path):

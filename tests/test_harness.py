@@ -370,6 +370,32 @@ def test_a_cold_compile_of_no_time_is_still_called_cold(tmp_path, monkeypatch):
     assert rec["compile_method"].endswith("warm after in-memory reset")
 
 
+def test_a_lost_cuda_context_is_recorded_and_stops_that_process(tmp_path, monkeypatch):
+    """A benchmark after which the process can run no CUDA work: its record says so, and the
+    runner will not run the benchmarks that would share that process (harness.runner)."""
+    from harness import bench, guards
+    from harness.cases import cases
+    from harness.runner import Runner
+
+    def poisons(a, b):
+        monkeypatch.setattr(guards, "cuda_context_error", lambda: "AcceleratorError: simulated")
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    get = registry.get
+    spy = dataclasses.replace(get("matmul", "xla"), fn=poisons)
+    monkeypatch.setattr(registry, "get", lambda op, name: spy if name == "xla" else get(op, name))
+    runner = Runner(bench.Session("t", str(tmp_path)), "none")
+    case = cases("matmul", "smoke")[0]
+    later = bench.Bench("matmul", "torch", case, "float32")
+    assert runner.cannot_run(later) is None
+    rec, timed = runner.run(bench.Bench("matmul", "xla", case, "float32"))
+    assert rec["status"] == "failed" and timed is None
+    assert rec["context_lost"] == "AcceleratorError: simulated"
+    assert rec["reason"].endswith("; CUDA context lost after it (AcceleratorError: simulated)")
+    assert "matmul/128x128x128-float32/xla left this process's CUDA context unusable" in \
+        runner.cannot_run(later)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels are compiled on a GPU")
 def test_interpreted_kernels_have_no_memory_figure(tmp_path):
     """Off a GPU the hand-written Triton and Pallas kernels run in interpreters: their records

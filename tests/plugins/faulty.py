@@ -48,3 +48,16 @@ def kills_its_process(a, b):
 @_plugin("fault_oom")
 def out_of_memory(a, b):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+
+LOST_CONTEXT = "CUDA error: an illegal memory access was encountered (simulated)"
+
+
+@_plugin("fault_lost_context")
+def loses_the_cuda_context(a, b):
+    """As an illegal memory access on a GPU: it raises, and from then on this process cannot run
+    GPU work (the harness's probe, here made to answer as on such a GPU, says so)."""
+    from harness import guards
+
+    guards.cuda_context_error = lambda: f"AcceleratorError: {LOST_CONTEXT}"
+    raise RuntimeError(LOST_CONTEXT)
