@@ -142,6 +142,12 @@ GPU_RUN ?= $(if $(RESUME),$(RESUME),$(shell date +%Y%m%d-%H%M)-gpu)
 GPU_RUN := $(GPU_RUN)
 GPU_TEST_WORKERS ?= 8
 GPU_RETIME ?= torch,triton
+# Hand-written kernels run in a worker process (make bench ISOLATE=1): most of them have never run
+# on a GPU, and one that hangs the GPU (a warp-specialized kernel waiting on a barrier forever) or
+# poisons the CUDA context would otherwise take the rest of the stage with it. GPU_TIMEOUT bounds
+# one benchmark (the slowest of the 2026-11-23 run took 12 s, cold compile included).
+GPU_ISOLATE ?= 1
+GPU_TIMEOUT ?= 120
 # cold compiles once per implementation, dtype and mode: every case cold would double the run
 GPU_COLD ?= first
 GPU_TEST_S ?= 170
@@ -199,13 +205,15 @@ ifeq ($(RESUME),)
 endif
 	-$(call gpu_stage,$(GPU_BENCH_S),$(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) \
 		TIER=standard OPS=$(GPU_OPS) DTYPES=$(GPU_DTYPES) MODES=$(GPU_MODES) RUN=$(GPU_RUN) \
-		$(if $(RESUME),RESUME=$(RESUME)) RETIME=$(GPU_RETIME) COLD=$(GPU_COLD)) \
+		$(if $(RESUME),RESUME=$(RESUME)) RETIME=$(GPU_RETIME) COLD=$(GPU_COLD) \
+		ISOLATE=$(GPU_ISOLATE) TIMEOUT=$(GPU_TIMEOUT)) \
 		> $(OUT)/bench.txt 2>&1; tail -5 $(OUT)/bench.txt
 	-$(GPU_PY) -m harness.report reports/runs/$(GPU_RUN) >> $(OUT)/bench.txt 2>&1
 	$(gpu_pack)
 ifneq ($(GPU_PROFILE_S),0)
 	-$(call gpu_stage,$(GPU_PROFILE_S),$(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) \
 		TIER=standard DTYPES=$(GPU_DTYPES) MODES=fwd RUN=$(GPU_RUN)-profile PROFILE=1 \
+		ISOLATE=$(GPU_ISOLATE) TIMEOUT=$(GPU_TIMEOUT) \
 		PYTEST_ARGS='-k "$(GPU_PROFILE_CASES)"') >> $(OUT)/bench.txt 2>&1
 	$(gpu_pack)
 endif
