@@ -9,6 +9,10 @@ A benchmark that poisons its process's CUDA context (harness.guards.cuda_context
 worker its life; in-process, where nothing can recover the context, the benchmarks after it that
 would run in-process are not run (and not recorded), and the run exits with CONTEXT_LOST_EXIT:
 `make bench` then resumes it in a fresh process, which runs exactly those.
+
+An implementation that timed out HUNG_AFTER times in a run is most likely hanging (a kernel, or
+one of its autotune configs, that never ends): its remaining benchmarks are recorded as failed
+without running, instead of each spending the whole timeout.
 """
 from __future__ import annotations
 
@@ -16,17 +20,18 @@ import signal
 from contextlib import contextmanager
 
 from harness.bench import Bench, Session
-from harness.worker import IsolatedRunner, WorkerFailure
+from harness.worker import TIMED_OUT, IsolatedRunner, WorkerFailure
 from kernels import registry
 
 ISOLATION = ("plugins", "all", "none")
 CONTEXT_LOST_EXIT = 75  # the Makefile's bench target resumes the run on this exit status
+HUNG_AFTER = 2
 
 
 @contextmanager
 def _alarm(seconds: float):
     def expire(signum, frame):
-        raise TimeoutError(f"timeout: no result after {seconds:g} s")
+        raise TimeoutError(f"{TIMED_OUT} {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -44,6 +49,7 @@ class Runner:
         self.session, self.isolation, self.timeout_s = session, isolation, timeout_s
         self._worker: IsolatedRunner | None = None
         self.context_lost: str | None = None  # which in-process benchmark lost it, and how
+        self.timed_out: dict[tuple[str, str], list[str]] = {}  # (op, impl) -> benchmark ids
 
     def cannot_run(self, b: Bench) -> str | None:
         """Why `b` cannot run now (None: it can): it would run in this process, whose CUDA
@@ -60,6 +66,16 @@ class Runner:
         return kind == "plugin" or (self.isolation == "all" and kind == "hand")
 
     def run(self, b: Bench):
+        hung = self.timed_out.setdefault((b.op, b.impl), [])
+        if len(hung) >= HUNG_AFTER:
+            return self._failed(b, f"not run: {b.impl} timed out in {len(hung)} benchmarks of "
+                                   f"this run before ({', '.join(hung)}), most likely a hang")
+        record, timing = self._run(b)
+        if TIMED_OUT in record["reason"]:
+            hung.append(b.id)
+        return record, timing
+
+    def _run(self, b: Bench):
         if not self.isolated(b):
             with _alarm(self.timeout_s):
                 record, timing = self.session.run(b)
@@ -72,12 +88,16 @@ class Runner:
         try:
             record, timing = self._worker.run(b)
         except WorkerFailure as e:
-            record = self.session.base_record(b)
-            self.session.skipped_or_impl(b, record)
-            record.update(status="failed", reason=str(e))
-            return record, None
+            return self._failed(b, str(e))
         record["isolated"] = True
         return record, timing
+
+    def _failed(self, b: Bench, reason: str):
+        """The record of a benchmark that gave no record of its own."""
+        record = self.session.base_record(b)
+        self.session.skipped_or_impl(b, record)
+        record.update(status="failed", reason=reason)
+        return record, None
 
     def close(self) -> None:
         if self._worker is not None:

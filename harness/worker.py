@@ -15,6 +15,7 @@ import signal
 
 from harness import guards
 
+TIMED_OUT = "timeout: no result after"  # in the reason of a benchmark that ran out of time
 STARTUP_TIMEOUT_S = 300.0  # importing torch and jax, loading plugins: not the benchmark's time
 
 
@@ -76,7 +77,7 @@ class IsolatedRunner:
         self.conn.send(bench)
         if not self.conn.poll(self.timeout_s):
             self._kill()
-            raise WorkerFailure(f"timeout: no result after {self.timeout_s:g} s; worker killed")
+            raise WorkerFailure(f"{TIMED_OUT} {self.timeout_s:g} s; worker killed")
         try:
             record, timing = self.conn.recv()
         except (EOFError, ConnectionError):

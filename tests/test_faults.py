@@ -109,6 +109,24 @@ def test_a_test_that_loses_the_cuda_context_ends_its_process(tmp_path):
         assert proc.returncode != 0
 
 
+def test_an_implementation_that_keeps_hanging_is_not_run_again(tmp_path):
+    """After two timeouts (harness.runner.HUNG_AFTER) an implementation's remaining benchmarks
+    are recorded as failed without running (each would have waited out the timeout); the other
+    implementation runs as usual, each time in a fresh worker whose start-up (importing the
+    implementations) is not counted in its 3 s."""
+    proc = subprocess.run(
+        _bench_cmd(tmp_path, "hangs", "--impls=fault_hang,good", "--bench-timeout=3"),
+        cwd=ROOT, env=_env(tmp_path, str(FAULTY)), capture_output=True, text=True, timeout=600)
+    records = results.load(tmp_path / "runs/hangs/results.jsonl")
+    hangs = [r["reason"] for r in records if r["impl"] == "fault_hang"]
+    assert len(hangs) == 4, proc.stdout[-3000:]  # the four smoke cases
+    assert all(reason.startswith("timeout: no result after 3 s") for reason in hangs[:2])
+    assert all(reason.startswith("not run: fault_hang timed out in 2 benchmarks of this run "
+                                 "before (matmul/128x128x128-float32/fault_hang, ")
+               for reason in hangs[2:]), hangs
+    assert [r["status"] for r in records if r["impl"] == "good"] == ["ok"] * 4
+
+
 def test_a_broken_plugin_file_is_a_usage_error(tmp_path):
     bad = tmp_path / "bad_plugin.py"
     bad.write_text("import not_a_module_anywhere\n")
