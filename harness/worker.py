@@ -42,6 +42,11 @@ class WorkerFailure(Exception):
     pass
 
 
+def _ended(exitcode: int | None) -> str:
+    return (f"signal {signal.Signals(-exitcode).name}" if exitcode is not None and exitcode < 0
+            else f"exit code {exitcode}")
+
+
 class IsolatedRunner:
     def __init__(self, settings: dict, timeout_s: float):
         self.settings = settings  # harness.bench.Session's: the worker's Session is the same
@@ -57,9 +62,19 @@ class IsolatedRunner:
         self.proc.start()
         guards.own_processes.add(self.proc.pid)
         child.close()
-        if not self.conn.poll(STARTUP_TIMEOUT_S) or self.conn.recv() != "ready":
+        answered = self.conn.poll(STARTUP_TIMEOUT_S)
+        try:
+            ready = answered and self.conn.recv() == "ready"
+        except (EOFError, ConnectionError):  # it died before saying so
+            ready = False
+        if not ready:
+            if answered:
+                self.proc.join(10)
+            code = self.proc.exitcode
             self._kill()
-            raise WorkerFailure(f"worker did not start within {STARTUP_TIMEOUT_S:.0f} s")
+            raise WorkerFailure(
+                f"worker did not start within {STARTUP_TIMEOUT_S:.0f} s" if code is None else
+                f"worker failed to start ({_ended(code)}; its traceback is on stderr)")
 
     def _kill(self) -> None:
         if self.proc is not None and self.proc.is_alive():
@@ -85,9 +100,7 @@ class IsolatedRunner:
             code = self.proc.exitcode
             guards.own_processes.discard(self.proc.pid)
             self.proc = None
-            died = (f"signal {signal.Signals(-code).name}" if code is not None and code < 0
-                    else f"exit code {code}")
-            raise WorkerFailure(f"worker process died ({died})") from None
+            raise WorkerFailure(f"worker process died ({_ended(code)})") from None
         if record.get("context_lost"):
             self._kill()
             record["reason"] += "; its worker was retired, the next benchmark gets a fresh one"

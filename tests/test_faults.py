@@ -127,6 +127,19 @@ def test_an_implementation_that_keeps_hanging_is_not_run_again(tmp_path):
     assert [r["status"] for r in records if r["impl"] == "good"] == ["ok"] * 4
 
 
+def test_a_worker_that_dies_starting_is_a_failure_with_its_exit_code():
+    """A worker that fails before it is ready (here: a setting its Session does not take) is a
+    WorkerFailure, which the runner records, not an EOFError out of the pipe."""
+    from harness.bench import Bench
+    from harness.cases import cases
+    from harness.worker import IsolatedRunner, WorkerFailure
+
+    runner = IsolatedRunner({"no_such_setting": 1}, timeout_s=60)
+    with pytest.raises(WorkerFailure, match=r"worker failed to start \(exit code 1; "):
+        runner.run(Bench("matmul", "torch", cases("matmul", "smoke")[0], "float32"))
+    assert runner.proc is None
+
+
 def test_a_broken_plugin_file_is_a_usage_error(tmp_path):
     bad = tmp_path / "bad_plugin.py"
     bad.write_text("import not_a_module_anywhere\n")
