@@ -123,12 +123,15 @@ aot: $(SETUP)
 # On the GPU machine (no network, its own CUDA torch / Triton / JAX): `make gpu OUT=<dir>` runs, in
 # one go, the tests (the GPU timing cross-check alone on the card, the rest in parallel), the
 # `standard` tier of every op, and a few profiled benchmarks, and leaves in OUT: env.txt, tests.txt,
-# tests.xml, bench.txt and run.tar.gz (records, benchmark JSON, report, traces). Each stage has a
-# time limit (GPU_*_S), and all of them one deadline (GPU_TOTAL_S from the start, less GPU_PACK_S
-# to pack the results): a stage gets what is left when its own limit would pass the deadline, so
-# the call ends inside a 10-minute command with run.tar.gz written, instead of being killed with
-# the records still outside OUT. A stage cut short keeps what it measured (records are appended
-# as they come), and `make gpu RESUME=<run>` (no tests) finishes it.
+# tests.xml, tests-gpu.xml, bench.txt and run.tar.gz (records, benchmark JSON, report, traces).
+# Each stage has a time limit (GPU_*_S), and all of them one deadline (GPU_TOTAL_S from the start,
+# less GPU_PACK_S to pack the results): a stage gets what is left when its own limit would pass
+# the deadline, so the call ends inside a 10-minute command with run.tar.gz written, instead of
+# being killed with the records still outside OUT. A bench stage cut short keeps what it measured
+# (records are appended as they come), and `make gpu RESUME=<run>` (no tests) finishes it. A test
+# stage cut short is finished by a later call given its JUnit files, `GPU_TESTS_RAN="<dir>/tests.xml
+# <dir>/tests-gpu.xml"`: that call runs only the tests with no result in them (RESUME or not), so
+# the calls together run each test once.
 # The TPU kernels are left out here: off a TPU they only run in the TPU interpreter, which the
 # CPU test run covers.
 GPU_PY ?= python3
@@ -158,6 +161,8 @@ GPU_PACK_S ?= 30
 GPU_START := $(shell date +%s)
 # the profiled few: the largest square matmul, the 4k-token D=128 causal attention, a ResNet 3x3
 GPU_PROFILE_CASES ?= 8192x8192x8192 or b4_h16_q4096_k4096_d128_causal or c64_3x3_n32
+GPU_TESTS_RAN ?=
+GPU_SKIP_RAN := $(foreach f,$(GPU_TESTS_RAN),--skip-ran=$(abspath $(f)))
 GPU_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
 OUT ?= reports/gpu-out
 GPU_STAGE := reports/runs/.gpu-stage
@@ -195,12 +200,13 @@ gpu:
 	{ echo "commit $(GPU_COMMIT)"; echo "run $(GPU_RUN)"; date -u; $(GPU_PY) -c "import json; \
 	  from harness import env; print(json.dumps({'gpu': env.device_name(), **env.versions()}, \
 	  indent=1))"; nvidia-smi; } > $(OUT)/env.txt 2>&1; cat $(OUT)/env.txt
-ifeq ($(RESUME),)
+ifneq ($(if $(RESUME),$(GPU_TESTS_RAN),tests),)
 	-$(call gpu_stage,$(GPU_TEST_S),$(GPU_PY) -m pytest tests -q -p no:cacheprovider \
 		-m "not gpu" -n $(GPU_TEST_WORKERS) --ignore=tests/test_faults.py \
-		--ignore=tests/test_pallas_tpu.py -k "not pallas_tpu" --durations=20 \
+		--ignore=tests/test_pallas_tpu.py -k "not pallas_tpu" --durations=20 $(GPU_SKIP_RAN) \
 		--junitxml=$(OUT)/tests.xml) > $(OUT)/tests.txt 2>&1; tail -30 $(OUT)/tests.txt
-	-$(call gpu_stage,90,$(GPU_PY) -m pytest tests -q -p no:cacheprovider -m gpu -rA) \
+	-$(call gpu_stage,90,$(GPU_PY) -m pytest tests -q -p no:cacheprovider -m gpu -rA \
+		$(GPU_SKIP_RAN) --junitxml=$(OUT)/tests-gpu.xml) \
 		>> $(OUT)/tests.txt 2>&1; tail -8 $(OUT)/tests.txt
 endif
 	-$(call gpu_stage,$(GPU_BENCH_S),$(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) \

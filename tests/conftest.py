@@ -1,3 +1,5 @@
+import xml.etree.ElementTree as ET
+
 import pytest
 import torch
 
@@ -7,8 +9,39 @@ import torch
 import kernels  # noqa: F401
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--skip-ran", action="append", default=[], metavar="JUNIT_XML",
+        help="deselect the tests that have a result (passed, failed, skipped or error) in this "
+             "JUnit XML file of an earlier run; repeatable. A run cut short by a time limit (the "
+             "GPU test stage) is finished by a second one: together they run each test once.")
+
+
+def junit_key(nodeid: str) -> str:
+    """A test's id as pytest's JUnit XML writes it: `classname.name`, the file path dotted."""
+    path_and_names, bracket, params = nodeid.partition("[")
+    path, *names = path_and_names.split("::")
+    path = path.removesuffix(".py").replace("/", ".")
+    return ".".join([path, *names]) + bracket + params
+
+
+def ran_in(path: str) -> set[str]:
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as e:
+        raise pytest.UsageError(f"--skip-ran {path}: not a readable JUnit XML file ({e})") from e
+    # a test interrupted by the time limit leaves a testcase with no name: it has no result
+    return {f"{case.get('classname')}.{case.get('name')}" for case in root.iter("testcase")
+            if case.get("name")}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA; without it they are reported as skipped, with the reason."""
+    ran = set().union(*(ran_in(p) for p in config.getoption("skip_ran")))
+    if ran:
+        done = [item for item in items if junit_key(item.nodeid) in ran]
+        items[:] = [item for item in items if junit_key(item.nodeid) not in ran]
+        config.hook.pytest_deselected(items=done)
+    # Tests marked `gpu` need CUDA; without it they are reported as skipped, with the reason.
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
