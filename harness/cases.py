@@ -138,6 +138,8 @@ _CONV_SMOKE = [
 _CONV_STANDARD = _resnet50(32) + _CONV_ODD + [
     c for c in _grouped(32) if c.name.startswith(("dw_c144_", "resnext_c128_"))]
 _CONV_FULL = _resnet50(32) + _resnet50(128) + _CONV_ODD + _grouped(32) + _grouped(128)
+# the cases the conv2d targets are judged over (harness.targets)
+RESNET50_LAYERS = frozenset(c.name for batch in (32, 128) for c in _resnet50(batch))
 
 CASES: dict[str, dict[str, list[Case]]] = {
     "matmul": {"smoke": _MATMUL_SMOKE, "standard": _MATMUL_STANDARD, "full": _MATMUL_FULL},
@@ -163,7 +165,8 @@ def normalize_dtype(name: str) -> str:
     return name
 
 
-def _pair(v):
+def pair(v):
+    """An int or (h, w) pair (a list, read back from JSON) as an (h, w) tuple."""
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
@@ -178,7 +181,7 @@ def conv_group_channels(d: dict) -> int:
 
 
 def conv_out_hw(d: dict) -> tuple[int, int]:
-    (sh, sw), (ph, pw), (dh, dw) = _pair(d["stride"]), _pair(d["padding"]), _pair(d["dilation"])
+    (sh, sw), (ph, pw), (dh, dw) = pair(d["stride"]), pair(d["padding"]), pair(d["dilation"])
     oh = (d["H"] + 2 * ph - dh * (d["KH"] - 1) - 1) // sh + 1
     ow = (d["W"] + 2 * pw - dw * (d["KW"] - 1) - 1) // sw + 1
     return oh, ow

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from harness import compare, results, timing
+from harness import compare, results, targets, timing
 from harness import peaks as peaks_mod
 from harness.summary import _fmt, _fmt_time
 
@@ -472,7 +472,7 @@ def kernels_section(run: Run) -> Section:
                "best %", "% roofline (mean)"], rows)])
 
 
-NOISE_MIN_S = 100e-6  # below this, launch and clock jitter dominate any timer
+NOISE_MIN_S = targets.NOISE_MIN_S  # below this, launch and clock jitter dominate any timer
 
 
 def noise_section(run: Run) -> Section:
@@ -498,18 +498,36 @@ def noise_section(run: Run) -> Section:
         f"{worst['impl']} ({100 * worst['again_change']:+.2f}%)"])
 
 
+def targets_section(run: Run) -> Section:
+    """The GPU baseline's targets (harness.targets), judged on this run's bf16 records."""
+    rows = []
+    for v in targets.judge(run.records, run_seconds(run.records)):
+        rows.append([Cell(v.target), Cell(v.impl), Cell(v.word),
+                     _num(v.reached, ".2f" if v.unit == "x" else ".1f"),
+                     Cell(f"{v.compare} {v.threshold:g} {v.unit}"),
+                     Cell(v.detail if v.reached is None else
+                          "; ".join(filter(None, (v.detail, v.lacking))))])
+    return Section("Targets", "targets", [
+        "The targets of the GPU baseline, judged on this run's bfloat16 records only. A case a "
+        "target covers whose record failed misses it; one with nothing to compare (not run, "
+        "skipped, or its stock op failed) makes the verdict incomplete at best. Percentages are "
+        "throughput against the named stock implementation on the same case (its median over "
+        "the kernel's). On a machine without a GPU these say nothing about a GPU.",
+        Table(["target", "impl", "verdict", "reached", "target value", "over"], rows)])
+
+
 # Each record's phases, in the order a benchmark runs them (harness.bench.Session._measure).
 PHASES = ("setup", "cold_compile", "warm_compile", "warmup", "timed", "memory", "retime", "trace")
 RESUMED_GAP_S = 60.0  # a longer pause between two benchmarks is a run stopped and resumed
 
 
-def time_section(run: Run) -> Section:
-    """Where the run's wall-clock time went: per op and implementation, the sum of each phase over
-    its benchmarks; per op, the time between benchmarks (pytest, writing records, freeing memory)."""
-    placed = sorted((r for r in run.records if r.get("phases")),
+def _time_spent(records: list[dict]):
+    """Per (op, impl): seconds in each phase and the number of benchmarks; per op: the seconds
+    between its benchmarks. None when no record holds its phases."""
+    placed = sorted((r for r in records if r.get("phases")),
                     key=lambda r: min(p["start_ns"] for p in r["phases"]))
     if not placed:
-        return Section("Where the time went", "time", ["no record holds its phases"])
+        return None
     spent: dict[tuple, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     counts: dict[tuple, int] = defaultdict(int)
     between: dict[str, float] = defaultdict(float)
@@ -525,8 +543,28 @@ def time_section(run: Run) -> Section:
         for p in r["phases"]:
             name = p["name"] if p["name"] in PHASES else "other"
             spent[key][name] += (p["end_ns"] - p["start_ns"]) / 1e9
+    return spent, counts, between
+
+
+def run_seconds(records: list[dict]) -> float | None:
+    """The run's wall-clock time: its benchmarks' phases and the gaps between them (a pause of
+    RESUMED_GAP_S or more, a run stopped and resumed, left out)."""
+    time_spent = _time_spent(records)
+    if time_spent is None:
+        return None
+    spent, _, between = time_spent
+    return sum(sum(v.values()) for v in spent.values()) + sum(between.values())
+
+
+def time_section(run: Run) -> Section:
+    """Where the run's wall-clock time went: per op and implementation, the sum of each phase over
+    its benchmarks; per op, the time between benchmarks (pytest, writing records, freeing memory)."""
+    time_spent = _time_spent(run.records)
+    if time_spent is None:
+        return Section("Where the time went", "time", ["no record holds its phases"])
+    spent, counts, between = time_spent
     columns = [c for c in PHASES + ("other",) if any(v.get(c) for v in spent.values())]
-    total = sum(sum(v.values()) for v in spent.values()) + sum(between.values())
+    total = run_seconds(run.records)
     rows = []
     for op in sorted({op for op, _ in spent}):
         keys = sorted((k for k in spent if k[0] == op), key=lambda k: -sum(spent[k].values()))
@@ -922,6 +960,7 @@ def build(run: Run, compare_to: str | None = None, threshold_pct: float = 10.0) 
     sections = [environment_section(run),
                 verdicts_section(run.records, (run.peaks or {}).get("jax_call_s")),
                 kernels_section(run),
+                targets_section(run),
                 noise_section(run),
                 time_section(run)]
     sections += [op_section(op, run) for op in ops] + [problems_section(run)]

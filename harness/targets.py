@@ -1,0 +1,220 @@
+"""The performance targets of the GPU baseline, judged from a run's own records.
+
+Each target is data (what it compares, over which cases, its threshold); `judge` gives one Verdict
+per target and implementation: the figure reached, the cases behind it, and a word for it. A case
+the target covers whose record failed misses the target; one with no record to compare (not run,
+skipped, its stock op failed) makes the verdict "incomplete" at best: a figure over the cases that
+happened to run would flatter the kernel. The targets are for bfloat16; records of other dtypes
+are not looked at.
+"""
+from __future__ import annotations
+
+import operator
+import statistics
+from dataclasses import dataclass
+from typing import Callable
+
+from harness import cases as cases_mod
+
+DTYPE = "bfloat16"
+NOISE_MIN_S = 100e-6  # the noise target is for kernels over 100 us
+_COMPARE = {">=": operator.ge, ">": operator.gt, "<": operator.lt, "<=": operator.le}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str  # what is asked, in words
+    impl: str
+    reached: float | None  # in `unit`; None: nothing to judge
+    compare: str  # how reached must stand to the threshold: ">=", ">", "<" or "<="
+    threshold: float
+    unit: str
+    detail: str  # the cases behind the figure, worst and best
+    failed: tuple[str, ...] = ()  # covered cases whose record failed
+    absent: tuple[str, ...] = ()  # covered cases with nothing to compare
+    absent_means: str = "nothing to compare"
+
+    @property
+    def word(self) -> str:
+        if self.reached is None:
+            return "no data"
+        if self.failed or not _COMPARE[self.compare](self.reached, self.threshold):
+            return "MISSED" + (" (incomplete)" if self.absent else "")
+        return "incomplete" if self.absent else "met"
+
+    @property
+    def lacking(self) -> str:
+        """The covered cases that failed or had nothing to compare, in words."""
+        parts = [f"failed: {_names(self.failed)}"] if self.failed else []
+        parts += [f"{self.absent_means}: {_names(self.absent)}"] if self.absent else []
+        return "; ".join(parts)
+
+
+def _names(names: tuple[str, ...], shown: int = 6) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _standard(op: str) -> set[str]:
+    return {c.name for c in cases_mod.cases(op, "standard")}
+
+
+def _long_d128(dims: dict) -> bool:
+    return dims.get("D") == 128 and min(dims.get("Sq", 0), dims.get("Sk", 0)) >= 4096
+
+
+def _records(records: list[dict], op: str, impl: str, mode: str = "fwd") -> dict[str, dict]:
+    """impl's bf16 records of op in this mode, by case."""
+    return {r["case"]: r for r in records if r["op"] == op and r["impl"] == impl
+            and r["dtype"] == DTYPE and r.get("mode", "fwd") == mode}
+
+
+def _ok(recs: dict[str, dict]) -> dict[str, dict]:
+    return {c: r for c, r in recs.items() if r["status"] == "ok" and r.get("median_s")}
+
+
+def _covered(records: list[dict], op: str, mode: str, keep: Callable[[dict], bool]) -> list[str]:
+    """The cases of op the target covers that this run has any bf16 record of."""
+    return sorted({r["case"] for r in records if r["op"] == op and r["dtype"] == DTYPE
+                   and r.get("mode", "fwd") == mode and keep(r)})
+
+
+def _failed_absent(covered, mine: dict, judged) -> tuple[tuple, tuple]:
+    failed = tuple(c for c in covered if mine.get(c, {}).get("status") == "failed")
+    return failed, tuple(c for c in covered if c not in judged and c not in failed)
+
+
+def vs_stock(records, target: str, op: str, impl: str, stock: str, threshold_pct: float,
+             keep: Callable[[dict], bool]) -> Verdict:
+    """impl's throughput as a percentage of `stock`'s on the same cases, geometric mean."""
+    covered = _covered(records, op, "fwd", keep)
+    mine = _records(records, op, impl)
+    ok, theirs = _ok(mine), _ok(_records(records, op, stock))
+    pct = {c: 100 * theirs[c]["median_s"] / ok[c]["median_s"]
+           for c in covered if c in ok and c in theirs}
+    failed, absent = _failed_absent(covered, mine, pct)
+    if not pct:
+        return Verdict(target, impl, None, ">=", threshold_pct, "%",
+                       f"no case with ok records of both {impl} and {stock}", failed, absent)
+    worst, best = min(pct, key=pct.get), max(pct, key=pct.get)
+    return Verdict(target, impl, statistics.geometric_mean(pct.values()), ">=", threshold_pct,
+                   "%", f"{len(pct)} cases; worst {worst} {pct[worst]:.1f}%, best {best} "
+                        f"{pct[best]:.1f}%", failed, absent)
+
+
+def ahead_on_a_class(records, target: str, op: str, impl: str, stock: str,
+                     keep: Callable[[dict], bool]) -> Verdict:
+    """The layer class (kernel size and stride) where impl does best against `stock`, geometric
+    mean over its layers: ahead when above 100%."""
+    ok, theirs = _ok(_records(records, op, impl)), _ok(_records(records, op, stock))
+    classes: dict[str, list[float]] = {}
+    for c in _covered(records, op, "fwd", keep):
+        if c in ok and c in theirs:
+            d = ok[c]["dims"]
+            stride = cases_mod.pair(d["stride"])
+            name = f"{d['KH']}x{d['KW']}" + ("" if stride == (1, 1) else f"/{stride[0]}")
+            classes.setdefault(name, []).append(theirs[c]["median_s"] / ok[c]["median_s"])
+    if not classes:
+        return Verdict(target, impl, None, ">", 100.0, "%",
+                       f"no case with ok records of both {impl} and {stock}")
+    pct = {k: 100 * statistics.geometric_mean(v) for k, v in classes.items()}
+    best = max(pct, key=pct.get)
+    return Verdict(target, impl, pct[best], ">", 100.0, "%", f"best class {best}; " + "; ".join(
+        f"{k} {pct[k]:.1f}% ({len(classes[k])} layer{'s' * (len(classes[k]) > 1)})"
+        for k in sorted(pct)))
+
+
+def throughput(records, target: str, op: str, impl: str, threshold_tflops: float,
+               keep: Callable[[dict], bool]) -> Verdict:
+    """impl's TFLOP/s on every case the target covers; reached is the worst of them."""
+    covered = _covered(records, op, "fwd", keep)
+    mine = _records(records, op, impl)
+    tflops = {c: r["tflops"] for c, r in _ok(mine).items() if c in covered}
+    failed, absent = _failed_absent(covered, mine, tflops)
+    if not tflops:
+        return Verdict(target, impl, None, ">=", threshold_tflops, "TFLOP/s",
+                       f"no ok {impl} record of a case it covers", failed, absent)
+    above = sum(t >= threshold_tflops for t in tflops.values())
+    return Verdict(target, impl, min(tflops.values()), ">=", threshold_tflops, "TFLOP/s",
+                   f"{above} of {len(tflops)} cases at or above; "
+                   + ", ".join(f"{c} {tflops[c]:.0f}" for c in sorted(tflops)), failed, absent)
+
+
+def backward_over_forward(records, target: str, op: str, impl: str, limit: float) -> Verdict:
+    """impl's backward time over its forward time on each case it ran both ways; reached is the
+    largest ratio."""
+    fwd, bwd = _records(records, op, impl, "fwd"), _records(records, op, impl, "bwd")
+    ok_fwd, ok_bwd = _ok(fwd), _ok(bwd)
+    ratio = {c: ok_bwd[c]["median_s"] / ok_fwd[c]["median_s"] for c in ok_fwd if c in ok_bwd}
+    both = sorted(set(fwd) & set(bwd))
+    failed = tuple(c for c in both if "failed" in (fwd[c]["status"], bwd[c]["status"]))
+    if not ratio:
+        return Verdict(target, impl, None, "<=", limit, "x",
+                       f"no case with ok {impl} records of both forward and backward", failed)
+    worst, best = max(ratio, key=ratio.get), min(ratio, key=ratio.get)
+    return Verdict(target, impl, ratio[worst], "<=", limit, "x",
+                   f"{len(ratio)} cases; worst {worst} {ratio[worst]:.2f}x, best {best} "
+                   f"{ratio[best]:.2f}x", failed)
+
+
+def noise(records, target: str, limit_pct: float) -> Verdict:
+    """The largest |second median / first - 1| of the benchmarks over NOISE_MIN_S timed twice."""
+    twice = [r for r in records if r["dtype"] == DTYPE and r["status"] == "ok"
+             and r.get("median_again_s") and r["median_s"] >= NOISE_MIN_S]
+    if not twice:
+        return Verdict(target, "all", None, "<", limit_pct, "%",
+                       f"no bf16 benchmark over {NOISE_MIN_S * 1e6:.0f} us timed twice (RETIME)")
+    changes = sorted(100 * abs(r["again_change"]) for r in twice)
+    worst = max(twice, key=lambda r: abs(r["again_change"]))
+    return Verdict(target, "all", changes[-1], "<", limit_pct, "%",
+                   f"{len(twice)} benchmarks, median {statistics.median(changes):.2f}%, "
+                   f"{sum(c >= limit_pct for c in changes)} at or over; worst {worst['op']} "
+                   f"{worst['case']} {worst.get('mode', 'fwd')} {worst['impl']}")
+
+
+def tier_time(records, target: str, limit_s: float, run_s: float | None) -> Verdict:
+    """The run's wall-clock time (its benchmarks and the gaps between them). It is the standard
+    tier's time only when the run holds every benchmark of it: each standard case of each op in
+    the run, in each mode the run measured that op in, for each implementation it ran."""
+    ran = [r for r in records if r["dtype"] == DTYPE]
+    if not ran or run_s is None:
+        return Verdict(target, "all", None, "<", limit_s, "s", "no bf16 record with its phases")
+    tier, missing = 0, []
+    for op in sorted({r["op"] for r in ran}):
+        mine = [r for r in ran if r["op"] == op]
+        have = {(r["case"], r.get("mode", "fwd"), r["impl"]) for r in mine}
+        modes, impls = {r.get("mode", "fwd") for r in mine}, {r["impl"] for r in mine}
+        wanted = sorted((c, m, i) for c in _standard(op) for m in modes for i in impls)
+        tier += len(wanted)
+        missing += [f"{op}/{i}/{c}-{m}" for c, m, i in wanted if (c, m, i) not in have]
+    return Verdict(target, "all", run_s, "<", limit_s, "s",
+                   f"{tier - len(missing)} of the {tier} benchmarks of the standard tier (its "
+                   "ops, modes and implementations as this run ran them)",
+                   absent=tuple(missing), absent_means="not run")
+
+
+def judge(records: list[dict], run_s: float | None) -> list[Verdict]:
+    """Every target, judged on the records (run_s: the run's wall-clock seconds)."""
+    def matmul(r):
+        return r["case"] in _standard("matmul")
+
+    def resnet50(r):
+        return r["case"] in cases_mod.RESNET50_LAYERS
+
+    return [
+        *(vs_stock(records, "matmul at >= 95% of cuBLAS, geomean over the standard shapes",
+                   "matmul", impl, "torch", 95.0, matmul) for impl in ("triton", "triton_tma")),
+        *(vs_stock(records, "matmul at >= 85% of cuBLAS, geomean over the standard shapes",
+                   "matmul", impl, "torch", 85.0, matmul) for impl in ("pallas", "pallas_mosaic")),
+        throughput(records, "attention forward at D=128, S >= 4k: >= 550 TFLOP/s in every case",
+                   "attention", "triton", 550.0, lambda r: _long_d128(r.get("dims") or {})),
+        backward_over_forward(records, "attention backward within 2.5x of the forward's time",
+                              "attention", "triton", 2.5),
+        vs_stock(records, "conv2d at >= 85% of cuDNN, geomean over the ResNet-50 layers",
+                 "conv2d", "triton", "torch", 85.0, resnet50),
+        ahead_on_a_class(records, "conv2d ahead of cuDNN on at least one ResNet-50 layer class",
+                         "conv2d", "triton", "torch", resnet50),
+        noise(records, f"timing noise under 2% for kernels over {NOISE_MIN_S * 1e6:.0f} us", 2.0),
+        tier_time(records, "the whole standard tier in under 8 minutes, compilation included",
+                  480.0, run_s),
+    ]

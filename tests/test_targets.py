@@ -1,0 +1,138 @@
+"""The GPU baseline's targets judged from records (harness.targets) and their report section."""
+from pathlib import Path
+
+import pytest
+
+from harness import cases, report, results, targets
+
+BASELINE = (Path(__file__).resolve().parent.parent / "reports" / "baselines"
+            / "nvidia-h100-80gb-hbm3" / "2026-11-23" / "run")
+MATMUL = [c.name for c in cases.cases("matmul", "standard")]
+ATTENTION = cases.cases("attention", "standard")
+
+
+def rec(op, impl, case, median_s, status="ok", mode="fwd", dims=None, **extra):
+    return {"op": op, "impl": impl, "case": case, "dtype": "bfloat16", "mode": mode,
+            "status": status, "median_s": median_s if status == "ok" else None,
+            "dims": dims or {}, **extra}
+
+
+def matmul_run(triton_pct: dict[str, float]) -> list[dict]:
+    """cuBLAS at 1 ms on every standard shape; triton at the given percent of it."""
+    out = [rec("matmul", "torch", c, 1e-3) for c in MATMUL]
+    for c, pct in triton_pct.items():
+        out.append(rec("matmul", "triton", c, 1e-3 * 100 / pct) if pct else
+                   rec("matmul", "triton", c, None, status="failed"))
+    return out
+
+
+def the(verdicts, target_start, impl):
+    (v,) = [v for v in verdicts if v.target.startswith(target_start) and v.impl == impl]
+    return v
+
+
+def test_matmul_against_cublas_is_a_geomean_over_every_standard_shape():
+    ok = targets.judge(matmul_run({c: 96.0 for c in MATMUL}), None)
+    v = the(ok, "matmul at >= 95%", "triton")
+    assert (v.word, round(v.reached, 6), v.failed, v.absent) == ("met", 96.0, (), ())
+    low = the(targets.judge(matmul_run({c: 94.0 for c in MATMUL}), None), "matmul at >= 95%",
+              "triton")
+    assert low.word == "MISSED"
+    # a failed shape misses the target even when the others are fast
+    failed = {c: 120.0 for c in MATMUL} | {MATMUL[0]: None}
+    v = the(targets.judge(matmul_run(failed), None), "matmul at >= 95%", "triton")
+    assert v.reached == pytest.approx(120.0) and v.word == "MISSED" and v.failed == (MATMUL[0],)
+    # a shape it never ran: the geomean over the others is not a verdict
+    v = the(targets.judge(matmul_run({c: 96.0 for c in MATMUL[1:]}), None), "matmul at >= 95%",
+            "triton")
+    assert v.word == "incomplete" and v.absent == (MATMUL[0],)
+    assert the(ok, "matmul at >= 85%", "pallas").word == "no data"
+
+
+def test_attention_throughput_covers_d128_from_4k_tokens_only():
+    long = [c for c in ATTENTION if c.dims["D"] == 128 and c.dims["Sq"] >= 4096]
+    assert long and all(c.dims["Sk"] >= 4096 for c in long)
+    d64 = next(c for c in ATTENTION if c.dims["D"] == 64)
+    d128_1k = next(c for c in ATTENTION if c.dims["D"] == 128 and c.dims["Sq"] == 1024)
+    runs = [rec("attention", "triton", c.name, 1e-3, dims=c.dims, tflops=600.0) for c in long]
+    runs += [rec("attention", "triton", c.name, 1e-3, dims=c.dims, tflops=100.0)
+             for c in (d64, d128_1k)]
+    v = the(targets.judge(runs, None), "attention forward", "triton")
+    assert (v.word, v.reached) == ("met", 600.0)  # D=64 and 1k tokens are not covered
+    runs[0]["tflops"] = 549.0
+    v = the(targets.judge(runs, None), "attention forward", "triton")
+    assert (v.word, v.reached) == ("MISSED", 549.0)
+    assert f"{len(long) - 1} of {len(long)} cases at or above" in v.detail
+
+
+def test_backward_within_two_and_a_half_forwards():
+    runs = [rec("attention", "triton", "a", 1e-3), rec("attention", "triton", "a", 2.4e-3,
+                                                        mode="bwd")]
+    assert the(targets.judge(runs, None), "attention backward", "triton").word == "met"
+    runs += [rec("attention", "triton", "b", 1e-3), rec("attention", "triton", "b", 2.6e-3,
+                                                         mode="bwd")]
+    v = the(targets.judge(runs, None), "attention backward", "triton")
+    assert v.word == "MISSED" and v.reached == pytest.approx(2.6) and "worst b" in v.detail
+
+
+def test_conv2d_targets_take_the_resnet50_layers_and_classes_by_kernel_and_stride():
+    resnet = [c for c in cases.cases("conv2d", "standard") if c.name in cases.RESNET50_LAYERS]
+    odd = next(c for c in cases.cases("conv2d", "standard") if c.name.startswith("odd_"))
+    assert len(resnet) == 24
+    runs = []
+    for c in resnet + [odd]:
+        dims = {**c.dims, "stride": list(cases.pair(c.dims["stride"]))}  # as read from JSON
+        fast = c.dims["KH"] == 7 or c is odd  # ahead only on the stem (and an odd case)
+        runs += [rec("conv2d", "torch", c.name, 1e-3, dims=dims),
+                 rec("conv2d", "triton", c.name, 0.8e-3 if fast else 1.25e-3, dims=dims)]
+    verdicts = targets.judge(runs, None)
+    geomean = the(verdicts, "conv2d at >= 85%", "triton")
+    assert geomean.word == "MISSED" and "24 cases" in geomean.detail  # the odd case left out
+    ahead = the(verdicts, "conv2d ahead", "triton")
+    assert ahead.word == "met" and ahead.reached == pytest.approx(125.0)
+    assert "best class 7x7/2" in ahead.detail and "3x3/2 80.0%" in ahead.detail
+
+
+def test_noise_counts_kernels_over_100_us_timed_twice():
+    runs = [rec("matmul", "triton", "a", 200e-6, median_again_s=203e-6, again_change=0.015),
+            rec("matmul", "triton", "b", 50e-6, median_again_s=60e-6, again_change=0.2)]
+    v = the(targets.judge(runs, None), "timing noise", "all")
+    assert v.word == "met" and v.reached == pytest.approx(1.5)
+    runs[0]["again_change"] = -0.025
+    assert the(targets.judge(runs, None), "timing noise", "all").word == "MISSED"
+
+
+def test_tier_time_is_the_tiers_only_when_the_run_holds_all_of_it():
+    whole = [rec("matmul", impl, c, 1e-3) for c in MATMUL for impl in ("torch", "triton")]
+    assert the(targets.judge(whole, 300.0), "the whole standard tier", "all").word == "met"
+    assert the(targets.judge(whole, 500.0), "the whole standard tier", "all").word == "MISSED"
+    v = the(targets.judge(whole[1:], 300.0), "the whole standard tier", "all")
+    assert v.word == "incomplete" and v.absent == (f"matmul/torch/{MATMUL[0]}-fwd",)
+    assert "15 of the 16 benchmarks" in v.detail
+    assert the(targets.judge(whole[1:], 500.0), "the whole standard tier",
+               "all").word == "MISSED (incomplete)"
+
+
+def test_the_h100_baseline_judged():
+    """The committed 2026-11-23 H100 run: matmul and conv2d complete, attention D=64 only."""
+    run = report.load_run(BASELINE)
+    verdicts = targets.judge(run.records, report.run_seconds(run.records))
+    matmul = the(verdicts, "matmul at >= 95%", "triton")
+    assert matmul.word == "MISSED" and matmul.reached == pytest.approx(61.7, abs=0.05)
+    assert "8 cases" in matmul.detail
+    assert the(verdicts, "attention forward", "triton").word == "no data"  # no D=128 records
+    conv = the(verdicts, "conv2d at >= 85%", "triton")
+    assert conv.word == "MISSED" and "24 cases" in conv.detail
+    tier = the(verdicts, "the whole standard tier", "all")
+    assert tier.word == "MISSED (incomplete)" and "384 of the" in tier.detail
+    section = report.targets_section(run)
+    assert [row[2].text for row in section.blocks[1].rows] == [v.word for v in verdicts]
+
+
+def test_targets_section_in_the_written_report(tmp_path):
+    for name in ("results.jsonl", "env.json", "peaks.json"):
+        (tmp_path / name).write_bytes((BASELINE / name).read_bytes())
+    report.write(tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert "## Targets" in text and "| matmul at >= 95% of cuBLAS" in text
+    assert results.load(tmp_path / "results.jsonl")  # the records are read, not rewritten
