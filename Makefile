@@ -215,6 +215,8 @@ endif
 		ISOLATE=$(GPU_ISOLATE) TIMEOUT=$(GPU_TIMEOUT)) \
 		> $(OUT)/bench.txt 2>&1; tail -5 $(OUT)/bench.txt
 	-$(GPU_PY) -m harness.report reports/runs/$(GPU_RUN) >> $(OUT)/bench.txt 2>&1
+	-sed -n '/^## Targets/,/^## Harness noise/p' reports/runs/$(GPU_RUN)/summary.md \
+		| grep '^|' | cut -d'|' -f2-6
 	$(gpu_pack)
 ifneq ($(GPU_PROFILE_S),0)
 	-$(call gpu_stage,$(GPU_PROFILE_S),$(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) \
