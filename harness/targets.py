@@ -173,9 +173,11 @@ def noise(records, target: str, limit_pct: float) -> Verdict:
 
 
 def tier_time(records, target: str, limit_s: float, run_s: float | None) -> Verdict:
-    """The run's wall-clock time (its benchmarks and the gaps between them). It is the standard
-    tier's time only when the run holds every benchmark of it: each standard case of each op in
-    the run, in each mode the run measured that op in, for each implementation it ran."""
+    """The run's wall-clock time in and between its benchmarks (pytest's start-up, the ceilings
+    measured before the first benchmark and the report after the last are not in the records). It
+    is the standard tier's time only when the run holds every benchmark of it: each standard case
+    of each op in the run, in each mode the run measured that op in, for each implementation it
+    ran."""
     ran = [r for r in records if r["dtype"] == DTYPE]
     if not ran or run_s is None:
         return Verdict(target, "all", None, "<", limit_s, "s", "no bf16 record with its phases")
@@ -188,6 +190,7 @@ def tier_time(records, target: str, limit_s: float, run_s: float | None) -> Verd
         tier += len(wanted)
         missing += [f"{op}/{i}/{c}-{m}" for c, m, i in wanted if (c, m, i) not in have]
     return Verdict(target, "all", run_s, "<", limit_s, "s",
+                   "in and between benchmarks (start-up and ceilings not counted); "
                    f"{tier - len(missing)} of the {tier} benchmarks of the standard tier (its "
                    "ops, modes and implementations as this run ran them)",
                    absent=tuple(missing), absent_means="not run")
