@@ -81,7 +81,8 @@ bench: $(SETUP)
 # reports/<run>/index.html and summary.md; RUN=<run-id> or a directory such as
 # reports/baselines/<gpu>/<date> (default: reports/latest). BASE=<run> adds a comparison.
 report: $(SETUP)
-	$(PY) -m harness.report $(if $(REPORT_RUN),$(REPORT_RUN),reports/latest) $(if $(BASE),--compare $(BASE))
+	$(PY) -m harness.report $(if $(REPORT_RUN),$(REPORT_RUN),reports/latest) \
+		$(if $(REPORT_OUT),--out $(REPORT_OUT)) $(if $(BASE),--compare $(BASE))
 
 # The benchmarks with a profiler trace each and the run timeline under profiles/<run-id>/.
 profile: $(SETUP)

@@ -2,11 +2,13 @@
 header, nothing fetched from anywhere) and summary.md (the same tables in Markdown), written into
 the run directory.
 
-    python -m harness.report [RUN] [--compare BASE] [--threshold 10]
+    python -m harness.report [RUN] [--out DIR] [--compare BASE] [--threshold 10]
 
 RUN is a run id under reports/runs, or any directory holding a results.jsonl (a run directory,
-reports/baselines/<gpu>/<date>); default reports/latest. --compare adds the per-benchmark median
-changes against another run (pytest-benchmark files, judged by harness.compare).
+reports/baselines/<gpu>/<date>/run); default reports/latest. The report goes into the run's
+directory, or DIR: a committed baseline keeps the report its run wrote, so one rendered again
+from it needs --out. --compare adds the per-benchmark median changes against another run
+(pytest-benchmark files, judged by harness.compare).
 """
 from __future__ import annotations
 
@@ -192,6 +194,11 @@ class Run:
     records: list[dict]
     env: dict
     peaks: dict | None
+    out: Path | None = None  # where the report goes (links are relative to it): default `dir`
+
+    @property
+    def report_dir(self) -> Path:
+        return self.out or self.dir
 
 
 def resolve(ref: str | None) -> Path:
@@ -359,13 +366,14 @@ def _best_stock(records: list[dict]) -> dict[tuple, float]:
     return best
 
 
-def _trace_href(run_dir: Path, trace_path: str) -> str | None:
-    """A relative link to the trace, or None when it is not on this disk. Records store the path
-    relative to the repository; a baseline directory may hold the traces beside its records."""
-    for root in (run_dir, Path.cwd(), results.PROFILES.parent):
+def _trace_href(run: Run, trace_path: str) -> str | None:
+    """A link to the trace relative to the report, or None when it is not on this disk. Records
+    store the path relative to the repository; a baseline directory may hold the traces beside
+    its records."""
+    for root in (run.dir, Path.cwd(), results.PROFILES.parent):
         target = root / trace_path
         if target.is_file():
-            return quote(os.path.relpath(target.resolve(), run_dir))
+            return quote(os.path.relpath(target.resolve(), run.report_dir.resolve()))
     return None
 
 
@@ -373,7 +381,7 @@ def _trace_cell(run: Run, r: dict) -> Cell:
     path = r.get("trace_path")
     if not path:
         return Cell("")
-    href = _trace_href(run.dir, path)
+    href = _trace_href(run, path)
     return Cell("trace", href=href) if href else Cell(f"{path} (not on this disk)")
 
 
@@ -969,22 +977,37 @@ def build(run: Run, compare_to: str | None = None, threshold_pct: float = 10.0) 
     return sections
 
 
-def write(run_dir: Path, compare_to: str | None = None, threshold_pct: float = 10.0) -> Path:
+def committed_baseline(path: Path) -> bool:
+    return path.resolve().is_relative_to((results.REPORTS / "baselines").resolve())
+
+
+def write(run_dir: Path, compare_to: str | None = None, threshold_pct: float = 10.0,
+          out: Path | None = None) -> Path:
+    """Writes index.html and summary.md into `out` (default: the run directory, which must not
+    be a committed baseline: its report is the one its run wrote)."""
+    out = Path(out or run_dir)
+    if committed_baseline(out):
+        raise SystemExit(f"{out} is a committed baseline under {results.REPORTS / 'baselines'}: "
+                         "its report is the one its run wrote; render it elsewhere with --out DIR "
+                         "(make report REPORT_OUT=DIR)")
     run = load_run(run_dir)
+    run.out = out
     sections = build(run, compare_to, threshold_pct)
     title = f"Kernel benchmarks: {run_dir.name}"
-    results.write_text(run_dir / "index.html", render_html(title, sections))
-    results.write_text(run_dir / "summary.md", render_markdown(title, sections))
-    return run_dir / "index.html"
+    out.mkdir(parents=True, exist_ok=True)
+    results.write_text(out / "index.html", render_html(title, sections))
+    results.write_text(out / "summary.md", render_markdown(title, sections))
+    return out / "index.html"
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", nargs="?", help="run id, run directory (default reports/latest)")
+    ap.add_argument("--out", type=Path, help="write the report here (default: the run directory)")
     ap.add_argument("--compare", metavar="BASE", help="another run: per-benchmark changes")
     ap.add_argument("--threshold", type=float, default=10.0, help="regression percent (10)")
     args = ap.parse_args(argv)
-    page = write(resolve(args.run), args.compare, args.threshold)
+    page = write(resolve(args.run), args.compare, args.threshold, args.out)
     print(f"wrote {page} and {page.with_name('summary.md')}")
 
 

@@ -10,7 +10,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from harness import peaks, report, results
+from harness import compare, peaks, report, results
 from tests.checking import outer_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,6 +176,30 @@ def test_synthetic_run_report(synthetic_run):
     conv_claim = md.split("### PyTorch is better for convolutions", 1)[1]
     assert "no data in this run" in conv_claim.split("\n## ", 1)[0]
     assert "[trace](traces/matmul-torch.json.gz)" in md
+
+
+def test_report_elsewhere_links_back_to_the_runs_traces(synthetic_run, tmp_path):
+    out = tmp_path / "elsewhere" / "report"
+    report.main([str(synthetic_run), "--out", str(out)])
+    check_page(out)  # every link resolves from the new place
+    assert 'href="../../' in (out / "index.html").read_text()
+    assert not (synthetic_run / "index.html").exists()
+
+
+def test_a_committed_baseline_keeps_its_report(tmp_path, monkeypatch):
+    baseline = tmp_path / "baselines" / "gpu" / "2026-01-01" / "run"
+    baseline.mkdir(parents=True)
+    (baseline / "results.jsonl").write_text("")
+    monkeypatch.setattr(results, "REPORTS", tmp_path)
+    with pytest.raises(SystemExit, match="committed baseline.*--out DIR"):
+        report.write(baseline)
+    assert not (baseline / "index.html").exists()
+    report.write(baseline, out=tmp_path / "rendered")
+    assert (tmp_path / "rendered" / "summary.md").is_file()
+    # make compare with the baseline as HEAD compares, and leaves its report alone
+    bench = _benchmark_json(baseline / "benchmark.json", {"a": 1e-3})
+    assert compare.main([str(bench), str(bench), "--no-table", "--report"]) == 0
+    assert not (baseline / "index.html").exists()
 
 
 def test_peaks_give_a_roofline(synthetic_run):
