@@ -123,8 +123,9 @@ aot: $(SETUP)
 # wheel, pure Python; its protobuf is there) into wheels/ (ignored by git; carry it along).
 # On the GPU machine (no network, its own CUDA torch / Triton / JAX): `make gpu OUT=<dir>` runs, in
 # one go, the tests (the GPU timing cross-check alone on the card, the rest in parallel), the
-# `standard` tier of every op, and a few profiled benchmarks, and leaves in OUT: env.txt, tests.txt,
-# tests.xml, tests-gpu.xml, bench.txt and run.tar.gz (records, benchmark JSON, report, traces).
+# `standard` tier of every op, and a few profiled benchmarks, and leaves in OUT: env.txt (commit,
+# settings, versions, nvidia-smi), stages.txt, tests.txt, tests.xml, tests-gpu.xml, bench.txt and
+# run.tar.gz (records, benchmark JSON, report, traces).
 # Each stage has a time limit (GPU_*_S), and all of them one deadline (GPU_TOTAL_S from the start,
 # less GPU_PACK_S to pack the results): a stage gets what is left when its own limit would pass
 # the deadline, so the call ends inside a 10-minute command with run.tar.gz written, instead of
@@ -168,15 +169,18 @@ GPU_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
 OUT ?= reports/gpu-out
 GPU_STAGE := reports/runs/.gpu-stage
 
-# $(call gpu_stage,<own limit s>,<command>): the command under `timeout`, for its own limit or
-# what is left before the deadline, whichever is less (SIGINT first, so pytest writes what it
-# has; a kill 15 s later, which GPU_PACK_S covers); under 10 s left, skipped, saying so.
+# $(call gpu_stage,<name>,<own limit s>,<command>): the command under `timeout`, for its own limit
+# or what is left before the deadline, whichever is less (SIGINT first, so pytest writes what it
+# has; a kill 15 s later, which GPU_PACK_S covers); under 10 s left, skipped, saying so. Each stage
+# adds a line to OUT/stages.txt: its name, start and end (UTC), limit and exit status (124: cut at
+# its limit), the provenance of what the call left.
 define gpu_stage
-left=$$(( $(GPU_START) + $(GPU_TOTAL_S) - $(GPU_PACK_S) - $$(date +%s) )); \
-	limit=$$(( $(1) < left ? $(1) : left )); \
+{ left=$$(( $(GPU_START) + $(GPU_TOTAL_S) - $(GPU_PACK_S) - $$(date +%s) )); \
+	limit=$$(( $(2) < left ? $(2) : left )); start=$$(date -u +%FT%TZ); \
 	if [ $$limit -lt 10 ]; then \
-		echo "skipped: $$left s left of GPU_TOTAL_S=$(GPU_TOTAL_S) (less GPU_PACK_S)"; \
-	else timeout -s INT -k 15 $$limit $(2); fi
+		echo "skipped: $$left s left of GPU_TOTAL_S=$(GPU_TOTAL_S) (less GPU_PACK_S)"; rc=skipped; \
+	else timeout -s INT -k 15 $$limit $(3); rc=$$?; fi; \
+	echo "$(1): $$start .. $$(date -u +%FT%TZ), limit $$limit s, exit $$rc" >> $(OUT)/stages.txt; }
 endef
 
 # The run's records, benchmark JSON, report and traces into OUT/run.tar.gz (after each stage
@@ -198,19 +202,25 @@ gpu:
 	@mkdir -p $(OUT)
 	$(GPU_PY) -m pip install -q --no-index --no-deps --target $(GPU_SITE) wheels/perfetto-*.whl \
 		|| echo "no perfetto wheel in wheels/: the run timeline will be missing"
-	{ echo "commit $(GPU_COMMIT)"; echo "run $(GPU_RUN)"; date -u; $(GPU_PY) -c "import json; \
+	{ echo "commit $(GPU_COMMIT)"; echo "run $(GPU_RUN)"; date -u; \
+	  echo "settings: RESUME=$(RESUME) GPU_OPS=$(GPU_OPS) GPU_DTYPES=$(GPU_DTYPES)" \
+	    "GPU_MODES=$(GPU_MODES) GPU_RETIME=$(GPU_RETIME) GPU_COLD=$(GPU_COLD)" \
+	    "GPU_ISOLATE=$(GPU_ISOLATE) GPU_TIMEOUT=$(GPU_TIMEOUT) GPU_TEST_WORKERS=$(GPU_TEST_WORKERS)" \
+	    "GPU_TEST_S=$(GPU_TEST_S) GPU_BENCH_S=$(GPU_BENCH_S) GPU_PROFILE_S=$(GPU_PROFILE_S)" \
+	    "GPU_TOTAL_S=$(GPU_TOTAL_S) GPU_TESTS_RAN=$(GPU_TESTS_RAN)"; \
+	  $(GPU_PY) -c "import json; \
 	  from harness import env; print(json.dumps({'gpu': env.device_name(), **env.versions()}, \
 	  indent=1))"; nvidia-smi; } > $(OUT)/env.txt 2>&1; cat $(OUT)/env.txt
 ifneq ($(if $(RESUME),$(GPU_TESTS_RAN),tests),)
-	-$(call gpu_stage,$(GPU_TEST_S),$(GPU_PY) -m pytest tests -q -p no:cacheprovider \
+	-$(call gpu_stage,tests,$(GPU_TEST_S),$(GPU_PY) -m pytest tests -q -p no:cacheprovider \
 		-m "not gpu" -n $(GPU_TEST_WORKERS) --ignore=tests/test_faults.py \
 		--ignore=tests/test_pallas_tpu.py -k "not pallas_tpu" --durations=20 $(GPU_SKIP_RAN) \
 		--junitxml=$(OUT)/tests.xml) > $(OUT)/tests.txt 2>&1; tail -30 $(OUT)/tests.txt
-	-$(call gpu_stage,90,$(GPU_PY) -m pytest tests -q -p no:cacheprovider -m gpu -rA \
+	-$(call gpu_stage,gpu-tests,90,$(GPU_PY) -m pytest tests -q -p no:cacheprovider -m gpu -rA \
 		$(GPU_SKIP_RAN) --junitxml=$(OUT)/tests-gpu.xml) \
 		>> $(OUT)/tests.txt 2>&1; tail -8 $(OUT)/tests.txt
 endif
-	-$(call gpu_stage,$(GPU_BENCH_S),$(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) \
+	-$(call gpu_stage,bench,$(GPU_BENCH_S),$(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) \
 		TIER=standard OPS=$(GPU_OPS) DTYPES=$(GPU_DTYPES) MODES=$(GPU_MODES) RUN=$(GPU_RUN) \
 		$(if $(RESUME),RESUME=$(RESUME)) RETIME=$(GPU_RETIME) COLD=$(GPU_COLD) \
 		ISOLATE=$(GPU_ISOLATE) TIMEOUT=$(GPU_TIMEOUT)) \
@@ -220,7 +230,7 @@ endif
 		| grep '^|' | cut -d'|' -f2-6
 	$(gpu_pack)
 ifneq ($(GPU_PROFILE_S),0)
-	-$(call gpu_stage,$(GPU_PROFILE_S),$(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) \
+	-$(call gpu_stage,profile,$(GPU_PROFILE_S),$(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) \
 		TIER=standard DTYPES=$(GPU_DTYPES) MODES=fwd RUN=$(GPU_RUN)-profile PROFILE=1 \
 		ISOLATE=$(GPU_ISOLATE) TIMEOUT=$(GPU_TIMEOUT) \
 		PYTEST_ARGS='-k "$(GPU_PROFILE_CASES)"') >> $(OUT)/bench.txt 2>&1
