@@ -1,8 +1,9 @@
 """The performance targets of the GPU baseline, judged from a run's own records.
 
 Each target is data (what it compares, over which cases, its threshold); `judge` gives one Verdict
-per target and implementation: the figure reached, the cases behind it, and a word for it. A case
-the target covers whose record failed misses the target; one with no record to compare (not run,
+per target and implementation: the figure reached, the cases behind it, and a word for it. The
+cases a target covers are the standard tier's (its shapes, ResNet-50 layers or long attention),
+whatever the run holds. A covered case whose record failed misses the target; one with no record to compare (not run,
 skipped, its stock op failed) makes the verdict "incomplete" at best: a figure over the cases that
 happened to run would flatter the kernel. The targets are for bfloat16; records of other dtypes
 are not looked at.
@@ -59,8 +60,8 @@ def _standard(op: str) -> set[str]:
     return {c.name for c in cases_mod.cases(op, "standard")}
 
 
-def _long_d128(dims: dict) -> bool:
-    return dims.get("D") == 128 and min(dims.get("Sq", 0), dims.get("Sk", 0)) >= 4096
+def _long_d128(case: cases_mod.Case) -> bool:
+    return case.dims["D"] == 128 and min(case.dims["Sq"], case.dims["Sk"]) >= 4096
 
 
 def _records(records: list[dict], op: str, impl: str, mode: str = "fwd") -> dict[str, dict]:
@@ -73,10 +74,9 @@ def _ok(recs: dict[str, dict]) -> dict[str, dict]:
     return {c: r for c, r in recs.items() if r["status"] == "ok" and r.get("median_s")}
 
 
-def _covered(records: list[dict], op: str, mode: str, keep: Callable[[dict], bool]) -> list[str]:
-    """The cases of op the target covers that this run has any bf16 record of."""
-    return sorted({r["case"] for r in records if r["op"] == op and r["dtype"] == DTYPE
-                   and r.get("mode", "fwd") == mode and keep(r)})
+def _covered(op: str, keep: Callable[[cases_mod.Case], bool]) -> list[str]:
+    """The standard-tier cases of op the target covers, whatever this run holds."""
+    return sorted(c.name for c in cases_mod.cases(op, "standard") if keep(c))
 
 
 def _failed_absent(covered, mine: dict, judged) -> tuple[tuple, tuple]:
@@ -85,9 +85,9 @@ def _failed_absent(covered, mine: dict, judged) -> tuple[tuple, tuple]:
 
 
 def vs_stock(records, target: str, op: str, impl: str, stock: str, threshold_pct: float,
-             keep: Callable[[dict], bool]) -> Verdict:
+             keep: Callable[[cases_mod.Case], bool]) -> Verdict:
     """impl's throughput as a percentage of `stock`'s on the same cases, geometric mean."""
-    covered = _covered(records, op, "fwd", keep)
+    covered = _covered(op, keep)
     mine = _records(records, op, impl)
     ok, theirs = _ok(mine), _ok(_records(records, op, stock))
     pct = {c: 100 * theirs[c]["median_s"] / ok[c]["median_s"]
@@ -103,12 +103,12 @@ def vs_stock(records, target: str, op: str, impl: str, stock: str, threshold_pct
 
 
 def ahead_on_a_class(records, target: str, op: str, impl: str, stock: str,
-                     keep: Callable[[dict], bool]) -> Verdict:
+                     keep: Callable[[cases_mod.Case], bool]) -> Verdict:
     """The layer class (kernel size and stride) where impl does best against `stock`, geometric
     mean over its layers: ahead when above 100%."""
     ok, theirs = _ok(_records(records, op, impl)), _ok(_records(records, op, stock))
     classes: dict[str, list[float]] = {}
-    for c in _covered(records, op, "fwd", keep):
+    for c in _covered(op, keep):
         if c in ok and c in theirs:
             d = ok[c]["dims"]
             stride = cases_mod.pair(d["stride"])
@@ -125,9 +125,9 @@ def ahead_on_a_class(records, target: str, op: str, impl: str, stock: str,
 
 
 def throughput(records, target: str, op: str, impl: str, threshold_tflops: float,
-               keep: Callable[[dict], bool]) -> Verdict:
+               keep: Callable[[cases_mod.Case], bool]) -> Verdict:
     """impl's TFLOP/s on every case the target covers; reached is the worst of them."""
-    covered = _covered(records, op, "fwd", keep)
+    covered = _covered(op, keep)
     mine = _records(records, op, impl)
     tflops = {c: r["tflops"] for c, r in _ok(mine).items() if c in covered}
     failed, absent = _failed_absent(covered, mine, tflops)
@@ -198,19 +198,19 @@ def tier_time(records, target: str, limit_s: float, run_s: float | None) -> Verd
 
 def judge(records: list[dict], run_s: float | None) -> list[Verdict]:
     """Every target, judged on the records (run_s: the run's wall-clock seconds)."""
-    def matmul(r):
-        return r["case"] in _standard("matmul")
+    def every(case):
+        return True
 
-    def resnet50(r):
-        return r["case"] in cases_mod.RESNET50_LAYERS
+    def resnet50(case):
+        return case.name in cases_mod.RESNET50_LAYERS
 
     return [
         *(vs_stock(records, "matmul at >= 95% of cuBLAS, geomean over the standard shapes",
-                   "matmul", impl, "torch", 95.0, matmul) for impl in ("triton", "triton_tma")),
+                   "matmul", impl, "torch", 95.0, every) for impl in ("triton", "triton_tma")),
         *(vs_stock(records, "matmul at >= 85% of cuBLAS, geomean over the standard shapes",
-                   "matmul", impl, "torch", 85.0, matmul) for impl in ("pallas", "pallas_mosaic")),
+                   "matmul", impl, "torch", 85.0, every) for impl in ("pallas", "pallas_mosaic")),
         throughput(records, "attention forward at D=128, S >= 4k: >= 550 TFLOP/s in every case",
-                   "attention", "triton", 550.0, lambda r: _long_d128(r.get("dims") or {})),
+                   "attention", "triton", 550.0, _long_d128),
         backward_over_forward(records, "attention backward within 2.5x of the forward's time",
                               "attention", "triton", 2.5),
         vs_stock(records, "conv2d at >= 85% of cuDNN, geomean over the ResNet-50 layers",

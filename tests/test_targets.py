@@ -46,6 +46,11 @@ def test_matmul_against_cublas_is_a_geomean_over_every_standard_shape():
     v = the(targets.judge(matmul_run({c: 96.0 for c in MATMUL[1:]}), None), "matmul at >= 95%",
             "triton")
     assert v.word == "incomplete" and v.absent == (MATMUL[0],)
+    # the covered shapes are the standard tier's, whatever the run holds: one fast shape of eight
+    # says nothing yet
+    one = [rec("matmul", "torch", MATMUL[0], 1e-3), rec("matmul", "triton", MATMUL[0], 0.5e-3)]
+    v = the(targets.judge(one, None), "matmul at >= 95%", "triton")
+    assert v.word == "incomplete" and len(v.absent) == len(MATMUL) - 1
     assert the(ok, "matmul at >= 85%", "pallas").word == "no data"
 
 
