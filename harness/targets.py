@@ -3,10 +3,10 @@
 Each target is data (what it compares, over which cases, its threshold); `judge` gives one Verdict
 per target and implementation: the figure reached, the cases behind it, and a word for it. The
 cases a target covers are the standard tier's (its shapes, ResNet-50 layers or long attention),
-whatever the run holds. A covered case whose record failed misses the target; one with no record to compare (not run,
-skipped, its stock op failed) makes the verdict "incomplete" at best: a figure over the cases that
-happened to run would flatter the kernel. The targets are for bfloat16; records of other dtypes
-are not looked at.
+whatever the run holds. A covered case whose record failed misses the target; one with no record to
+compare (not run, skipped, its stock op failed) makes the verdict "incomplete" at best: a figure
+over the cases that happened to run would flatter the kernel. The targets are for bfloat16; records
+of other dtypes are not looked at.
 """
 from __future__ import annotations
 
@@ -106,22 +106,25 @@ def ahead_on_a_class(records, target: str, op: str, impl: str, stock: str,
                      keep: Callable[[cases_mod.Case], bool]) -> Verdict:
     """The layer class (kernel size and stride) where impl does best against `stock`, geometric
     mean over its layers: ahead when above 100%."""
-    ok, theirs = _ok(_records(records, op, impl)), _ok(_records(records, op, stock))
+    mine = _records(records, op, impl)
+    ok, theirs = _ok(mine), _ok(_records(records, op, stock))
+    covered = _covered(op, keep)
+    judged = [c for c in covered if c in ok and c in theirs]
     classes: dict[str, list[float]] = {}
-    for c in _covered(op, keep):
-        if c in ok and c in theirs:
-            d = ok[c]["dims"]
-            stride = cases_mod.pair(d["stride"])
-            name = f"{d['KH']}x{d['KW']}" + ("" if stride == (1, 1) else f"/{stride[0]}")
-            classes.setdefault(name, []).append(theirs[c]["median_s"] / ok[c]["median_s"])
+    for c in judged:
+        d = ok[c]["dims"]
+        stride = cases_mod.pair(d["stride"])
+        name = f"{d['KH']}x{d['KW']}" + ("" if stride == (1, 1) else f"/{stride[0]}")
+        classes.setdefault(name, []).append(theirs[c]["median_s"] / ok[c]["median_s"])
+    failed, absent = _failed_absent(covered, mine, judged)
     if not classes:
         return Verdict(target, impl, None, ">", 100.0, "%",
-                       f"no case with ok records of both {impl} and {stock}")
+                       f"no case with ok records of both {impl} and {stock}", failed, absent)
     pct = {k: 100 * statistics.geometric_mean(v) for k, v in classes.items()}
     best = max(pct, key=pct.get)
     return Verdict(target, impl, pct[best], ">", 100.0, "%", f"best class {best}; " + "; ".join(
         f"{k} {pct[k]:.1f}% ({len(classes[k])} layer{'s' * (len(classes[k]) > 1)})"
-        for k in sorted(pct)))
+        for k in sorted(pct)), failed, absent)
 
 
 def throughput(records, target: str, op: str, impl: str, threshold_tflops: float,
