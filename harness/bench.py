@@ -249,7 +249,7 @@ class Session:
                "versions": env.versions()}
         for k in ("median_s", "p20_s", "p80_s", "reps", "timing_method", "host_s", "tflops",
                   "gbps", "peak_bytes", "peak_method", "compile_cold_s", "compile_warm_s",
-                  "compile_method", "rel_err", "err_budget", "stock_err"):
+                  "compile_warm_built", "compile_method", "rel_err", "err_budget", "stock_err"):
             rec[k] = None
         return rec
 
@@ -339,10 +339,13 @@ class Session:
                    tflops=rec["flops"] / t.median_s / 1e12, gbps=rec["bytes"] / t.median_s / 1e9,
                    peak_bytes=peak, peak_method=peak_method, compile_cold_s=cold_s,
                    compile_warm_s=warm_s,
+                   compile_warm_built=first.warm_built,
                    compile_method="first call - median" + (
                        "; no compile step" if not impl.reset
                        else "; warm after in-memory reset" if cold
-                       else "; warm only: cold measured on this implementation's first case"),
+                       else "; warm only: cold measured on this implementation's first case"
+                       + (f"; the warm call built {first.warm_built} compile-cache files, "
+                          "compiling what no earlier benchmark had" if first.warm_built else "")),
                    rel_err=err, err_budget=budget, stock_err=stock_err)
         if check.passes(err, b.dtype, stock_err):
             rec.update(status="ok")

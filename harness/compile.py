@@ -30,6 +30,9 @@ class FirstCalls:
     warm_s: float | None
     output: Any  # the cold call's output, checked for correctness
     phases: list[dict]  # cold_compile and warm_compile spans
+    # files the warm call added to the disk caches: it compiled what no earlier call had (a
+    # warm-only call after other cases, which had not built this case's kernels); None: not warm-only
+    warm_built: int | None = None
 
     def compile_times(self, median_s: float) -> tuple[float | None, float | None]:
         cold = None if self.cold_s is None else max(self.cold_s - median_s, 0.0)
@@ -49,10 +52,12 @@ def first_calls(call: Callable[[], Any], reset: Callable[[], None] | None,
     cold=False, for an implementation that can be reset: only the warm call (the disk caches of
     earlier benchmarks kept), its output the one checked."""
     if not cold and reset is not None:
+        before = _cache_files()
         reset()
         t0 = time.time_ns()
         warm_s, out = _timed(call)
-        return FirstCalls(None, warm_s, out, [span("warm_compile", t0)])
+        phases = [span("warm_compile", t0)]
+        return FirstCalls(None, warm_s, out, phases, _cache_files() - before)
     fresh = tempfile.mkdtemp(prefix="compile-", dir=cache_root)
     for var in _CACHE_ENV:
         os.environ[var] = os.path.join(fresh, var.lower())
@@ -68,6 +73,12 @@ def first_calls(call: Callable[[], Any], reset: Callable[[], None] | None,
         warm_s, _ = _timed(call)
         phases.append(span("warm_compile", t0))
     return FirstCalls(cold_s, warm_s, out, phases)
+
+
+def _cache_files() -> int:
+    """Files in the on-disk compile caches the environment points at (none set: 0)."""
+    return sum(len(files) for var in _CACHE_ENV if os.environ.get(var)
+               for _, _, files in os.walk(os.environ[var]))
 
 
 def config_text(config) -> str:

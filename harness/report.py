@@ -411,8 +411,16 @@ def _record_row(r: dict, run: Run, best_stock: dict) -> list[Cell]:
             Cell(r.get("kind") or "-"), Cell(r["status"]), _time(r.get("median_s")),
             _time(r.get("host_s")), _num(r.get("tflops"), ".3g"), _num(r.get("gbps"), ".3g"),
             _num(_roofline_pct(r, run.peaks), ".1f"), _times(speedup),
-            _bytes(r.get("peak_bytes")), _time(r.get("compile_cold_s")),
-            _time(r.get("compile_warm_s")), _err_cell(r), Cell(note or ""), _trace_cell(run, r)]
+            _bytes(r.get("peak_bytes")), _time(r.get("compile_cold_s")), _warm_cell(r),
+            _err_cell(r), Cell(note or ""), _trace_cell(run, r)]
+
+
+def _warm_cell(r: dict) -> Cell:
+    """Warm compile time; "(N built)" when the warm call compiled kernels no earlier benchmark
+    had (N files added to the disk caches), so it was partly a cold compile."""
+    built = r.get("compile_warm_built")
+    cell = _time(r.get("compile_warm_s"))
+    return Cell(f"{cell.text} ({built} built)", cell.sort) if built else cell
 
 
 def op_section(op: str, run: Run) -> Section:

@@ -2,7 +2,9 @@
 import dataclasses
 import json
 import math
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,6 +235,29 @@ def test_first_calls_cold_then_warm(tmp_path):
     assert cold >= 0.045 and warm >= 0.045
     no_reset = compile_mod.first_calls(lambda: 2, None, str(tmp_path))
     assert no_reset.warm_s is None
+
+
+def test_a_warm_only_call_counts_the_compile_cache_files_it_built(tmp_path, monkeypatch):
+    """After a cold call set up the caches, a warm-only call (a later case under COLD=first)
+    that compiles a kernel no earlier call had adds files to the disk cache: counted, so its
+    'warm' figure is known to hold a compile."""
+    def call_for(shape: str):
+        def call():  # Triton-like: a kernel not on disk is compiled into the disk cache
+            binary = Path(os.environ["TRITON_CACHE_DIR"]) / shape / "kernel.cubin"
+            if not binary.exists():
+                binary.parent.mkdir(parents=True)
+                binary.write_text(shape)
+            return shape
+        return call
+
+    for var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):  # first_calls sets them
+        monkeypatch.delenv(var, raising=False)
+    cold = compile_mod.first_calls(call_for("a"), lambda: None, str(tmp_path))
+    assert cold.warm_built is None  # cold and warm measured: nothing to flag
+    seen = compile_mod.first_calls(call_for("a"), lambda: None, str(tmp_path), cold=False)
+    assert seen.warm_built == 0  # its kernel is on disk
+    new = compile_mod.first_calls(call_for("b"), lambda: None, str(tmp_path), cold=False)
+    assert new.warm_built == 1
 
 
 # ---------------------------------------------------------------- records
