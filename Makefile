@@ -164,6 +164,9 @@ GPU_START := $(shell date +%s)
 # the profiled few: the largest square matmul, the 4k-token D=128 causal attention, a ResNet 3x3
 GPU_PROFILE_CASES ?= 8192x8192x8192 or b4_h16_q4096_k4096_d128_causal or c64_3x3_n32
 GPU_TESTS_RAN ?=
+# the kernels' correctness tests before the harness's own, in case the stage is cut short
+GPU_TESTS_FIRST ?= test_pallas_mosaic.py test_ops_all_impls.py test_attention_kernels.py \
+	test_matmul.py test_conv2d_kernels.py test_bad_input.py
 GPU_SKIP_RAN := $(foreach f,$(GPU_TESTS_RAN),--skip-ran=$(abspath $(f)))
 GPU_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
 OUT ?= reports/gpu-out
@@ -215,6 +218,7 @@ ifneq ($(if $(RESUME),$(GPU_TESTS_RAN),tests),)
 	-$(call gpu_stage,tests,$(GPU_TEST_S),$(GPU_PY) -m pytest tests -q -p no:cacheprovider \
 		-m "not gpu" -n $(GPU_TEST_WORKERS) --ignore=tests/test_faults.py \
 		--ignore=tests/test_pallas_tpu.py -k "not pallas_tpu" --durations=20 $(GPU_SKIP_RAN) \
+		$(foreach f,$(GPU_TESTS_FIRST),--first=$(f)) \
 		--junitxml=$(OUT)/tests.xml) > $(OUT)/tests.txt 2>&1; tail -30 $(OUT)/tests.txt
 	-$(call gpu_stage,gpu-tests,90,$(GPU_PY) -m pytest tests -q -p no:cacheprovider -m gpu -rA \
 		$(GPU_SKIP_RAN) --junitxml=$(OUT)/tests-gpu.xml) \

@@ -1,4 +1,5 @@
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,11 @@ def pytest_addoption(parser):
         help="deselect the tests that have a result (passed, failed, skipped or error) in this "
              "JUnit XML file of an earlier run; repeatable. A run cut short by a time limit (the "
              "GPU test stage) is finished by a second one: together they run each test once.")
+    parser.addoption(
+        "--first", action="append", default=[], metavar="TEST_FILE",
+        help="run this test file's tests (a name such as test_matmul.py) before the others; "
+             "repeatable, in the order given, the rest after them as collected: what a "
+             "time-limited run (the GPU test stage) must not miss")
 
 
 def junit_key(nodeid: str) -> str:
@@ -41,6 +47,15 @@ def pytest_collection_modifyitems(config, items):
         done = [item for item in items if junit_key(item.nodeid) in ran]
         items[:] = [item for item in items if junit_key(item.nodeid) not in ran]
         config.hook.pytest_deselected(items=done)
+    first = config.getoption("first")
+    unknown = sorted(set(first) - {p.name for p in Path(__file__).parent.glob("test_*.py")})
+    if unknown:
+        raise pytest.UsageError(f"--first: no test file {', '.join(unknown)} in tests/")
+    if first:  # a stable sort: within a file, and after the named ones, collection order
+        def rank(item):
+            name = item.path.name
+            return first.index(name) if name in first else len(first)
+        items.sort(key=rank)
     # Tests marked `gpu` need CUDA; without it they are reported as skipped, with the reason.
     if torch.cuda.is_available():
         return

@@ -1,5 +1,6 @@
-"""--skip-ran (tests/conftest.py): a test run cut short by its time limit is finished by a second
-run that leaves out what the first one's JUnit XML holds."""
+"""The test suite's own options (tests/conftest.py), for time-limited runs such as the GPU test
+stage: --skip-ran finishes a run cut short by leaving out what the first one's JUnit XML holds;
+--first runs the named test files before the rest."""
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -83,3 +84,28 @@ def test_an_unreadable_file_is_a_usage_error(tmp_path):
     proc = _pytest(tmp_path, "--skip-ran", str(tmp_path / "bad.xml"))
     assert proc.returncode == 4, proc.stdout + proc.stderr  # pytest's usage error
     assert "--skip-ran" in proc.stderr and "bad.xml" in proc.stderr
+
+
+def _collected_files(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "--collect-only", "tests/test_harness.py", "tests/test_trace.py",
+                           "tests/test_targets.py", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_first_runs_the_named_files_before_the_rest_in_the_order_given():
+    proc = _collected_files("--first", "test_trace.py", "--first=test_targets.py")
+    files = [line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line]
+    order = list(dict.fromkeys(files))
+    assert order == ["tests/test_trace.py", "tests/test_targets.py", "tests/test_harness.py"], \
+        proc.stdout[-2000:] + proc.stderr[-2000:]
+    # within a file, collection order is kept
+    plain = _collected_files()
+    trace = [line for line in plain.stdout.splitlines() if line.startswith("tests/test_trace.py")]
+    assert [line for line in proc.stdout.splitlines() if line.startswith("tests/test_trace.py")] \
+        == trace
+
+
+def test_first_names_a_file_that_is_not_there():
+    proc = _collected_files("--first", "test_nope.py")
+    assert proc.returncode == 4 and "--first: no test file test_nope.py" in proc.stderr
