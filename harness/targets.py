@@ -192,6 +192,9 @@ def tier_time(records, target: str, limit_s: float, run_s: float | None) -> Verd
         wanted = sorted((c, m, i) for c in _standard(op) for m in modes for i in impls)
         tier += len(wanted)
         missing += [f"{op}/{i}/{c}-{m}" for c, m, i in wanted if (c, m, i) not in have]
+    if len(missing) == tier:
+        return Verdict(target, "all", None, "<", limit_s, "s",
+                       "no benchmark of the standard tier in this run")
     return Verdict(target, "all", run_s, "<", limit_s, "s",
                    "in and between benchmarks (start-up and ceilings not counted); "
                    f"{tier - len(missing)} of the {tier} benchmarks of the standard tier (its "

@@ -116,6 +116,8 @@ def test_tier_time_is_the_tiers_only_when_the_run_holds_all_of_it():
     assert "15 of the 16 benchmarks" in v.detail
     assert the(targets.judge(whole[1:], 500.0), "the whole standard tier",
                "all").word == "MISSED (incomplete)"
+    smoke = [rec("matmul", "torch", c.name, 1e-3) for c in cases.cases("matmul", "smoke")]
+    assert the(targets.judge(smoke, 30.0), "the whole standard tier", "all").word == "no data"
 
 
 def test_the_h100_baseline_judged():
