@@ -30,8 +30,8 @@ class FirstCalls:
     warm_s: float | None
     output: Any  # the cold call's output, checked for correctness
     phases: list[dict]  # cold_compile and warm_compile spans
-    # files the warm call added to the disk caches: it compiled what no earlier call had (a
-    # warm-only call after other cases, which had not built this case's kernels); None: not warm-only
+    # files a warm-only call (a later case under COLD=first) added to the disk caches: kernels
+    # no earlier call had built, compiled inside its "warm" time; None: not a warm-only call
     warm_built: int | None = None
 
     def compile_times(self, median_s: float) -> tuple[float | None, float | None]:
