@@ -493,19 +493,19 @@ NOISE_MIN_S = targets.NOISE_MIN_S  # below this, launch and clock jitter dominat
 
 def noise_section(run: Run) -> Section:
     """The harness's own noise: benchmarks timed a second time later in the same run (--retime)."""
-    twice = [r for r in _ok(run.records) if r.get("median_again_s")]
+    twice = targets.retimed(run.records)
     if not twice:
         return Section("Harness noise", "noise", ["no benchmark was timed twice (--retime)"])
     rows = []
     for label, recs in (("all", twice),
                         (f"median >= {NOISE_MIN_S * 1e6:.0f} us",
-                         [r for r in twice if r["median_s"] >= NOISE_MIN_S])):
-        changes = sorted(abs(r["again_change"]) * 100 for r in recs)
+                         targets.retimed(run.records, NOISE_MIN_S))):
+        changes = [abs(r["again_change"]) * 100 for r in recs]
         if changes:
             rows.append([Cell(label), Cell(str(len(changes))),
-                         _num(statistics.median(changes), ".2f"), _num(changes[-1], ".2f"),
+                         _num(statistics.median(changes), ".2f"), _num(changes[0], ".2f"),
                          Cell(str(sum(c > 2 for c in changes)))])
-    worst = max(twice, key=lambda r: abs(r["again_change"]))
+    worst = twice[0]
     return Section("Harness noise", "noise", [
         "The same benchmark timed twice in this run, with its memory measurement in between: "
         "|second median / first - 1|.",
@@ -568,6 +568,10 @@ def run_seconds(records: list[dict]) -> float | None:
     time_spent = _time_spent(records)
     if time_spent is None:
         return None
+    return _total_s(time_spent)
+
+
+def _total_s(time_spent) -> float:
     spent, _, between = time_spent
     return sum(sum(v.values()) for v in spent.values()) + sum(between.values())
 
@@ -580,7 +584,7 @@ def time_section(run: Run) -> Section:
         return Section("Where the time went", "time", ["no record holds its phases"])
     spent, counts, between = time_spent
     columns = [c for c in PHASES + ("other",) if any(v.get(c) for v in spent.values())]
-    total = run_seconds(run.records)
+    total = _total_s(time_spent)
     rows = []
     for op in sorted({op for op, _ in spent}):
         keys = sorted((k for k in spent if k[0] == op), key=lambda k: -sum(spent[k].values()))
