@@ -66,6 +66,26 @@ def test_race_detector_finds_a_race():
     assert _common.races_found()
 
 
+@pytest.mark.skipif(_common.on_gpu(), reason="interpret mode only")
+def test_interpreter_compiles_a_kernel_body_once():
+    """Four programs (128x64 blocks) of three warpgroup threads each: one compile of the thread
+    body, reused by all twelve and by the next call (JAX 0.10 alone compiles it twelve times a
+    call), and the results as before."""
+    from jax._src.pallas.mosaic.interpret import thread_map
+
+    from kernels.pallas import _common as pallas_common
+
+    tiles = mosaic_matmul.Tiles(m=64, n=64, stages=2, split="m")
+    _common.interpret_params()  # applies the cache
+    assert thread_map._run_jaxpr is pallas_common._run_thread_body
+    pallas_common._THREAD_BODIES.clear()
+    for seed in (0, 1):
+        a, b = _inputs(2 * 128 - 3, 70, 2 * 64 - 5, "bfloat16", seed=seed)
+        out = mosaic_matmul.matmul(a, b, tiles=tiles)
+        assert check.rel_err(out, reference.matmul(a, b)) <= check.budget("bfloat16", None)
+        assert len(pallas_common._THREAD_BODIES) == 1
+
+
 def test_tiles_by_shape_and_shared_memory():
     assert mosaic_matmul.tiles_for(16) == mosaic_matmul.SHORT
     assert mosaic_matmul.tiles_for(4096) == mosaic_matmul.WIDE

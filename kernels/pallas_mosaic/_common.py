@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.pallas._common import compile_interpreted_threads_once
+
 # Largest shared memory a block may use on Hopper (227 KiB); Mosaic GPU refuses more when lowering.
 SHARED_BYTES = 227 * 1024
 
@@ -44,6 +46,7 @@ def interpret_params():
         return None
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
+    compile_interpreted_threads_once()
     return InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.pallas._common import pad_axis, round_up
+from kernels.pallas._common import compile_interpreted_threads_once, pad_axis, round_up
 
 __all__ = ["LANES", "on_tpu", "interpret_params", "compiler_params", "sublanes", "fit_block",
            "idiv", "check_dtype_supported", "races_found", "pad_axis", "round_up"]
@@ -43,6 +43,7 @@ def interpret_params() -> pltpu.InterpretParams | None:
     `interpret_pallas_call.races.races_found` (see `races_found()`); it raises nothing."""
     if on_tpu():
         return None
+    compile_interpreted_threads_once()
     return pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan",
                                  num_cores_or_threads=INTERPRET_CORES)
 
