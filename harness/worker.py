@@ -24,11 +24,13 @@ def _serve(conn, settings: dict) -> None:
     from harness.bench import Session
     from kernels import registry
 
-    # What the first benchmark would otherwise pay inside its timeout (4 s on the 2-core CPU
-    # machine, most of it the registry's imports): the implementations, plugins included, and
-    # the versions every record carries.
+    # What the first benchmark would otherwise pay inside its timeout (5 s on the 2-core CPU
+    # machine): the implementations, plugins included; the versions every record carries; and
+    # torch's dynamo, which torch.profiler (the memory and trace phases) imports at its first
+    # use, 1.4-1.8 s.
     registry.load_builtins()
     env.versions()
+    import torch._dynamo  # noqa: F401
     session = Session(**settings)
     conn.send("ready")
     while True:
