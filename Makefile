@@ -130,10 +130,10 @@ aot: $(SETUP)
 # less GPU_PACK_S to pack the results): a stage gets what is left when its own limit would pass
 # the deadline, so the call ends inside a 10-minute command with run.tar.gz written, instead of
 # being killed with the records still outside OUT. A bench stage cut short keeps what it measured
-# (records are appended as they come), and `make gpu RESUME=<run>` (no tests) finishes it. A test
-# stage cut short is finished by a later call given its JUnit files, `GPU_TESTS_RAN="<dir>/tests.xml
-# <dir>/tests-gpu.xml"`: that call runs only the tests with no result in them (RESUME or not), so
-# the calls together run each test once.
+# (records are appended as they come), and `make gpu RESUME=<run>` finishes it, and the tests the
+# earlier calls of the run did not reach (their JUnit files are kept in the run: below), so the
+# calls together run each test once. GPU_TESTS_RAN="<dir>/tests.xml <dir>/tests-gpu.xml" names
+# the JUnit files of calls made elsewhere instead (RESUME or not).
 # The TPU kernels are left out here: off a TPU they only run in the TPU interpreter, which the
 # CPU test run covers.
 GPU_PY ?= python3
@@ -164,6 +164,20 @@ GPU_START := $(shell date +%s)
 # the profiled few: the largest square matmul, the 4k-token D=128 causal attention, a ResNet 3x3
 GPU_PROFILE_CASES ?= 8192x8192x8192 or b4_h16_q4096_k4096_d128_causal or c64_3x3_n32
 GPU_TESTS_RAN ?=
+# Each call keeps its JUnit files in the run, junit/<call>-tests.xml and <call>-tests-gpu.xml, and
+# marks junit/complete when both test stages ended by themselves (exit 0, 1 or 5, not at a limit).
+# So a call with RESUME (and no GPU_TESTS_RAN) runs the tests none of the run's files has a result
+# for, or none once complete: `make gpu RESUME=<run>` goes on where the last call stopped, tests
+# and bench, with nothing carried from an earlier call's OUT while the machine is warm.
+GPU_JUNIT := reports/runs/$(GPU_RUN)/junit
+ifeq ($(RESUME),)
+GPU_TESTS := yes
+else ifneq ($(strip $(GPU_TESTS_RAN)),)
+GPU_TESTS := yes
+else ifeq ($(wildcard $(GPU_JUNIT)/complete),)
+GPU_TESTS := $(if $(wildcard $(GPU_JUNIT)),yes)
+GPU_TESTS_RAN := $(wildcard $(GPU_JUNIT)/*.xml)
+endif
 # the kernels' correctness tests before the harness's own, in case the stage is cut short
 GPU_TESTS_FIRST ?= test_pallas_mosaic.py test_ops_all_impls.py test_attention_kernels.py \
 	test_matmul.py test_conv2d_kernels.py test_bad_input.py
@@ -214,15 +228,21 @@ gpu:
 	  $(GPU_PY) -c "import json; \
 	  from harness import env; print(json.dumps({'gpu': env.device_name(), **env.versions()}, \
 	  indent=1))"; nvidia-smi; } > $(OUT)/env.txt 2>&1; cat $(OUT)/env.txt
-ifneq ($(if $(RESUME),$(GPU_TESTS_RAN),tests),)
+ifeq ($(GPU_TESTS),yes)
+	mkdir -p $(GPU_JUNIT)
 	-$(call gpu_stage,tests,$(GPU_TEST_S),$(GPU_PY) -m pytest tests -q -p no:cacheprovider \
 		-m "not gpu" -n $(GPU_TEST_WORKERS) --ignore=tests/test_faults.py \
 		--ignore=tests/test_pallas_tpu.py -k "not pallas_tpu" --durations=20 $(GPU_SKIP_RAN) \
 		$(foreach f,$(GPU_TESTS_FIRST),--first=$(f)) \
-		--junitxml=$(OUT)/tests.xml) > $(OUT)/tests.txt 2>&1; tail -30 $(OUT)/tests.txt
+		--junitxml=$(GPU_JUNIT)/$(GPU_START)-tests.xml) > $(OUT)/tests.txt 2>&1; \
+		tail -30 $(OUT)/tests.txt
 	-$(call gpu_stage,gpu-tests,90,$(GPU_PY) -m pytest tests -q -p no:cacheprovider -m gpu -rA \
-		$(GPU_SKIP_RAN) --junitxml=$(OUT)/tests-gpu.xml) \
+		$(GPU_SKIP_RAN) --junitxml=$(GPU_JUNIT)/$(GPU_START)-tests-gpu.xml) \
 		>> $(OUT)/tests.txt 2>&1; tail -8 $(OUT)/tests.txt
+	-cp $(GPU_JUNIT)/$(GPU_START)-tests.xml $(OUT)/tests.xml
+	-cp $(GPU_JUNIT)/$(GPU_START)-tests-gpu.xml $(OUT)/tests-gpu.xml
+	-[ "$$(tail -2 $(OUT)/stages.txt | grep -Ec ' exit [015]$$')" != 2 ] \
+		|| touch $(GPU_JUNIT)/complete
 endif
 	-$(call gpu_stage,bench,$(GPU_BENCH_S),$(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) \
 		TIER=standard OPS=$(GPU_OPS) DTYPES=$(GPU_DTYPES) MODES=$(GPU_MODES) RUN=$(GPU_RUN) \
