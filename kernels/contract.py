@@ -121,8 +121,8 @@ def attention_args(q, k, v, causal, scale, framework: str) -> AttentionDims:
         scale = D ** -0.5
     elif not isinstance(scale, numbers.Real) or _is_bool(scale):
         raise TypeError(f"scale must be a positive number or None, got {scale!r}")
-    elif not scale > 0:
-        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    elif not 0 < scale < float("inf"):  # NaN fails both comparisons
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     return AttentionDims(B, H, Hkv, Sq, Sk, D, bool(causal), float(scale))
 
 

@@ -127,8 +127,9 @@ def test_attention_dtypes_and_framework(impl):
         fn(q, k, k, causal="yes")
     with pytest.raises(TypeError, match="scale must be a positive number"):
         fn(q, k, k, scale="0.5")
-    with pytest.raises(ValueError, match="scale must be a positive number"):
-        fn(q, k, k, scale=0.0)
+    for scale in (0.0, -1.0, float("nan"), float("inf")):  # inf: infinite scores, NaN out
+        with pytest.raises(ValueError, match="scale must be a positive finite number"):
+            fn(q, k, k, scale=scale)
 
 
 @pytest.mark.parametrize("impl", ATTENTION)
