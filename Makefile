@@ -169,6 +169,7 @@ GPU_TESTS_RAN ?=
 # So a call with RESUME (and no GPU_TESTS_RAN) runs the tests none of the run's files has a result
 # for, or none once complete: `make gpu RESUME=<run>` goes on where the last call stopped, tests
 # and bench, with nothing carried from an earlier call's OUT while the machine is warm.
+# GPU_TESTS=no: a call without tests.
 GPU_JUNIT := reports/runs/$(GPU_RUN)/junit
 ifeq ($(RESUME),)
 GPU_TESTS := yes
