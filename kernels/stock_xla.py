@@ -37,8 +37,11 @@ def _attention(q, k, v, causal, scale, implementation):
     # jax.nn.dot_product_attention takes [B, S, heads, D]; the suite's layout is [B, heads, S, D].
     def bsnd(t):
         # XLA:CPU has no fp16 x fp16 -> fp32 dot_general, which jax.nn.dot_product_attention asks
-        # for: on CPU only, fp16 inputs are widened to fp32 (exactly) and the output rounded back.
-        if t.dtype == jnp.float16 and not _ON_GPU:
+        # for, and its bf16 one fails where the dot degenerates ("Algorithm not supported by the
+        # ElementalIrEmitter: ALG_DOT_BF16_BF16_F32" at B = H = Sq = Sk = 1, and at some shapes
+        # with a head dim of 1): on CPU only, 16-bit inputs are widened to fp32 (exactly) and the
+        # output rounded back.
+        if t.dtype in (jnp.float16, jnp.bfloat16) and not _ON_GPU:
             t = t.astype(jnp.float32)
         return jnp.swapaxes(t, 1, 2)
     # fp32 in true fp32, like the other stock ops (on a GPU, XLA's default for fp32 dots is TF32)
