@@ -35,6 +35,8 @@ TEST_WORKERS ?= 2
 PROFILE ?=
 RETIME ?=
 COLD ?= first
+# comma-separated case names (harness.cases.parse): these cases instead of the tier's
+SHAPES ?=
 
 # the reports root, as harness.results has it (KERNELS_REPORTS moves it, e.g. in the tests)
 REPORTS := $(or $(KERNELS_REPORTS),reports)
@@ -43,7 +45,8 @@ RUN_DIR := $(REPORTS)/runs/$(RUN)
 ISOLATION := $(if $(filter 1 all,$(ISOLATE)),all,$(if $(filter 0 none,$(ISOLATE)),none,plugins))
 BENCH_JSON := $(RUN_DIR)/benchmark$(if $(RESUME),-resumed-$(shell date +%H%M%S),).json
 BENCH_FLAGS = --bench --ops=$(OPS) --impls=$(IMPLS) --tier=$(TIER) --dtypes=$(DTYPES) \
-	--modes=$(MODES) --run-id=$(RUN) --benchmark-json=$(BENCH_JSON) \
+	--modes=$(MODES) $(if $(SHAPES),--shapes='$(SHAPES)') --run-id=$(RUN) \
+	--benchmark-json=$(BENCH_JSON) \
 	--benchmark-columns=median,iqr,rounds --benchmark-sort=name \
 	--isolate=$(ISOLATION) --bench-timeout=$(TIMEOUT) $(if $(RESUME),--resume) \
 	$(if $(filter 1,$(PROFILE)),--profile) $(if $(RETIME),--retime=$(RETIME)) \
@@ -116,7 +119,7 @@ aot: $(SETUP)
 	$(PY) -m harness.aot --tier $(AOT_TIER) --target $(TARGET) \
 		$(if $(OPS),--ops $(OPS)) $(if $(IMPLS),--impls $(IMPLS)) \
 		$(if $(DTYPES),--dtypes $(DTYPES)) --modes fwd,bwd \
-		$(if $(CASES),--cases '$(CASES)')
+		$(if $(CASES),--cases '$(CASES)') $(if $(SHAPES),--shapes '$(SHAPES)')
 
 # ---------------------------------------------------------------- the H100 run (issue: baselines)
 # On a CPU machine with network: `make gpu-wheels` fetches what the GPU machine lacks (the perfetto

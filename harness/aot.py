@@ -144,10 +144,12 @@ def captured_pallas_modules(sink: list, case: str):
         jax.clear_caches()
 
 
-def _chosen_cases(op: str, tier: str, max_cases: int | None, name_pattern: str) -> list:
+def _chosen_cases(op: str, tier: str, max_cases: int | None, name_pattern: str,
+                  shapes: Sequence = ()) -> list:
     from harness import cases as cases_mod
 
-    return [c for c in cases_mod.cases(op, tier) if re.search(name_pattern, c.name)][:max_cases]
+    return [c for c in cases_mod.chosen(op, tier, shapes)
+            if re.search(name_pattern, c.name)][:max_cases]
 
 
 def _is_triton(backend: str) -> bool:
@@ -169,7 +171,7 @@ def _implementations(op: str, backend: Callable[[str], bool], names: Sequence[st
 
 def pallas_modules(ops: list[str], tier: str, dtypes: list[str], modes: list[str],
                    max_cases: int | None = None, name_pattern: str = "",
-                   impls: Sequence[str] = ()) -> list[TritonModule]:
+                   impls: Sequence[str] = (), shapes: Sequence = ()) -> list[TritonModule]:
     """The Triton modules of every Pallas (Triton-lowered) implementation on the tier's cases,
     chosen as in `launches`, forward and (attention) backward."""
     import jax
@@ -180,7 +182,7 @@ def pallas_modules(ops: list[str], tier: str, dtypes: list[str], modes: list[str
     found: list[TritonModule] = []
     for op in ops:
         for impl in _implementations(op, _is_pallas, impls):
-            for case in _chosen_cases(op, tier, max_cases, name_pattern):
+            for case in _chosen_cases(op, tier, max_cases, name_pattern, shapes):
                 opts = inputs.options(case)
 
                 def forward(*xs):
@@ -203,10 +205,11 @@ def pallas_modules(ops: list[str], tier: str, dtypes: list[str], modes: list[str
 
 def launches(ops: list[str], tier: str, dtypes: list[str], modes: list[str],
              max_cases: int | None = None, name_pattern: str = "",
-             impls: Sequence[str] = ()) -> list[Launch]:
+             impls: Sequence[str] = (), shapes: Sequence = ()) -> list[Launch]:
     """The Triton launches of every Triton implementation (or those named in `impls`) on the
-    tier's cases (those whose name `name_pattern` finds, a regular expression; then the first
-    `max_cases` of each op), forward and (attention) backward, on empty tensors."""
+    tier's cases or the given `shapes` (those whose name `name_pattern` finds, a regular
+    expression; then the first `max_cases` of each op), forward and (attention) backward, on
+    empty tensors."""
     import torch
 
     from harness import inputs
@@ -215,7 +218,7 @@ def launches(ops: list[str], tier: str, dtypes: list[str], modes: list[str],
     found: list[Launch] = []
     for op in ops:
         for impl in _implementations(op, _is_triton, impls):
-            for case in _chosen_cases(op, tier, max_cases, name_pattern):
+            for case in _chosen_cases(op, tier, max_cases, name_pattern, shapes):
                 for dtype in dtypes:
                     arrays = [torch.empty(s, dtype=inputs.TORCH_DTYPES[dtype], device=device)
                               for s in inputs.shapes(case).values()]
@@ -398,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="fwd,bwd", help="attention modes: fwd, bwd")
     p.add_argument("--cases", default="", metavar="REGEX",
                    help="only the cases whose name this finds, e.g. '_q1_' (decode)")
+    p.add_argument("--shapes", default="", metavar="NAMES",
+                   help="comma-separated case names (as make bench SHAPES=), instead of the "
+                        "tier's cases")
     p.add_argument("--max-cases", type=int, help="only the first N cases of each op")
     p.add_argument("--impls", default="",
                    help="comma-separated implementations, e.g. pallas (default: every Triton "
@@ -414,7 +420,15 @@ def main(argv: list[str] | None = None) -> int:
     if set(impls) - compiled_here:
         p.error(f"--impls: {', '.join(sorted(set(impls) - compiled_here))} is not a Triton or "
                 f"Pallas implementation of {args.ops}; those are {', '.join(sorted(compiled_here))}")
-    selection = (ops, args.tier, dtypes, args.modes.split(","), args.max_cases, args.cases, impls)
+    try:
+        shapes = [cases_mod.parse(s) for s in args.shapes.split(",") if s.strip()]
+    except ValueError as e:
+        p.error(f"--shapes: {e}")
+    unselected = [c.name for c in shapes if c.op not in ops]
+    if unselected:
+        p.error(f"--shapes: {', '.join(unselected)} not of the selected ops {args.ops}")
+    selection = (ops, args.tier, dtypes, args.modes.split(","), args.max_cases, args.cases, impls,
+                 shapes)
     builds = compile_all(launches(*selection), args.target, prune=not args.all_configs)
     builds += compile_modules(pallas_modules(*selection), args.target)
     print(table(builds, args.target))

@@ -63,15 +63,16 @@ class Bench:
         return f"{self.op}/{self.impl}/{self.case.name}-{self.dtype}{suffix}"
 
 
-def plan(ops, impl_filter, tier, dtypes, modes) -> list[Bench]:
-    """Every benchmark selected, ordered case -> dtype -> mode -> implementation, so all
-    implementations of one case run together and share one reference."""
+def plan(ops, impl_filter, tier, dtypes, modes, shapes=()) -> list[Bench]:
+    """Every benchmark selected (on the user's `shapes` where given, else the tier's cases),
+    ordered case -> dtype -> mode -> implementation, so all implementations of one case run
+    together and share one reference."""
     out = []
     for op in ops:
         names = sorted(set(registry.impls(op)) | set(registry.disabled(op)))
         if impl_filter:
             names = [n for n in names if n in impl_filter]
-        for case in cases_mod.cases(op, tier):
+        for case in cases_mod.chosen(op, tier, shapes):
             for dtype in dtypes:
                 for mode in (m for m in MODES_BY_OP[op] if m in modes):
                     out += [Bench(op, name, case, dtype, mode) for name in names]

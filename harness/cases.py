@@ -7,6 +7,7 @@ Tiers: `smoke` runs on a 2-core CPU in minutes (interpreters included); `standar
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 TIERS = ("smoke", "standard", "full")
@@ -155,6 +156,84 @@ def cases(op: str, tier: str) -> list[Case]:
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {list(TIERS)}, got {tier!r}")
     return list(CASES[op][tier])
+
+
+def chosen(op: str, tier: str, shapes: list[Case] | tuple = ()) -> list[Case]:
+    """The cases a run takes for op: those of `shapes` that are op's where shapes are given (the
+    user's own, from `parse`), else the tier's."""
+    return [c for c in shapes if c.op == op] if shapes else cases(op, tier)
+
+
+# ---------------------------------------------------------------- a case from its name
+_SIDE = r"\d+(?:x\d+)?"  # an int, or an (h, w) pair written hxw
+_FORMATS = {
+    "matmul": (r"(?P<M>\d+)x(?P<K>\d+)x(?P<N>\d+)",
+               "MxKxN (a [M, K] @ b [K, N]), e.g. 4096x4096x1024"),
+    "attention": (r"b(?P<B>\d+)_h(?P<H>\d+)(?:kv(?P<Hkv>\d+))?_q(?P<Sq>\d+)_k(?P<Sk>\d+)"
+                  r"_d(?P<D>\d+)_(?P<mask>full|causal)",
+                  "b<B>_h<H>[kv<Hkv>]_q<Sq>_k<Sk>_d<D>_<full|causal>, "
+                  "e.g. b8_h32kv8_q1_k8192_d128_full"),
+    "conv2d": (r"(?:(?P<label>.+)_)?n(?P<N>\d+)_(?P<H>\d+)x(?P<W>\d+)x(?P<C>\d+)"
+               r"_k(?P<KH>\d+)x(?P<KW>\d+)x(?P<K>\d+)"
+               rf"_s(?P<stride>{_SIDE})_p(?P<padding>{_SIDE})_d(?P<dilation>{_SIDE})"
+               r"(?:_g(?P<groups>\d+))?",
+               "[label_]n<N>_<H>x<W>x<C>_k<KH>x<KW>x<K>_s<stride>_p<padding>_d<dilation>"
+               "[_g<groups>] (stride, padding, dilation: 2 or 2x1), "
+               "e.g. n32_56x56x64_k3x3x64_s1_p1_d1"),
+}
+
+
+def _side(text: str):
+    h, _, w = text.partition("x")
+    return (int(h), int(w)) if w else int(h)
+
+
+def _from_fields(op: str, f: dict) -> Case:
+    n = {k: int(v) for k, v in f.items() if v is not None and v.isdigit()}
+    if op == "matmul":
+        return _mm(n["M"], n["K"], n["N"])
+    if op == "attention":
+        return _attn(n["B"], n["H"], n.get("Hkv", n["H"]), n["Sq"], n["Sk"], n["D"],
+                     f["mask"] == "causal")
+    return _conv(n["N"], n["H"], n["W"], n["C"], n["K"], n["KH"], n["KW"], _side(f["stride"]),
+                 _side(f["padding"]), _side(f["dilation"]), f["label"] or "", n.get("groups", 1))
+
+
+def _problem(case: Case) -> str | None:
+    """What makes a parsed case impossible, or None."""
+    d = case.dims
+    sizes = {k: v for k, v in d.items() if k not in ("causal", "padding", "stride", "dilation")}
+    if case.op == "conv2d":
+        sizes.update(zip(("stride_h", "stride_w"), pair(d["stride"])))
+        sizes.update(zip(("dilation_h", "dilation_w"), pair(d["dilation"])))
+    zero = [k for k, v in sizes.items() if v < 1]
+    if zero:
+        return f"{', '.join(zero)} must be at least 1"
+    if case.op == "attention" and d["H"] % d["Hkv"]:
+        return f"H={d['H']} must be a multiple of Hkv={d['Hkv']}"
+    if case.op == "conv2d":
+        g = d["groups"]
+        if d["C"] % g or d["K"] % g:
+            return f"C={d['C']} and K={d['K']} must be multiples of groups={g}"
+        if min(conv_out_hw(d)) < 1:
+            return f"the kernel is larger than the padded input (output {conv_out_hw(d)})"
+    return None
+
+
+def parse(name: str) -> Case:
+    """The case a name stands for, in the tiers' own naming (a report's case column), so that any
+    shape can be benchmarked: `make bench SHAPES=4096x4096x1024,b1_h32_q8192_k8192_d128_causal`.
+    The name is given back in its canonical form (b1_h4kv4_... is b1_h4_...)."""
+    for op, (pattern, _) in _FORMATS.items():
+        match = re.fullmatch(pattern, name.strip())
+        if match:
+            case = _from_fields(op, match.groupdict())
+            problem = _problem(case)
+            if problem:
+                raise ValueError(f"shape {name!r} ({op}): {problem}")
+            return case
+    formats = "; ".join(f"{op}: {text}" for op, (_, text) in _FORMATS.items())
+    raise ValueError(f"shape {name!r} is in none of the case formats ({formats})")
 
 
 def normalize_dtype(name: str) -> str:

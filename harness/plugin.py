@@ -33,6 +33,10 @@ def pytest_addoption(parser):
     g.addoption("--ops", default="", help="comma-separated ops (default: all)")
     g.addoption("--impls", default="", help="comma-separated implementations (default: all)")
     g.addoption("--tier", default="smoke", help=f"one of {', '.join(cases_mod.TIERS)}")
+    g.addoption("--shapes", default="",
+                help="comma-separated case names, e.g. 4096x4096x1024 (matmul MxKxN), "
+                     "b1_h32_q8192_k8192_d128_causal, n32_56x56x64_k3x3x64_s1_p1_d1: these "
+                     "cases instead of the tier's, their ops unless --ops is given")
     g.addoption("--dtypes", default="", help="comma-separated dtypes, e.g. bf16,fp32 (default: all)")
     g.addoption("--modes", default="fwd", help="attention modes: fwd, bwd, fwd_bwd (default fwd)")
     g.addoption("--run-id", default="", help="run directory name under reports/runs")
@@ -58,7 +62,11 @@ class Selection:
     def __init__(self, config):
         from kernels import registry
 
-        self.ops = _csv(config.getoption("ops")) or registry.ops()
+        # the user's own cases (ValueError for a name in no case format), each once
+        self.shapes = list({c.name: c for c in map(cases_mod.parse,
+                                                   _csv(config.getoption("shapes")))}.values())
+        self.ops = _csv(config.getoption("ops")) or [
+            op for op in registry.ops() if not self.shapes or op in {c.op for c in self.shapes}]
         self.impls = _csv(config.getoption("impls"))
         self.tier = config.getoption("tier")
         self.dtypes = [cases_mod.normalize_dtype(d) for d in _csv(config.getoption("dtypes"))] \
@@ -72,6 +80,10 @@ class Selection:
         if bad_impls:
             raise pytest.UsageError(f"unknown implementation(s) {bad_impls}; valid for "
                                     f"{self.ops}: {sorted(known)}")
+        unselected = [c.name for c in self.shapes if c.op not in self.ops]
+        if unselected:
+            raise pytest.UsageError(f"shape(s) {unselected} are not of the selected op(s) "
+                                    f"{self.ops}")
         if self.tier not in cases_mod.TIERS:
             raise pytest.UsageError(f"unknown tier {self.tier!r}; valid: {list(cases_mod.TIERS)}")
         broken = {p: e for p, e in registry.import_errors().items()
@@ -95,7 +107,7 @@ def _selection(config) -> Selection:
     if not hasattr(config, "_kernels_selection"):
         try:
             config._kernels_selection = Selection(config)
-        except ValueError as e:  # a bad dtype name
+        except ValueError as e:  # a bad dtype name or shape
             raise pytest.UsageError(str(e)) from None
     return config._kernels_selection
 
@@ -125,7 +137,7 @@ def pytest_generate_tests(metafunc):
     from harness.bench import plan
 
     sel = _selection(metafunc.config)
-    items = plan(sel.ops, sel.impls, sel.tier, sel.dtypes, sel.modes)
+    items = plan(sel.ops, sel.impls, sel.tier, sel.dtypes, sel.modes, sel.shapes)
     # xdist_group keeps a case's implementations on one worker (WORKERS=N, --dist loadgroup), so
     # they share one float64 reference.
     metafunc.parametrize("bench_item", [

@@ -14,7 +14,7 @@ import torch
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from harness import aot
+from harness import aot, cases
 from kernels.triton import attention as triton_attention
 from kernels.triton import conv2d as triton_conv2d
 from kernels.triton import matmul as triton_matmul
@@ -142,6 +142,19 @@ def test_impls_that_aot_cannot_compile_are_refused(capsys):
             "those are pallas, triton, triton_tma") in capsys.readouterr().err
 
 
+def test_user_shapes_replace_the_tier(capsys):
+    """--shapes (make aot SHAPES=): the launches of those cases only; a bad name is refused."""
+    shapes = [cases.parse("33x17x9"), cases.parse("b1_h2_q5_k9_d16_full")]
+    found = aot.launches(["matmul"], "standard", ["float16"], ["fwd"], impls=["triton"],
+                         shapes=shapes)
+    assert [launch.case for launch in found] == ["33x17x9 float16"]
+    with pytest.raises(SystemExit) as stop:
+        aot.main(["--ops", "matmul", "--shapes", "33x17x9,b1_h2_q5_k9_d16_full"])
+    assert stop.value.code == 2
+    assert ("--shapes: b1_h2_q5_k9_d16_full not of the selected ops matmul"
+            in capsys.readouterr().err)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU Pallas compiles for real")
 def test_pallas_capture_leaves_interpret_mode_as_it_was():
     import jax
@@ -175,7 +188,7 @@ SQUARE_DOT_BUILDS = """
 import json, sys
 import torch
 from triton.runtime.jit import JITFunction
-from harness import aot
+from harness import aot, cases
 from tests.test_aot import _square_dot
 
 builds = []
@@ -304,7 +317,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
-from harness import aot
+from harness import aot, cases
 
 
 class Hopper:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import compare, plugin, results
+from harness import cases, compare, plugin, results
+from harness.bench import plan
 from tests.checking import outer_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +96,7 @@ class _Options:
     """The bench options as pytest's config hands them to the plugin: defaults, then `given`."""
 
     DEFAULTS = {"ops": "matmul", "impls": "", "tier": "smoke", "dtypes": "", "modes": "",
-                "isolate": "plugins", "resume": False, "run_id": ""}
+                "isolate": "plugins", "resume": False, "run_id": "", "shapes": ""}
 
     def __init__(self, **given):
         self.values = {**self.DEFAULTS, **given}
@@ -110,12 +111,27 @@ class _Options:
     ("--tier=huge", "unknown tier 'huge'; valid: ['smoke', 'standard', 'full']"),
     ("--dtypes=int8", "dtype must be one of"),
     ("--modes=sideways", "unknown mode(s) ['sideways']"),
+    ("--shapes=4096x4096", "shape '4096x4096' is in none of the case formats (matmul: MxKxN"),
+    ("--shapes=b1_h2_q5_k9_d16_full", "shape(s) ['b1_h2_q5_k9_d16_full'] are not of the "
+                                      "selected op(s) ['matmul']"),
 ])
 def test_bad_options_list_the_valid_ones(option, message):
     name, value = option.removeprefix("--").split("=")
     with pytest.raises(pytest.UsageError) as refused:
         plugin._selection(_Options(**{name: value}))
     assert message in str(refused.value)
+
+
+def test_shapes_replace_the_tier_and_choose_the_ops():
+    """SHAPES: the user's own cases, each once, of their ops only, in place of the tier's."""
+    sel = plugin._selection(_Options(ops="", shapes="100x37x53, n1_9x7x3_k3x2x5_s2x1_p1_d1,"
+                                                    "100x37x53"))
+    assert sel.ops == ["conv2d", "matmul"]
+    planned = plan(sel.ops, ["torch"], sel.tier, ["float32"], ["fwd"], sel.shapes)
+    assert [b.key for b in planned] == ["conv2d/torch/n1_9x7x3_k3x2x5_s2x1_p1_d1-float32",
+                                        "matmul/torch/100x37x53-float32"]
+    assert len(plan(["matmul"], ["torch"], "smoke", ["float32"], ["fwd"])) == \
+        len(cases.cases("matmul", "smoke"))
 
 
 def test_a_bad_option_stops_the_run_as_a_usage_error(tmp_path):

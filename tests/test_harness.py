@@ -66,6 +66,41 @@ def test_every_case_is_well_formed(op, tier):
         assert all(min(s) >= 1 for s in inputs.shapes(c).values())
 
 
+def test_every_case_name_parses_back_to_its_case():
+    """SHAPES takes the tiers' own names: each one parses back to the same op and dims."""
+    for op in cases.CASES:
+        for tier in cases.TIERS:
+            for c in cases.cases(op, tier):
+                parsed = cases.parse(c.name)
+                assert (parsed.op, parsed.name, parsed.dims) == (c.op, c.name, c.dims)
+
+
+def test_a_parsed_case_is_canonical_and_complete():
+    assert cases.parse(" 7x5x3 ").dims == {"M": 7, "K": 5, "N": 3}
+    gqa = cases.parse("b2_h8kv2_q1_k300_d96_full")
+    assert gqa.dims == {"B": 2, "H": 8, "Hkv": 2, "Sq": 1, "Sk": 300, "D": 96, "causal": False}
+    assert cases.parse("b1_h4kv4_q3_k5_d8_causal").name == "b1_h4_q3_k5_d8_causal"
+    conv = cases.parse("my_layer_n1_9x7x6_k3x2x4_s2x1_p0x1_d2_g2")
+    assert conv.dims == {"N": 1, "H": 9, "W": 7, "C": 6, "K": 4, "KH": 3, "KW": 2,
+                         "stride": (2, 1), "padding": (0, 1), "dilation": 2, "groups": 2}
+    assert conv.name == "my_layer_n1_9x7x6_k3x2x4_s2x1_p0x1_d2_g2"
+
+
+@pytest.mark.parametrize("name, message", [
+    ("4096x4096", "shape '4096x4096' is in none of the case formats"),
+    ("b1_h2_q5_k9_d16", "is in none of the case formats"),
+    ("0x3x4", "shape '0x3x4' (matmul): M must be at least 1"),
+    ("b1_h6kv4_q5_k9_d16_full", "(attention): H=6 must be a multiple of Hkv=4"),
+    ("n1_8x8x4_k3x3x6_s0_p1_d1", "(conv2d): stride_h, stride_w must be at least 1"),
+    ("n1_8x8x4_k3x3x6_s1_p1_d1_g4", "C=4 and K=6 must be multiples of groups=4"),
+    ("n1_3x3x4_k5x5x2_s1_p0_d1", "the kernel is larger than the padded input"),
+])
+def test_a_bad_case_name_is_refused_naming_it(name, message):
+    with pytest.raises(ValueError) as refused:
+        cases.parse(name)
+    assert message in str(refused.value)
+
+
 def test_bad_tier_and_dtype_names():
     with pytest.raises(ValueError, match="tier must be one of"):
         cases.cases("matmul", "huge")
