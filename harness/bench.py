@@ -80,6 +80,10 @@ def plan(ops, impl_filter, tier, dtypes, modes, shapes=()) -> list[Bench]:
 
 
 # ---------------------------------------------------------------- building the calls
+def _same(array):
+    return array
+
+
 @dataclass
 class Calls:
     timed: Callable[[], Any]  # steady state, setup done
@@ -87,6 +91,29 @@ class Calls:
     # JAX: (jitted function, its arguments), timed = jitted(*arguments); XLA's memory analysis is
     # read from its compiled executable (a jit-cache hit, not a second compilation)
     memory: tuple = ()
+    # an implementation timed in its own layout: its output (each gradient) in the contract's
+    to_contract: Callable[[Any], Any] = _same
+
+    def checked(self, output):
+        """What `first` returned (an output, or a tuple of gradients) as the check compares it."""
+        if isinstance(output, (tuple, list)):
+            return [self.to_contract(o) for o in output]
+        return self.to_contract(output)
+
+
+def _timed_form(impl: Impl, arrays: dict, *extra) -> tuple[Callable[..., Any], tuple, tuple,
+                                                           Callable[[Any], Any]]:
+    """(the function to time, its input arrays, the `extra` arrays, the conversion of what it
+    returns to the contract's layout): the implementation's own layout where it has one, the
+    arrays converted here, untimed and finished before any timing; else the contract's."""
+    args = tuple(arrays.values())
+    if impl.layout is None:
+        return impl.fn, args, extra, _same
+
+    def native(some: tuple) -> tuple:
+        return tuple(timing.sync(impl.layout.to_native(a)) for a in some)
+
+    return impl.layout.fn, native(args), native(extra), impl.layout.to_contract
 
 
 def _expected_shape(case: Case) -> tuple[int, ...]:
@@ -101,6 +128,13 @@ def _expected_shape(case: Case) -> tuple[int, ...]:
 
 def _forward_calls(impl: Impl, case: Case, arrays: dict) -> Calls:
     args, kwargs = tuple(arrays.values()), inputs_mod.options(case)
+    if impl.layout is not None:
+        fn, native, _, to_contract = _timed_form(impl, arrays)
+        fn = functools.partial(fn, **kwargs)
+        calls = (_jitted_calls(fn, native) if impl.framework == "jax"
+                 else Calls(lambda: fn(*native), lambda: fn(*native)))
+        calls.to_contract = to_contract
+        return calls
     if impl.framework == "jax":
         calls = _jitted_calls(functools.partial(impl.fn, **kwargs), args)
         if impl.prepare is not None:  # timed as prepared; memory compiles the plain call apart
@@ -133,39 +167,43 @@ def _grad_output(case: Case, dtype: str, framework: str, device: str):
 
 
 def _torch_grad_calls(impl: Impl, case: Case, arrays: dict, do, mode: str) -> Calls:
-    leaves = tuple(t.requires_grad_(True) for t in arrays.values())
+    op, leaves, (do,), to_contract = _timed_form(impl, arrays, do)
+    leaves = tuple(t.requires_grad_(True) for t in leaves)
     kwargs = inputs_mod.options(case)
 
     def fwd_bwd():
-        return torch.autograd.grad(impl.fn(*leaves, **kwargs), leaves, do)
+        return torch.autograd.grad(op(*leaves, **kwargs), leaves, do)
 
     if mode == "fwd_bwd":
-        return Calls(fwd_bwd, fwd_bwd)
-    out = impl.fn(*leaves, **kwargs)  # forward once, untimed; each timed call reruns backward
+        return Calls(fwd_bwd, fwd_bwd, to_contract=to_contract)
+    out = op(*leaves, **kwargs)  # forward once, untimed; each timed call reruns backward
 
     def bwd():
         return torch.autograd.grad(out, leaves, do, retain_graph=True)
 
-    return Calls(bwd, bwd)
+    return Calls(bwd, bwd, to_contract=to_contract)
 
 
 def _jax_grad_calls(impl: Impl, case: Case, arrays: dict, do, mode: str) -> Calls:
     import jax
 
+    op, leaves, (do,), to_contract = _timed_form(impl, arrays, do)
     kwargs = inputs_mod.options(case)
-    leaves = tuple(arrays.values())
 
     def fn(*xs):
-        return impl.fn(*xs, **kwargs)
+        return op(*xs, **kwargs)
 
     def grads(*xs_and_do):
         return jax.vjp(fn, *xs_and_do[:-1])[1](xs_and_do[-1])
 
     if mode == "fwd_bwd":
-        return _jitted_calls(grads, leaves + (do,))
-    # forward once, untimed; each timed call runs the backward from its residuals (as torch's)
-    _, vjp_fn = jax.vjp(fn, *leaves)
-    return _jitted_calls(lambda f, g: f(g), (vjp_fn, do))
+        calls = _jitted_calls(grads, leaves + (do,))
+    else:
+        # forward once, untimed; each timed call runs the backward from its residuals (as torch's)
+        _, vjp_fn = jax.vjp(fn, *leaves)
+        calls = _jitted_calls(lambda f, g: f(g), (vjp_fn, do))
+    calls.to_contract = to_contract
+    return calls
 
 
 # ---------------------------------------------------------------- references
@@ -262,6 +300,8 @@ class Session:
             return None
         impl = registry.get(b.op, b.impl)
         rec.update(framework=impl.framework, kind=impl.kind, backend=impl.backend)
+        if impl.layout is not None:
+            rec["timed_layout"] = impl.layout.name
         if "tpu" in impl.tags and not env.jax_device().startswith("tpu"):
             rec.update(status="skipped", reason=TPU_ONLY)
             return None
@@ -315,8 +355,8 @@ class Session:
         if autotuned:
             rec["autotuned"] = autotuned
         self._cold_done.add(kind)
-        err = (check.rel_err(first.output, ref) if b.mode == "fwd"
-               else _grads_err(first.output, ref))
+        output = calls.checked(first.output)
+        err = check.rel_err(output, ref) if b.mode == "fwd" else _grads_err(output, ref)
         t = timing.time_fn(calls.timed, impl.framework, ON_CUDA, self.policy)
         phases += t.phases
         rec["flags"] = guards.flags()

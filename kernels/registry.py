@@ -33,6 +33,20 @@ _BUILTIN_MODULES = (
 
 
 @dataclass(frozen=True)
+class Layout:
+    """An implementation's own layout where the contract's is not it (jax.nn.dot_product_attention
+    takes [B, S, heads, D], the contract [B, heads, S, D]). As for the stock ops' other layout
+    conversions, the harness does it outside the timed call: it converts each input (and a
+    backward's output gradient) with `to_native`, times `fn` on them, and converts each array `fn`
+    returns (the output, or each gradient) with `to_contract` for the check."""
+
+    fn: Callable[..., Any]  # (*native arrays, **options) -> native output
+    to_native: Callable[[Any], Any]
+    to_contract: Callable[[Any], Any]
+    name: str = ""  # for the records, e.g. "q, k, v, out [B, S, heads, D]"
+
+
+@dataclass(frozen=True)
 class Impl:
     """One implementation of one op. Call it like the op: impl(a, b), impl(q, k, v, ...), ..."""
 
@@ -53,6 +67,7 @@ class Impl:
     # TPU only). "interpreted": runs in an interpreter on this machine (Triton without CUDA,
     # Pallas interpret mode), so its memory is the interpreter's and is not measured.
     tags: tuple[str, ...] = field(default=())
+    layout: Layout | None = None  # the layout it is timed in, where not the contract's
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
@@ -72,7 +87,7 @@ _loaded = False
 
 def register(op: str, name: str, *, framework: str, kind: str = "plugin", backend: str = "",
              enabled: bool = True, reason: str = "", prepare=None, reset=None,
-             accepts_out: bool = False, tags: tuple[str, ...] = ()):
+             accepts_out: bool = False, tags: tuple[str, ...] = (), layout: Layout | None = None):
     """Decorator adding `fn` as implementation `name` of `op`.
 
     enabled=False keeps the name known (reported as skipped with `reason`) without making it
@@ -88,7 +103,7 @@ def register(op: str, name: str, *, framework: str, kind: str = "plugin", backen
     def add(fn):
         if enabled:
             _IMPLS[op][name] = Impl(op, name, fn, framework, kind, backend, prepare, reset,
-                                    accepts_out, tuple(tags))
+                                    accepts_out, tuple(tags), layout)
             _DISABLED.pop((op, name), None)
         else:
             _DISABLED[(op, name)] = reason or "not available on this machine"

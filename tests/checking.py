@@ -16,8 +16,8 @@ def error_and_budget(op: str, impl_name: str, case: Case, dtype: str) -> tuple[f
     impl = registry.get(op, impl_name)
     ref, stock_err = _refs.get(case, dtype, "fwd")
     arrays = inputs.make(case, dtype, impl.framework, DEVICE)
-    out = _forward_calls(impl, case, arrays).first()
-    return check.rel_err(out, ref), check.budget(dtype, stock_err)
+    calls = _forward_calls(impl, case, arrays)
+    return check.rel_err(calls.checked(calls.first()), ref), check.budget(dtype, stock_err)
 
 
 def outer_env() -> dict:

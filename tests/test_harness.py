@@ -222,6 +222,42 @@ def test_prepared_jax_call_is_timed_as_prepared():
 
 
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd_bwd"])
+def test_an_implementation_is_timed_in_its_own_layout(mode, tmp_path):
+    """xla attention is timed as jax.nn.dot_product_attention takes it, [B, S, heads, D]: the
+    timed (and memory-measured) call gets inputs and output gradient already in that layout, and
+    what it returns goes back to [B, heads, S, D] for the check, which fails without that."""
+    from harness import bench
+
+    case = cases.parse("b1_h4kv2_q9_k13_d16_causal")
+    impl = registry.get("attention", "xla")
+    arrays = inputs.make(case, "float32", "jax", "cpu")
+    do = bench._grad_output(case, "float32", "jax", "cpu")
+    calls = (bench._forward_calls(impl, case, arrays) if mode == "fwd"
+             else bench._jax_grad_calls(impl, case, arrays, do, mode))
+    timed_on = [a.shape for a in calls.memory[1] if hasattr(a, "shape")]
+    if mode != "bwd":  # takes q, k, v
+        assert timed_on[:3] == [(1, 9, 4, 16), (1, 13, 2, 16), (1, 13, 2, 16)]
+    if mode != "fwd":  # takes the output gradient
+        assert timed_on[-1] == (1, 9, 4, 16)
+    checked = calls.checked(calls.first())
+    expected = [(1, 4, 9, 16)] if mode == "fwd" else [(1, 4, 9, 16), (1, 2, 13, 16), (1, 2, 13, 16)]
+    assert [o.shape for o in ([checked] if mode == "fwd" else checked)] == expected
+
+    session = bench.Session("t", str(tmp_path))
+    rec, _ = session.run(bench.Bench("attention", "xla", case, "float32", mode))
+    assert rec["status"] == "ok", rec["reason"]
+    assert rec["timed_layout"] == "q, k, v, out [B, S, heads, D]"
+    unconverted = dataclasses.replace(impl, layout=dataclasses.replace(
+        impl.layout, to_contract=lambda a: a))
+    get = registry.get
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(registry, "get", lambda op, name: unconverted if name == "xla"
+                      else get(op, name))
+        rec, _ = session.run(bench.Bench("attention", "xla", case, "float32", mode))
+    assert rec["status"] == "failed" and "shape" in rec["reason"], rec["reason"]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd_bwd"])
 def test_jax_memory_reads_the_timed_executable(mode):
     """The memory step of a JAX benchmark compiles nothing: it reads the executable the timed
     call already built (a second compilation cost 0.4 s per benchmark on CPU)."""
