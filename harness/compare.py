@@ -5,7 +5,14 @@
 BASE and HEAD are run ids under reports/runs, run directories, or benchmark.json files; by default
 the last two runs that have a benchmark.json. A change counts as a regression only when the median
 grew by more than the threshold AND by more than the noise seen in either run (the p20-p80 spread
-of its repetitions). Exit status 1 when there is a regression.
+of its repetitions); a benchmark that was ok in BASE and failed in HEAD is one too. Exit status 1
+when there is a regression, 2 when the two runs have no benchmark ok in both (nothing compared).
+
+A run is read from its benchmark.json and the records beside it (results.jsonl), which have the
+last word: they hold every benchmark of the run, those of its resumed calls (whose
+pytest-benchmark files are benchmark-resumed-*.json) and those that failed before they were
+timed (which pytest-benchmark's file lacks), with the same device-time medians. Any other
+benchmark JSON file is read as it is.
 """
 from __future__ import annotations
 
@@ -43,35 +50,69 @@ def last_two() -> tuple[Path, Path]:
 class Change:
     name: str
     base_s: float
-    head_s: float
+    head_s: float | None  # None: the benchmark failed in head
     noise: float
+    failure: str = ""  # why it failed in head
 
     @property
-    def change(self) -> float:
-        return self.head_s / self.base_s - 1.0
+    def change(self) -> float | None:
+        return None if self.head_s is None else self.head_s / self.base_s - 1.0
 
     def regression(self, threshold: float) -> bool:
+        if self.head_s is None:
+            return True
         return self.change > threshold and self.change > self.noise
 
     def verdict(self, threshold: float) -> str:
+        if self.head_s is None:
+            return "FAILED"
         if self.regression(threshold):
             return "REGRESSION"
         return "faster" if self.change < -max(threshold, self.noise) else "same"
 
 
-def _medians(path: Path) -> dict[str, tuple[float, float]]:
-    data = json.loads(path.read_text())
+@dataclass
+class Entry:
+    status: str
+    median_s: float | None
+    spread: float
+    reason: str = ""
+
+
+def entries(path: Path) -> dict[str, Entry]:
+    """A run's benchmarks by record key (op/impl/case-dtype[-mode]; a benchmark this suite did
+    not write by its name): those of the pytest-benchmark file, then, for a run's
+    benchmark.json, the records beside it, which say the last word."""
     out = {}
-    for b in data.get("benchmarks", []):
+    for b in json.loads(path.read_text()).get("benchmarks", []):
         stats, info = b.get("stats") or {}, b.get("extra_info") or {}
-        if info.get("status") == "ok" and stats.get("median"):
-            out[b["name"]] = (stats["median"], info.get("spread") or 0.0)
+        key = results.record_key(info) if {"op", "impl", "case", "dtype"} <= info.keys() \
+            else b["name"]
+        out[key] = Entry(info.get("status", "ok"), stats.get("median"), info.get("spread") or 0.0,
+                         info.get("reason") or "")
+    records = path.parent / "results.jsonl"
+    if path.name == "benchmark.json" and records.is_file():
+        out.update({results.record_key(r): Entry(r["status"], r.get("median_s"),
+                                                 r.get("spread") or 0.0, r.get("reason") or "")
+                    for r in results.load(records)})
     return out
 
 
+def _ok(e: Entry | None) -> bool:
+    return e is not None and e.status == "ok" and bool(e.median_s)
+
+
 def changes(base: Path, head: Path) -> list[Change]:
-    a, b = _medians(base), _medians(head)
-    return [Change(n, a[n][0], b[n][0], max(a[n][1], b[n][1])) for n in sorted(a.keys() & b.keys())]
+    """Every benchmark ok in base that head ran: its change, or its failure in head."""
+    a, b = entries(base), entries(head)
+    out = []
+    for name in sorted(n for n in a.keys() & b.keys() if _ok(a[n])):
+        if _ok(b[name]):
+            out.append(Change(name, a[name].median_s, b[name].median_s,
+                              max(a[name].spread, b[name].spread)))
+        elif b[name].status == "failed":
+            out.append(Change(name, a[name].median_s, None, a[name].spread, b[name].reason))
+    return out
 
 
 def main(argv=None) -> int:
@@ -96,7 +137,11 @@ def main(argv=None) -> int:
     bad = 0
     for c in found:
         verdict = c.verdict(threshold)
-        bad += verdict == "REGRESSION"
+        bad += c.regression(threshold)
+        if c.head_s is None:
+            print(f"{c.name[:69]:<70}{c.base_s * 1e6:>9.1f}us{'failed':>11}{'':>9}{'':>8}  "
+                  f"{verdict}: {c.failure[:200]}")
+            continue
         print(f"{c.name[:69]:<70}{c.base_s * 1e6:>9.1f}us{c.head_s * 1e6:>9.1f}us"
               f"{100 * c.change:>+8.1f}%{100 * c.noise:>7.1f}%  {verdict}")
     if args.report:
@@ -106,8 +151,15 @@ def main(argv=None) -> int:
             print(f"no report written: {head.parent} is a committed baseline")
         else:
             print("wrote", report.write(head.parent, str(base), args.threshold))
-    print(f"\n{len(found)} benchmarks compared, {bad} regression(s) over {args.threshold:g}% "
-          "and over the measured noise")
+    failed = sum(c.head_s is None for c in found)
+    not_run = len({n for n, e in entries(base).items() if _ok(e)} - entries(head).keys())
+    print(f"\n{len(found) - failed} benchmarks compared, {bad - failed} regression(s) over "
+          f"{args.threshold:g}% and over the measured noise, {failed} ok in base and failed in "
+          f"head, {not_run} ok in base and not run in head")
+    if not found:
+        print("nothing to compare: no benchmark is ok in base and run in head (other ops, cases "
+              "or implementations?)")
+        return 2
     return 1 if bad else 0
 
 

@@ -960,16 +960,19 @@ def compare_section(run: Run, base_ref: str, threshold_pct: float) -> Section:
             f"{head}) to compare"])
     base = compare.json_path(base_ref)
     threshold = threshold_pct / 100
-    rows, regressions = [], 0
+    rows, regressions, failed = [], 0, 0
     for c in compare.changes(base, head):
         verdict = c.verdict(threshold)
         regressions += verdict == "REGRESSION"
-        rows.append([Cell(c.name), _time(c.base_s), _time(c.head_s),
-                     Cell(f"{100 * c.change:+.1f}%", c.change), _num(100 * c.noise, ".1f"),
-                     Cell(verdict)])
-    text = (f"base {base}, head {head}: {len(rows)} benchmarks in both, {regressions} "
-            f"regression(s): median grew by more than {threshold_pct:g}% and by more than the "
-            "noise (p20-p80 spread) of either run.")
+        failed += verdict == "FAILED"
+        change = Cell("-") if c.change is None else Cell(f"{100 * c.change:+.1f}%", c.change)
+        rows.append([Cell(c.name), _time(c.base_s), _time(c.head_s), change,
+                     _num(100 * c.noise, ".1f"),
+                     Cell(f"{verdict}: {c.failure}" if c.failure else verdict)])
+    text = (f"base {base}, head {head}: {len(rows) - failed} benchmarks ok in both, "
+            f"{regressions} regression(s): median grew by more than {threshold_pct:g}% and by "
+            f"more than the noise (p20-p80 spread) of either run; {failed} ok in base failed in "
+            "head.")
     return Section("Changes vs base", "compare", [text, Table(
         ["benchmark", "base median", "head median", "change", "noise %", "verdict"], rows)])
 

@@ -85,6 +85,48 @@ def test_compare_passes_then_fails_on_injected_regression(two_runs, tmp_path):
     assert compare.main([str(base), str(slower), "--no-table", "--threshold", "80"]) == 0
 
 
+def _run_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of a run directory whose records went through `edit` (one record -> record)."""
+    dst.mkdir()
+    (dst / "benchmark.json").write_text((src / "benchmark.json").read_text())
+    recs = [edit(r) for r in results.load(src / "results.jsonl")]
+    (dst / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return dst
+
+
+def test_compare_reads_every_record_of_a_run(two_runs, tmp_path, capsys):
+    """A run is compared by its records: a benchmark ok in base that failed in head (and so has
+    no pytest-benchmark entry, or a stale one) is a regression; one recorded by a resumed call,
+    absent from benchmark.json, is compared; runs with nothing ok in both exit 2."""
+    reports, _ = two_runs
+    run1 = reports / "runs" / "run1"
+    first = results.record_key(results.load(run1 / "results.jsonl")[0])
+
+    def fail_first(r):
+        if results.record_key(r) == first:
+            return {**r, "status": "failed", "median_s": None, "reason": "wrong result: boom"}
+        return r
+
+    broken = _run_copy(run1, tmp_path / "broken", fail_first)
+    assert compare.main([str(run1), str(broken), "--no-table"]) == 1
+    out = capsys.readouterr().out
+    assert f"{first}" in out and "FAILED: wrong result: boom" in out
+    assert "1 ok in base and failed in head" in out
+
+    def slower_first(r):
+        return {**r, "median_s": r["median_s"] * 1.5} if results.record_key(r) == first else r
+
+    resumed = _run_copy(run1, tmp_path / "resumed", slower_first)
+    (resumed / "benchmark.json").write_text(json.dumps({"benchmarks": []}))
+    assert compare.main([str(run1), str(resumed), "--no-table"]) == 1
+    assert "1 regression(s)" in capsys.readouterr().out
+
+    elsewhere = _run_copy(run1, tmp_path / "elsewhere", lambda r: {**r, "case": "1x1x1"})
+    (elsewhere / "benchmark.json").write_text(json.dumps({"benchmarks": []}))
+    assert compare.main([str(run1), str(elsewhere), "--no-table"]) == 2
+    assert "nothing to compare" in capsys.readouterr().out
+
+
 def test_regression_must_exceed_noise():
     noisy = compare.Change("x", base_s=1.0, head_s=1.2, noise=0.3)
     assert not noisy.regression(0.10)
