@@ -128,11 +128,9 @@ def _expected_shape(case: Case) -> tuple[int, ...]:
 
 def _forward_calls(impl: Impl, case: Case, arrays: dict) -> Calls:
     args, kwargs = tuple(arrays.values()), inputs_mod.options(case)
-    if impl.layout is not None:
+    if impl.layout is not None:  # a JAX implementation (registry.register checks)
         fn, native, _, to_contract = _timed_form(impl, arrays)
-        fn = functools.partial(fn, **kwargs)
-        calls = (_jitted_calls(fn, native) if impl.framework == "jax"
-                 else Calls(lambda: fn(*native), lambda: fn(*native)))
+        calls = _jitted_calls(functools.partial(fn, **kwargs), native)
         calls.to_contract = to_contract
         return calls
     if impl.framework == "jax":
@@ -167,21 +165,20 @@ def _grad_output(case: Case, dtype: str, framework: str, device: str):
 
 
 def _torch_grad_calls(impl: Impl, case: Case, arrays: dict, do, mode: str) -> Calls:
-    op, leaves, (do,), to_contract = _timed_form(impl, arrays, do)
-    leaves = tuple(t.requires_grad_(True) for t in leaves)
+    leaves = tuple(t.requires_grad_(True) for t in arrays.values())
     kwargs = inputs_mod.options(case)
 
     def fwd_bwd():
-        return torch.autograd.grad(op(*leaves, **kwargs), leaves, do)
+        return torch.autograd.grad(impl.fn(*leaves, **kwargs), leaves, do)
 
     if mode == "fwd_bwd":
-        return Calls(fwd_bwd, fwd_bwd, to_contract=to_contract)
-    out = op(*leaves, **kwargs)  # forward once, untimed; each timed call reruns backward
+        return Calls(fwd_bwd, fwd_bwd)
+    out = impl.fn(*leaves, **kwargs)  # forward once, untimed; each timed call reruns backward
 
     def bwd():
         return torch.autograd.grad(out, leaves, do, retain_graph=True)
 
-    return Calls(bwd, bwd, to_contract=to_contract)
+    return Calls(bwd, bwd)
 
 
 def _jax_grad_calls(impl: Impl, case: Case, arrays: dict, do, mode: str) -> Calls:

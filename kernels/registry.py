@@ -34,11 +34,12 @@ _BUILTIN_MODULES = (
 
 @dataclass(frozen=True)
 class Layout:
-    """An implementation's own layout where the contract's is not it (jax.nn.dot_product_attention
-    takes [B, S, heads, D], the contract [B, heads, S, D]). As for the stock ops' other layout
-    conversions, the harness does it outside the timed call: it converts each input (and a
-    backward's output gradient) with `to_native`, times `fn` on them, and converts each array `fn`
-    returns (the output, or each gradient) with `to_contract` for the check."""
+    """A JAX implementation's own layout where the contract's is not it
+    (jax.nn.dot_product_attention takes [B, S, heads, D], the contract [B, heads, S, D]). As for the
+    stock ops' other layout conversions, the harness does it outside the timed call: it converts
+    each input (and a backward's output gradient) with `to_native`, times `fn` on them, and
+    converts each array `fn` returns (the output, or each gradient) with `to_contract` for the
+    check."""
 
     fn: Callable[..., Any]  # (*native arrays, **options) -> native output
     to_native: Callable[[Any], Any]
@@ -99,6 +100,9 @@ def register(op: str, name: str, *, framework: str, kind: str = "plugin", backen
         raise ValueError(f"framework must be 'torch' or 'jax', got {framework!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    if layout is not None and framework != "jax":
+        raise ValueError("layout is for JAX implementations, whose arrays have no strides; a torch "
+                         "one converts its inputs in `prepare` and returns a view")
 
     def add(fn):
         if enabled:

@@ -380,6 +380,10 @@ def test_register_adds_and_disables(monkeypatch):
         registry.get("matmul", "gone")
     with pytest.raises(ValueError, match="framework must be"):
         registry.register("matmul", "x", framework="numpy")
+    same = lambda a: a  # noqa: E731
+    with pytest.raises(ValueError, match="layout is for JAX implementations"):
+        registry.register("matmul", "x", framework="torch",
+                          layout=registry.Layout(mine, same, same))
 
 
 def test_cold_compile_once_per_implementation_when_asked(tmp_path):
