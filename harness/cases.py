@@ -312,3 +312,31 @@ def min_bytes(case: Case, dtype: str, mode: str = "fwd") -> float:
     else:
         raise ValueError(f"unknown op {case.op!r}")
     return float(elements * ITEMSIZE[dtype])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Lists a tier's cases (the names SHAPES and -k take) with their two numbers."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m harness.cases", description=main.__doc__)
+    p.add_argument("--tier", default="standard", choices=TIERS)
+    p.add_argument("--ops", default=",".join(CASES), help="comma-separated ops")
+    p.add_argument("--dtype", default="bf16", help="for the bytes (default bf16)")
+    p.add_argument("--mode", default="fwd", choices=ATTENTION_MODES, help="attention's FLOPs")
+    args = p.parse_args(argv)
+    try:
+        dtype = normalize_dtype(args.dtype)
+        listed = [c for op in args.ops.split(",") for c in cases(op.strip(), args.tier)]
+    except ValueError as e:
+        p.error(str(e))
+    width = max(len(c.name) for c in listed)
+    print(f"{'op':<10} {'case':<{width}}{'GFLOP':>12}{'MB':>10}{'FLOP/byte':>11}")
+    for c in listed:
+        mode = args.mode if c.op == "attention" else "fwd"
+        f, b = flops(c, mode), min_bytes(c, dtype, mode)
+        print(f"{c.op:<10} {c.name:<{width}}{f / 1e9:>12.4g}{b / 1e6:>10.4g}{f / b:>11.4g}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

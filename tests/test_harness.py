@@ -86,6 +86,15 @@ def test_a_parsed_case_is_canonical_and_complete():
     assert conv.name == "my_layer_n1_9x7x6_k3x2x4_s2x1_p0x1_d2_g2"
 
 
+def test_the_case_listing_names_every_case_of_the_tier(capsys):
+    assert cases.main(["--tier", "smoke", "--ops", "conv2d,matmul", "--dtype", "fp16"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    listed = cases.cases("conv2d", "smoke") + cases.cases("matmul", "smoke")
+    assert [row.split()[:2] for row in rows] == [[c.op, c.name] for c in listed]
+    mm = cases.parse(rows[-1].split()[1])  # 257x131x67: a name SHAPES takes
+    assert float(rows[-1].split()[2]) == pytest.approx(cases.flops(mm) / 1e9, rel=1e-3)
+
+
 @pytest.mark.parametrize("name, message", [
     ("4096x4096", "shape '4096x4096' is in none of the case formats"),
     ("b1_h2_q5_k9_d16", "is in none of the case formats"),
