@@ -405,6 +405,7 @@ def _record_row(r: dict, run: Run, best_stock: dict) -> list[Cell]:
                and r["status"] == "ok" and r.get("median_s") else None)
     note = r.get("reason") if r["status"] != "ok" else " ".join(
         (r.get("flags") or []) + timing.caveats(r.get("timing_method"))
+        + ([f"timed in layout {r['timed_layout']};"] if r.get("timed_layout") else [])
         + [f"{kernel.strip('_')}: {config};" for kernel, config in
            (r.get("autotuned") or {}).items()])
     return [Cell(r["case"]), Cell(r["dtype"]), Cell(r.get("mode", "fwd")), Cell(r["impl"]),

@@ -108,7 +108,8 @@ def synthetic_records() -> list[dict]:
                                             ("4096x4096x4096", 1.4e11, 1e-3, 2e-3)):
             out.append(_record("matmul", "torch", "torch", "stock", case, flops, dtype, torch_s,
                                trace_path="traces/matmul-torch.json.gz"))
-            out.append(_record("matmul", "xla", "jax", "stock", case, flops, dtype, xla_s))
+            out.append(_record("matmul", "xla", "jax", "stock", case, flops, dtype, xla_s,
+                               timed_layout="a, b, out [N, M]"))
             out.append(_record("matmul", "triton", "torch", "hand", case, flops, dtype,
                                torch_s * 0.8, flags=["throttled:power"],
                                autotuned={"_matmul_kernel": "BLOCK_M=64, warps=4, stages=5"}))
@@ -154,6 +155,7 @@ def test_synthetic_run_report(synthetic_run):
     assert 'href="traces/matmul-torch.json.gz"' in html
     assert "throttled:power" in html and "needs a CUDA GPU" in html
     assert "matmul_kernel: BLOCK_M=64, warps=4, stages=5;" in page.text("op-matmul")
+    assert "timed in layout a, b, out [N, M];" in page.text("op-matmul")
     assert "pytest tests/bench --bench" in page.text("environment")
     assert "throttling SEEN" in page.text("environment")
     assert "1.25x" in page.text("op-matmul")  # triton over the best stock (torch)
