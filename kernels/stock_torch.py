@@ -13,6 +13,11 @@ from kernels import ON_CUDA, contract, registry
 # cuDNN picks its fastest algorithm per shape; the search runs on the first call of a shape and is
 # reported as compile time by the harness.
 torch.backends.cudnn.benchmark = True
+# fp32 means true fp32 across the suite: torch.matmul's default, XLA at HIGHEST, the hand-written
+# kernels' ieee dots. torch lets cuDNN's convolutions use TF32 by default, which would make torch's
+# fp32 conv the one TF32 op, faster than the others for that alone, and set the fp32 conv budget
+# (4x torch's error) at four times a TF32 error.
+torch.backends.cudnn.allow_tf32 = False
 
 
 class _Compiled:

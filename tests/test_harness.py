@@ -372,6 +372,14 @@ def test_public_api():
         registry.get("matmul", "nope")
 
 
+def test_fp32_is_true_fp32_in_torch_once_the_implementations_load():
+    """torch.matmul's default, and cuDNN's convolutions made so (torch's default lets them use
+    TF32): the fp32 budget is four times the torch op's own error."""
+    registry.impls("conv2d")
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
 def test_register_adds_and_disables(monkeypatch):
     monkeypatch.setitem(registry._IMPLS, "matmul", dict(registry._IMPLS["matmul"]))
     monkeypatch.setattr(registry, "_DISABLED", dict(registry._DISABLED))
