@@ -188,7 +188,7 @@ SQUARE_DOT_BUILDS = """
 import json, sys
 import torch
 from triton.runtime.jit import JITFunction
-from harness import aot, cases
+from harness import aot
 from tests.test_aot import _square_dot
 
 builds = []
@@ -317,7 +317,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
-from harness import aot, cases
+from harness import aot
 
 
 class Hopper:
