@@ -7,7 +7,8 @@ XLA accumulates them in fp32 on its own (on CPU the error against float64 is the
 fp32 result, measured at reductions of 64 to 8192; on a GPU the correctness tests check it). An
 fp32 result converted afterwards (`preferred_element_type`) cost a pass torch.matmul and F.conv2d
 do not make: in the 2026-11-23 H100 run XLA's memory analysis read 3x the bf16 output's bytes
-(an fp32 array beside it) for the three largest matmuls and at least 3x for every conv layer."""
+(an fp32 array beside it) for the three largest matmuls, and for the conv layers the output plus
+fp32 copies of output, input and weights, as if the convolution had run in fp32."""
 from __future__ import annotations
 
 import contextlib
