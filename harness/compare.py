@@ -98,13 +98,13 @@ def entries(path: Path) -> dict[str, Entry]:
     return out
 
 
-def _ok(e: Entry | None) -> bool:
-    return e is not None and e.status == "ok" and bool(e.median_s)
+def _ok(e: Entry) -> bool:
+    return e.status == "ok" and bool(e.median_s)
 
 
-def changes(base: Path, head: Path) -> list[Change]:
-    """Every benchmark ok in base that head ran: its change, or its failure in head."""
-    a, b = entries(base), entries(head)
+def changes(a: dict[str, Entry], b: dict[str, Entry]) -> list[Change]:
+    """Every benchmark ok in base `a` that head `b` ran (`entries` of each): its change, or its
+    failure in head."""
     out = []
     for name in sorted(n for n in a.keys() & b.keys() if _ok(a[n])):
         if _ok(b[name]):
@@ -130,7 +130,8 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, "-m", "pytest_benchmark.cli", "compare", str(base),
                         str(head), "--columns=median,iqr", "--group-by=group", "--sort=name"],
                        check=False)
-    found = changes(base, head)
+    base_entries, head_entries = entries(base), entries(head)
+    found = changes(base_entries, head_entries)
     threshold = args.threshold / 100
     print(f"\nbase {base}\nhead {head}\n")
     print(f"{'benchmark':<70}{'base':>11}{'head':>11}{'change':>9}{'noise':>8}  verdict")
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
         else:
             print("wrote", report.write(head.parent, str(base), args.threshold))
     failed = sum(c.head_s is None for c in found)
-    not_run = len({n for n, e in entries(base).items() if _ok(e)} - entries(head).keys())
+    not_run = len({n for n, e in base_entries.items() if _ok(e)} - head_entries.keys())
     print(f"\n{len(found) - failed} benchmarks compared, {bad - failed} regression(s) over "
           f"{args.threshold:g}% and over the measured noise, {failed} ok in base and failed in "
           f"head, {not_run} ok in base and not run in head")

@@ -962,7 +962,7 @@ def compare_section(run: Run, base_ref: str, threshold_pct: float) -> Section:
     base = compare.json_path(base_ref)
     threshold = threshold_pct / 100
     rows, regressions, failed = [], 0, 0
-    for c in compare.changes(base, head):
+    for c in compare.changes(compare.entries(base), compare.entries(head)):
         verdict = c.verdict(threshold)
         regressions += verdict == "REGRESSION"
         failed += verdict == "FAILED"
