@@ -199,24 +199,26 @@ def _from_fields(op: str, f: dict) -> Case:
                  _side(f["padding"]), _side(f["dilation"]), f["label"] or "", n.get("groups", 1))
 
 
-def _problem(case: Case) -> str | None:
-    """What makes a parsed case impossible, or None."""
+def _refusal(case: Case) -> str | None:
+    """Why the public contract would refuse a call of this case, or None: its checks run on
+    tensors that have a shape and no data."""
+    import torch
+
+    from harness import inputs
+    from kernels import contract
+
+    arrays = [torch.empty(s, device="meta") for s in inputs.shapes(case).values()]
     d = case.dims
-    sizes = {k: v for k, v in d.items() if k not in ("causal", "padding", "stride", "dilation")}
-    if case.op == "conv2d":
-        sizes.update(zip(("stride_h", "stride_w"), pair(d["stride"])))
-        sizes.update(zip(("dilation_h", "dilation_w"), pair(d["dilation"])))
-    zero = [k for k, v in sizes.items() if v < 1]
-    if zero:
-        return f"{', '.join(zero)} must be at least 1"
-    if case.op == "attention" and d["H"] % d["Hkv"]:
-        return f"H={d['H']} must be a multiple of Hkv={d['Hkv']}"
-    if case.op == "conv2d":
-        g = d["groups"]
-        if d["C"] % g or d["K"] % g:
-            return f"C={d['C']} and K={d['K']} must be multiples of groups={g}"
-        if min(conv_out_hw(d)) < 1:
-            return f"the kernel is larger than the padded input (output {conv_out_hw(d)})"
+    try:
+        if case.op == "matmul":
+            contract.matmul_args(*arrays, "torch")
+        elif case.op == "attention":
+            contract.attention_args(*arrays, d["causal"], None, "torch")
+        else:
+            contract.conv2d_args(*arrays, d["stride"], d["padding"], d["dilation"], "torch",
+                                 conv_groups(d))
+    except (ValueError, TypeError) as e:
+        return str(e)
     return None
 
 
@@ -228,9 +230,9 @@ def parse(name: str) -> Case:
         match = re.fullmatch(pattern, name.strip())
         if match:
             case = _from_fields(op, match.groupdict())
-            problem = _problem(case)
-            if problem:
-                raise ValueError(f"shape {name!r} ({op}): {problem}")
+            refusal = _refusal(case)
+            if refusal:
+                raise ValueError(f"shape {name!r} ({op}): {refusal}")
             return case
     formats = "; ".join(f"{op}: {text}" for op, (_, text) in _FORMATS.items())
     raise ValueError(f"shape {name!r} is in none of the case formats ({formats})")

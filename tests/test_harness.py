@@ -98,13 +98,16 @@ def test_the_case_listing_names_every_case_of_the_tier(capsys):
 @pytest.mark.parametrize("name, message", [
     ("4096x4096", "shape '4096x4096' is in none of the case formats"),
     ("b1_h2_q5_k9_d16", "is in none of the case formats"),
-    ("0x3x4", "shape '0x3x4' (matmul): M must be at least 1"),
-    ("b1_h6kv4_q5_k9_d16_full", "(attention): H=6 must be a multiple of Hkv=4"),
-    ("n1_8x8x4_k3x3x6_s0_p1_d1", "(conv2d): stride_h, stride_w must be at least 1"),
-    ("n1_8x8x4_k3x3x6_s1_p1_d1_g4", "C=4 and K=6 must be multiples of groups=4"),
-    ("n1_3x3x4_k5x5x2_s1_p0_d1", "the kernel is larger than the padded input"),
+    ("0x3x4", "shape '0x3x4' (matmul): a must have every dimension >= 1"),
+    ("b1_h6kv4_q5_k9_d16_full", "(attention): q's heads H=6 must be a multiple of k's heads Hkv=4"),
+    ("n1_8x8x4_k3x3x6_s0_p1_d1", "(conv2d): stride must be >= 1, got 0"),
+    ("n1_8x8x4_k3x3x6_s1_p1_d0", "(conv2d): dilation must be >= 1, got 0"),
+    ("n1_8x8x4_k3x3x6_s1_p1_d1_g4", "K=6 must be a multiple of groups=4"),
+    ("n1_8x8x6_k3x3x4_s1_p1_d1_g4", "groups=4 must be >= 1 and divide x's channels C=6"),
+    ("n1_3x3x4_k5x5x2_s1_p0_d1", "is larger than the padded input (3, 3)"),
 ])
 def test_a_bad_case_name_is_refused_naming_it(name, message):
+    """The public contract's own checks, run on shape-only tensors."""
     with pytest.raises(ValueError) as refused:
         cases.parse(name)
     assert message in str(refused.value)
