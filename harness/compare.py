@@ -12,7 +12,8 @@ A run is read from its benchmark.json and the records beside it (results.jsonl),
 last word: they hold every benchmark of the run, those of its resumed calls (whose
 pytest-benchmark files are benchmark-resumed-*.json) and those that failed before they were
 timed (which pytest-benchmark's file lacks), with the same device-time medians. Any other
-benchmark JSON file is read as it is.
+benchmark JSON file is read as it is. pytest-benchmark's table shows a run's calls together too:
+its files merged into one (`table_file`), a later call's entry replacing an earlier one's.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,53 @@ def last_two() -> tuple[Path, Path]:
         raise SystemExit(f"need two runs with a benchmark.json under {results.REPORTS / 'runs'}, "
                          f"found {len(runs)}: run `make bench` twice or pass BASE= and HEAD=")
     return runs[-2], runs[-1]
+
+
+def benchmark_files(path: Path) -> list[Path]:
+    """A run's pytest-benchmark files in the order its calls wrote them (by the time each file
+    holds: a name's HHMMSS turns over at midnight and a checkout's mtimes are its own): its
+    benchmark.json, then those of its resumed calls. Any other file alone."""
+    if path.name != "benchmark.json":
+        return [path]
+    resumed = sorted(path.parent.glob("benchmark-resumed-*.json"),
+                     key=lambda f: json.loads(f.read_text()).get("datetime", ""))
+    return [path, *resumed]
+
+
+def table_file(path: Path, scratch: Path) -> Path:
+    """A run's benchmarks in one file for pytest-benchmark's table, scratch/<run>.json (the
+    table names each run by its file): its files merged, a benchmark a later call timed again
+    taking the later entry."""
+    files = benchmark_files(path)
+    merged = json.loads(path.read_text())
+    merged["benchmarks"] = list({b["fullname"]: b for f in files
+                                 for b in json.loads(f.read_text()).get("benchmarks", [])}.values())
+    run = path.parent.name if path.name == "benchmark.json" else path.stem
+    out = scratch / f"{run}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged))
+    return out
+
+
+def print_table(base: Path, head: Path) -> None:
+    """pytest-benchmark's own table of the two runs, grouped by case: a row per benchmark with
+    both medians (device time) and the change where this pytest-benchmark has `--between`,
+    else a row per benchmark and run."""
+    from pytest_benchmark import table
+
+    columns = (["--between=median"] if hasattr(table, "CompareBetweenResults")
+               else ["--columns=median,iqr"])
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        # relative paths: the table labels a file by its path less the files' common prefix
+        files = [str(table_file(p, scratch / side).relative_to(scratch))
+                 for p, side in ((base, "base"), (head, "head"))]
+        done = subprocess.run([sys.executable, "-m", "pytest_benchmark", "compare", *files,
+                               *columns, "--group-by=group", "--sort=name"],
+                              cwd=tmp, check=False)
+    if done.returncode:
+        print(f"pytest-benchmark's table failed (exit status {done.returncode}); the verdicts "
+              "below do not depend on it", file=sys.stderr)
 
 
 @dataclass
@@ -127,9 +176,7 @@ def main(argv=None) -> int:
         ap.error("give both BASE and HEAD, or neither")
     base, head = (map(json_path, args.runs) if args.runs else last_two())
     if not args.no_table:
-        subprocess.run([sys.executable, "-m", "pytest_benchmark.cli", "compare", str(base),
-                        str(head), "--columns=median,iqr", "--group-by=group", "--sort=name"],
-                       check=False)
+        print_table(base, head)
     base_entries, head_entries = entries(base), entries(head)
     found = changes(base_entries, head_entries)
     threshold = args.threshold / 100

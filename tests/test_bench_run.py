@@ -131,6 +131,24 @@ def test_compare_reads_every_record_of_a_run(two_runs, tmp_path, capsys):
     assert "nothing to compare" in capsys.readouterr().out
 
 
+def test_compare_table_shows_every_call_of_a_run(two_runs, tmp_path, capfd):
+    """pytest-benchmark's table (make compare's first part) names both runs and has a row for
+    every benchmark, those of a resumed call's file included."""
+    reports, _ = two_runs
+    run2 = reports / "runs" / "run2"
+    resumed = _run_copy(run2, tmp_path / "resumed", lambda r: r)
+    data = json.loads((run2 / "benchmark.json").read_text())
+    first, later = data["benchmarks"][:3], data["benchmarks"][3:]
+    (resumed / "benchmark.json").write_text(json.dumps({**data, "benchmarks": first}))
+    (resumed / "benchmark-resumed-010203.json").write_text(json.dumps({**data, "benchmarks": later}))
+    assert compare.main([str(run2), str(resumed)]) == 0
+    out = capfd.readouterr().out
+    table = out[:out.index(f"base {run2}")]
+    assert "base/run2" in table and "head/resumed" in table
+    names = {b["name"] for b in data["benchmarks"]}
+    assert len(names) == 8 and all(n in table for n in names)
+
+
 def test_regression_must_exceed_noise():
     noisy = compare.Change("x", base_s=1.0, head_s=1.2, noise=0.3)
     assert not noisy.regression(0.10)
