@@ -841,18 +841,18 @@ def _evidence(ms: list[Matchup], contest: Contest) -> str:
     return text
 
 
-def _cold(r: dict) -> float:
-    return r.get("compile_cold_s") or 0.0
-
-
 def _repay_calls(m: Matchup) -> str:
-    """Calls after which the faster side's extra cold compile time is paid back."""
-    if m.winner not in ("a", "b"):
+    """Calls after which the faster side's extra cold compile time is paid back; "-" without a
+    winner or without both sides' cold compile (under COLD=first a later case has none)."""
+    if m.winner not in ("a", "b") or None in (m.a.get("compile_cold_s"),
+                                              m.b.get("compile_cold_s")):
         return "-"
     fast, slow = (m.a, m.b) if m.winner == "a" else (m.b, m.a)
-    extra = _cold(fast) - _cold(slow)
-    return "0 (compiles no longer)" if extra <= 0 else \
-        f"{extra / (slow['median_s'] - fast['median_s']):.3g}"
+    extra = fast["compile_cold_s"] - slow["compile_cold_s"]
+    if extra <= 0:
+        return "0 (compiles no longer)"
+    calls = extra / (slow["median_s"] - fast["median_s"])
+    return f"{calls:,.0f}" if calls >= 10 else f"{calls:.2g}"
 
 
 def _detail_table(ms: list[Matchup], contest: Contest) -> Table:

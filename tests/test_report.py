@@ -372,6 +372,25 @@ def test_a_host_timed_jax_loss_counts_only_beyond_the_host_cost():
     assert "not measured in this run" in text
 
 
+def test_calls_to_repay_compile_only_where_both_cold_compiles_were_measured():
+    """JAX 0.5 ms faster per call after a cold compile 1 s longer: repaid after 2000 calls. A
+    side without a cold compile (COLD=first times it in an implementation's first case only) is
+    not a side that compiled in no time: the column says nothing then."""
+    def pair(jax_cold):
+        return [_record("matmul", "xla", "jax", "stock", "c", 1e9, "bfloat16", 0.5e-3,
+                        timing_method="jax_profiler+l2_flush", compile_cold_s=jax_cold),
+                _record("matmul", "torch", "torch", "stock", "c", 1e9, "bfloat16", 1e-3,
+                        timing_method="cuda_events+l2_flush", compile_cold_s=0.0)]
+
+    def repay(jax_cold):
+        text = report.render_markdown("t", [report.verdicts_section(pair(jax_cold), None)])
+        row = next(line for line in text.splitlines() if line.startswith("| matmul | c |"))
+        return row.rstrip(" |").rsplit("| ", 1)[1]
+
+    assert repay(1.0) == "2,000"
+    assert repay(None) == "-"
+
+
 def test_device_timed_jax_is_compared_directly_and_host_time_shown_apart():
     """JAX timed from its profile and torch with gated events are both device times: a JAX loss
     is a loss. The smallest-problem table shows each side's host time per call beside it, and a
