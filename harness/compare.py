@@ -48,6 +48,13 @@ def last_two() -> tuple[Path, Path]:
     return runs[-2], runs[-1]
 
 
+def _read(f: Path) -> dict:
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:  # a file cut short: its call killed while writing it
+        raise ValueError(f"{f} is not valid JSON ({e})") from None
+
+
 def benchmark_files(path: Path) -> list[Path]:
     """A run's pytest-benchmark files in the order its calls wrote them (by the time each file
     holds: a name's HHMMSS turns over at midnight and a checkout's mtimes are its own): its
@@ -55,7 +62,7 @@ def benchmark_files(path: Path) -> list[Path]:
     if path.name != "benchmark.json":
         return [path]
     resumed = sorted(path.parent.glob("benchmark-resumed-*.json"),
-                     key=lambda f: json.loads(f.read_text()).get("datetime", ""))
+                     key=lambda f: _read(f).get("datetime", ""))
     return [path, *resumed]
 
 
@@ -64,9 +71,9 @@ def table_file(path: Path, scratch: Path) -> Path:
     table names each run by its file): its files merged, a benchmark a later call timed again
     taking the later entry."""
     files = benchmark_files(path)
-    merged = json.loads(path.read_text())
+    merged = _read(path)
     merged["benchmarks"] = list({b["fullname"]: b for f in files
-                                 for b in json.loads(f.read_text()).get("benchmarks", [])}.values())
+                                 for b in _read(f).get("benchmarks", [])}.values())
     run = path.parent.name if path.name == "benchmark.json" else path.stem
     out = scratch / f"{run}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,9 +91,13 @@ def print_table(base: Path, head: Path) -> None:
                else ["--columns=median,iqr"])
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
-        # relative paths: the table labels a file by its path less the files' common prefix
-        files = [str(table_file(p, scratch / side).relative_to(scratch))
-                 for p, side in ((base, "base"), (head, "head"))]
+        try:  # relative paths: the table labels a file by its path less the files' common prefix
+            files = [str(table_file(p, scratch / side).relative_to(scratch))
+                     for p, side in ((base, "base"), (head, "head"))]
+        except ValueError as e:
+            print(f"no pytest-benchmark table: {e}; the verdicts below read the records",
+                  file=sys.stderr)
+            return
         done = subprocess.run([sys.executable, "-m", "pytest_benchmark", "compare", *files,
                                *columns, "--group-by=group", "--sort=name"],
                               cwd=tmp, check=False)
@@ -133,14 +144,21 @@ def entries(path: Path) -> dict[str, Entry]:
     not write by its name): those of the pytest-benchmark file, then, for a run's
     benchmark.json, the records beside it, which say the last word."""
     out = {}
-    for b in json.loads(path.read_text()).get("benchmarks", []):
+    records = path.parent / "results.jsonl"
+    with_records = path.name == "benchmark.json" and records.is_file()
+    try:
+        benchmarks = _read(path).get("benchmarks", [])
+    except ValueError as e:
+        if not with_records:
+            raise SystemExit(f"cannot compare: {e}") from None
+        benchmarks = []  # the records hold every benchmark of the run
+    for b in benchmarks:
         stats, info = b.get("stats") or {}, b.get("extra_info") or {}
         key = results.record_key(info) if {"op", "impl", "case", "dtype"} <= info.keys() \
             else b["name"]
         out[key] = Entry(info.get("status", "ok"), stats.get("median"), info.get("spread") or 0.0,
                          info.get("reason") or "")
-    records = path.parent / "results.jsonl"
-    if path.name == "benchmark.json" and records.is_file():
+    if with_records:
         out.update({results.record_key(r): Entry(r["status"], r.get("median_s"),
                                                  r.get("spread") or 0.0, r.get("reason") or "")
                     for r in results.load(records)})

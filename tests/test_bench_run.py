@@ -148,6 +148,12 @@ def test_compare_table_shows_every_call_of_a_run(two_runs, tmp_path, capfd):
     names = {b["name"] for b in data["benchmarks"]}
     assert len(names) == 8 and all(n in table for n in names)
 
+    # a file cut short (its call killed while writing it): no table, the verdicts still come
+    (resumed / "benchmark.json").write_text(json.dumps(data)[:500])
+    assert compare.main([str(run2), str(resumed)]) == 0
+    out, err = capfd.readouterr()
+    assert "benchmark.json is not valid JSON" in err and "8 benchmarks compared" in out
+
 
 def test_regression_must_exceed_noise():
     noisy = compare.Change("x", base_s=1.0, head_s=1.2, noise=0.3)
