@@ -81,11 +81,28 @@ def caveats(method: str | None) -> list[str]:
     return [f"timing:{c}" for c in CAVEATS if c in parts]
 
 
+def _leaves(out: Any):
+    if isinstance(out, (tuple, list)):
+        for x in out:
+            yield from _leaves(x)
+    elif isinstance(out, dict):
+        for x in out.values():
+            yield from _leaves(x)
+    else:
+        yield out
+
+
 def sync(out: Any) -> Any:
-    """Waits until `out` is computed: jax arrays (and pytrees of them) and CUDA torch tensors."""
-    if isinstance(out, torch.Tensor):
-        if out.is_cuda:
-            torch.cuda.synchronize(out.device)
+    """Waits until `out` is computed: a CUDA torch tensor or a jax array, or a tuple, list or
+    dict of them (a backward's gradients). Before tuples of torch tensors were waited for, a
+    backward's warmup, a loop of calls until 50 ms had passed, queued calls as fast as the host
+    could launch them: 1.35 s of warmup per torch or Triton backward in the 2026-11-23 H100
+    run (38 of them, 51 s; 7.5 s for one 50 ms call), against 0.06 s per forward."""
+    leaves = list(_leaves(out))
+    cuda = next((t for t in leaves if isinstance(t, torch.Tensor) and t.is_cuda), None)
+    if cuda is not None:
+        torch.cuda.synchronize(cuda.device)
+    if all(isinstance(t, torch.Tensor) for t in leaves):
         return out
     try:
         import jax

@@ -88,14 +88,9 @@ def _capture_torch(call, path_base: Path, reps: int, warmup: int) -> tuple[Path,
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
-    def wait(out):
-        sync(out)
-        if cuda:  # outputs may be tuples (gradients), which sync() passes through
-            torch.cuda.synchronize()
-
     # No profile_memory / with_stack: together they crash key_averages() on torch 2.13.
     with profile(activities=activities) as prof:
-        _run_phases(call, reps, warmup, record_function, wait)
+        _run_phases(call, reps, warmup, record_function, sync)
     path = path_base.with_name(path_base.name + ".json.gz")
     prof.export_chrome_trace(str(path))  # a .gz name makes torch gzip it
     # Older kineto writes epoch microseconds and no base: the offset is then 0.

@@ -193,3 +193,34 @@ def test_a_failing_jax_call_still_fails(monkeypatch):
 
     with pytest.raises(ValueError, match="the kernel broke"):
         timing.time_jax_device(breaks_after_warmup, timing.Policy(0.0, 0.0, 5, 5))
+
+
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on a CUDA device, for sync() to see one."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_sync_waits_for_a_backwards_gradients(monkeypatch):
+    """A backward returns a tuple of gradients: sync() must wait for them, or a warmup loop
+    queues calls as fast as the host can launch them (seconds of GPU work in the H100 run)."""
+    waits = []
+    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda device=None: waits.append(device))
+    grads = tuple(torch.ones(2).as_subclass(_OnCuda) for _ in range(3))
+    assert timing.sync(grads) is grads and len(waits) == 1
+    assert timing.sync([{"dq": grads[0]}, None]) is not None and len(waits) == 2
+    assert timing.sync(grads[0]) is grads[0] and len(waits) == 3
+    timing.sync((torch.ones(2), torch.ones(3)))  # CPU tensors: nothing to wait for
+    assert len(waits) == 3
+
+
+def test_sync_waits_for_jax_pytrees(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    waited = []
+    monkeypatch.setattr(jax, "block_until_ready", lambda out: waited.append(out) or out)
+    grads = (jnp.ones(2), jnp.ones(3))
+    assert timing.sync(grads) is grads and waited == [grads]
