@@ -6,6 +6,7 @@ it never ends the run.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -181,6 +182,21 @@ def _torch_grad_calls(impl: Impl, case: Case, arrays: dict, do, mode: str) -> Ca
     return Calls(bwd, bwd)
 
 
+def _backward_reruns(mode: str):
+    """A bwd benchmark reruns one forward's backward (retain_graph). torch.compile's backward may
+    take saved tensors' memory for its results (AOTAutograd's donated buffers), and a backward
+    so compiled refuses a retained graph on every call ("compiled with non-empty donated buffers
+    which requires ... retain_graph=False"): torch_compile attention with grouped-query heads,
+    once a fwd_bwd benchmark of it had run in the process (its backward then came compiled from
+    the cache). So a bwd benchmark runs without donated buffers from its forward to its last
+    call; fwd_bwd keeps torch's default."""
+    if mode != "bwd":
+        return contextlib.nullcontext()
+    import torch._functorch.config
+
+    return torch._functorch.config.patch(donated_buffer=False)
+
+
 def _jax_grad_calls(impl: Impl, case: Case, arrays: dict, do, mode: str) -> Calls:
     import jax
 
@@ -316,7 +332,8 @@ class Session:
             rec["jax_device"] = env.jax_device()
         measured = None
         try:
-            measured = self._measure(impl, b, rec)
+            with _backward_reruns(b.mode):
+                measured = self._measure(impl, b, rec)
         except NotImplementedError as e:  # e.g. a forward-only kernel asked for its backward
             rec.update(status="skipped", reason=_reason(e))
         except Exception as e:  # the implementation failed: record it and go on

@@ -422,6 +422,21 @@ def test_cold_compile_once_per_implementation_when_asked(tmp_path):
     assert "cold measured on this implementation's first case" in recs[1]["compile_method"]
 
 
+def test_torch_compile_backward_reruns_after_a_fwd_bwd_benchmark(tmp_path):
+    """A bwd benchmark reruns one backward (retain_graph). Once a fwd_bwd benchmark of
+    torch_compile had run in the process, the backward of a grouped-query case came compiled
+    with donated buffers and refused every rerun; then fwd_bwd runs again with them."""
+    from harness.bench import Bench, Session
+
+    session = Session("t", str(tmp_path), policy=timing.Policy(0.0, 0.0, 2, 2),
+                      compile_cold="first")
+    order = [("b1_h2_q8_k8_d16_causal", "fwd_bwd"), ("b1_h2kv1_q1_k16_d16_full", "bwd"),
+             ("b1_h2_q8_k8_d16_causal", "fwd_bwd")]
+    recs = [session.run(Bench("attention", "torch_compile", cases.parse(name), "bfloat16",
+                              mode))[0] for name, mode in order]
+    assert [(r["status"], r["reason"]) for r in recs] == [("ok", "")] * 3
+
+
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_mosaic"])
 def test_device_kernels_are_benchmarked_on_their_device_only(impl, tmp_path, monkeypatch):
     """Off a TPU (Hopper GPU) the bench records a TPU (Mosaic GPU) kernel as skipped, with the
