@@ -55,25 +55,18 @@ def _read(f: Path) -> dict:
         raise ValueError(f"{f} is not valid JSON ({e})") from None
 
 
-def benchmark_files(path: Path) -> list[Path]:
-    """A run's pytest-benchmark files in the order its calls wrote them (by the time each file
-    holds: a name's HHMMSS turns over at midnight and a checkout's mtimes are its own): its
-    benchmark.json, then those of its resumed calls. Any other file alone."""
-    if path.name != "benchmark.json":
-        return [path]
-    resumed = sorted(path.parent.glob("benchmark-resumed-*.json"),
-                     key=lambda f: _read(f).get("datetime", ""))
-    return [path, *resumed]
-
-
 def table_file(path: Path, scratch: Path) -> Path:
     """A run's benchmarks in one file for pytest-benchmark's table, scratch/<run>.json (the
-    table names each run by its file): its files merged, a benchmark a later call timed again
-    taking the later entry."""
-    files = benchmark_files(path)
+    table names each run by its file). A run's benchmark.json is merged with its resumed calls'
+    files in the order the calls wrote them (by the time each file holds: a name's HHMMSS turns
+    over at midnight and a checkout's mtimes are its own), a benchmark a later call timed again
+    taking the later entry. Any other file is taken alone."""
     merged = _read(path)
-    merged["benchmarks"] = list({b["fullname"]: b for f in files
-                                 for b in _read(f).get("benchmarks", [])}.values())
+    if path.name == "benchmark.json":
+        resumed = [_read(f) for f in path.parent.glob("benchmark-resumed-*.json")]
+        calls = [merged, *sorted(resumed, key=lambda data: data.get("datetime", ""))]
+        merged = {**merged, "benchmarks": list({b["fullname"]: b for data in calls
+                                                for b in data.get("benchmarks", [])}.values())}
     run = path.parent.name if path.name == "benchmark.json" else path.stem
     out = scratch / f"{run}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
