@@ -20,6 +20,18 @@ DEVICE_TYPE = "cuda" if ON_CUDA else "cpu"
 TAGS = ("interpreted",) if TRITON_INTERPRET else ()
 
 
+# Host-side integer helpers for the launchers. triton.cdiv and triton.next_power_of_2 are constexpr
+# functions in Triton 3.6, which unwrap their arguments on every host call: 3-5 us each on this
+# suite's CPU machine, several of them per launch. These are the same arithmetic in plain Python.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
 def upcast_dot(dtype: torch.dtype) -> bool:
     """True when tl.dot operands must be cast to fp32 inside the kernel.
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels import TRITON_INTERPRET, contract, registry
-from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, dot_precision,
+from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, cdiv, dot_precision, next_pow2,
                                     pick_configs, reset_jit, tma_device, tma_ready, to_output,
                                     upcast_dot, use_descriptor_allocator)
 
@@ -763,7 +763,7 @@ def _bwd_dq_kernel(Q, K, V, DO, TMA_OK, LSE, DELTA, DQ, qk_scale, scale, Sq, Sk,
 
 
 def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
+    return max(16, next_pow2(D))
 
 
 def _tma_possible(*tensors) -> bool:
@@ -796,14 +796,14 @@ def _decode_splits(programs: int, Sk: int, device: torch.device) -> tuple[int, i
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         sms = 2 if TRITON_INTERPRET else 132
-    splits, blocks = contract.key_splits(programs, triton.cdiv(Sk, _DECODE_SPLIT_ALIGN), sms)
+    splits, blocks = contract.key_splits(programs, cdiv(Sk, _DECODE_SPLIT_ALIGN), sms)
     return splits, blocks * _DECODE_SPLIT_ALIGN
 
 
 def _decode_forward(q, k, v, dims, out, lse, one_key: bool):
     group = dims.H // dims.Hkv
     block_d = _block_d(dims.D)
-    block_m = max(16, triton.next_power_of_2(dims.Sq * group))  # tl.dot's smallest M
+    block_m = max(16, next_pow2(dims.Sq * group))  # tl.dot's smallest M
     programs = dims.B * dims.Hkv
     splits, keys_per_split = _decode_splits(programs, dims.Sk, q.device)
     # one allocation for both (a decode step takes microseconds)
@@ -833,7 +833,7 @@ def _forward(q, k, v, dims, out):
     tma_ok, tma = _tma_args(q, k, v, out)
 
     def grid(meta):
-        return (triton.cdiv(dims.Sq, meta["BLOCK_M"]), dims.B * dims.H)
+        return (cdiv(dims.Sq, meta["BLOCK_M"]), dims.B * dims.H)
 
     _fwd_kernel[grid](q, k, v, out, tma_ok, lse, dims.scale * LOG2_E, dims.Sq,
                       dims.Sk, dims.H, dims.H // dims.Hkv, dims.D,
@@ -847,7 +847,7 @@ def _forward(q, k, v, dims, out):
 def _backward(q, k, v, o, lse, do, dims):
     block_d = _block_d(dims.D)
     delta = torch.empty_like(lse)
-    _bwd_delta_kernel[(triton.cdiv(dims.Sq, _DELTA_BLOCK_M), dims.B * dims.H)](
+    _bwd_delta_kernel[(cdiv(dims.Sq, _DELTA_BLOCK_M), dims.B * dims.H)](
         o, do, delta, dims.Sq, dims.H, dims.D, *o.stride(), *do.stride(),
         BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M)
 
@@ -862,10 +862,10 @@ def _backward(q, k, v, o, lse, do, dims):
                 ONE_KEY=contract.one_visible_key(dims.Sq, dims.Sk, dims.causal), **tma)
 
     def dkv_grid(m):
-        return (triton.cdiv(dims.Sk, m["BLOCK_N"]), dims.B * dims.Hkv)
+        return (cdiv(dims.Sk, m["BLOCK_N"]), dims.B * dims.Hkv)
 
     def dq_grid(m):
-        return (triton.cdiv(dims.Sq, m["BLOCK_M"]), dims.B * dims.H)
+        return (cdiv(dims.Sq, m["BLOCK_M"]), dims.B * dims.H)
 
     _bwd_dkv_kernel[dkv_grid](q, k, v, do, tma_ok, lse, delta, dk, dv, *args, **meta,
                               GROUPED=dims.H != dims.Hkv)
@@ -873,11 +873,15 @@ def _backward(q, k, v, o, lse, do, dims):
     return dq, dk, dv
 
 
+def _new_output(q, dims) -> torch.Tensor:
+    return torch.empty((dims.B, dims.H, dims.Sq, dims.D), dtype=q.dtype, device=q.device)
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, dims, out):
         if out is None:
-            out = torch.empty((dims.B, dims.H, dims.Sq, dims.D), dtype=q.dtype, device=q.device)
+            out = _new_output(q, dims)
         else:
             ctx.mark_dirty(out)  # written in place: autograd must know the buffer changed
         lse = _forward(q, k, v, dims, out)
@@ -908,7 +912,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
                             or out.device != q.device):
         raise ValueError(f"out must be a {q.dtype} tensor of shape {list(shape)} on {q.device}, "
                          f"got {out.dtype} {list(out.shape)} on {out.device}")
-    return _Attention.apply(q, k, v, dims, out)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _Attention.apply(q, k, v, dims, out)
+    # Nothing to differentiate: the forward alone, without autograd's bookkeeping per call.
+    out = _new_output(q, dims) if out is None else out
+    _forward(q, k, v, dims, out)
+    return out
 
 
 registry.register("attention", "triton", framework="torch", kind="hand", backend="Triton",

@@ -14,10 +14,10 @@ import triton
 import triton.language as tl
 
 from kernels import contract, registry
-from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, dot_precision,
-                                    grouped_tile, pick_configs, reset_jit,
+from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, cdiv, dot_precision,
+                                    grouped_tile, next_pow2, pick_configs, reset_jit,
                                     small_tile_if_fp32, to_output, upcast_dot)
-from kernels.triton.matmul import _matmul_kernel, matmul
+from kernels.triton.matmul import _matmul_kernel, launch as launch_matmul
 
 
 def _config(bm, bn, group, stages, warps):
@@ -41,7 +41,7 @@ _GPU_CONFIGS = [
 def _channels_fit(meta, args) -> bool:
     """Output-channel tiles no wider than the output channels (a wider one is masked work), and
     the 16-wide tile only for layers of at most 16 channels. fp32: tiles of at most 64x64."""
-    k = triton.next_power_of_2(args["K"])
+    k = next_pow2(args["K"])
     return (meta["BLOCK_N"] <= max(16, k) and (meta["BLOCK_N"] > 16 or k <= 16)
             and small_tile_if_fp32(meta, args["IN_DTYPE"] == str(torch.float32), 64 * 64))
 
@@ -161,7 +161,7 @@ _DIRECT_INTERPRET_CONFIGS = [_direct_config(64, 32, 4)]
 
 def _channels_fit_direct(meta, args) -> bool:
     """Output-channel tiles no wider than the output channels."""
-    return meta["BLOCK_K"] <= max(32, triton.next_power_of_2(args["K"]))
+    return meta["BLOCK_K"] <= max(32, next_pow2(args["K"]))
 
 
 @autotune(pick_configs(_DIRECT_GPU_CONFIGS, _DIRECT_INTERPRET_CONFIGS),
@@ -208,8 +208,8 @@ def _reduction_block(C: int, R: int) -> int:
     memory without saving loop steps that matter. A block of R is gathered with an address per
     element: 64 of them spilled registers in every stem config for sm_90 (make aot), 32 in one."""
     if C >= FLAT_BELOW_C:
-        return min(64, triton.next_power_of_2(C))
-    return min(32, max(16, triton.next_power_of_2(R)))
+        return min(64, next_pow2(C))
+    return min(32, max(16, next_pow2(R)))
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, groups=1, *,
@@ -232,7 +232,9 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, gr
     pointwise = (d.KH, d.KW, d.stride, d.padding, d.groups) == (1, 1, (1, 1), (0, 0), 1)
     if pointwise and out.is_contiguous():
         # A 1x1 stride-1 conv is exactly the GEMM [N*H*W, C] @ [C, K]: no gather, no masks.
-        matmul(x.reshape(-1, d.C), w.reshape(d.C, d.K), out=out.view(-1, d.K))
+        # Launched directly: matmul() would check again what conv2d_args has checked.
+        launch_matmul(x.reshape(-1, d.C), w.reshape(d.C, d.K), out.view(-1, d.K),
+                      contract.MatmulDims(d.N * d.H * d.W, d.C, d.K))
         return out
 
     M = d.N * d.OH * d.OW
@@ -240,7 +242,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, gr
     strides = (*x.stride(), *w.stride(), *out.stride())
     if d.groups > 1 and d.Cg < FLAT_BELOW_C:
         def direct_grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(d.K, meta["BLOCK_K"]))
+            return (cdiv(M, meta["BLOCK_M"]), cdiv(d.K, meta["BLOCK_K"]))
 
         _grouped_direct_kernel[direct_grid](x, w, out, M, d.H, d.W, d.OH, d.OW, d.K, *geometry,
                                             d.Cg, d.Kg, *strides, IN_DTYPE=str(x.dtype),
@@ -248,7 +250,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, gr
         return out
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(d.Kg, meta["BLOCK_N"]), d.groups)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(d.Kg, meta["BLOCK_N"]), d.groups)
 
     # One implicit GEMM per group (the grid's second axis), each of its C / groups channels.
     _conv2d_kernel[grid](x, w, out, M, d.H, d.W, d.Cg, d.OH, d.OW, d.Kg, *geometry, *strides,

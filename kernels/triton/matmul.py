@@ -17,9 +17,10 @@ import triton
 import triton.language as tl
 
 from kernels import ON_CUDA, contract, registry
-from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, dot_precision, grouped_tile,
-                                    pick_configs, reset_jit, small_tile_if_fp32, tma_device,
-                                    tma_ready, to_output, upcast_dot, use_descriptor_allocator)
+from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, cdiv, dot_precision,
+                                    grouped_tile, next_pow2, pick_configs, reset_jit,
+                                    small_tile_if_fp32, tma_device, tma_ready, to_output,
+                                    upcast_dot, use_descriptor_allocator)
 
 
 def _config(bm, bn, bk, group, stages, warps, ws=False):
@@ -178,7 +179,7 @@ def _launch_tma(a, b, out, dims: contract.MatmulDims) -> None:
     use_descriptor_allocator()
 
     def grid(meta):
-        tiles = triton.cdiv(dims.M, meta["BLOCK_M"]) * triton.cdiv(dims.N, meta["BLOCK_N"])
+        tiles = cdiv(dims.M, meta["BLOCK_M"]) * cdiv(dims.N, meta["BLOCK_N"])
         return (min(programs, tiles),)
 
     _matmul_tma_kernel[grid](a, b, out, dims.M, dims.N, dims.K, a.stride(0), b.stride(0),
@@ -189,16 +190,18 @@ def _launch_tma(a, b, out, dims: contract.MatmulDims) -> None:
 # ---------------------------------------------------------------- launchers
 def _tuning_keys(dims: contract.MatmulDims) -> tuple[int, ...]:
     """M, N, K rounded up to powers of two: both kernels' autotune keys (M_KEY, N_KEY, K_KEY)."""
-    return tuple(triton.next_power_of_2(n) for n in (dims.M, dims.N, dims.K))
+    return tuple(next_pow2(n) for n in (dims.M, dims.N, dims.K))
 
 
 def _dtype_flags(dtype: torch.dtype) -> dict:
     return dict(IN_DTYPE=str(dtype), PRECISION=dot_precision(dtype), UPCAST=upcast_dot(dtype))
 
 
-def _launch(a, b, out, dims: contract.MatmulDims) -> None:
+def launch(a, b, out, dims: contract.MatmulDims) -> None:
+    """The pointer kernel on arguments already checked (`dims` from contract.matmul_args, or
+    a 1x1 conv's GEMM view): no checks here, as they cost host time on every call."""
     def grid(meta):
-        return (triton.cdiv(dims.M, meta["BLOCK_M"]) * triton.cdiv(dims.N, meta["BLOCK_N"]),)
+        return (cdiv(dims.M, meta["BLOCK_M"]) * cdiv(dims.N, meta["BLOCK_N"]),)
 
     _matmul_kernel[grid](a, b, out, dims.M, dims.N, dims.K,
                          a.stride(0), a.stride(1), b.stride(0), b.stride(1),
@@ -221,7 +224,7 @@ def _checked(a, b, out) -> tuple[contract.MatmulDims, torch.Tensor]:
 def matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """a [M, K] @ b [K, N] -> [M, N] in the inputs' dtype. Any strides; `out` may be given."""
     dims, out = _checked(a, b, out)
-    _launch(a, b, out, dims)
+    launch(a, b, out, dims)
     return out
 
 
@@ -235,7 +238,7 @@ def matmul_tma(a: torch.Tensor, b: torch.Tensor, *,
     if all(tma_ready(t) for t in (a, b, out)):
         _launch_tma(a, b, out, dims)
     else:
-        _launch(a, b, out, dims)
+        launch(a, b, out, dims)
     return out
 
 
