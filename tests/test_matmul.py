@@ -100,6 +100,51 @@ def test_tma_kernel_where_descriptors_fit(shape, dtype, warp_specialized, monkey
     assert err <= budget, f"{shape} {dtype}: relative error {err:.3g} > budget {budget:.3g}"
 
 
+def test_tuned_key_launches_without_tritons_run(monkeypatch):
+    """With several configs, a launch whose key is tuned runs the config Triton's run chose for
+    that key without Triton's run (kernels.triton._common looks the key up itself, for less host
+    time), with the same result, and autotune_choices still records the config; a new key goes
+    to Triton's run, which tunes it."""
+    import torch
+    from triton.runtime.autotuner import Autotuner
+
+    from harness import compile as compile_mod
+    from kernels.triton import matmul as triton_matmul
+
+    kernel = triton_matmul._matmul_kernel
+    configs = [triton_matmul._config(64, 64, 32, 4, 1, 4),
+               triton_matmul._config(32, 32, 32, 4, 1, 4)]
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "cache", {})  # no choice made here outlives the test
+    # the second config "measures" faster: the choice is not merely the first config
+    monkeypatch.setattr(kernel, "_bench",
+                        lambda *args, config, **kw: [2.0 if config is configs[0] else 1.0] * 3)
+    tritons_runs = []
+    original = Autotuner.run
+
+    def counted(self, *args, **kwargs):
+        tritons_runs.append(self.base_fn.__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", counted)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(100, 70, generator=gen).to(DEVICE)
+    b = torch.randn(70, 50, generator=gen).to(DEVICE)
+    matmul = registry.get("matmul", "triton")
+    first = matmul(a, b)
+    assert tritons_runs == ["_matmul_kernel"] and list(kernel.cache.values()) == [configs[1]]
+    ran: dict[str, str] = {}
+    with compile_mod.autotune_choices(ran):
+        second = matmul(a, b)
+    assert tritons_runs == ["_matmul_kernel"]  # the tuned key, looked up without Triton's run
+    assert ran == {"_matmul_kernel": compile_mod.config_text(configs[1])}
+    assert torch.equal(first, second)
+    expected = a.cpu().double() @ b.cpu().double()
+    assert torch.allclose(second.cpu().double(), expected, rtol=1e-4, atol=1e-4)
+    matmul(a.half(), b.half())  # a new key: the dtype is part of it
+    assert tritons_runs == ["_matmul_kernel"] * 2 and len(kernel.cache) == 2
+
+
 def test_tma_falls_back_to_pointer_kernel():
     """Rows a descriptor cannot take (K = 129: 258-byte rows in bf16; a transposed view; a
     broadcast view, stride 0) go to the pointer kernel, with the same result as `triton`."""
