@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-from harness.compile import config_text
+from harness.compile import autotuner_runs, config_text
 
 # Largest shared memory one block may ask for, per compute capability (the opt-in maximum).
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -74,16 +74,18 @@ def captured_launches(sink: list, case: str):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    originals = Autotuner.run, JITFunction.run
+    originals = {**autotuner_runs(Autotuner), JITFunction: JITFunction.run}
 
     def capture(self, *args, grid=None, warmup=False, **kwargs):
         sink.append(Launch(self, args, kwargs, case))
 
-    Autotuner.run = JITFunction.run = capture
+    for cls in originals:
+        cls.run = capture
     try:
         yield
     finally:
-        Autotuner.run, JITFunction.run = originals
+        for cls, original in originals.items():
+            cls.run = original
 
 
 @dataclass

@@ -87,6 +87,14 @@ def config_text(config) -> str:
     return f"{meta}, warps={config.num_warps}, stages={config.num_stages}"
 
 
+def autotuner_runs(autotuner_class) -> dict:
+    """{class: its run} for Triton's Autotuner and each subclass with a run of its own (the
+    suite's looks a tuned key up without Triton's run): what to patch to see every launch of an
+    autotuned kernel."""
+    return {cls: cls.__dict__["run"] for cls in (autotuner_class, *autotuner_class.__subclasses__())
+            if "run" in cls.__dict__}
+
+
 @contextmanager
 def autotune_choices(sink: dict):
     """Records into `sink` the config each Triton autotuner ran for the launches inside the block,
@@ -97,10 +105,7 @@ def autotune_choices(sink: dict):
     except ImportError:  # no Triton here: nothing can be autotuned
         yield
         return
-    # Autotuner and its subclasses that launch by a run of their own (the suite's autotuner
-    # looks a tuned key up itself, without Triton's run)
-    originals = {cls: cls.__dict__["run"] for cls in (Autotuner, *Autotuner.__subclasses__())
-                 if "run" in cls.__dict__}
+    originals = autotuner_runs(Autotuner)
 
     def recording(original):
         def run(self, *args, **kwargs):
