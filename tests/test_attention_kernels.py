@@ -447,6 +447,26 @@ def test_first_causal_query_sees_key_0_alone(impl):
     assert dq[:, :, 1:].any()  # the other queries' are not
 
 
+def test_triton_forward_without_autograd():
+    """With nothing to differentiate (no input requiring grad, or grad disabled) the forward runs
+    without autograd.Function: the same output, bit for bit, and no graph. An `out` that requires
+    grad still goes through autograd, which refuses an in-place write to such a leaf."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 37, 32, generator=gen).to(DEVICE)
+    k, v = (torch.randn(1, 2, 37, 32, generator=gen).to(DEVICE) for _ in range(2))
+    plain = triton_attention.attention(q, k, v, True)
+    assert plain.grad_fn is None
+    tracked = triton_attention.attention(*(t.clone().requires_grad_() for t in (q, k, v)), True)
+    assert tracked.grad_fn is not None
+    assert torch.equal(plain, tracked.detach())
+    with torch.no_grad():
+        untracked = triton_attention.attention(q.clone().requires_grad_(), k, v, True)
+    assert untracked.grad_fn is None and torch.equal(untracked, plain)
+    leaf = torch.zeros_like(plain, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        triton_attention.attention(q, k, v, True, out=leaf)
+
+
 def test_registered():
     triton_impl = registry.get("attention", "triton")
     assert triton_impl.fn is triton_attention.attention

@@ -912,7 +912,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
                             or out.device != q.device):
         raise ValueError(f"out must be a {q.dtype} tensor of shape {list(shape)} on {q.device}, "
                          f"got {out.dtype} {list(out.shape)} on {out.device}")
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    tensors = (q, k, v) if out is None else (q, k, v, out)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _Attention.apply(q, k, v, dims, out)
     # Nothing to differentiate: the forward alone, without autograd's bookkeeping per call.
     out = _new_output(q, dims) if out is None else out
