@@ -204,7 +204,7 @@ def test_pinned_sdpa_backend_without_a_kernel_is_a_skip_not_a_failure():
 
     from kernels import stock_torch
 
-    run = stock_torch._pinned_sdpa(SDPBackend.EFFICIENT_ATTENTION)
+    attend = stock_torch._pinned_sdpa(SDPBackend.EFFICIENT_ATTENTION)
     q = torch.randn(1, 2, 5, 16)
     with pytest.raises(NotImplementedError, match="SDPA EFFICIENT_ATTENTION has no kernel"):
-        run(q, q, q)
+        attend(q, q, q, False, None)

@@ -480,6 +480,31 @@ def test_a_failed_benchmark_keeps_the_phases_it_ran(tmp_path, monkeypatch):
     assert rec["phases"][0]["end_ns"] >= rec["phases"][0]["start_ns"]
 
 
+def test_stock_torch_ops_are_timed_without_the_suites_checks(monkeypatch):
+    """A stock torch op's prepared call (what the benchmarks time) is the library call alone: the
+    contract is checked once, when prepared, as a JAX implementation's checks run once, at trace
+    time. The public call still checks every time."""
+    from kernels import contract
+
+    checks = []
+    for name in ("matmul_args", "attention_args"):
+        def counted(*args, _check=getattr(contract, name), **kwargs):
+            checks.append(_check.__name__)
+            return _check(*args, **kwargs)
+        monkeypatch.setattr(contract, name, counted)
+    a, b, q = torch.randn(3, 4), torch.randn(4, 5), torch.randn(1, 2, 5, 8)
+    prepared = [registry.get("matmul", "torch").bind(a, b)]
+    for impl in ("torch", "torch_math"):
+        prepared.append(registry.get("attention", impl).bind(q, q, q, causal=True))
+    for call in prepared:
+        call(), call()
+    assert checks == ["matmul_args", "attention_args", "attention_args"]
+    registry.get("matmul", "torch")(a, b)
+    assert checks[-1] == "matmul_args" and len(checks) == 4
+    with pytest.raises(ValueError, match="b must have shape"):
+        registry.get("matmul", "torch").bind(a, a)
+
+
 def test_a_cold_compile_of_no_time_is_still_called_cold(tmp_path, monkeypatch):
     """An implementation with a compile step whose first calls were no slower than the rest: its
     cold compile time is 0 and its record says it was measured here (it once said "warm only",
@@ -496,7 +521,8 @@ def test_a_cold_compile_of_no_time_is_still_called_cold(tmp_path, monkeypatch):
         return a @ b
 
     get = registry.get
-    spy = dataclasses.replace(get("matmul", "torch"), fn=first_calls_fast, reset=lambda: None)
+    spy = dataclasses.replace(get("matmul", "torch"), fn=first_calls_fast, prepare=None,
+                              reset=lambda: None)
     monkeypatch.setattr(registry, "get", lambda op, name: spy if name == "torch" else get(op, name))
     session = bench.Session("t", str(tmp_path))
     rec, _ = session.run(bench.Bench("matmul", "torch", cases("matmul", "smoke")[0], "float32"))
