@@ -21,9 +21,9 @@ _DTYPE_NAMES: dict = {}  # dtype object -> its name
 
 def dtype_name(x) -> str:
     """'float32' / 'float16' / 'bfloat16' for a torch tensor or a jax array. Remembered per dtype:
-    str() of a jax array's numpy dtype takes about 4 us (a torch dtype's 0.3), and each call of a
-    jax implementation asked 4 to 6 times, host time its records' host_s would count against
-    JAX alone."""
+    str() of a jax array's numpy dtype takes about 4 us (a torch dtype's 0.3), and a call of a
+    jax implementation through the public API asks 4 to 6 times. (The benchmarks call JAX
+    implementations under one jit, which checks once, when it traces.)"""
     dtype = x.dtype
     name = _DTYPE_NAMES.get(dtype)
     if name is None:
