@@ -135,7 +135,7 @@ class ParallelCompileAutotuner(Autotuner):
 
     A launch whose key is already tuned looks its config up more cheaply than Triton's run: that
     builds the key with a list-membership test per argument and hasattr(arg, "dtype") on every
-    int (an exception raised and caught each), 26 us of host time per conv2d launch on the CPU
+    int (an exception raised and caught each), 25 us of host time per conv2d launch on the CPU
     machine, more than the launcher's own Python. `_key` is the same tuple, so a new key (a
     miss) goes to Triton's run, which tunes and stores it."""
 
