@@ -2,6 +2,7 @@
 torch.compile of each. Every entry checks the public contract before calling the library."""
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -18,6 +19,19 @@ torch.backends.cudnn.benchmark = True
 # fp32 conv the one TF32 op, faster than the others for that alone, and set the fp32 conv budget
 # (4x torch's error) at four times a TF32 error.
 torch.backends.cudnn.allow_tf32 = False
+
+
+def _register(op: str, name: str, prepare, backend: str, **extra):
+    """A stock op. `prepare(*inputs)` checks the contract and does any setup (layouts), untimed,
+    and returns the library call alone: the benchmarks time what a torch user's call costs, as
+    they time a JAX implementation under one jit, whose trace ran its checks. The public call
+    prepares and runs it."""
+    @functools.wraps(prepare)
+    def run(*args, **kwargs):
+        return prepare(*args, **kwargs)()
+
+    registry.register(op, name, framework="torch", kind="stock", backend=backend,
+                      prepare=prepare, **extra)(run)
 
 
 class _Compiled:
@@ -46,9 +60,6 @@ class _Compiled:
 
 
 # ---------------------------------------------------------------- matmul
-# Each stock op checks the contract, then calls the library. Its `prepare` checks once, untimed,
-# and returns the library call alone: the benchmarks time what a torch user's call costs, as they
-# time a JAX implementation under one jit, whose trace ran its checks.
 def _mm(a, b):
     return torch.matmul(a, b)
 
@@ -56,21 +67,16 @@ def _mm(a, b):
 _mm_compiled = _Compiled(_mm)
 
 
-def _matmul_impl(name, mm, backend, **extra):
+def _matmul_prepare(mm):
     def prepare(a, b):
         contract.matmul_args(a, b, "torch")
         return lambda: mm(a, b)
-
-    def run(a, b):
-        return prepare(a, b)()
-
-    registry.register("matmul", name, framework="torch", kind="stock", backend=backend,
-                      prepare=prepare, **extra)(run)
+    return prepare
 
 
-_matmul_impl("torch", _mm, "cuBLAS" if ON_CUDA else "ATen CPU")
-_matmul_impl("torch_compile", _mm_compiled, "torch.compile (Inductor)",
-             reset=_mm_compiled.reset)
+_register("matmul", "torch", _matmul_prepare(_mm), "cuBLAS" if ON_CUDA else "ATen CPU")
+_register("matmul", "torch_compile", _matmul_prepare(_mm_compiled), "torch.compile (Inductor)",
+          reset=_mm_compiled.reset)
 
 
 # ---------------------------------------------------------------- attention
@@ -94,22 +100,17 @@ def _attention_formula(q, k, v, causal: bool, scale: float):
 _attention_compiled = _Compiled(_attention_formula)
 
 
-def _attention_impl(name, attend, backend, **extra):
-    """`attend(q, k, v, causal, scale)` behind the contract check (prepared as matmul's)."""
+def _attention_prepare(attend):
+    """`attend(q, k, v, causal, scale)` behind the contract check."""
     def prepare(q, k, v, causal=False, scale=None):
         dims = contract.attention_args(q, k, v, causal, scale, "torch")
         return lambda: attend(q, k, v, dims.causal, dims.scale)
-
-    def run(q, k, v, causal=False, scale=None):
-        return prepare(q, k, v, causal, scale)()
-
-    registry.register("attention", name, framework="torch", kind="stock", backend=backend,
-                      prepare=prepare, **extra)(run)
+    return prepare
 
 
-_attention_impl("torch", _sdpa, "SDPA (own choice)")
-_attention_impl("torch_compile", _attention_compiled, "torch.compile (Inductor)",
-                reset=_attention_compiled.reset)
+_register("attention", "torch", _attention_prepare(_sdpa), "SDPA (own choice)")
+_register("attention", "torch_compile", _attention_prepare(_attention_compiled),
+          "torch.compile (Inductor)", reset=_attention_compiled.reset)
 
 
 # torch's words when a pinned SDPA backend cannot take the inputs (CUDA, CPU)
@@ -146,8 +147,8 @@ for _name, _backend, _enabled, _why in (
         ("torch_efficient", SDPBackend.EFFICIENT_ATTENTION, ON_CUDA, "needs a CUDA GPU"),
         ("torch_cudnn", SDPBackend.CUDNN_ATTENTION, _CUDNN_SDPA, "needs a CUDA GPU with cuDNN"),
         ("torch_math", SDPBackend.MATH, True, "")):
-    _attention_impl(_name, _pinned_sdpa(_backend), f"SDPA {_backend.name}", enabled=_enabled,
-                    reason=_why)
+    _register("attention", _name, _attention_prepare(_pinned_sdpa(_backend)),
+              f"SDPA {_backend.name}", enabled=_enabled, reason=_why)
 
 
 # ---------------------------------------------------------------- conv2d
@@ -178,18 +179,9 @@ def _conv_prepare(conv_fn, memory_format):
     return prepare
 
 
-def _conv_impl(name, conv_fn, memory_format, backend, **extra):
-    prepare = _conv_prepare(conv_fn, memory_format)
-
-    def run(x, w, stride=1, padding=0, dilation=1, groups=1):
-        return prepare(x, w, stride, padding, dilation, groups)()
-
-    registry.register("conv2d", name, framework="torch", kind="stock", backend=backend,
-                      prepare=prepare, **extra)(run)
-
-
 _CUDNN = "cuDNN" if ON_CUDA else "ATen CPU"
-_conv_impl("torch", _conv, torch.channels_last, f"{_CUDNN} channels_last")
-_conv_impl("torch_nchw", _conv, torch.contiguous_format, f"{_CUDNN} NCHW")
-_conv_impl("torch_compile", _conv_compiled, torch.channels_last, "torch.compile (Inductor)",
-           reset=_conv_compiled.reset)
+_register("conv2d", "torch", _conv_prepare(_conv, torch.channels_last),
+          f"{_CUDNN} channels_last")
+_register("conv2d", "torch_nchw", _conv_prepare(_conv, torch.contiguous_format), f"{_CUDNN} NCHW")
+_register("conv2d", "torch_compile", _conv_prepare(_conv_compiled, torch.channels_last),
+          "torch.compile (Inductor)", reset=_conv_compiled.reset)
