@@ -512,12 +512,18 @@ def test_a_cold_compile_of_no_time_is_still_called_cold(tmp_path, monkeypatch):
     from harness import bench
     from harness.cases import cases
 
+    case = cases("matmul", "smoke")[0]
+    # Computed here, so the cold and warm calls do no first-time work (a fresh process's first
+    # matmul once took longer than a timed call's sleep on a loaded CI machine).
+    arrays = inputs.make(case, "float32", "torch")
+    product = arrays["a"] @ arrays["b"]
     calls = []
 
     def first_calls_fast(a, b):
         calls.append(1)
-        if len(calls) > 2:  # the cold and warm calls return at once, the timed ones do not
-            time.sleep(0.02)
+        if len(calls) <= 2:  # the cold and warm calls return at once, the timed ones do not
+            return product.clone()
+        time.sleep(0.1)
         return a @ b
 
     get = registry.get
@@ -525,7 +531,7 @@ def test_a_cold_compile_of_no_time_is_still_called_cold(tmp_path, monkeypatch):
                               reset=lambda: None)
     monkeypatch.setattr(registry, "get", lambda op, name: spy if name == "torch" else get(op, name))
     session = bench.Session("t", str(tmp_path))
-    rec, _ = session.run(bench.Bench("matmul", "torch", cases("matmul", "smoke")[0], "float32"))
+    rec, _ = session.run(bench.Bench("matmul", "torch", case, "float32"))
     assert rec["status"] == "ok", rec["reason"]
     assert rec["compile_cold_s"] == 0.0
     assert rec["compile_method"].endswith("warm after in-memory reset")
