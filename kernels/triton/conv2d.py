@@ -6,6 +6,13 @@ R = KH*KW*C, but the patch matrix is never written to memory: each program maps 
 rows that fall into the padding or past the edges. w in HWIO is already the [R, K] matrix.
 With few channels (C < 16, such as an RGB stem) a channel block would be mostly padding, so the
 reduction runs over R itself in blocks that span several kernel taps.
+
+Why a pointer gather and not TMA: for stride 1 the input tile of a block of BH x BW output pixels
+is one TMA box [1, BH, BW, BC] of x, the padding filled with zeros by the hardware. Compiled for
+sm_90 by Triton 3.6, the box's reshape to the dot's [BH*BW, BC] operand goes through registers
+(a shared-memory load, layout conversions, wgmma reading A from registers), where this kernel's
+cp.async tiles feed wgmma from shared memory; Triton folds a reshape into shared memory only
+when it drops unit dimensions (the weights' [1, BC, BN] box was fine).
 """
 from __future__ import annotations
 
