@@ -11,8 +11,8 @@ Why a pointer gather and not TMA: for stride 1 the input tile of a block of BH x
 is one TMA box [1, BH, BW, BC] of x, the padding filled with zeros by the hardware. Compiled for
 sm_90 by Triton 3.6, the box's reshape to the dot's [BH*BW, BC] operand goes through registers
 (a shared-memory load, layout conversions, wgmma reading A from registers), where this kernel's
-cp.async tiles feed wgmma from shared memory; Triton folds a reshape into shared memory only
-when it drops unit dimensions (the weights' [1, BC, BN] box was fine).
+cp.async tiles feed wgmma from shared memory. (A weight box [1, BC, BN], reshaped by dropping
+its unit dimension, did stay in shared memory.)
 """
 from __future__ import annotations
 
