@@ -157,6 +157,8 @@ def pytest_collection_modifyitems(config, items):
     if skip:
         config.hook.pytest_deselected(items=skip)
         items[:] = keep
+    # every benchmark selected already has its record: the run is complete, not empty
+    config._kernels_resumed_complete = bool(skip) and not keep
 
 
 class RunState:
@@ -236,7 +238,14 @@ def pytest_terminal_summary(terminalreporter, config):
 
 def pytest_sessionfinish(session, exitstatus):
     """A bench run whose CUDA context was lost in-process exits with CONTEXT_LOST_EXIT (the
-    benchmarks it could not run are skipped, unrecorded), on which `make bench` resumes it."""
+    benchmarks it could not run are skipped, unrecorded), on which `make bench` resumes it.
+    Resuming a run that already holds a record of every selected benchmark runs nothing and
+    exits 0, saying so (pytest's "no tests" exit stays for a selection that is empty)."""
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and getattr(
+            session.config, "_kernels_resumed_complete", False):
+        print(f"\nrun {session.config.getoption('run_id')} already holds a record of every "
+              "selected benchmark: nothing left to resume")
+        session.exitstatus = pytest.ExitCode.OK
     state = getattr(session.config, "_kernels_run", None)
     if state is not None and state.runner.context_lost:
         from harness.runner import CONTEXT_LOST_EXIT

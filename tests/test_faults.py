@@ -176,6 +176,13 @@ def test_killed_run_resumes_to_the_same_records(tmp_path):
     assert after == expected  # nothing lost, nothing measured twice
     assert set(before) <= set(after)
 
+    # resuming the complete run runs nothing, and that is not pytest's "no tests" failure
+    again = subprocess.run(_bench_cmd(tmp_path, "cut", impls, "--resume"), cwd=ROOT,
+                           env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "run cut already holds a record of every selected benchmark" in again.stdout
+    assert _keys(tmp_path, "cut") == expected
+
 
 def test_two_workers_make_the_same_records_as_one(tmp_path):
     impls = "--impls=torch,xla"
