@@ -786,39 +786,54 @@ def matchups(records: list[dict], contest: Contest,
     return sorted(out, key=lambda m: (m.key[0], m.key[2], m.key[3], m.flops, m.key[1]))
 
 
-def _flips(ms: list[Matchup]) -> tuple[list[Matchup], list[int]]:
-    """The matchups with a winner beyond noise, and the indices among them where it changes."""
-    decided = [m for m in ms if m.winner in ("a", "b")]
-    changes = [i for i in range(1, len(decided)) if decided[i].winner != decided[i - 1].winner]
-    return decided, changes
+def _flips(ms: list[Matchup]) -> tuple[list[tuple[float, str]], list[int]]:
+    """The sizes (FLOPs) with a winner beyond noise, each as (flops, "a", "b" or "both": cases
+    of that size won by different sides), and the indices among them where the winner changes.
+    Cases of equal size are one size: their order (by name) says nothing about size."""
+    won: dict[float, set[str]] = {}
+    for m in ms:
+        if m.winner in ("a", "b"):
+            won.setdefault(m.flops, set()).add(m.winner)
+    sizes = [(flops, next(iter(w)) if len(w) == 1 else "both") for flops, w in sorted(won.items())]
+    changes = [i for i in range(1, len(sizes)) if sizes[i][1] != sizes[i - 1][1]]
+    return sizes, changes
 
 
 def _size_condition(ms: list[Matchup], contest: Contest) -> str:
-    """Where along problem size (FLOPs) the winner changes, if it does."""
-    decided, flips = _flips(ms)
+    """Where along problem size (FLOPs) the winner changes, if it does: said of the sizes where
+    one side is clearly better, with how many others were within noise or unclear."""
+    sizes, flips = _flips(ms)
     name = {"a": contest.a_name, "b": contest.b_name}
-    if not decided:
+    undecided = sum(m.winner not in ("a", "b") for m in ms)
+    rest = f"; {undecided} of {len(ms)} sizes within noise or unclear" if undecided else ""
+    where = " where one side is clearly better" if undecided else " measured"
+    both = [flops for flops, w in sizes if w == "both"]
+    if not sizes:
         return "no size where one side is clearly better"
+    if both:
+        return (f"no single size threshold: cases of equal size go both ways at "
+                f"{', '.join(_si(f, 'FLOP') for f in both)}{rest}")
     if not flips:
-        return f"{name[decided[0].winner]} wins at every size measured (" \
-               f"{_si(ms[0].flops, 'FLOP')} .. {_si(ms[-1].flops, 'FLOP')})"
+        return (f"{name[sizes[0][1]]} wins at every size{where} ({_si(sizes[0][0], 'FLOP')} .. "
+                f"{_si(sizes[-1][0], 'FLOP')}){rest}")
     if len(flips) == 1:
-        lo, hi = decided[flips[0] - 1], decided[flips[0]]
-        return f"{name[lo.winner]} wins up to {_si(lo.flops, 'FLOP')}, " \
-               f"{name[hi.winner]} from {_si(hi.flops, 'FLOP')} up"
-    return f"no single size threshold: the winner changes {len(flips)} times along size"
+        (lo, lo_w), (hi, hi_w) = sizes[flips[0] - 1], sizes[flips[0]]
+        return (f"{name[lo_w]} wins up to {_si(lo, 'FLOP')}, {name[hi_w]} from "
+                f"{_si(hi, 'FLOP')} up{where if undecided else ''}{rest}")
+    return (f"no single size threshold: the winner changes {len(flips)} times along "
+            f"size{rest}")
 
 
 def _verdict_word(ms: list[Matchup]) -> str:
-    decided, flips = _flips(ms)
-    winners = {m.winner for m in decided}
+    sizes, flips = _flips(ms)
+    winners = {w for _, w in sizes}
     if not winners:
         return "inconclusive"
     if winners == {"a"}:
         return "holds"
     if winners == {"b"}:
         return "does not hold"
-    return "depends on size" if len(flips) == 1 else "mixed"
+    return "depends on size" if len(flips) == 1 and "both" not in winners else "mixed"
 
 
 def _evidence(ms: list[Matchup], contest: Contest) -> str:

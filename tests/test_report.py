@@ -372,6 +372,38 @@ def test_a_host_timed_jax_loss_counts_only_beyond_the_host_cost():
     assert "not measured in this run" in text
 
 
+def test_where_the_winner_flips_counts_sizes_within_noise_and_merges_equal_sizes():
+    """"At every size" only when every size has a winner beyond noise; a threshold is said of
+    the sizes with one, naming how many had none; cases of one size (FLOPs) are one size, so
+    their order by name makes no flip."""
+    def matchups(*cases):  # (case, flops, jax median, torch median)
+        recs = [r for case, flops, jax_s, torch_s in cases for r in (
+            _record("matmul", "xla", "jax", "stock", case, flops, "bfloat16", jax_s),
+            _record("matmul", "torch", "torch", "stock", case, flops, "bfloat16", torch_s))]
+        return report.matchups(recs, contest)
+
+    contest = report.CLAIMS[0].contests[0]  # JAX (a) against PyTorch (b)
+    win_and_ties = matchups(("s1", 1e6, 1e-3, 2e-3), ("s2", 1e9, 1e-3, 1e-3),
+                            ("s3", 1e12, 1e-3, 1e-3))
+    assert report._verdict_word(win_and_ties) == "holds"
+    assert report._size_condition(win_and_ties, contest) == (
+        "JAX wins at every size where one side is clearly better (1 MFLOP .. 1 MFLOP); "
+        "2 of 3 sizes within noise or unclear")
+    all_won = matchups(("s1", 1e6, 1e-3, 2e-3), ("s2", 1e9, 1e-3, 2e-3))
+    assert report._size_condition(all_won, contest) == (
+        "JAX wins at every size measured (1 MFLOP .. 1 GFLOP)")
+    flip_then_tie = matchups(("s1", 1e6, 1e-3, 2e-3), ("s2", 1e9, 2e-3, 1e-3),
+                             ("s3", 1e12, 1e-3, 1e-3))
+    assert report._verdict_word(flip_then_tie) == "depends on size"
+    assert report._size_condition(flip_then_tie, contest) == (
+        "JAX wins up to 1 MFLOP, PyTorch from 1 GFLOP up where one side is clearly better; "
+        "1 of 3 sizes within noise or unclear")
+    same_size = matchups(("a_layer", 3e9, 1e-3, 2e-3), ("b_layer", 3e9, 2e-3, 1e-3))
+    assert report._verdict_word(same_size) == "mixed"
+    assert report._size_condition(same_size, contest) == (
+        "no single size threshold: cases of equal size go both ways at 3 GFLOP")
+
+
 def test_calls_to_repay_compile_only_where_both_cold_compiles_were_measured():
     """JAX 0.5 ms faster per call after a cold compile 1 s longer: repaid after 2000 calls. A
     side without a cold compile (COLD=first times it in an implementation's first case only) is
