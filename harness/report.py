@@ -522,8 +522,7 @@ def targets_section(run: Run) -> Section:
         rows.append([Cell(v.target), Cell(v.impl), Cell(v.word),
                      _num(v.reached, ".2f" if v.unit == "x" else ".1f"),
                      Cell(f"{v.compare} {v.threshold:g} {v.unit}"),
-                     Cell(v.detail if v.reached is None else
-                          "; ".join(filter(None, (v.detail, v.lacking))))])
+                     Cell("; ".join(filter(None, (v.detail, v.lacking))))])
     return Section("Targets", "targets", [
         "The targets of the GPU baseline, judged on this run's bfloat16 records only. A case a "
         "target covers whose record failed misses it; one with nothing to compare (not run, "

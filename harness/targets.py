@@ -37,7 +37,8 @@ class Verdict:
 
     @property
     def word(self) -> str:
-        if self.reached is None:
+        """A failed covered case misses the target, also when no case gave a figure."""
+        if self.reached is None and not self.failed:
             return "no data"
         if self.failed or not _COMPARE[self.compare](self.reached, self.threshold):
             return "MISSED" + (" (incomplete)" if self.absent else "")
@@ -148,20 +149,25 @@ def throughput(records, target: str, op: str, impl: str, threshold_tflops: float
 
 
 def backward_over_forward(records, target: str, op: str, impl: str, limit: float) -> Verdict:
-    """impl's backward time over its forward time on each case it ran both ways; reached is the
-    largest ratio."""
+    """impl's backward time over its forward time on each standard case of op; reached is the
+    largest ratio. A case whose forward or backward failed misses it, one without ok records of
+    both makes it incomplete."""
+    covered = _covered(op, _every)
     fwd, bwd = _records(records, op, impl, "fwd"), _records(records, op, impl, "bwd")
     ok_fwd, ok_bwd = _ok(fwd), _ok(bwd)
-    ratio = {c: ok_bwd[c]["median_s"] / ok_fwd[c]["median_s"] for c in ok_fwd if c in ok_bwd}
-    both = sorted(set(fwd) & set(bwd))
-    failed = tuple(c for c in both if "failed" in (fwd[c]["status"], bwd[c]["status"]))
+    ratio = {c: ok_bwd[c]["median_s"] / ok_fwd[c]["median_s"]
+             for c in covered if c in ok_fwd and c in ok_bwd}
+    failed = tuple(c for c in covered if "failed" in (fwd.get(c, {}).get("status"),
+                                                       bwd.get(c, {}).get("status")))
+    absent = tuple(c for c in covered if c not in ratio and c not in failed)
     if not ratio:
         return Verdict(target, impl, None, "<=", limit, "x",
-                       f"no case with ok {impl} records of both forward and backward", failed)
+                       f"no case with ok {impl} records of both forward and backward", failed,
+                       absent)
     worst, best = max(ratio, key=ratio.get), min(ratio, key=ratio.get)
     return Verdict(target, impl, ratio[worst], "<=", limit, "x",
                    f"{len(ratio)} cases; worst {worst} {ratio[worst]:.2f}x, best {best} "
-                   f"{ratio[best]:.2f}x", failed)
+                   f"{ratio[best]:.2f}x", failed, absent)
 
 
 def retimed(records: list[dict], min_s: float = 0.0) -> list[dict]:

@@ -42,6 +42,13 @@ def test_matmul_against_cublas_is_a_geomean_over_every_standard_shape():
     failed = {c: 120.0 for c in MATMUL} | {MATMUL[0]: None}
     v = the(targets.judge(matmul_run(failed), None), "matmul at >= 95%", "triton")
     assert v.reached == pytest.approx(120.0) and v.word == "MISSED" and v.failed == (MATMUL[0],)
+    # every shape failed: no figure, and still a miss, with the failures in the report
+    v = the(targets.judge(matmul_run(dict.fromkeys(MATMUL)), None), "matmul at >= 95%", "triton")
+    assert (v.reached, v.word, v.failed) == (None, "MISSED", tuple(sorted(MATMUL)))
+    section = report.render_markdown("t", [report.targets_section(
+        report.Run(Path("r"), matmul_run(dict.fromkeys(MATMUL)), {}, None))])
+    assert f"| triton | MISSED | - | >= 95 % | no case with ok records of both triton and torch; " \
+           f"failed: {sorted(MATMUL)[0]}, " in section
     # a shape it never ran: the geomean over the others is not a verdict
     v = the(targets.judge(matmul_run({c: 96.0 for c in MATMUL[1:]}), None), "matmul at >= 95%",
             "triton")
@@ -71,13 +78,34 @@ def test_attention_throughput_covers_d128_from_4k_tokens_only():
 
 
 def test_backward_within_two_and_a_half_forwards():
-    runs = [rec("attention", "triton", "a", 1e-3), rec("attention", "triton", "a", 2.4e-3,
-                                                        mode="bwd")]
-    assert the(targets.judge(runs, None), "attention backward", "triton").word == "met"
-    runs += [rec("attention", "triton", "b", 1e-3), rec("attention", "triton", "b", 2.6e-3,
-                                                         mode="bwd")]
-    v = the(targets.judge(runs, None), "attention backward", "triton")
-    assert v.word == "MISSED" and v.reached == pytest.approx(2.6) and "worst b" in v.detail
+    """Over every standard attention case: the largest backward / forward ratio; a case without
+    both ok records makes the verdict incomplete, a failed one misses it."""
+    names = [c.name for c in ATTENTION]
+
+    def run(bwd_s: dict[str, float | None]):
+        out = [rec("attention", "triton", c, 1e-3, tflops=100.0) for c in names]
+        return out + [rec("attention", "triton", c, s, mode="bwd", status="ok" if s else "failed")
+                      for c, s in bwd_s.items()]
+
+    def verdict(bwd_s):
+        return the(targets.judge(run(bwd_s), None), "attention backward", "triton")
+
+    assert verdict(dict.fromkeys(names, 2.4e-3)).word == "met"
+    v = verdict(dict.fromkeys(names, 2.4e-3) | {names[1]: 2.6e-3})
+    assert v.word == "MISSED" and v.reached == pytest.approx(2.6)
+    assert f"worst {names[1]}" in v.detail
+    # backward run on one case only: 2.4x there says nothing of the others
+    v = verdict({names[0]: 2.4e-3})
+    assert v.word == "incomplete" and v.absent == tuple(sorted(names[1:]))
+    # a failed backward misses the target
+    v = verdict(dict.fromkeys(names, 2.4e-3) | {names[0]: None})
+    assert v.word == "MISSED" and v.failed == (names[0],)
+    # cases outside the standard tier are not judged
+    v = the(targets.judge(run(dict.fromkeys(names, 2.4e-3)) + [
+        rec("attention", "triton", "odd", 1e-3, tflops=1.0), rec("attention", "triton", "odd", 9e-3,
+                                                     mode="bwd")], None),
+        "attention backward", "triton")
+    assert (v.word, v.reached) == ("met", pytest.approx(2.4))
 
 
 def test_conv2d_targets_take_the_resnet50_layers_and_classes_by_kernel_and_stride():
