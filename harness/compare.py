@@ -103,9 +103,11 @@ def print_table(base: Path, head: Path) -> None:
 class Change:
     name: str
     base_s: float
-    head_s: float | None  # None: the benchmark failed in head
+    head_s: float | None  # None: the benchmark failed or was skipped in head
     noise: float
-    failure: str = ""  # why it failed in head
+    failure: str = ""  # why it failed or was skipped in head
+    # skipped in head: listed, not a regression (the head's machine may lack the backend)
+    skipped: bool = False
 
     @property
     def change(self) -> float | None:
@@ -113,12 +115,12 @@ class Change:
 
     def regression(self, threshold: float) -> bool:
         if self.head_s is None:
-            return True
+            return not self.skipped
         return self.change > threshold and self.change > self.noise
 
     def verdict(self, threshold: float) -> str:
         if self.head_s is None:
-            return "FAILED"
+            return "SKIPPED" if self.skipped else "FAILED"
         if self.regression(threshold):
             return "REGRESSION"
         return "faster" if self.change < -max(threshold, self.noise) else "same"
@@ -164,14 +166,15 @@ def _ok(e: Entry) -> bool:
 
 def changes(a: dict[str, Entry], b: dict[str, Entry]) -> list[Change]:
     """Every benchmark ok in base `a` that head `b` ran (`entries` of each): its change, or its
-    failure in head."""
+    failure or skip in head."""
     out = []
     for name in sorted(n for n in a.keys() & b.keys() if _ok(a[n])):
         if _ok(b[name]):
             out.append(Change(name, a[name].median_s, b[name].median_s,
                               max(a[name].spread, b[name].spread)))
-        elif b[name].status == "failed":
-            out.append(Change(name, a[name].median_s, None, a[name].spread, b[name].reason))
+        else:
+            out.append(Change(name, a[name].median_s, None, a[name].spread, b[name].reason,
+                              skipped=b[name].status != "failed"))
     return out
 
 
@@ -198,8 +201,8 @@ def main(argv=None) -> int:
         verdict = c.verdict(threshold)
         bad += c.regression(threshold)
         if c.head_s is None:
-            print(f"{c.name[:69]:<70}{c.base_s * 1e6:>9.1f}us{'failed':>11}{'':>9}{'':>8}  "
-                  f"{verdict}: {c.failure[:200]}")
+            print(f"{c.name[:69]:<70}{c.base_s * 1e6:>9.1f}us{verdict.lower():>11}{'':>9}"
+                  f"{'':>8}  {verdict}: {c.failure[:200]}")
             continue
         print(f"{c.name[:69]:<70}{c.base_s * 1e6:>9.1f}us{c.head_s * 1e6:>9.1f}us"
               f"{100 * c.change:>+8.1f}%{100 * c.noise:>7.1f}%  {verdict}")
@@ -210,12 +213,14 @@ def main(argv=None) -> int:
             print(f"no report written: {head.parent} is a committed baseline")
         else:
             print("wrote", report.write(head.parent, str(base), args.threshold))
-    failed = sum(c.head_s is None for c in found)
+    skipped = sum(c.skipped for c in found)
+    failed = sum(c.head_s is None for c in found) - skipped
     not_run = len({n for n, e in base_entries.items() if _ok(e)} - head_entries.keys())
-    print(f"\n{len(found) - failed} benchmarks compared, {bad - failed} regression(s) over "
-          f"{args.threshold:g}% and over the measured noise, {failed} ok in base and failed in "
-          f"head, {not_run} ok in base and not run in head")
-    if not found:
+    print(f"\n{len(found) - failed - skipped} benchmarks compared, {bad - failed} regression(s) "
+          f"over {args.threshold:g}% and over the measured noise, {failed} ok in base and failed "
+          f"in head, {skipped} ok in base and skipped in head, {not_run} ok in base and not run "
+          "in head")
+    if len(found) == skipped:
         print("nothing to compare: no benchmark is ok in base and run in head (other ops, cases "
               "or implementations?)")
         return 2

@@ -975,19 +975,20 @@ def compare_section(run: Run, base_ref: str, threshold_pct: float) -> Section:
             f"{head}) to compare"])
     base = compare.json_path(base_ref)
     threshold = threshold_pct / 100
-    rows, regressions, failed = [], 0, 0
+    rows, regressions, failed, skipped = [], 0, 0, 0
     for c in compare.changes(compare.entries(base), compare.entries(head)):
         verdict = c.verdict(threshold)
         regressions += verdict == "REGRESSION"
         failed += verdict == "FAILED"
+        skipped += verdict == "SKIPPED"
         change = Cell("-") if c.change is None else Cell(f"{100 * c.change:+.1f}%", c.change)
         rows.append([Cell(c.name), _time(c.base_s), _time(c.head_s), change,
                      _num(100 * c.noise, ".1f"),
                      Cell(f"{verdict}: {c.failure}" if c.failure else verdict)])
-    text = (f"base {base}, head {head}: {len(rows) - failed} benchmarks ok in both, "
+    text = (f"base {base}, head {head}: {len(rows) - failed - skipped} benchmarks ok in both, "
             f"{regressions} regression(s): median grew by more than {threshold_pct:g}% and by "
             f"more than the noise (p20-p80 spread) of either run; {failed} ok in base failed in "
-            "head.")
+            f"head; {skipped} ok in base skipped in head.")
     return Section("Changes vs base", "compare", [text, Table(
         ["benchmark", "base median", "head median", "change", "noise %", "verdict"], rows)])
 

@@ -113,6 +113,17 @@ def test_compare_reads_every_record_of_a_run(two_runs, tmp_path, capsys):
     assert f"{first}" in out and "FAILED: wrong result: boom" in out
     assert "1 ok in base and failed in head" in out
 
+    def skip_first(r):
+        if results.record_key(r) == first:
+            return {**r, "status": "skipped", "median_s": None, "reason": "needs a CUDA GPU"}
+        return r
+
+    skipping = _run_copy(run1, tmp_path / "skipping", skip_first)
+    assert compare.main([str(run1), str(skipping), "--no-table"]) == 0  # listed, not a regression
+    out = capsys.readouterr().out
+    assert f"{first}" in out and "SKIPPED: needs a CUDA GPU" in out
+    assert "1 ok in base and skipped in head" in out
+
     def quiet(r):  # a CPU run's spread can pass 100%: none here, so +50% is a regression
         return {**r, "spread": 0.0}
 
