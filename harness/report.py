@@ -518,7 +518,7 @@ def noise_section(run: Run) -> Section:
 def targets_section(run: Run) -> Section:
     """The GPU baseline's targets (harness.targets), judged on this run's bf16 records."""
     rows = []
-    for v in targets.judge(run.records, run_seconds(run.records)):
+    for v in targets.judge(run.records, run_seconds(run.records, targets.DTYPE)):
         rows.append([Cell(v.target), Cell(v.impl), Cell(v.word),
                      _num(v.reached, ".2f" if v.unit == "x" else ".1f"),
                      Cell(f"{v.compare} {v.threshold:g} {v.unit}"),
@@ -562,13 +562,32 @@ def _time_spent(records: list[dict]):
     return spent, counts, between
 
 
-def run_seconds(records: list[dict]) -> float | None:
-    """The run's wall-clock time: its benchmarks' phases and the gaps between them (a pause of
-    RESUMED_GAP_S or more, a run stopped and resumed, left out)."""
-    time_spent = _time_spent(records)
-    if time_spent is None:
+def run_seconds(records: list[dict], dtype: str | None = None) -> float | None:
+    """The run's wall-clock seconds, or those of its benchmarks of one dtype: each benchmark's
+    span from the end of the one before it (the time between benchmarks; a pause of
+    RESUMED_GAP_S or more, a run stopped and resumed, left out) to its own end, and of these
+    spans the union, so benchmarks run side by side (WORKERS=N) count once. None when no record
+    holds its phases."""
+    placed = sorted(((min(p["start_ns"] for p in r["phases"]),
+                      max(p["end_ns"] for p in r["phases"]), r["dtype"])
+                     for r in records if r.get("phases")), key=lambda s: s[0])
+    spans, latest_end = [], None
+    for start, end, rec_dtype in placed:
+        gap_ns = start - latest_end if latest_end is not None else None
+        if gap_ns is not None and 0 <= gap_ns < RESUMED_GAP_S * 1e9:
+            start = latest_end
+        latest_end = max(latest_end or end, end)
+        if dtype is None or rec_dtype == dtype:
+            spans.append((start, end))
+    if not spans:
         return None
-    return _total_s(time_spent)
+    total_ns, (lo, hi) = 0, spans[0]
+    for start, end in spans[1:]:
+        if start > hi:
+            total_ns, lo, hi = total_ns + hi - lo, start, end
+        else:
+            hi = max(hi, end)
+    return (total_ns + hi - lo) / 1e9
 
 
 def _total_s(time_spent) -> float:
@@ -584,7 +603,10 @@ def time_section(run: Run) -> Section:
         return Section("Where the time went", "time", ["no record holds its phases"])
     spent, counts, between = time_spent
     columns = [c for c in PHASES + ("other",) if any(v.get(c) for v in spent.values())]
-    total = _total_s(time_spent)
+    total, wall = _total_s(time_spent), run_seconds(run.records)
+    # benchmarks that ran side by side (WORKERS=N) sum to more than the wall-clock time
+    summed = (f" ({total:.0f} s summed over benchmarks that ran side by side; the shares "
+              "below are of that sum)" if total > 1.01 * wall else "")
     rows = []
     for op in sorted({op for op, _ in spent}):
         keys = sorted((k for k in spent if k[0] == op), key=lambda k: -sum(spent[k].values()))
@@ -599,7 +621,8 @@ def time_section(run: Run) -> Section:
                         + [_num(phase_s.get(c, 0.0), ".1f") for c in columns]
                         + [_num(gap, ".1f"), _num(own, ".1f"), _num(100 * own / total, ".1f")])
     return Section("Where the time went", "time", [
-        f"{total:.0f} s of wall-clock time in all, in seconds per phase of each benchmark: setup "
+        f"{wall:.0f} s of wall-clock time in all{summed}, in seconds per phase of each "
+        "benchmark: setup "
         "(float64 reference, computed once per case, and inputs), compiles, warmup (and the "
         "estimate that sizes the repetitions), timed repetitions, the memory measurement, the "
         "second timing (--retime) and the profiler trace. Pauses over "

@@ -192,8 +192,9 @@ def noise(records, target: str, limit_pct: float) -> Verdict:
 
 
 def tier_time(records, target: str, limit_s: float, run_s: float | None) -> Verdict:
-    """The run's wall-clock time in and between its benchmarks (pytest's start-up, the ceilings
-    measured before the first benchmark and the report after the last are not in the records). It
+    """The wall-clock time in and between the run's bf16 benchmarks, run_s (report.run_seconds;
+    pytest's start-up, the ceilings measured before the first benchmark and the report after the
+    last are not in the records). It
     is the standard tier's time only when the run holds every benchmark of it: each standard case
     of each op in the run, in each mode the run measured that op in, for each implementation it
     ran."""
@@ -220,7 +221,8 @@ def tier_time(records, target: str, limit_s: float, run_s: float | None) -> Verd
 
 
 def judge(records: list[dict], run_s: float | None) -> list[Verdict]:
-    """Every target, judged on the records (run_s: the run's wall-clock seconds)."""
+    """Every target, judged on the records (run_s: the wall-clock seconds of the run's bf16
+    benchmarks)."""
     return [
         *(vs_stock(records, "matmul at >= 95% of cuBLAS, geomean over the standard shapes",
                    "matmul", impl, "torch", 95.0, _every) for impl in ("triton", "triton_tma")),

@@ -352,6 +352,30 @@ def test_time_section_sums_phases_and_the_time_between_benchmarks():
         "t", [report.time_section(no_phases)])
 
 
+def test_wall_clock_counts_side_by_side_benchmarks_once_and_one_dtype_apart():
+    """Two workers running 10 s benchmarks side by side for 40 s: 40 s of wall-clock time (the
+    phases sum to 80). In a run alternating bf16 and fp32 benchmarks, bf16's time is its own
+    benchmarks and the gaps before them, not the fp32 ones between."""
+    base = 1_800_000_000.0
+
+    def bench(start, dtype="bfloat16"):
+        return _record("matmul", "torch", "torch", "stock", f"c{start}", 1e9, dtype, 1e-3,
+                       phases=_phases(base + start, ("timed", 10.0)))
+
+    side_by_side = [bench(t) for t in (0, 0.5, 10, 10.5, 20, 20.5, 30, 30)]
+    assert report.run_seconds(side_by_side) == pytest.approx(40.0)
+    md = report.render_markdown("t", [report.time_section(
+        report.Run(Path("u"), side_by_side, {}, None))])
+    assert "40 s of wall-clock time in all (80 s summed over benchmarks that ran side by side" in md
+    # 10 s benchmarks with 1 s between them, bf16 and fp32 in turn, and a resumed pause
+    alternating = [bench(11 * i, "bfloat16" if i % 2 == 0 else "float32") for i in range(4)]
+    alternating.append(bench(11 * 4 + 3600))
+    assert report.run_seconds(alternating) == pytest.approx(43 + 10)
+    assert report.run_seconds(alternating, "bfloat16") == pytest.approx(10 + 11 + 10)
+    assert report.run_seconds(alternating, "float32") == pytest.approx(22)
+    assert report.run_seconds(alternating, "float16") is None
+
+
 def test_a_host_timed_jax_loss_counts_only_beyond_the_host_cost():
     """On a GPU, JAX medians hold the host's dispatch; torch's are device events. JAX losing by
     less than a trivial JAX call's time is unclear, by more it is a loss; a JAX win stands."""
