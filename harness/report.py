@@ -254,7 +254,8 @@ def ceiling_tflops(peaks: dict | None, dtype: str, intensity: float) -> float | 
 
 
 def _roofline_pct(r: dict, peaks: dict | None) -> float | None:
-    if r.get("tflops") is None or not r.get("bytes"):
+    """Achieved over attainable TFLOP/s, for an ok record (a wrong result is timed too)."""
+    if r["status"] != "ok" or r.get("tflops") is None or not r.get("bytes"):
         return None
     ceiling = ceiling_tflops(peaks, r["dtype"], r["flops"] / r["bytes"])
     return 100 * r["tflops"] / ceiling if ceiling else None

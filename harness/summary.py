@@ -36,12 +36,14 @@ def table(records: list[dict]) -> str:
         return (r["op"], r["case"], r["dtype"], r.get("mode", "fwd"))
 
     for (op, case, dtype, mode), rows in groupby(sorted(records, key=group), key=group):
-        rows = sorted(rows, key=lambda r: (r["median_s"] is None, r["median_s"] or 0))
+        # ok first, fastest first; a failed record may hold a time (a wrong result is timed)
+        rows = sorted(rows, key=lambda r: (r["status"] != "ok", r["median_s"] is None,
+                                           r["median_s"] or 0))
         best = max((r["tflops"] for r in rows if r["status"] == "ok" and r["tflops"]), default=None)
         lines.append(f"{op} {case} {dtype}" + ("" if mode == "fwd" else f" {mode}"))
         lines.append(head)
         for r in rows:
-            pct = 100 * r["tflops"] / best if best and r["tflops"] else None
+            pct = 100 * r["tflops"] / best if best and r["status"] == "ok" else None
             note = r["reason"] if r["status"] != "ok" else " ".join(
                 (r.get("flags") or []) + timing.caveats(r.get("timing_method")))
             lines.append(f"  {r['impl']:<16}{r['status']:<9}{_fmt_time(r['median_s']):>11}"

@@ -376,6 +376,21 @@ def test_wall_clock_counts_side_by_side_benchmarks_once_and_one_dtype_apart():
     assert report.run_seconds(alternating, "float16") is None
 
 
+def test_a_wrong_result_keeps_its_time_but_no_share_of_the_best_or_roofline():
+    """A wrong result is timed too, and twice as fast as the best ok record here: the end-of-run
+    table lists it after the ok ones with no "% best", and the report gives it no % roofline."""
+    from harness import summary
+
+    ok = _record("matmul", "torch", "torch", "stock", "c", 1e9, "bfloat16", 2e-3)
+    wrong = _record("matmul", "pallas", "jax", "hand", "c", 1e9, "bfloat16", 1e-3,
+                    status="failed", reason="wrong result: relative error 0.9 over budget 0.01")
+    lines = summary.table([wrong, ok]).splitlines()
+    assert [line.split()[:2] for line in lines[2:4]] == [["torch", "ok"], ["pallas", "failed"]]
+    assert lines[2].split()[6] == "100" and lines[3].split()[6] == "-"
+    assert report._roofline_pct(ok, FAKE_PEAKS) is not None
+    assert report._roofline_pct(wrong, FAKE_PEAKS) is None
+
+
 def test_a_host_timed_jax_loss_counts_only_beyond_the_host_cost():
     """On a GPU, JAX medians hold the host's dispatch; torch's are device events. JAX losing by
     less than a trivial JAX call's time is unclear, by more it is a loss; a JAX win stands."""
