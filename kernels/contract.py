@@ -51,6 +51,8 @@ def check_array(name: str, x, framework: str, rank: int) -> tuple[int, ...]:
     if framework == "jax" and not _is_jax(x):
         raise TypeError(f"{name} must be a jax.Array for this jax implementation, "
                         f"got {type(x).__module__}.{type(x).__name__}")
+    if framework == "torch" and x.layout is not _strided():
+        raise TypeError(f"{name} must be a dense (strided) torch.Tensor, got layout {x.layout}")
     if x.ndim != rank:
         raise ValueError(f"{name} must have rank {rank}, got shape {tuple(x.shape)}")
     dtype = dtype_name(x)
@@ -60,6 +62,23 @@ def check_array(name: str, x, framework: str, rank: int) -> tuple[int, ...]:
     if min(shape) < 1:
         raise ValueError(f"{name} must have every dimension >= 1, got shape {shape}")
     return shape
+
+
+def _strided():
+    import torch
+
+    return torch.strided
+
+
+def check_same_device(**tensors) -> None:
+    """torch tensors on one device (torch ops given a CPU input and a meta weight returned
+    arbitrary values, Triton kernels read the wrong memory)."""
+    names = list(tensors)
+    first = tensors[names[0]].device
+    for n in names[1:]:
+        if tensors[n].device != first:
+            raise ValueError(f"{n} is on {tensors[n].device} but {names[0]} is on {first}: "
+                             "all inputs must be on one device")
 
 
 def check_same_dtype(**arrays) -> str:
@@ -93,6 +112,8 @@ def matmul_args(a, b, framework: str) -> MatmulDims:
         raise ValueError(f"b must have shape [K={K}, N] to match a [M, K] = {[M, K]}, "
                          f"got {[K2, N]}")
     check_same_dtype(a=a, b=b)
+    if framework == "torch":
+        check_same_device(a=a, b=b)
     return MatmulDims(M, K, N)
 
 
@@ -123,6 +144,8 @@ def attention_args(q, k, v, causal, scale, framework: str) -> AttentionDims:
     if H % Hkv:
         raise ValueError(f"q's heads H={H} must be a multiple of k's heads Hkv={Hkv}")
     check_same_dtype(q=q, k=k, v=v)
+    if framework == "torch":
+        check_same_device(q=q, k=k, v=v)
     # numpy's scalars pass too (a bool from a comparison, a float32 scale), as Python values
     if not _is_bool(causal):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
@@ -130,9 +153,17 @@ def attention_args(q, k, v, causal, scale, framework: str) -> AttentionDims:
         scale = D ** -0.5
     elif not isinstance(scale, numbers.Real) or _is_bool(scale):
         raise TypeError(f"scale must be a positive number or None, got {scale!r}")
-    elif not 0 < scale < float("inf"):  # NaN fails both comparisons
+    elif not 0 < _as_float(scale) < float("inf"):  # NaN fails both comparisons
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     return AttentionDims(B, H, Hkv, Sq, Sk, D, bool(causal), float(scale))
+
+
+def _as_float(x: numbers.Real) -> float:
+    """x as a float; inf for an int beyond float's range (float() raises OverflowError)."""
+    try:
+        return float(x)
+    except OverflowError:
+        return float("inf") if x > 0 else float("-inf")
 
 
 def one_visible_key(sq: int, sk: int, causal: bool) -> bool:
@@ -154,13 +185,18 @@ def _is_int(x) -> bool:
     return type(x) is int or (isinstance(x, numbers.Integral) and not _is_bool(x))
 
 
+INT_MAX = 2**31 - 1  # a kernel's index arithmetic is 32-bit; jitted arguments overflow past int64
+
+
 def int_pair(name: str, value, minimum: int) -> tuple[int, int]:
-    """An int or an (h, w) pair of ints, each >= minimum."""
+    """An int or an (h, w) pair of ints, each >= minimum and <= INT_MAX."""
     pair = (value, value) if _is_int(value) else value
     if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(map(_is_int, pair)):
         raise TypeError(f"{name} must be an int or an (h, w) pair of ints, got {value!r}")
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if max(pair) > INT_MAX:
+        raise ValueError(f"{name} must be <= {INT_MAX}, got {value!r}")
     return int(pair[0]), int(pair[1])
 
 
@@ -206,6 +242,8 @@ def conv2d_args(x, w, stride, padding, dilation, framework: str, groups=1) -> Co
     if K % groups:
         raise ValueError(f"w's output channels K={K} must be a multiple of groups={groups}")
     check_same_dtype(x=x, w=w)
+    if framework == "torch":
+        check_same_device(x=x, w=w)
     s = int_pair("stride", stride, 1)
     p = int_pair("padding", padding, 0)
     d = int_pair("dilation", dilation, 1)

@@ -52,7 +52,10 @@ class _Compiled:
         return self._wrapper
 
     def __call__(self, *args):
-        return self.wrapper()(*args)
+        # Inductor reads a lazily negated view (is_neg: x.conj().imag) without its negation
+        # (results of the wrong sign): such a tensor goes in negated, as a copy.
+        return self.wrapper()(*(a.resolve_neg() if isinstance(a, torch.Tensor) and a.is_neg()
+                                else a for a in args))
 
     def reset(self):
         self.wrapper()

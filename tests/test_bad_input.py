@@ -127,7 +127,8 @@ def test_attention_dtypes_and_framework(impl):
         fn(q, k, k, causal="yes")
     with pytest.raises(TypeError, match="scale must be a positive number"):
         fn(q, k, k, scale="0.5")
-    for scale in (0.0, -1.0, float("nan"), float("inf")):  # inf: infinite scores, NaN out
+    # inf: infinite scores, NaN out; 10**400: an int past float's range
+    for scale in (0.0, -1.0, float("nan"), float("inf"), 10**400, -10**400):
         with pytest.raises(ValueError, match="scale must be a positive finite number"):
             fn(q, k, k, scale=scale)
 
@@ -163,8 +164,10 @@ def test_attention_takes_numpy_scalars(impl):
     (((1, 8, 8, 6), (3, 3, 6, 6)), {"groups": 2}, ValueError, ["w", "C / groups = 3"]),
     (((1, 8, 8, 6), (3, 3, 2, 4)), {"groups": 3}, ValueError, ["K=4", "groups=3"]),
     (((1, 8, 8, 6), (3, 3, 6, 6)), {"groups": 0}, ValueError, ["groups=0", ">= 1"]),
+    (((1, 8, 8, 3), (3, 3, 3, 4)), {"stride": 2**31}, ValueError, ["stride", "<= 2147483647"]),
+    (((1, 8, 8, 3), (3, 3, 3, 4)), {"padding": (0, 10**20)}, ValueError, ["padding", "<="]),
 ], ids=["rank", "channels", "too_large", "stride0", "stride_neg", "dilation_float", "pad_neg",
-        "groups_C", "groups_w", "groups_K", "groups0"])
+        "groups_C", "groups_w", "groups_K", "groups0", "stride_huge", "pad_huge"])
 def test_conv2d_bad_shapes_and_options(impl, shapes, kwargs, error, words):
     fn = registry.get("conv2d", impl)
     with pytest.raises(error) as e:
@@ -194,6 +197,75 @@ def test_conv2d_dtypes_and_framework(impl):
     w32, = _arrays(fn.framework, (3, 3, 3, 4))
     with pytest.raises(TypeError, match="w must be a"):
         fn(x, _other_framework(fn.framework, w32))
+
+
+TORCH_IMPLS = [(op, n) for op in ("matmul", "attention", "conv2d") for n in registry.impls(op)
+               if registry.get(op, n).framework == "torch"]
+SHAPES = {"matmul": [(4, 5), (5, 3)], "attention": [(1, 2, 8, 16)] * 3,
+          "conv2d": [(1, 6, 6, 3), (3, 3, 3, 4)]}
+
+
+@pytest.mark.parametrize("op, impl", TORCH_IMPLS)
+def test_torch_inputs_on_two_devices(op, impl):
+    """One input on the meta device: a clear error (torch's own conv gave arbitrary values for a
+    CPU input and a meta weight; Triton kernels would read the wrong memory)."""
+    arrays = _on_device(_arrays("torch", *SHAPES[op]))
+    arrays[-1] = arrays[-1].to("meta")
+    with pytest.raises(ValueError, match="is on meta but .* all inputs must be on one device"):
+        registry.get(op, impl)(*arrays)
+
+
+@pytest.mark.parametrize("op, impl", TORCH_IMPLS)
+def test_sparse_torch_input(op, impl):
+    arrays = _on_device(_arrays("torch", *SHAPES[op]))
+    arrays[0] = arrays[0].to_sparse()
+    with pytest.raises(TypeError, match="must be a dense \\(strided\\) torch.Tensor"):
+        registry.get(op, impl)(*arrays)
+
+
+@pytest.mark.parametrize("op, impl", [(op, n) for op, n in TORCH_IMPLS
+                                      if registry.get(op, n).kind == "hand"
+                                      or n == "torch_compile"])
+def test_lazily_negated_view_is_read_negated(op, impl):
+    """x.conj().imag is a view whose negation is a flag (is_neg), not in memory: kernels that
+    read memory must see the negated values (Triton's and Inductor's read them unnegated)."""
+    arrays = _on_device(_arrays("torch", *SHAPES[op]))
+    negated = torch.complex(torch.zeros_like(arrays[0]), -arrays[0]).conj().imag
+    assert negated.is_neg() and torch.equal(negated, arrays[0])
+    want = _numpy(registry.get(op, "torch")(*arrays))
+    got = _numpy(registry.get(op, impl)(negated, *arrays[1:]))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["matmul", "attention", "conv2d"])
+def test_triton_out_must_be_a_tensor_of_the_result(op):
+    fn = registry.get(op, "triton")
+    arrays = _on_device(_arrays("torch", *SHAPES[op]))
+    shape = fn(*arrays).shape
+    for out in ([0.0], torch.empty(1, device=DEVICE), torch.empty(*shape, device="meta")):
+        with pytest.raises(ValueError, match="out must be a torch.float32 tensor of shape"):
+            fn(*arrays, out=out)
+
+
+@pytest.mark.parametrize("op, impl", [("conv2d", n) for n in CONV
+                                      if registry.get("conv2d", n).kind == "hand"])
+def test_forward_only_kernel_says_so_when_differentiated(op, impl):
+    """A hand-written conv2d has no backward: asked for gradients it says so (the Triton one
+    returned an output that did not require grad, the Pallas ones raised a bare AssertionError
+    from inside JAX), and it still runs where nothing is differentiated."""
+    fn = registry.get(op, impl)
+    x, w = _on_device(_arrays(fn.framework, *SHAPES[op]))
+    if fn.framework == "torch":
+        with pytest.raises(NotImplementedError, match=f"the {impl} conv2d has no backward"):
+            fn(x.requires_grad_(), w)
+        with torch.no_grad():
+            assert fn(x, w).shape == (1, 4, 4, 4)
+    else:
+        import jax
+
+        with pytest.raises(NotImplementedError, match=f"the {impl} conv2d has no backward"):
+            jax.grad(lambda x: fn(x, w).sum())(x)
+        assert jax.jit(fn)(x, w).shape == (1, 4, 4, 4)
 
 
 def test_pinned_sdpa_backend_without_a_kernel_is_a_skip_not_a_failure():

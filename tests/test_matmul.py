@@ -1,5 +1,6 @@
 """matmul: every registered implementation against float64, on odd shapes, in every dtype."""
 import pytest
+import torch
 
 from harness.cases import DTYPES, Case
 from kernels import registry
@@ -32,6 +33,45 @@ def test_output_dtype_and_shape(impl):
         out = fn(arrays["a"], arrays["b"])
         assert tuple(out.shape) == (5, 3)
         assert str(out.dtype).removeprefix("torch.") == dtype
+
+
+HAND = [n for n in registry.impls("matmul") if registry.get("matmul", n).kind == "hand"]
+
+
+def _grads(impl, a, b, do):
+    """(da, db) of sum(impl(a, b) * do) in float64 (numpy)."""
+    fn = registry.get("matmul", impl)
+    if fn.framework == "torch":
+        a, b = (t.detach().clone().requires_grad_() for t in (a, b))
+        return [g.double().cpu().numpy() for g in torch.autograd.grad(fn(a, b), (a, b), do)]
+    import jax
+    import numpy as np
+
+    _, vjp = jax.vjp(fn, a, b)
+    return [np.asarray(g, np.float64) for g in vjp(do)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(37, 29, 45), (1, 70, 3)], ids=["37x29x45", "1x70x3"])
+@pytest.mark.parametrize("impl", HAND)
+def test_hand_written_gradients_match_float64(impl, shape, dtype):
+    """da = do b^T and db = a^T do, by the kernel itself, within the budget the stock op's own
+    gradients in the dtype set (torch's autograd of torch.matmul)."""
+    import numpy as np
+
+    from harness import check, inputs
+
+    arrays = inputs.make(_case(*shape), dtype, "torch", DEVICE)
+    arrays["do"] = inputs.make(_case(shape[0], shape[2], 1), dtype, "torch", DEVICE, salt=1)["a"]
+    a64, b64, do64 = (t.double().cpu().numpy() for t in arrays.values())
+    want = [do64 @ b64.T, a64.T @ do64]
+    stock_err = max(np.linalg.norm(g - w) / np.linalg.norm(w)
+                    for g, w in zip(_grads("torch", *arrays.values()), want))
+    if registry.get("matmul", impl).framework == "jax":
+        arrays = inputs.to_jax(arrays)
+    for name, got, w in zip(("da", "db"), _grads(impl, *arrays.values()), want):
+        err = np.linalg.norm(got - w) / np.linalg.norm(w)
+        assert err <= check.budget(dtype, stock_err), f"{impl} {name}: {err:.3g}"
 
 
 def test_pallas_tiles_by_shape(monkeypatch):

@@ -46,6 +46,30 @@ def pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
+# A Pallas call has no differentiation rule of its own: jax.grad through one raised a bare
+# AssertionError from inside JAX. The kernels get gradients, or a clear error, from these.
+def matmul_with_gradients(call, public):
+    """call(a, b, config) (a Pallas matmul kernel on a static config) as a function whose
+    gradients are products by `public` (the implementation's public matmul, which picks a config
+    per shape): da = dc b^T, db = a^T dc."""
+    f = jax.custom_vjp(call, nondiff_argnums=(2,))
+    f.defvjp(lambda a, b, config: (call(a, b, config), (a, b)),
+             lambda config, res, dc: (public(dc, res[1].T), public(res[0].T, dc)))
+    return f
+
+
+def forward_only(name: str):
+    """fn(*arrays) for a Pallas call with no backward, whose gradient raises NotImplementedError
+    naming the implementation: forward_only(name)(fn, *arrays)."""
+    def no_backward(fn, res, g):
+        raise NotImplementedError(f"{name} has no backward: differentiate another "
+                                  "implementation of the op (xla, for one)")
+
+    f = jax.custom_vjp(lambda fn, *arrays: fn(*arrays), nondiff_argnums=(0,))
+    f.defvjp(lambda fn, *arrays: (fn(*arrays), None), no_backward)
+    return f
+
+
 def gpu_compiler_params(num_warps: int, num_stages: int):
     """Compiler params for Pallas' GPU (Triton) lowering (callers pass None in interpret mode).
     The class was TritonCompilerParams before it became CompilerParams."""

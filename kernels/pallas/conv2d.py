@@ -34,7 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import contract, registry
-from kernels.pallas._common import gpu_compiler_params, interpret, round_up, tags
+from kernels.pallas._common import (forward_only, gpu_compiler_params, interpret, round_up,
+                                    tags)
 
 def _fit(n: int, cap: int) -> int:
     # Power-of-two blocks for the Triton lowering, >= 16 because its dot needs every dim >= 16.
@@ -231,7 +232,10 @@ def conv2d(x: jax.Array, w: jax.Array, stride=1, padding=0, dilation=1, groups=1
         raise ValueError(f"block_oh * block_ow = {b.block_oh * b.block_ow} output pixels must "
                          "be >= 16")
     launcher = _depthwise_conv2d if _is_depthwise(d) else _conv2d
-    return launcher(x, w, d=d, b=b, interpret=interpret())
+    return _forward_only(functools.partial(launcher, d=d, b=b, interpret=interpret()), x, w)
+
+
+_forward_only = forward_only("the pallas conv2d")
 
 
 registry.register("conv2d", "pallas", framework="jax", kind="hand", backend="Pallas",

@@ -11,8 +11,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import contract, registry
-from kernels.pallas._common import (gpu_compiler_params, interpret, multiprocessors, pad_axis,
-                                    round_up, tags)
+from kernels.pallas._common import (gpu_compiler_params, interpret, matmul_with_gradients,
+                                    multiprocessors, pad_axis, round_up, tags)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +105,13 @@ def _matmul(a: jax.Array, b: jax.Array, blocks: Blocks) -> jax.Array:
     return out[:M, :N]
 
 
+_differentiable = matmul_with_gradients(_matmul, lambda a, b: matmul(a, b))
+
+
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a [M, K] @ b [K, N] -> [M, N] in the inputs' dtype."""
+    """a [M, K] @ b [K, N] -> [M, N] in the inputs' dtype, differentiable in a and b."""
     dims = contract.matmul_args(a, b, "jax")
-    return _matmul(a, b, _blocks_for(dims.M, dims.N, dims.K, a.dtype))
+    return _differentiable(a, b, _blocks_for(dims.M, dims.N, dims.K, a.dtype))
 
 
 registry.register("matmul", "pallas", framework="jax", kind="hand", backend="Pallas",

@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import contract, registry
-from kernels.pallas._common import pad_axis
+from kernels.pallas._common import matmul_with_gradients, pad_axis
 from kernels.pallas.matmul import _tile as grouped_tile
 from kernels.pallas.matmul import matmul as pallas_matmul
 from kernels.pallas_mosaic._common import (SHARED_BYTES, interpret_params, swizzled, tags,
@@ -140,8 +140,12 @@ def _matmul(a: jax.Array, b: jax.Array, tiles: Tiles) -> jax.Array:
     return out[:M, :N]
 
 
+_differentiable = matmul_with_gradients(_matmul, lambda a, b: matmul(a, b))
+
+
 def matmul(a: jax.Array, b: jax.Array, *, tiles: Tiles | None = None) -> jax.Array:
-    """a [M, K] @ b [K, N] -> [M, N] in the inputs' dtype. `tiles` overrides the choice by shape."""
+    """a [M, K] @ b [K, N] -> [M, N] in the inputs' dtype, differentiable in a and b. `tiles`
+    overrides the choice by shape (of the forward; the gradients' products take the default)."""
     dims = contract.matmul_args(a, b, "jax")
     if a.dtype == jnp.float32:
         return pallas_matmul(a, b)
@@ -152,7 +156,7 @@ def matmul(a: jax.Array, b: jax.Array, *, tiles: Tiles | None = None) -> jax.Arr
     if tiles.shared_bytes(a.dtype.itemsize) > SHARED_BYTES:
         raise ValueError(f"{tiles=} needs {tiles.shared_bytes(a.dtype.itemsize)} bytes of shared "
                          f"memory, more than the {SHARED_BYTES} a block may have")
-    return _matmul(a, b, tiles)
+    return _differentiable(a, b, tiles)
 
 
 registry.register("matmul", "pallas_mosaic", framework="jax", kind="hand",

@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import contract, registry
+from kernels.pallas._common import forward_only
 from kernels.pallas_tpu._common import (LANES, check_dtype_supported, compiler_params,
                                         fit_block, idiv, interpret_params, round_up,
                                         sublanes)
@@ -186,8 +187,13 @@ def conv2d(x: jax.Array, w: jax.Array, stride=1, padding=0, dilation=1, groups=1
     check_dtype_supported("x", x)
     caps = block_sizes or BlockSizes()
     if _is_depthwise(d):
-        return _depthwise_conv2d(x, w, d=d, b=caps.fit(d.C, d.C))
-    return _conv2d(x, w, d=d, b=caps.fit(d.Cg, d.Kg))
+        call = functools.partial(_depthwise_conv2d, d=d, b=caps.fit(d.C, d.C))
+    else:
+        call = functools.partial(_conv2d, d=d, b=caps.fit(d.Cg, d.Kg))
+    return _forward_only(call, x, w)
+
+
+_forward_only = forward_only("the pallas_tpu conv2d")
 
 
 registry.register("conv2d", "pallas_tpu", framework="jax", kind="hand",

@@ -17,6 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import contract, registry
+from kernels.pallas._common import matmul_with_gradients
 from kernels.pallas_tpu._common import (LANES, check_dtype_supported, compiler_params,
                                         fit_block, interpret_params, pad_axis, sublanes)
 
@@ -77,11 +78,15 @@ def _matmul(a: jax.Array, b: jax.Array, blocks: Blocks) -> jax.Array:
     return out[:M, :N]
 
 
+_differentiable = matmul_with_gradients(_matmul, lambda a, b: matmul(a, b))
+
+
 def matmul(a: jax.Array, b: jax.Array, *, blocks: Blocks | None = None) -> jax.Array:
-    """a [M, K] @ b [K, N] -> [M, N] in the inputs' dtype. `blocks` overrides the tile caps."""
+    """a [M, K] @ b [K, N] -> [M, N] in the inputs' dtype, differentiable in a and b. `blocks`
+    overrides the tile caps (of the forward; the gradients' products take the default)."""
     dims = contract.matmul_args(a, b, "jax")
     check_dtype_supported("a", a)
-    return _matmul(a, b, (blocks or Blocks()).fit(dims.M, dims.N, dims.K, a.dtype))
+    return _differentiable(a, b, (blocks or Blocks()).fit(dims.M, dims.N, dims.K, a.dtype))
 
 
 registry.register("matmul", "pallas_tpu", framework="jax", kind="hand",

@@ -202,6 +202,25 @@ def tma_device() -> bool:
     return not ON_CUDA or torch.cuda.get_device_capability() >= (9, 0)
 
 
+def resolved(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors as a kernel reads them: a lazily negated view (is_neg: x.conj().imag) holds
+    its values before the negation in memory, so it is negated into a copy (the kernels read it
+    unnegated: results of the wrong sign); any other tensor is itself."""
+    return tuple(t.resolve_neg() if t.is_neg() else t for t in tensors)
+
+
+def check_out(out, shape: tuple[int, ...], like: torch.Tensor) -> None:
+    """A preallocated output (launchers' `out`, outside the public contract): a tensor of the
+    result's shape, in the inputs' dtype, on their device."""
+    if not (isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(shape)
+            and out.dtype == like.dtype and out.device == like.device
+            and out.layout is torch.strided and not out.is_neg()):
+        got = (f"{out.dtype} {list(out.shape)} on {out.device}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise ValueError(f"out must be a {like.dtype} tensor of shape {list(shape)} on "
+                         f"{like.device}, got {got}")
+
+
 def tma_ready(t: torch.Tensor) -> bool:
     """What a TMA tensor descriptor needs: contiguous rows, every other stride a positive multiple
     of 16 bytes (a broadcast view's stride 0 is not), a 16-byte aligned base."""

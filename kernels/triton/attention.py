@@ -21,9 +21,10 @@ import triton
 import triton.language as tl
 
 from kernels import TRITON_INTERPRET, contract, registry
-from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, cdiv, dot_precision, next_pow2,
-                                    pick_configs, reset_jit, tma_device, tma_ready, to_output,
-                                    upcast_dot, use_descriptor_allocator)
+from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, cdiv, check_out,
+                                    dot_precision, next_pow2, pick_configs, reset_jit, resolved,
+                                    tma_device, tma_ready, to_output, upcast_dot,
+                                    use_descriptor_allocator)
 
 LOG2_E = 1 / math.log(2)
 
@@ -907,11 +908,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         contract.check_device(name, x, DEVICE_TYPE)
     if dims.D > 256:
         raise ValueError(f"q's head dimension D={dims.D} must be <= 256 for this kernel")
-    shape = (dims.B, dims.H, dims.Sq, dims.D)
-    if out is not None and (tuple(out.shape) != shape or out.dtype != q.dtype
-                            or out.device != q.device):
-        raise ValueError(f"out must be a {q.dtype} tensor of shape {list(shape)} on {q.device}, "
-                         f"got {out.dtype} {list(out.shape)} on {out.device}")
+    if out is not None:
+        check_out(out, (dims.B, dims.H, dims.Sq, dims.D), q)
+    q, k, v = resolved(q, k, v)
     tensors = (q, k, v) if out is None else (q, k, v, out)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _Attention.apply(q, k, v, dims, out)

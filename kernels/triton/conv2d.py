@@ -21,9 +21,10 @@ import triton
 import triton.language as tl
 
 from kernels import contract, registry
-from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, cdiv, dot_precision,
-                                    grouped_tile, next_pow2, pick_configs, reset_jit,
-                                    small_tile_if_fp32, to_output, upcast_dot)
+from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, cdiv, check_out,
+                                    dot_precision, grouped_tile, next_pow2, pick_configs,
+                                    reset_jit, resolved, small_tile_if_fp32, to_output,
+                                    upcast_dot)
 from kernels.triton.matmul import _matmul_kernel, launch as launch_matmul
 
 
@@ -229,12 +230,15 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, gr
     d = contract.conv2d_args(x, w, stride, padding, dilation, "torch", groups)
     contract.check_device("x", x, DEVICE_TYPE)
     contract.check_device("w", w, DEVICE_TYPE)
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        raise NotImplementedError("the triton conv2d has no backward: call it on tensors that "
+                                  "do not require grad (or under torch.no_grad())")
+    x, w = resolved(x, w)
     shape = (d.N, d.OH, d.OW, d.K)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out must be a {x.dtype} tensor of shape {list(shape)} on {x.device}, "
-                         f"got {out.dtype} {list(out.shape)} on {out.device}")
+    else:
+        check_out(out, shape, x)
 
     pointwise = (d.KH, d.KW, d.stride, d.padding, d.groups) == (1, 1, (1, 1), (0, 0), 1)
     if pointwise and out.is_contiguous():

@@ -17,10 +17,10 @@ import triton
 import triton.language as tl
 
 from kernels import ON_CUDA, contract, registry
-from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, cdiv, dot_precision,
-                                    grouped_tile, next_pow2, pick_configs, reset_jit,
-                                    small_tile_if_fp32, tma_device, tma_ready, to_output,
-                                    upcast_dot, use_descriptor_allocator)
+from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, cdiv, check_out,
+                                    dot_precision, grouped_tile, next_pow2, pick_configs,
+                                    reset_jit, resolved, small_tile_if_fp32, tma_device,
+                                    tma_ready, to_output, upcast_dot, use_descriptor_allocator)
 
 
 def _config(bm, bn, bk, group, stages, warps, ws=False):
@@ -209,23 +209,65 @@ def launch(a, b, out, dims: contract.MatmulDims) -> None:
                          **_dtype_flags(a.dtype))
 
 
-def _checked(a, b, out) -> tuple[contract.MatmulDims, torch.Tensor]:
+def _checked(a, b, out) -> contract.MatmulDims:
     dims = contract.matmul_args(a, b, "torch")
     contract.check_device("a", a, DEVICE_TYPE)
     contract.check_device("b", b, DEVICE_TYPE)
+    if out is not None:
+        check_out(out, (dims.M, dims.N), a)
+    return dims
+
+
+def _launch_tma_where_ready(a, b, out, dims: contract.MatmulDims) -> None:
+    """The TMA kernel where a descriptor can take every tensor, else the pointer kernel."""
+    if all(tma_ready(t) for t in (a, b, out)):
+        _launch_tma(a, b, out, dims)
+    else:
+        launch(a, b, out, dims)
+
+
+def _run(a, b, dims: contract.MatmulDims, out, launcher) -> torch.Tensor:
     if out is None:
         out = torch.empty((dims.M, dims.N), dtype=a.dtype, device=a.device)
-    elif out.shape != (dims.M, dims.N) or out.dtype != a.dtype:
-        raise ValueError(f"out must be a {a.dtype} tensor of shape {[dims.M, dims.N]}, "
-                         f"got {out.dtype} {list(out.shape)}")
-    return dims, out
+    launcher(a, b, out, dims)
+    return out
+
+
+class _Matmul(torch.autograd.Function):
+    """c = a @ b, its gradients by the same kernel: da = dc b^T, db = a^T dc."""
+
+    @staticmethod
+    def forward(ctx, a, b, dims, launcher):
+        ctx.save_for_backward(a, b)
+        ctx.dims, ctx.launcher = dims, launcher
+        return _run(a, b, dims, None, launcher)
+
+    @staticmethod
+    def backward(ctx, dc):
+        a, b = ctx.saved_tensors
+        (dc,), (M, K, N) = resolved(dc), (ctx.dims.M, ctx.dims.K, ctx.dims.N)
+        da = db = None
+        if ctx.needs_input_grad[0]:
+            da = _run(dc, b.mT, contract.MatmulDims(M, N, K), None, ctx.launcher)
+        if ctx.needs_input_grad[1]:
+            db = _run(a.mT, dc, contract.MatmulDims(K, M, N), None, ctx.launcher)
+        return da, db, None, None
+
+
+def _matmul(a, b, out, launcher) -> torch.Tensor:
+    dims = _checked(a, b, out)
+    a, b = resolved(a, b)
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        if out is not None:
+            raise ValueError("out cannot be given when a or b requires grad")
+        return _Matmul.apply(a, b, dims, launcher)
+    return _run(a, b, dims, out, launcher)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a [M, K] @ b [K, N] -> [M, N] in the inputs' dtype. Any strides; `out` may be given."""
-    dims, out = _checked(a, b, out)
-    launch(a, b, out, dims)
-    return out
+    """a [M, K] @ b [K, N] -> [M, N] in the inputs' dtype, differentiable in a and b. Any
+    strides; `out` may be given."""
+    return _matmul(a, b, out, launch)
 
 
 def matmul_tma(a: torch.Tensor, b: torch.Tensor, *,
@@ -234,12 +276,7 @@ def matmul_tma(a: torch.Tensor, b: torch.Tensor, *,
     stride that is not a multiple of 16 bytes: K or N not a multiple of 8 in 16-bit dtypes, of
     4 in fp32; transposed or broadcast views; see _common.tma_ready) go to the pointer kernel
     instead: the record's `autotuned` field names the kernel that ran."""
-    dims, out = _checked(a, b, out)
-    if all(tma_ready(t) for t in (a, b, out)):
-        _launch_tma(a, b, out, dims)
-    else:
-        launch(a, b, out, dims)
-    return out
+    return _matmul(a, b, out, _launch_tma_where_ready)
 
 
 registry.register("matmul", "triton", framework="torch", kind="hand", backend="Triton",
