@@ -367,6 +367,13 @@ def test_wall_clock_counts_side_by_side_benchmarks_once_and_one_dtype_apart():
     md = report.render_markdown("t", [report.time_section(
         report.Run(Path("u"), side_by_side, {}, None))])
     assert "40 s of wall-clock time in all (80 s summed over benchmarks that ran side by side" in md
+    # one at a time, a benchmark's 2 s check between its phases: in the wall clock, in no phase
+    checked = bench(0)
+    checked["phases"] += _phases(base + 12.0, ("timed", 6.0))
+    md = report.render_markdown("t", [report.time_section(
+        report.Run(Path("u"), [checked], {}, None))])
+    assert "18 s of wall-clock time in all (2 s of it in benchmarks but in none of their" in md
+    assert "| 88.9 |" in md  # 16 s of phases, as a share of the 18
     # 10 s benchmarks with 1 s between them, bf16 and fp32 in turn, and a resumed pause
     alternating = [bench(11 * i, "bfloat16" if i % 2 == 0 else "float32") for i in range(4)]
     alternating.append(bench(11 * 4 + 3600))
