@@ -194,10 +194,9 @@ def noise(records, target: str, limit_pct: float) -> Verdict:
 def tier_time(records, target: str, limit_s: float, run_s: float | None) -> Verdict:
     """The wall-clock time in and between the run's bf16 benchmarks, run_s (report.run_seconds;
     pytest's start-up, the ceilings measured before the first benchmark and the report after the
-    last are not in the records). It
-    is the standard tier's time only when the run holds every benchmark of it: each standard case
-    of each op in the run, in each mode the run measured that op in, for each implementation it
-    ran."""
+    last are not in the records). It is the standard tier's time only when the run holds every
+    benchmark of it: each standard case of each op in the run, in each mode the run measured
+    that op in, for each implementation it ran."""
     ran = [r for r in records if r["dtype"] == DTYPE]
     if not ran or run_s is None:
         return Verdict(target, "all", None, "<", limit_s, "s", "no bf16 record with its phases")

@@ -71,8 +71,8 @@ def _strided():
 
 
 def check_same_device(**tensors) -> None:
-    """torch tensors on one device (torch ops given a CPU input and a meta weight returned
-    arbitrary values, Triton kernels read the wrong memory)."""
+    """torch tensors on one device (torch's conv, given a CPU input and a meta weight, returned
+    arbitrary values)."""
     names = list(tensors)
     first = tensors[names[0]].device
     for n in names[1:]:

@@ -208,7 +208,7 @@ SHAPES = {"matmul": [(4, 5), (5, 3)], "attention": [(1, 2, 8, 16)] * 3,
 @pytest.mark.parametrize("op, impl", TORCH_IMPLS)
 def test_torch_inputs_on_two_devices(op, impl):
     """One input on the meta device: a clear error (torch's own conv gave arbitrary values for a
-    CPU input and a meta weight; Triton kernels would read the wrong memory)."""
+    CPU input and a meta weight)."""
     arrays = _on_device(_arrays("torch", *SHAPES[op]))
     arrays[-1] = arrays[-1].to("meta")
     with pytest.raises(ValueError, match="is on meta but .* all inputs must be on one device"):
