@@ -94,6 +94,12 @@ class Calls:
     memory: tuple = ()
     # an implementation timed in its own layout: its output (each gradient) in the contract's
     to_contract: Callable[[Any], Any] = _same
+    # run untimed before each first call, after the reset (compile.first_calls)
+    prepare: Callable[[], None] | None = None
+    # `first` again after the first calls, into its buffer poisoned anew: an autotuner tries its
+    # configs on the real arguments, so by the time the chosen one runs, the others have written
+    # elements it may never write, and the first call's output hides them
+    repoisoned: Callable[[], Any] | None = None
 
     def checked(self, output):
         """What `first` returned (an output, or a tuple of gradients) as the check compares it."""
@@ -140,12 +146,17 @@ def _forward_calls(impl: Impl, case: Case, arrays: dict) -> Calls:
             calls.timed = calls.first = impl.bind(*args, **kwargs)
         return calls
     timed = impl.bind(*args, **kwargs)
-    first = timed
-    if impl.accepts_out:
-        poisoned = torch.full(_expected_shape(case), float("nan"), dtype=args[0].dtype,
-                              device=args[0].device)
-        first = impl.bind(*args, out=poisoned, **kwargs)
-    return Calls(timed, first)
+    if not impl.accepts_out:
+        return Calls(timed, timed)
+    poisoned = torch.full(_expected_shape(case), float("nan"), dtype=args[0].dtype,
+                          device=args[0].device)
+    first = impl.bind(*args, out=poisoned, **kwargs)
+
+    def repoisoned():
+        poisoned.fill_(float("nan"))
+        return first()
+
+    return Calls(timed, first, repoisoned=repoisoned)
 
 
 def _jitted_calls(fn: Callable[..., Any], args: tuple) -> Calls:
@@ -174,12 +185,17 @@ def _torch_grad_calls(impl: Impl, case: Case, arrays: dict, do, mode: str) -> Ca
 
     if mode == "fwd_bwd":
         return Calls(fwd_bwd, fwd_bwd)
-    out = forward()  # forward once, untimed; each timed call reruns backward
+    graph = {}
+
+    def forward_graph():  # untimed: each timed call reruns this graph's backward
+        graph["out"] = forward()
 
     def bwd():
-        return torch.autograd.grad(out, leaves, do, retain_graph=True)
+        return torch.autograd.grad(graph["out"], leaves, do, retain_graph=True)
 
-    return Calls(bwd, bwd)
+    # A graph keeps its compiled backward (torch.compile's) through any reset: the first calls
+    # each get a fresh one, made after the reset, so the warm call compiles the backward again.
+    return Calls(bwd, bwd, prepare=forward_graph)
 
 
 def _backward_reruns(mode: str):
@@ -364,12 +380,14 @@ class Session:
         cold = self.compile_cold == "each" or kind not in self._cold_done
         autotuned: dict[str, str] = {}
         with compile_mod.autotune_choices(autotuned):
-            first = compile_mod.first_calls(calls.first, impl.reset, self.cache_root, cold)
+            first = compile_mod.first_calls(calls.first, impl.reset, self.cache_root, cold,
+                                            calls.prepare)
         phases += first.phases
         if autotuned:
             rec["autotuned"] = autotuned
         self._cold_done.add(kind)
-        output = calls.checked(first.output)
+        output = calls.checked(first.output if calls.repoisoned is None
+                               else timing.sync(calls.repoisoned()))
         err = check.rel_err(output, ref) if b.mode == "fwd" else _grads_err(output, ref)
         t = timing.time_fn(calls.timed, impl.framework, ON_CUDA, self.policy)
         phases += t.phases

@@ -47,13 +47,18 @@ def _timed(call: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def first_calls(call: Callable[[], Any], reset: Callable[[], None] | None,
-                cache_root: str, cold: bool = True) -> FirstCalls:
+                cache_root: str, cold: bool = True,
+                prepare: Callable[[], None] | None = None) -> FirstCalls:
     """Runs the cold call (fresh caches) and, where the implementation can be reset, the warm one.
     cold=False, for an implementation that can be reset: only the warm call (the disk caches of
-    earlier benchmarks kept), its output the one checked."""
+    earlier benchmarks kept), its output the one checked. `prepare`, untimed, after each reset
+    and before each call: what the call needs that must be made after the reset (a backward's
+    forward graph, which keeps its compiled backward through any reset)."""
+    prepare = prepare or (lambda: None)
     if not cold and reset is not None:
         before = _cache_files()
         reset()
+        prepare()
         t0 = time.time_ns()
         warm_s, out = _timed(call)
         phases = [span("warm_compile", t0)]
@@ -63,12 +68,14 @@ def first_calls(call: Callable[[], Any], reset: Callable[[], None] | None,
         os.environ[var] = os.path.join(fresh, var.lower())
     if reset is not None:
         reset()
+    prepare()
     t0 = time.time_ns()
     cold_s, out = _timed(call)
     phases = [span("cold_compile", t0)]
     warm_s = None
     if reset is not None:
         reset()
+        prepare()
         t0 = time.time_ns()
         warm_s, _ = _timed(call)
         phases.append(span("warm_compile", t0))

@@ -4,6 +4,7 @@ Each flag is a short string stored in the record's `flags` and shown in tables a
   throttled:power / throttled:thermal  the clocks were being held down
   gpu_shared:N                         N other processes have a context on this GPU
   low_clock:S/M                        SM clock S MHz, under 80% of its maximum M
+  guards_unavailable:E                 a GPU is here but NVML could not be read (error E)
 Without a GPU (NVML absent) there is nothing to guard and the list is empty.
 
 After a benchmark fails, cuda_context_error says whether this process can still run GPU work.
@@ -22,11 +23,15 @@ own_processes: set[int] = set()
 
 
 def nvml_handle():
+    """NVML and the handle of this process's first visible GPU: CUDA_VISIBLE_DEVICES names it by
+    index or by UUID ("GPU-..." or, for a MIG instance, "MIG-...")."""
     import pynvml
 
     pynvml.nvmlInit()
-    index = int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0)
-    return pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+    if first.isdigit():
+        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(int(first))
+    return pynvml, pynvml.nvmlDeviceGetHandleByUUID(first)
 
 
 def reason_mask(pynvml, names) -> int:
@@ -40,10 +45,14 @@ def clock_event_reasons(pynvml):
 
 
 def flags() -> list[str]:
+    from kernels import ON_CUDA
+
+    if not ON_CUDA:
+        return []  # no GPU: nothing to guard (NVML absent is the normal state)
     try:
         pynvml, h = nvml_handle()
-    except Exception:
-        return []
+    except Exception as e:  # a GPU whose NVML cannot be read: say so, not "nothing seen"
+        return [f"guards_unavailable:{type(e).__name__}"]
     out = []
     reasons = clock_event_reasons(pynvml)(h)
     if reasons & reason_mask(pynvml, POWER_REASONS):

@@ -614,7 +614,8 @@ def time_section(run: Run) -> Section:
                 "below are of that sum)")
     elif wall - total >= 0.01 * wall:
         note = (f" ({wall - total:.0f} s of it in benchmarks but in none of their phases: the "
-                "check of each first output against float64, the telemetry flags)")
+                "correctness check, its call included, a backward's untimed forwards, the "
+                "telemetry flags)")
     else:
         note = ""
     rows = []

@@ -58,8 +58,14 @@ class _Compiled:
                                 else a for a in args))
 
     def reset(self):
+        """Dynamo's graphs and Inductor's in-memory caches of compiled code (which outlive a
+        fresh TORCHINDUCTOR_CACHE_DIR: a cold call after another benchmark of the same case
+        built nothing) dropped, as a fresh process has them."""
         self.wrapper()
         torch._dynamo.reset()
+        from torch._inductor import utils
+
+        (getattr(utils, "clear_caches", None) or utils.clear_inductor_caches)()
 
 
 # ---------------------------------------------------------------- matmul

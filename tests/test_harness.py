@@ -326,6 +326,106 @@ def test_first_calls_cold_then_warm(tmp_path):
     assert no_reset.warm_s is None
 
 
+def test_first_calls_prepare_after_each_reset_and_before_each_call(tmp_path):
+    """A backward's forward graph is made after each reset (a graph keeps torch.compile's
+    compiled backward through any reset), untimed: the log of one cold and one warm call."""
+    log = []
+
+    def prepare():
+        log.append("prepare")
+        time.sleep(0.05)  # untimed: not in the call's figure
+
+    fc = compile_mod.first_calls(lambda: log.append("call"), lambda: log.append("reset"),
+                                 str(tmp_path), prepare=prepare)
+    assert log == ["reset", "prepare", "call", "reset", "prepare", "call"]
+    assert fc.cold_s < 0.05 and fc.warm_s < 0.05
+    log.clear()
+    compile_mod.first_calls(lambda: log.append("call"), lambda: log.append("reset"),
+                            str(tmp_path), cold=False, prepare=lambda: log.append("prepare"))
+    assert log == ["reset", "prepare", "call"]
+
+
+def test_torch_compile_reset_drops_inductors_compiled_code(monkeypatch):
+    """A cold call after another benchmark of the same case must compile: the reset drops
+    Inductor's in-memory code caches, which outlive a fresh TORCHINDUCTOR_CACHE_DIR, as a
+    fresh process has them (torch's own fresh_cache does the same)."""
+    from torch._inductor import utils
+
+    from kernels import stock_torch
+
+    cleared = []
+    name = "clear_caches" if hasattr(utils, "clear_caches") else "clear_inductor_caches"
+    monkeypatch.setattr(utils, name, lambda: cleared.append(1))
+    registry.get("matmul", "torch_compile").reset()
+    assert cleared == [1]
+    assert stock_torch._mm_compiled._wrapper is not None
+
+
+def test_an_autotuner_cannot_hide_unwritten_elements(tmp_path, monkeypatch):
+    """An autotuner tries its configs on the real arguments: here the first call writes every
+    element (a config tried while tuning) and later calls all but the last (the config chosen).
+    The checked output comes from a call into a buffer poisoned anew, so the gap is a NaN and
+    the record says wrong result (the first call's output had hidden it)."""
+    from harness import bench
+    from harness.cases import cases
+
+    calls = []
+
+    def tuned_then_short(a, b, out=None):
+        out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype) if out is None else out
+        product = a @ b
+        if not calls:
+            out.copy_(product)
+        else:
+            out.view(-1)[:-1] = product.view(-1)[:-1]
+        calls.append(1)
+        return out
+
+    get = registry.get
+    spy = dataclasses.replace(get("matmul", "triton"), fn=tuned_then_short, reset=None)
+    monkeypatch.setattr(registry, "get",
+                        lambda op, name: spy if name == "triton" else get(op, name))
+    rec, _ = bench.Session("t", str(tmp_path)).run(
+        bench.Bench("matmul", "triton", cases("matmul", "smoke")[0], "float32"))
+    assert (rec["status"], rec["reason"]) == ("failed", "wrong result: output holds NaN or inf")
+
+
+def test_guards_read_the_gpu_named_by_uuid_and_say_when_nvml_fails(monkeypatch):
+    """CUDA_VISIBLE_DEVICES may name the GPU by UUID (a MIG instance always is): its flags are
+    read through the UUID; a GPU whose NVML cannot be read is flagged, not taken for a clean one.
+    (A fake NVML reporting a power-capped GPU.)"""
+    import sys
+    import types
+
+    import kernels
+    from harness import guards
+
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, NVML_CLOCK_SM=1, nvmlClocksEventReasonSwPowerCap=4,
+        nvmlDeviceGetHandleByIndex=lambda i: ("index", i),
+        nvmlDeviceGetHandleByUUID=lambda u: ("uuid", u),
+        nvmlDeviceGetCurrentClocksEventReasons=lambda h: 4,
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [],
+        nvmlDeviceGetClockInfo=lambda h, c: 1980, nvmlDeviceGetMaxClockInfo=lambda h, c: 1980)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(kernels, "ON_CUDA", True)
+    for visible, handle in (("1", ("index", 1)), ("GPU-8f3c2d1a,0", ("uuid", "GPU-8f3c2d1a")),
+                            ("MIG-0d1e2f3a", ("uuid", "MIG-0d1e2f3a"))):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert guards.nvml_handle()[1] == handle
+        with pytest.warns(RuntimeWarning, match="throttled:power"):
+            assert guards.flags() == ["throttled:power"]
+
+    def unreadable(uuid):
+        raise RuntimeError("NVML: not found")
+
+    monkeypatch.setattr(fake, "nvmlDeviceGetHandleByUUID", unreadable)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f3c2d1a")
+    assert guards.flags() == ["guards_unavailable:RuntimeError"]
+    monkeypatch.setattr(kernels, "ON_CUDA", False)
+    assert guards.flags() == []  # no GPU: nothing to guard
+
+
 def test_a_warm_only_call_counts_the_compile_cache_files_it_built(tmp_path, monkeypatch):
     """After a cold call set up the caches, a warm-only call (a later case under COLD=first)
     that compiles a kernel no earlier call had adds files to the disk cache: counted, so its
