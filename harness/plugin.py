@@ -27,6 +27,11 @@ def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
+def _once(values) -> list:
+    """The values in their order, each once."""
+    return list(dict.fromkeys(values))
+
+
 def pytest_addoption(parser):
     g = parser.getgroup("kernels", "kernel benchmarks")
     g.addoption("--bench", action="store_true", help="run the benchmarks in tests/bench")
@@ -65,13 +70,15 @@ class Selection:
         # the user's own cases (ValueError for a name in no case format), each once
         self.shapes = list({c.name: c for c in map(cases_mod.parse,
                                                    _csv(config.getoption("shapes")))}.values())
-        self.ops = _csv(config.getoption("ops")) or [
+        self.ops = _once(_csv(config.getoption("ops"))) or [
             op for op in registry.ops() if not self.shapes or op in {c.op for c in self.shapes}]
-        self.impls = _csv(config.getoption("impls"))
+        self.impls = _once(_csv(config.getoption("impls")))
         self.tier = config.getoption("tier")
-        self.dtypes = [cases_mod.normalize_dtype(d) for d in _csv(config.getoption("dtypes"))] \
-            or list(cases_mod.DTYPES)
-        self.modes = _csv(config.getoption("modes")) or ["fwd"]
+        # each once: a dtype named twice (fp32,float32) ran its benchmarks twice, the second
+        # trace overwriting the first
+        self.dtypes = _once(cases_mod.normalize_dtype(d)
+                            for d in _csv(config.getoption("dtypes"))) or list(cases_mod.DTYPES)
+        self.modes = _once(_csv(config.getoption("modes"))) or ["fwd"]
         bad_ops = [o for o in self.ops if o not in registry.ops()]
         if bad_ops:
             raise pytest.UsageError(f"unknown op(s) {bad_ops}; valid: {registry.ops()}")

@@ -203,6 +203,15 @@ def test_bad_options_list_the_valid_ones(option, message):
     assert message in str(refused.value)
 
 
+def test_each_filter_value_counts_once():
+    """A dtype named twice under two spellings (fp32, float32) ran its benchmarks twice, the
+    second one's trace written over the first's."""
+    sel = plugin._selection(_Options(ops="matmul,matmul", impls="torch,xla,torch",
+                                      dtypes="fp32,float32,bf16", modes="fwd,fwd"))
+    assert (sel.ops, sel.impls, sel.dtypes, sel.modes) == (
+        ["matmul"], ["torch", "xla"], ["float32", "bfloat16"], ["fwd"])
+
+
 def test_shapes_replace_the_tier_and_choose_the_ops():
     """SHAPES: the user's own cases, each once, of their ops only, in place of the tier's."""
     sel = plugin._selection(_Options(ops="", shapes="100x37x53, n1_9x7x3_k3x2x5_s2x1_p1_d1,"
