@@ -367,12 +367,19 @@ def _best_stock(records: list[dict]) -> dict[tuple, float]:
     return best
 
 
+def _trace_places(run: Run, trace_path: str):
+    """Where a record's trace may be: its path (profiles/<run>/...) from the repository, from the
+    run's directory, and, as `make gpu` packs them (profiles/<run>/ as traces/, which a committed
+    baseline keeps in its run's directory or beside it), under traces/."""
+    path = Path(trace_path)
+    yield from (root / path for root in (run.dir, Path.cwd(), results.PROFILES.parent))
+    if path.parts[:1] == ("profiles",) and len(path.parts) > 2:
+        yield from (root.joinpath("traces", *path.parts[2:]) for root in (run.dir, run.dir.parent))
+
+
 def _trace_href(run: Run, trace_path: str) -> str | None:
-    """A link to the trace relative to the report, or None when it is not on this disk. Records
-    store the path relative to the repository; a baseline directory may hold the traces beside
-    its records."""
-    for root in (run.dir, Path.cwd(), results.PROFILES.parent):
-        target = root / trace_path
+    """A link to the trace relative to the report, or None when it is not on this disk."""
+    for target in _trace_places(run, trace_path):
         if target.is_file():
             return quote(os.path.relpath(target.resolve(), run.report_dir.resolve()))
     return None

@@ -398,6 +398,24 @@ def test_a_wrong_result_keeps_its_time_but_no_share_of_the_best_or_roofline():
     assert report._roofline_pct(wrong, FAKE_PEAKS) is None
 
 
+@pytest.mark.parametrize("traces_in", ["run", "beside"])
+def test_trace_links_find_traces_packed_by_make_gpu(tmp_path, traces_in):
+    """make gpu packs profiles/<run>/ as traces/, which a committed baseline keeps in its run's
+    directory (the H100 baseline's 8 links all read "not on this disk") or beside it."""
+    run_dir = tmp_path / "baseline" / "profile"
+    run_dir.mkdir(parents=True)
+    rec = _record("matmul", "torch", "torch", "stock", "c", 1e9, "bfloat16", 1e-3,
+                  trace_path="profiles/20261123-gpu-profile/matmul/torch/c-bfloat16.json.gz")
+    results.append(run_dir / "results.jsonl", rec)
+    packed = (run_dir if traces_in == "run" else run_dir.parent) / "traces/matmul/torch"
+    packed.mkdir(parents=True)
+    (packed / "c-bfloat16.json.gz").write_bytes(b"")
+    run = report.load_run(run_dir)
+    cell = report._trace_cell(run, run.records[0])
+    assert cell.href == ("" if traces_in == "run" else "../") + \
+        "traces/matmul/torch/c-bfloat16.json.gz"
+
+
 def test_a_host_timed_jax_loss_counts_only_beyond_the_host_cost():
     """On a GPU, JAX medians hold the host's dispatch; torch's are device events. JAX losing by
     less than a trivial JAX call's time is unclear, by more it is a loss; a JAX win stands."""
