@@ -212,7 +212,11 @@ class RunState:
         if self.profile_dir is not None:
             from harness.timeline import write_run_trace
 
-            write_run_trace(self.profile_dir / f"run{suffix}.pftrace", self.records, samples)
+            # every record of the run, those of the calls it resumes included (this process's
+            # alone left a resumed run's timeline with its last part); the counters are this
+            # process's samples
+            write_run_trace(self.profile_dir / f"run{suffix}.pftrace", results.load(self.path),
+                            samples)
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ Perfetto trace.
 Sampler reads telemetry on a background thread every ~50 ms: on a GPU from NVML (clocks, power,
 temperature, memory, throttling); without one (nvmlInit raises NVMLError_LibraryNotFound, the
 normal CPU state) the process's RSS and CPU utilisation (percent of one core, so up to 100 x the
-threads busy). Samples are (time.time_ns(), counter,
-value).
+threads busy), and those of the benchmark worker processes while there are any. Samples are
+(time.time_ns(), counter, value).
 
 write_run_trace() lays the records of a run out on that clock: one track per implementation
 ("<op>/<impl>"), on it one slice per benchmark ("<case> <dtype>", its results as arguments) holding
@@ -75,11 +75,29 @@ def _rss_bytes() -> float | None:
     return None
 
 
+def _worker_cpu_rss(pid: int) -> tuple[float, float] | None:
+    """(CPU seconds, RSS bytes) of another process, from /proc/<pid>/stat (utime + stime in
+    clock ticks, resident pages); None once it has exited."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    ticks, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    return (int(fields[11]) + int(fields[12])) / ticks, float(int(fields[21]) * page)
+
+
 class _ProcessReader:
+    """This process's RSS and CPU use and, while benchmarks run in worker processes (isolation:
+    harness.worker, listed in guards.own_processes), theirs: workers_rss_bytes and
+    workers_cpu_percent (clock ticks of 10 ms, so coarse over 50 ms intervals)."""
     source = "process"
 
     def __init__(self):
         self.last: tuple[float, float] | None = None
+        self.last_workers: dict[int, float] = {}  # pid -> CPU seconds at the last sample
 
     def __call__(self) -> dict[str, float]:
         # process_time is user + system time of all threads (what os.times() reports) with
@@ -87,9 +105,27 @@ class _ProcessReader:
         cpu, now = time.process_time(), time.monotonic()
         rss = _rss_bytes()
         out = {} if rss is None else {"rss_bytes": rss}
-        if self.last is not None:  # utilisation needs an interval: none at the first sample
-            out["cpu_percent"] = 100.0 * (cpu - self.last[0]) / max(now - self.last[1], 1e-9)
+        # utilisation needs an interval: none at the first sample
+        interval = None if self.last is None else max(now - self.last[1], 1e-9)
+        if interval is not None:
+            out["cpu_percent"] = 100.0 * (cpu - self.last[0]) / interval
+        out.update(self._workers(interval))
         self.last = (cpu, now)
+        return out
+
+    def _workers(self, interval: float | None) -> dict[str, float]:
+        from harness.guards import own_processes
+
+        seen = {pid: got for pid in list(own_processes)
+                if (got := _worker_cpu_rss(pid)) is not None}
+        busy = sum(cpu - self.last_workers[pid] for pid, (cpu, _) in seen.items()
+                   if pid in self.last_workers)  # a worker's first sample has no interval
+        self.last_workers = {pid: cpu for pid, (cpu, _) in seen.items()}
+        if not seen:
+            return {}
+        out = {"workers_rss_bytes": sum(rss for _, rss in seen.values())}
+        if interval is not None:
+            out["workers_cpu_percent"] = 100.0 * busy / interval
         return out
 
 

@@ -65,6 +65,22 @@ def test_run_timeline_has_a_track_per_implementation_and_counters(profiled):
     assert all(len(v) >= 2 for v in run["counters"].values())
 
 
+def test_a_resumed_runs_timeline_holds_every_call(tmp_path):
+    """The second call of a run (RESUME) writes the run timeline again: with the benchmarks of
+    both calls, not its own alone."""
+    env = {**outer_env(), "KERNELS_REPORTS": str(tmp_path / "reports"),
+           "KERNELS_PROFILES": str(tmp_path / "profiles")}
+    for impls, resume in (("torch", []), ("torch,xla", ["--resume"])):
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "tests/bench", "-q", "--bench", "--profile",
+             "--run-id=two", "--ops=matmul", f"--impls={impls}", "--tier=smoke",
+             "--dtypes=fp32", "-k", "257x131x67", *resume],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = timeline.read_run_trace(tmp_path / "profiles" / "two" / "run.pftrace")
+    assert {"matmul/torch", "matmul/xla"} <= set(run["tracks"])
+
+
 def test_trace_summary_cli(profiled):
     root, records = profiled
     path = root / records[0]["trace_path"]

@@ -124,6 +124,29 @@ def test_sampler_reads_process_rss_and_cpu_without_a_gpu(samples):
     assert summary["counters"]["rss_bytes"]["min"] <= summary["counters"]["rss_bytes"]["max"]
 
 
+def test_sampler_reads_the_benchmark_worker_processes_too(monkeypatch):
+    """Benchmarks isolated in worker processes (guards.own_processes) do their work there: a busy
+    worker shows in workers_cpu_percent and workers_rss_bytes, and once it is gone they stop."""
+    import subprocess
+    import sys
+
+    from harness import guards
+
+    worker = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    monkeypatch.setattr(guards, "own_processes", {worker.pid})
+    try:
+        read = timeline._ProcessReader()
+        read()
+        time.sleep(0.3)
+        busy = read()
+    finally:
+        worker.kill()
+        worker.wait()
+    assert busy["workers_rss_bytes"] > 0
+    assert busy["workers_cpu_percent"] > 10  # a spinning process, sampled over 0.3 s
+    assert "workers_cpu_percent" not in read() and "rss_bytes" in read()
+
+
 def _record(impl: str, start_ns: int) -> dict:
     step = 10_000_000
     phases = [{"name": name, "start_ns": start_ns + i * step, "end_ns": start_ns + (i + 1) * step}
