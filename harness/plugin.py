@@ -145,8 +145,9 @@ def pytest_generate_tests(metafunc):
 
     sel = _selection(metafunc.config)
     items = plan(sel.ops, sel.impls, sel.tier, sel.dtypes, sel.modes, sel.shapes)
-    # xdist_group keeps a case's implementations on one worker (WORKERS=N, --dist loadgroup), so
-    # they share one float64 reference.
+    # xdist_group is to keep a case's implementations on one worker (WORKERS=N, --dist
+    # loadgroup), sharing one float64 reference; pytest-xdist 3.8 does not group them under
+    # pytest 9.2 (README, "Many GPUs"), where each worker computes the reference itself.
     metafunc.parametrize("bench_item", [
         pytest.param(b, id=b.id, marks=pytest.mark.xdist_group(b.group)) for b in items])
 
