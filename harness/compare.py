@@ -28,29 +28,40 @@ from pathlib import Path
 from harness import results
 
 
+def is_run(d: Path) -> bool:
+    """A run directory: its pytest-benchmark file, or its records alone (a run with WORKERS=N,
+    under which pytest-benchmark saves nothing)."""
+    return (d / "benchmark.json").is_file() or (d / "results.jsonl").is_file()
+
+
 def json_path(ref: str) -> Path:
+    """A run's benchmark.json (which need not exist: see is_run), or any benchmark JSON file."""
     p = Path(ref)
     if p.is_file():
         return p
     for d in (p, results.REPORTS / "runs" / ref):
-        if (d / "benchmark.json").is_file():
+        if is_run(d):
             return d / "benchmark.json"
-    raise SystemExit(f"no benchmark.json for run {ref!r} (looked in {p} and "
+    raise SystemExit(f"no benchmark.json or results.jsonl for run {ref!r} (looked in {p} and "
                      f"{results.REPORTS / 'runs' / ref})")
 
 
 def last_two() -> tuple[Path, Path]:
-    runs = sorted((results.REPORTS / "runs").glob("*/benchmark.json"),
-                  key=lambda p: p.stat().st_mtime)
+    runs = sorted((d for d in (results.REPORTS / "runs").glob("*") if is_run(d)),
+                  key=lambda d: max(f.stat().st_mtime for f in (d / "benchmark.json",
+                                                                 d / "results.jsonl")
+                                    if f.is_file()))
     if len(runs) < 2:
-        raise SystemExit(f"need two runs with a benchmark.json under {results.REPORTS / 'runs'}, "
-                         f"found {len(runs)}: run `make bench` twice or pass BASE= and HEAD=")
-    return runs[-2], runs[-1]
+        raise SystemExit(f"need two runs under {results.REPORTS / 'runs'}, found {len(runs)}: "
+                         "run `make bench` twice or pass BASE= and HEAD=")
+    return runs[-2] / "benchmark.json", runs[-1] / "benchmark.json"
 
 
 def _read(f: Path) -> dict:
     try:
         return json.loads(f.read_text())
+    except FileNotFoundError:  # a run of records alone (WORKERS=N)
+        raise ValueError(f"{f} does not exist") from None
     except json.JSONDecodeError as e:  # a file cut short: its call killed while writing it
         raise ValueError(f"{f} is not valid JSON ({e})") from None
 

@@ -1011,10 +1011,9 @@ def verdicts_section(records: list[dict], host_call_s: float | None = None) -> S
 # ---------------------------------------------------------------- comparison with another run
 def compare_section(run: Run, base_ref: str, threshold_pct: float) -> Section:
     head = run.dir / "benchmark.json"
-    if not head.is_file():
+    if not compare.is_run(run.dir):
         return Section("Changes vs base", "compare", [
-            "this run has no benchmark.json (run the benchmarks with --benchmark-json "
-            f"{head}) to compare"])
+            f"this run has neither records nor a benchmark.json ({head}) to compare"])
     base = compare.json_path(base_ref)
     threshold = threshold_pct / 100
     rows, regressions, failed, skipped = [], 0, 0, 0

@@ -136,6 +136,13 @@ def test_compare_reads_every_record_of_a_run(two_runs, tmp_path, capsys):
     assert compare.main([str(base), str(resumed), "--no-table"]) == 1
     assert "1 regression(s)" in capsys.readouterr().out
 
+    # a run of records alone (WORKERS=N: pytest-benchmark saves nothing under xdist)
+    records_only = _run_copy(run1, tmp_path / "records_only", lambda r: r)
+    (records_only / "benchmark.json").unlink()
+    assert compare.main([str(run1), str(records_only), "--no-table"]) == 0
+    compared = len(results.load(run1 / "results.jsonl"))
+    assert f"{compared} benchmarks compared, 0 regression(s)" in capsys.readouterr().out
+
     elsewhere = _run_copy(run1, tmp_path / "elsewhere", lambda r: {**r, "case": "1x1x1"})
     (elsewhere / "benchmark.json").write_text(json.dumps({"benchmarks": []}))
     assert compare.main([str(run1), str(elsewhere), "--no-table"]) == 2
