@@ -206,3 +206,28 @@ def test_tma_falls_back_to_pointer_kernel():
             out = registry.get("matmul", "triton_tma")(x, y)
         assert list(ran) == ["_matmul_kernel"]
         assert torch.equal(out, registry.get("matmul", "triton")(x, y))
+
+
+def test_tma_device_asks_cuda_once_per_gpu(monkeypatch):
+    """The capability is looked up per GPU (the tensors' device, else the current one) and kept:
+    the launchers ask at every call. Simulated GPUs: capability 9.0 on index 0, 8.0 on index 1."""
+    from kernels.triton import _common
+
+    asked = []
+
+    def capability(index):
+        asked.append(index)
+        return (9, 0) if index == 0 else (8, 0)
+
+    monkeypatch.setattr(_common, "ON_CUDA", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    _common._capability.cache_clear()
+    try:
+        results = [_common.tma_device(torch.device("cuda", 0)), _common.tma_device(),
+                   _common.tma_device(torch.device("cuda", 0)), _common.tma_device(),
+                   _common.tma_device(torch.device("cuda"))]
+    finally:
+        _common._capability.cache_clear()
+    assert results == [True, False, True, False, False]
+    assert asked == [0, 1]

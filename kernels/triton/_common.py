@@ -1,6 +1,7 @@
 """What every Triton launcher shares: the device it runs on, interpreter quirks, config choice."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -196,10 +197,20 @@ def prune_by(fits) -> dict:
     return {"early_config_prune": prune}
 
 
-def tma_device() -> bool:
-    """TMA needs a GPU of compute capability 9.0 or later; without a GPU, descriptors run in the
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def tma_device(device: torch.device | None = None) -> bool:
+    """TMA needs a GPU of compute capability 9.0 or later (`device`'s, else the current GPU's;
+    asked of CUDA once per GPU, not at every launch); without a GPU, descriptors run in the
     interpreter (or are compiled ahead of time for such a GPU by harness.aot)."""
-    return not ON_CUDA or torch.cuda.get_device_capability() >= (9, 0)
+    if not ON_CUDA:
+        return True
+    index = device.index if device is not None and device.index is not None \
+        else torch.cuda.current_device()
+    return _capability(index) >= (9, 0)
 
 
 def resolved(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

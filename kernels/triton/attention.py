@@ -770,7 +770,7 @@ def _block_d(D: int) -> int:
 def _tma_possible(*tensors) -> bool:
     """Whether the kernels may move these [B, heads, S, D] tensors (q, k, v and o or dO) by TMA:
     a Hopper-class GPU (or the interpreter), and tensors whose heads descriptors can take."""
-    return tma_device() and all(tma_ready(t) for t in tensors)
+    return tma_device(tensors[0].device) and all(tma_ready(t) for t in tensors)
 
 
 def _tma_args(*tensors) -> tuple[int, dict]:

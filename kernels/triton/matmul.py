@@ -219,8 +219,9 @@ def _checked(a, b, out) -> contract.MatmulDims:
 
 
 def _launch_tma_where_ready(a, b, out, dims: contract.MatmulDims) -> None:
-    """The TMA kernel where a descriptor can take every tensor, else the pointer kernel."""
-    if all(tma_ready(t) for t in (a, b, out)):
+    """The TMA kernel where the GPU has TMA and a descriptor can take every tensor, else the
+    pointer kernel."""
+    if tma_device(a.device) and all(tma_ready(t) for t in (a, b, out)):
         _launch_tma(a, b, out, dims)
     else:
         launch(a, b, out, dims)
