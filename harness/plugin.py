@@ -228,6 +228,8 @@ def bench_run(request):
     state.finish()
 
 
+# trylast: after pytest-benchmark's own tables, so a run ends with this one
+@pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, config):
     if not config.getoption("bench"):
         return
