@@ -82,7 +82,7 @@ def _scores(q_smem, k_smem, wgmma: bool):
                                preferred_element_type=jnp.float32)
 
     def mma(s_ref):
-        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+        plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
         return s_ref[...]
     return pl.run_scoped(mma, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
 
