@@ -151,10 +151,18 @@ def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, lse_smem, q_barrie
             return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
 
         if st.causal:
-            return lax.cond(j * bkv <= row0 + ROWS - 1, attend, lambda c: c, carry)
-        if st.kv_splits > 1:  # a warpgroup of padding rows (decode) only keeps the pipeline going
-            return lax.cond(row0 < st.sq, attend, lambda c: c, carry)
-        return attend(carry)
+            carry = lax.cond(j * bkv <= row0 + ROWS - 1, attend, lambda c: c, carry)
+        elif st.kv_splits > 1:  # a warpgroup of padding rows (decode) only keeps the pipeline going
+            carry = lax.cond(row0 < st.sq, attend, lambda c: c, carry)
+        else:
+            carry = attend(carry)
+        if not wgmma:
+            # The jnp dots read k and v by plain loads (the generic proxy); the memory warpgroup
+            # refills this slot by TMA (the async proxy) once the step returns, which PTX orders
+            # after those loads only through a proxy fence (jax 0.11's race detector checks
+            # this). wgmma reads through the async proxy itself and needs none.
+            plgpu.commit_smem()
+        return carry
 
     def compute(run_pipeline):
         wg, row0 = lax.axis_index("wg"), first_row()
