@@ -39,6 +39,26 @@ from harness.compile import autotuner_runs, config_text
 
 # Largest shared memory one block may ask for, per compute capability (the opt-in maximum).
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# A GPU of each compute capability, by the device kind JAX knows it by.
+DEVICE_KINDS = {80: "NVIDIA A100", 86: "NVIDIA A10", 89: "NVIDIA L4", 90: "NVIDIA H100",
+                100: "NVIDIA B200"}
+
+
+def lower_for_cuda(fn: Callable, *args, capability: int = 90):
+    """`fn` jitted, traced on `args` (arrays or ShapeDtypeStructs) and lowered for CUDA, for a GPU
+    of `capability` whether or not one is here. Pallas' Triton lowering takes the target from the
+    abstract device of the mesh in context: without one and without a GPU, jax 0.11 refuses
+    ("No supported GPU devices found"), where jax 0.10 assumed compute capability 9.0."""
+    import jax
+
+    if capability not in DEVICE_KINDS:
+        raise ValueError(f"capability={capability}: Pallas lowers here for one of "
+                         f"{', '.join(map(str, DEVICE_KINDS))}")
+    device = jax.sharding.AbstractDevice(device_kind=DEVICE_KINDS[capability], num_cores=None,
+                                         platform="cuda")
+    with jax.sharding.use_abstract_mesh(
+            jax.sharding.AbstractMesh((1,), ("device",), abstract_device=device)):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
 @dataclass
@@ -173,9 +193,11 @@ def _implementations(op: str, backend: Callable[[str], bool], names: Sequence[st
 
 def pallas_modules(ops: list[str], tier: str, dtypes: list[str], modes: list[str],
                    max_cases: int | None = None, name_pattern: str = "",
-                   impls: Sequence[str] = (), shapes: Sequence = ()) -> list[TritonModule]:
+                   impls: Sequence[str] = (), shapes: Sequence = (),
+                   capability: int = 90) -> list[TritonModule]:
     """The Triton modules of every Pallas (Triton-lowered) implementation on the tier's cases,
-    chosen as in `launches`, forward and (attention) backward."""
+    chosen as in `launches`, forward and (attention) backward, lowered for a GPU of
+    `capability`."""
     import jax
     import jax.numpy as jnp
 
@@ -201,7 +223,7 @@ def pallas_modules(ops: list[str], tier: str, dtypes: list[str], modes: list[str
                               for s in inputs.shapes(case).values()]
                     with captured_pallas_modules(found, f"{case.name} {dtype}"):
                         for call in calls:
-                            jax.jit(call).trace(*arrays).lower(lowering_platforms=("cuda",))
+                            lower_for_cuda(call, *arrays, capability=capability)
     return found
 
 
@@ -415,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="every config of each kernel, also those its autotuner prunes for a case")
     p.add_argument("--json", help="also write the builds here as JSON")
     args = p.parse_args(argv)
+    backend, _, capability = args.target.partition(":")
+    if backend != "cuda" or not capability.isdigit() or int(capability) not in DEVICE_KINDS:
+        p.error(f"--target: cuda:<capability> with a capability of "
+                f"{', '.join(map(str, DEVICE_KINDS))}, not {args.target!r}")
+    capability = int(capability)
     dtypes = [cases_mod.DTYPE_ALIASES.get(d, d) for d in args.dtypes.split(",")]
     ops, impls = args.ops.split(","), [n for n in args.impls.split(",") if n]
     compiled_here = {impl.name for op in ops for impl in _implementations(
@@ -432,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     selection = (ops, args.tier, dtypes, args.modes.split(","), args.max_cases, args.cases, impls,
                  shapes)
     builds = compile_all(launches(*selection), args.target, prune=not args.all_configs)
-    builds += compile_modules(pallas_modules(*selection), args.target)
+    builds += compile_modules(pallas_modules(*selection, capability=capability), args.target)
     print(table(builds, args.target))
     if args.json:
         with open(args.json, "w") as f:

@@ -142,6 +142,17 @@ def test_impls_that_aot_cannot_compile_are_refused(capsys):
             "those are pallas, triton, triton_tma") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("target", ["rocm:90", "cuda:75", "cuda:sm90", "cuda"])
+def test_targets_pallas_cannot_lower_for_are_refused(target, capsys):
+    with pytest.raises(SystemExit) as stop:
+        aot.main(["--ops", "matmul", "--target", target])
+    assert stop.value.code == 2
+    assert (f"--target: cuda:<capability> with a capability of 80, 86, 89, 90, 100, not "
+            f"{target!r}") in capsys.readouterr().err
+    with pytest.raises(ValueError, match="capability=75: Pallas lowers here for one of"):
+        aot.lower_for_cuda(lambda x: x, 1.0, capability=75)
+
+
 def test_user_shapes_replace_the_tier(capsys):
     """--shapes (make aot SHAPES=): the launches of those cases only; a bad name is refused."""
     shapes = [cases.parse("33x17x9"), cases.parse("b1_h2_q5_k9_d16_full")]
@@ -165,9 +176,8 @@ def test_pallas_capture_leaves_interpret_mode_as_it_was():
 
     sink = []
     with aot.captured_pallas_modules(sink, "m"):
-        jax.jit(pallas_matmul.matmul).trace(
-            jax.ShapeDtypeStruct((20, 30), jnp.bfloat16),
-            jax.ShapeDtypeStruct((30, 40), jnp.bfloat16)).lower(lowering_platforms=("cuda",))
+        aot.lower_for_cuda(pallas_matmul.matmul, jax.ShapeDtypeStruct((20, 30), jnp.bfloat16),
+                           jax.ShapeDtypeStruct((30, 40), jnp.bfloat16))
     assert [(m.name, m.case, m.num_warps, m.num_stages) for m in sink] == [
         ("matmul_grouped_tiles", "m", 4, 3)]
     assert "tt.dot" in sink[0].ir

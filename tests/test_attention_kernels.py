@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from harness import aot
 from harness.check import rel_err
 import kernels  # switches Triton to its interpreter when there is no GPU
 from kernels import reference, registry
@@ -292,8 +293,7 @@ def test_pallas_lowers_for_gpu(case, monkeypatch):
     def loss(q, k, v):
         return pallas_attention.attention(q, k, v, causal).astype(jnp.float32).sum()
 
-    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
-        lowering_platforms=("cuda",))
+    lowered = aot.lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
     text = lowered.as_text()
     assert "triton" in text
     assert ("flash_attention_fwd_split_kv" in text) == (not causal)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import kernels.pallas.conv2d as pallas_conv2d
 import kernels.triton.conv2d  # noqa: F401  (registers the Triton kernel)
+from harness import aot
 from harness.check import rel_err
 from kernels import contract, reference, registry
 from kernels.triton._common import DEVICE_TYPE
@@ -234,10 +235,8 @@ def test_pallas_lowers_for_gpu(dtype, monkeypatch):
     """The GPU (Triton) lowering has rules interpret mode does not check (power-of-two arrays, dots
     with every dim >= 16, supported integer ops): lowering for CUDA catches their breakage on a
     machine without a GPU. Nothing is compiled or run."""
-    import jax
-
     monkeypatch.setattr(pallas_conv2d, "interpret", lambda: False)
     x, w = _inputs((2, 11, 7, 3), (3, 5, 3, 5), dtype)
-    conv = jax.jit(lambda x, w: pallas_conv2d.conv2d(x, w, (2, 1), (1, 2), (1, 2)))
-    lowered = conv.trace(_to_jax(x), _to_jax(w)).lower(lowering_platforms=("cuda",))
+    lowered = aot.lower_for_cuda(lambda x, w: pallas_conv2d.conv2d(x, w, (2, 1), (1, 2), (1, 2)),
+                                 _to_jax(x), _to_jax(w))
     assert "triton" in lowered.as_text()

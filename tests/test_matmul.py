@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from harness import aot
 from harness.cases import DTYPES, Case
 from kernels import registry
 from tests.checking import DEVICE, error_and_budget
@@ -95,7 +96,6 @@ def test_pallas_tiles_by_shape(monkeypatch):
 def test_pallas_lowers_for_gpu(dtype, monkeypatch):
     """The GPU (Triton) lowering checks what interpret mode does not (power-of-two blocks, dot
     sizes, supported ops): lowering for CUDA here catches that breakage without a GPU."""
-    import jax
     import jax.numpy as jnp
 
     from kernels.pallas import matmul as pallas_matmul
@@ -103,7 +103,7 @@ def test_pallas_lowers_for_gpu(dtype, monkeypatch):
     monkeypatch.setattr(pallas_matmul, "interpret", lambda: False)
     a = jnp.ones((37, 300), dtype)
     b = jnp.ones((300, 129), dtype)
-    lowered = jax.jit(pallas_matmul.matmul).trace(a, b).lower(lowering_platforms=("cuda",))
+    lowered = aot.lower_for_cuda(pallas_matmul.matmul, a, b)
     assert "triton" in lowered.as_text()
 
 
