@@ -1,7 +1,8 @@
 """Hand-written Pallas attention, FlashAttention-2 style, with a custom_vjp backward.
 
 Forward: one program per (batch, q head, query block) with an online softmax over key blocks in
-fp32 (base 2: log2(e) folded into the scale; the saved logsumexp is base 2 too). Backward: delta =
+fp32 (base 2: log2(e) folded into the scale), saving each row's softmax statistics (see
+_probabilities). Backward: delta =
 rowsum(dO * O) in plain jnp, then a dQ kernel looping over key blocks and a dK/dV kernel looping
 over query blocks. GQA/MQA: the k/v BlockSpec index_map reads kv head h // (H // Hkv), so k and v
 are never repeated; dK/dV are computed per q head (fp32 when a group has several heads) and summed
@@ -108,6 +109,42 @@ def _visible(rows, keys, st: _Static):
     return mask
 
 
+def _scaled_scores(a, b, visible, st: _Static):
+    """a b^T (q k^T, or k q^T in the dK/dV kernel) times the scale and log2(e), -inf where not
+    visible: the forward's scores, which the backward recomputes and must get to the bit (P is
+    off by any difference, which a peaked softmax of few queries does not average out). The
+    select between the product and any later subtraction keeps XLA (interpret mode) from
+    fusing the two into a multiply-add whose unrounded product would differ from the forward's
+    rounded one.
+
+    On the GPU a true fp32 dot is a chain of multiply-adds over the head dim in order for each
+    element (Triton's FMA dot), whatever the tile or operand order. XLA's CPU dot, which
+    interpret mode runs, sums in an order that changes with the key tile's width and the
+    operands' order: q k^T and (k q^T)^T differed in 72% of a 16 x 32 tile's scores (D = 32),
+    and the two-query fp32 call at scale 1.3 of the tests had dV at 6.5 times SDPA's error. So
+    in interpret mode, and only there, fp32 scores are products summed over the head dim
+    pairwise (one order for every tile); the GPU build is unchanged."""
+    if interpret() and a.dtype == jnp.float32:
+        s = a[:, None, :] * b[None, :, :]
+        while s.shape[2] > 1:  # the head dim is padded to a power of two
+            half = s.shape[2] // 2
+            s = s[:, :, :half] + s[:, :, half:]
+        s = s[:, :, 0]
+    else:
+        s = _dot(a, b, trans_b=True)
+    return jnp.where(visible, s * (st.scale * LOG2_E), -jnp.inf)
+
+
+def _probabilities(s, m, log2_l):
+    """P = 2^(s - m - log2 l) from the forward's scores s (_scaled_scores), row max m and log2
+    of the row's sum of 2^(s - m), all broadcast alike. Not 2^(s - lse) with lse = m + log2 l in
+    one fp32: at the scores' magnitude (tens of base-2 units with a large scale) that sum rounds
+    by up to 1.9e-6, an error every P of the row shares; s - m is exact for the largest scores.
+    In 12 seeded fp32 calls of two queries at scale 1.3 (D = 32, Sk = 271), dV erred 0.91 times
+    SDPA's on average through the one-number logsumexp, 0.43 times with the two parts."""
+    return jnp.exp2((s - m) - log2_l)
+
+
 def _one_key_exact(p, visible, st: _Static):
     """P, except where every query sees one key (contract.one_visible_key): there that key's
     probability is exactly 1, as torch's is. 2^(s - m) came out 1 + 1 ulp instead (XLA fuses the
@@ -139,22 +176,21 @@ def _key_block_range(q_block, st: _Static):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, *stat_refs, st: _Static):
-    """stat_refs: the rows' base-2 logsumexp, or with the keys split their max scaled score and
-    sum of 2^(s - max) apart, for merge_splits."""
+    """stat_refs: the rows' max scaled score m and log2 of their sum of 2^(s - m) (the
+    logsumexp in two parts, _probabilities), or with the keys split m and the sum itself, for
+    merge_splits."""
     block_q, block_k = st.blocks.block_q, st.blocks.block_k
     i = pl.program_id(2)
     q = q_ref[...]
     rows = i * block_q + jnp.arange(block_q)
-    qk_scale = st.scale * LOG2_E
 
     def body(j, carry):
         m, l, acc = carry
         start = pl.multiple_of(j * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
-        s = _dot(q, k, trans_b=True) * qk_scale
         visible = _visible(rows[:, None], start + jnp.arange(block_k)[None, :], st)
-        s = jnp.where(visible, s, -jnp.inf)
+        s = _scaled_scores(q, k, visible, st)
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2(m - m_new)
         p = _one_key_exact(jnp.exp2(s - m_new[:, None]), visible, st)
@@ -169,19 +205,15 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, *stat_refs, st: _Static):
             jnp.zeros(q.shape, jnp.float32))
     m, l, acc = lax.fori_loop(*_key_block_range(i, st), body, init)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-    if st.kv_splits > 1:
-        m_ref, l_ref = stat_refs
-        m_ref[...], l_ref[...] = m, l
-    else:
-        (lse_ref,) = stat_refs
-        lse_ref[...] = m + jnp.log2(l)
+    m_ref, l_ref = stat_refs
+    m_ref[...], l_ref[...] = m, (l if st.kv_splits > 1 else jnp.log2(l))
 
 
 def _first_query_alone(p, rows, visible, dtype, st: _Static):
     """P ([queries, keys] or transposed; `rows`: the queries' broadcastable indices) with query
     0's probabilities exact under the causal mask in fp32: it sees key 0 alone
-    (contract.one_visible_key, for one row), whose probability is 1, where 2^(s - lse) is off by
-    the roundings of the scaled score and of lse (fp32 dV of a causal 2-query call at scale 1.3
+    (contract.one_visible_key, for one row), whose probability is 1, where 2^(s - lse) was off
+    by the roundings of the scaled score and of lse (fp32 dV of a causal 2-query call at scale 1.3
     erred 5.6 times the tests' budget, 1.8 with this: the rest is the second query's). 16-bit
     inputs need none of it (P is rounded to their dtype, and their error is far larger)."""
     if st.causal and dtype == jnp.float32:
@@ -207,20 +239,21 @@ def _score_grads(p, dp, delta, st: _Static):
     return p * (dp - delta)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2_l_ref, delta_ref, dq_ref, *,
+               st: _Static):
     block_q, block_k = st.blocks.block_q_dq, st.blocks.block_k_dq
     i = pl.program_id(2)
     q, do = q_ref[...], do_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
+    m, log2_l, delta = m_ref[...], log2_l_ref[...], delta_ref[...]
     rows = i * block_q + jnp.arange(block_q)
 
     def body(j, dq):
         start = pl.multiple_of(j * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
-        p = jnp.exp2(_dot(q, k, trans_b=True) * (st.scale * LOG2_E) - lse[:, None])
         visible = _visible(rows[:, None], start + jnp.arange(block_k)[None, :], st)
-        p = _one_key_exact(jnp.where(visible, p, 0.0), visible, st)
+        p = _probabilities(_scaled_scores(q, k, visible, st), m[:, None], log2_l[:, None])
+        p = _one_key_exact(p, visible, st)
         p = _first_query_alone(p, rows[:, None], visible, q.dtype, st)
         ds = _score_grads(p, _dot(do, v, trans_b=True), delta[:, None], st)
         ds = _first_query_no_score_grad(ds, rows[:, None], q.dtype, st)
@@ -231,7 +264,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2_l_ref, delta_ref, dk_ref, dv_ref, *,
                 st: _Static):
     block_q, block_k = st.blocks.block_q_dkv, st.blocks.block_k_dkv
     j = pl.program_id(2)
@@ -243,14 +276,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         start = pl.multiple_of(i * block_q, block_q)
         q = q_ref[pl.ds(start, block_q), :]
         do = do_ref[pl.ds(start, block_q), :]
-        lse = lse_ref[pl.ds(start, block_q)]
+        m, log2_l = m_ref[pl.ds(start, block_q)], log2_l_ref[pl.ds(start, block_q)]
         delta = delta_ref[pl.ds(start, block_q)]
         rows = start + jnp.arange(block_q)
         # Transposed scores [keys, queries], so P^T and dS^T feed the dots directly. Padded query
-        # rows are masked too: their lse is not a real row's.
-        p_t = jnp.exp2(_dot(k, q, trans_b=True) * (st.scale * LOG2_E) - lse[None, :])
+        # rows are masked too: their statistics are not a real row's.
         visible = _visible(rows[None, :], keys[:, None], st) & (rows[None, :] < st.sq)
-        p_t = _one_key_exact(jnp.where(visible, p_t, 0.0), visible, st)
+        p_t = _probabilities(_scaled_scores(k, q, visible, st), m[None, :], log2_l[None, :])
+        p_t = _one_key_exact(p_t, visible, st)
         p_t = _first_query_alone(p_t, rows[None, :], visible, q.dtype, st)
         dv = dv + _dot(p_t.astype(do.dtype), do)
         ds_t = _score_grads(p_t, _dot(v, do, trans_b=True), delta[None, :], st)
@@ -274,7 +307,8 @@ def _call(kernel, st: _Static, grid, in_specs, out_specs, out_shape, name, num_w
                           interpret=interpret(), name=name)
 
 
-# BlockSpecs over [B, heads, S, D] (and [B, heads, S] for lse/delta); batch and head are squeezed.
+# BlockSpecs over [B, heads, S, D] (and [B, heads, S] for the row statistics and delta); batch
+# and head are squeezed.
 # kv_groups maps a q head h to its kv head h // kv_groups, so GQA reads the shared k/v in place.
 def _rows_spec(block, d, kv_groups=1):
     return pl.BlockSpec((_SQ, _SQ, block, d), lambda b, h, i: (b, h // kv_groups, i, 0))
@@ -309,7 +343,8 @@ def _split_forward(q, k, v, st: _Static):
 
 
 def merge_splits(o, m, l, dtype):
-    """The output and base-2 logsumexp of attention over all keys from those of the key splits
+    """The output and softmax statistics (row max and log2 of the sum, _probabilities) of
+    attention over all keys from those of the key splits
     (o [B, H, splits, Sq, D] normalised per split; m and l [B, H, splits, Sq], each split's row
     max of the scaled scores and sum of 2^(s - m); all fp32): each split weighted by its share of
     the softmax's total, l 2^(m - max m).
@@ -322,7 +357,7 @@ def merge_splits(o, m, l, dtype):
     weights = l * jnp.exp2(m - m_all[:, :, None])
     total = weights.sum(axis=2)
     out = (weights[..., None] * o).sum(axis=2) / total[..., None]
-    return out.astype(dtype), m_all + jnp.log2(total)
+    return out.astype(dtype), m_all, jnp.log2(total)
 
 
 def _forward(q, k, v, st: _Static):
@@ -334,14 +369,14 @@ def _forward(q, k, v, st: _Static):
     return _call(
         _fwd_kernel, st, (B, H, Sq // bq),
         in_specs=[_rows_spec(bq, D), _whole_spec(Sk, D, st.groups), _whole_spec(Sk, D, st.groups)],
-        out_specs=[_rows_spec(bq, D), _vec_spec(bq)],
+        out_specs=[_rows_spec(bq, D), _vec_spec(bq), _vec_spec(bq)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((B, H, Sq), jnp.float32)],
+                   *[jax.ShapeDtypeStruct((B, H, Sq), jnp.float32)] * 2],
         name="flash_attention_fwd")(q, k, v)
 
 
 def _backward(st: _Static, residuals, do):
-    q, k, v, o, lse = residuals
+    q, k, v, o, m, log2_l = residuals
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     g = st.groups
@@ -351,9 +386,9 @@ def _backward(st: _Static, residuals, do):
     dq = _call(
         _dq_kernel, st, (B, H, Sq // bq),
         in_specs=[_rows_spec(bq, D), _whole_spec(Sk, D, g), _whole_spec(Sk, D, g),
-                  _rows_spec(bq, D), _vec_spec(bq), _vec_spec(bq)],
+                  _rows_spec(bq, D), _vec_spec(bq), _vec_spec(bq), _vec_spec(bq)],
         out_specs=_rows_spec(bq, D), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        name="flash_attention_dq")(q, k, v, do, lse, delta)
+        name="flash_attention_dq")(q, k, v, do, m, log2_l, delta)
 
     # One program per (q head, key block); a group's heads are summed below in fp32.
     bk = st.blocks.block_k_dkv
@@ -362,9 +397,10 @@ def _backward(st: _Static, residuals, do):
     dk, dv = _call(
         _dkv_kernel, st, (B, H, Sk // bk),
         in_specs=[_whole_spec(Sq, D), _rows_spec(bk, D, g), _rows_spec(bk, D, g),
-                  _whole_spec(Sq, D), whole_vec, whole_vec],
+                  _whole_spec(Sq, D), whole_vec, whole_vec, whole_vec],
         out_specs=[_rows_spec(bk, D), _rows_spec(bk, D)], out_shape=[per_head, per_head],
-        name="flash_attention_dkv", num_warps=st.blocks.num_warps_dkv)(q, k, v, do, lse, delta)
+        name="flash_attention_dkv", num_warps=st.blocks.num_warps_dkv)(
+            q, k, v, do, m, log2_l, delta)
     if g > 1:
         dk = dk.reshape(B, Hkv, g, Sk, D).sum(axis=2).astype(k.dtype)
         dv = dv.reshape(B, Hkv, g, Sk, D).sum(axis=2).astype(v.dtype)
@@ -377,8 +413,8 @@ def _flash(q, k, v, st: _Static):
 
 
 def _flash_fwd(q, k, v, st: _Static):
-    o, lse = _forward(q, k, v, st)
-    return o, (q, k, v, o, lse)
+    o, m, log2_l = _forward(q, k, v, st)
+    return o, (q, k, v, o, m, log2_l)
 
 
 _flash.defvjp(_flash_fwd, _backward)

@@ -16,8 +16,9 @@ logsumexp, merged as the `pallas` forward merges its splits.
 
 Sequences are zero-padded to block multiples (padded keys masked out of the softmax) and the head
 dim to a power of two >= 64 (padded columns add nothing to a dot product). The saved logsumexp
-(base 2) and the padding match `kernels.pallas.attention`, whose dQ and dK/dV kernels give the
-gradients. float32 inputs run the `pallas` kernels throughout: wgmma takes fp32 only as TF32.
+(base 2, given to the backward as its row statistics in one part) and the padding match
+`kernels.pallas.attention`, whose dQ and dK/dV kernels give the gradients. float32 inputs run
+the `pallas` kernels throughout: wgmma takes fp32 only as TF32.
 
 In Mosaic GPU's interpret mode (off a GPU) the two products are jnp dots on the tiles loaded from
 shared memory: the interpreter's wgmma takes neither a transposed shared-memory operand nor one in
@@ -244,14 +245,17 @@ def _forward(q, k, v, st: pallas_attention._Static, blocks: Blocks):
         interpret=interpret_params(),
     )(q, k, v)
     if splits == 1:
-        return o, lse
+        # The backward's row statistics (kernels.pallas.attention._probabilities): the logsumexp
+        # in one part (the rounding of lse is far below a 16-bit output's).
+        return o, lse, jnp.zeros_like(lse)
     # Only the real query rows are merged: a decode step's block is mostly padding rows (4 real
     # of 128 in the standard cases), whose partial outputs the merge would otherwise read. The
-    # backward's tiles take the merged o and lse padded back. Each split gives its logsumexp alone,
-    # so its sum is taken as 1 (the rounding of lse is far below a 16-bit output's).
+    # backward's tiles take the merged o and statistics padded back. Each split gives its
+    # logsumexp alone, so its sum is taken as 1.
     lse = lse[:, :, :, :st.sq]
-    o, lse = pallas_attention.merge_splits(o[:, :, :, :st.sq], lse, jnp.ones_like(lse), q.dtype)
-    return pad_axis(o, 2, 2 * ROWS), pad_axis(lse, 2, 2 * ROWS)
+    o, m, log2_l = pallas_attention.merge_splits(o[:, :, :, :st.sq], lse, jnp.ones_like(lse),
+                                                 q.dtype)
+    return tuple(pad_axis(x, 2, 2 * ROWS) for x in (o, m, log2_l))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -260,8 +264,8 @@ def _flash(q, k, v, st: pallas_attention._Static, blocks: Blocks):
 
 
 def _flash_fwd(q, k, v, st, blocks):
-    o, lse = _forward(q, k, v, st, blocks)
-    return o, (q, k, v, o, lse)
+    o, m, log2_l = _forward(q, k, v, st, blocks)
+    return o, (q, k, v, o, m, log2_l)
 
 
 def _flash_bwd(st, blocks, residuals, do):
