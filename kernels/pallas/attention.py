@@ -58,7 +58,8 @@ class BlockSizes:
         v tiles: at D > 64 four warps spill them (255 registers, 352 bytes spilled), eight do
         not (169 registers). True fp32 dots are multiply-adds without tensor cores, each thread
         holding its rows and columns of both operands: the 16-bit tiles spilled up to 60 KB a
-        thread at D = 128; 32x32 tiles on eight warps take at most 110 registers."""
+        thread at D = 128; 32x32 tiles on eight warps take at most 128 registers (the dK/dV
+        kernel of a GQA causal case at D = 128 spills 8 bytes)."""
         if jnp.dtype(dtype) == jnp.float32:
             return cls(block_q=32, block_k=32, block_q_dkv=32, block_k_dkv=32, block_q_dq=32,
                        block_k_dq=32, num_warps=8, num_warps_dkv=8)
