@@ -2,14 +2,13 @@
 
 Forward: one program per (batch, q head, query block) with an online softmax over key blocks in
 fp32 (base 2: log2(e) folded into the scale), saving each row's softmax statistics (see
-_probabilities). Backward: delta =
-rowsum(dO * O) in plain jnp, then a dQ kernel looping over key blocks and a dK/dV kernel looping
-over query blocks. GQA/MQA: the k/v BlockSpec index_map reads kv head h // (H // Hkv), so k and v
-are never repeated; dK/dV are computed per q head (fp32 when a group has several heads) and summed
-over the group outside the kernel. Without a causal mask a group's queries are instead packed into
-one sequence of their kv head (pack_query_groups), which reads k and v once per group. With few
-query blocks (a decode step) the forward splits the keys over a fourth grid axis (kv_splits) and
-merges the splits' outputs by their logsumexp.
+_probabilities). Backward: delta = rowsum(dO * O) in plain jnp, then a dQ kernel looping over key
+blocks and a dK/dV kernel looping over query blocks. GQA/MQA: the k/v BlockSpec index_map reads
+kv head h // (H // Hkv), so k and v are never repeated; dK/dV are computed per q head (fp32 when a
+group has several heads) and summed over the group outside the kernel. Without a causal mask a
+group's queries are instead packed into one sequence of their kv head (pack_query_groups), which
+reads k and v once per group. With few query blocks (a decode step) the forward splits the keys
+over a fourth grid axis (kv_splits) and merges the splits' outputs by their row maxima and sums.
 
 Sequences are zero-padded to block multiples and the head dim to a power of two >= 16 (the GPU's
 Triton lowering needs power-of-two shapes; padded head-dim columns add nothing to any dot product);
