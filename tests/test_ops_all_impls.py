@@ -33,7 +33,10 @@ CONV = [_conv(1, 1, 1, 1, 1, 1, 1, 1, 0, 1), _conv(2, 11, 7, 3, 5, 3, 5, 1, (1, 
         # kernel; 3 groups of 4 -> 2 channels, dilation 2 (the hand-written kernels' own tests
         # have more)
         _conv(1, 15, 16, 6, 18, 5, 3, 2, (2, 1), 1, groups=6),
-        _conv(1, 13, 9, 12, 6, 3, 3, 1, 2, 2, groups=3)]
+        _conv(1, 13, 9, 12, 6, 3, 3, 1, 2, 2, groups=3),
+        # every output column reads padding only (all zeros): in bf16 torch's CPU convolution
+        # through oneDNN killed the process here, torch.compile's too
+        _conv(3, 4, 1, 5, 7, 2, 1, 2, 3, 3)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
