@@ -361,6 +361,22 @@ def test_torch_compile_reset_drops_inductors_compiled_code(monkeypatch):
     assert stock_torch._mm_compiled._wrapper is not None
 
 
+def test_torch_compile_stays_compiled_over_many_shapes(monkeypatch):
+    """Ten convolutions of distinct strides and paddings through the public API, each a
+    recompilation: past dynamo's default limit (8) the last two would have run eagerly under
+    the name torch_compile (dynamo raises here instead)."""
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    conv = registry.get("conv2d", "torch_compile")
+    conv.reset()
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(1, 9, 8, 3, generator=gen), torch.randn(2, 2, 3, 4, generator=gen)
+    for stride in (1, 2):
+        for padding in range(5):
+            torch.testing.assert_close(conv(x, w, stride, padding).double(),
+                                       reference.conv2d(x, w, stride, padding),
+                                       rtol=1e-5, atol=1e-5)
+
+
 def test_an_autotuner_cannot_hide_unwritten_elements(tmp_path, monkeypatch):
     """An autotuner tries its configs on the real arguments: here the first call writes every
     element (a config tried while tuning) and later calls all but the last (the config chosen).
