@@ -438,9 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the builds here as JSON")
     args = p.parse_args(argv)
     backend, _, capability = args.target.partition(":")
-    if backend != "cuda" or not capability.isdigit() or int(capability) not in DEVICE_KINDS:
-        p.error(f"--target: cuda:<capability> with a capability of "
-                f"{', '.join(map(str, DEVICE_KINDS))}, not {args.target!r}")
+    if backend != "cuda" or not capability.isdigit():
+        p.error(f"--target: cuda:<capability>, e.g. cuda:90, not {args.target!r}")
     capability = int(capability)
     dtypes = [cases_mod.DTYPE_ALIASES.get(d, d) for d in args.dtypes.split(",")]
     ops, impls = args.ops.split(","), [n for n in args.impls.split(",") if n]
@@ -449,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     if set(impls) - compiled_here:
         p.error(f"--impls: {', '.join(sorted(set(impls) - compiled_here))} is not a Triton or "
                 f"Pallas implementation of {args.ops}; those are {', '.join(sorted(compiled_here))}")
+    pallas = {impl.name for op in ops for impl in _implementations(op, _is_pallas, impls)}
+    if pallas and capability not in DEVICE_KINDS:  # Triton alone compiles for any capability
+        p.error(f"--target: {', '.join(sorted(pallas))} lower here for a capability of "
+                f"{', '.join(map(str, DEVICE_KINDS))}, not {args.target!r} (--impls without "
+                "them builds the Triton kernels for it)")
     try:
         shapes = [cases_mod.parse(s) for s in args.shapes.split(",") if s.strip()]
     except ValueError as e:

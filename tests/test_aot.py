@@ -142,15 +142,30 @@ def test_impls_that_aot_cannot_compile_are_refused(capsys):
             "those are pallas, triton, triton_tma") in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("target", ["rocm:90", "cuda:75", "cuda:sm90", "cuda"])
-def test_targets_pallas_cannot_lower_for_are_refused(target, capsys):
+@pytest.mark.parametrize("target", ["rocm:90", "cuda:sm90", "cuda"])
+def test_targets_that_are_not_cuda_capabilities_are_refused(target, capsys):
     with pytest.raises(SystemExit) as stop:
         aot.main(["--ops", "matmul", "--target", target])
     assert stop.value.code == 2
-    assert (f"--target: cuda:<capability> with a capability of 80, 86, 89, 90, 100, not "
-            f"{target!r}") in capsys.readouterr().err
+    assert f"--target: cuda:<capability>, e.g. cuda:90, not {target!r}" in capsys.readouterr().err
+
+
+def test_a_capability_pallas_cannot_lower_for_builds_triton_alone(capsys, monkeypatch):
+    """JAX names no GPU of compute capability 7.5 or 12.0 here, so Pallas cannot lower for them;
+    the Triton kernels still compile for any capability."""
+    with pytest.raises(SystemExit) as stop:
+        aot.main(["--ops", "matmul", "--target", "cuda:120"])
+    assert stop.value.code == 2
+    assert ("--target: pallas lower here for a capability of 80, 86, 89, 90, 100, not "
+            "'cuda:120'") in capsys.readouterr().err
     with pytest.raises(ValueError, match="capability=75: Pallas lowers here for one of"):
         aot.lower_for_cuda(lambda x: x, 1.0, capability=75)
+    targets = []
+    monkeypatch.setattr(aot, "compile_all", lambda launches, target, prune: targets.append(target)
+                        or [])
+    assert aot.main(["--ops", "matmul", "--impls", "triton", "--target", "cuda:120",
+                     "--max-cases", "1"]) == 0
+    assert targets == ["cuda:120"]
 
 
 def test_user_shapes_replace_the_tier(capsys):
