@@ -287,7 +287,7 @@ def _first_query_alone(p, rows, visible, CAUSAL: tl.constexpr, DTYPE: tl.constex
     """P (a masked block's, [queries, keys] or transposed; `rows`: the queries' broadcastable
     indices) with query 0's probabilities exact under the causal mask in fp32: it sees key 0
     alone (contract.one_visible_key, for one row), whose probability is 1, where 2^(s * scale -
-    lse) is off by the rounding of the multiply-add and of lse. Query 0 is always in a masked
+    m) is off by the rounding of the multiply-add. Query 0 is always in a masked
     block (the diagonal's first). 16-bit inputs need none of it (P is rounded to their dtype, and
     their error is far larger), and their builds stay as they were."""
     if CAUSAL:
@@ -338,6 +338,48 @@ def _key_ranges(row0, Sk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
+def _store_logsumexp(LSE, LSE_REST, offsets, m, l, mask):
+    """The softmax's logsumexp m + log2 l (base 2, of the scaled scores) as its fp32 rounding,
+    and the remainder that rounding left (an exact two-sum; see _probabilities)."""
+    log2_l = tl.log2(l)
+    lse = m + log2_l
+    m_part = lse - log2_l
+    l_part = lse - m_part
+    tl.store(LSE + offsets, lse, mask=mask)
+    tl.store(LSE_REST + offsets, (m - m_part) + (log2_l - l_part), mask=mask)
+
+
+@triton.jit
+def _load_logsumexp(LSE, LSE_REST, offsets, mask, MASKED: tl.constexpr, DTYPE: tl.constexpr):
+    """The logsumexp and, in fp32 only, its remainder (zeros otherwise, never read). Padded rows
+    (MASKED) read 0."""
+    if MASKED:
+        lse = tl.load(LSE + offsets, mask=mask, other=0.0)
+    else:
+        lse = tl.load(LSE + offsets)
+    rest = tl.zeros_like(lse)
+    if DTYPE == tl.float32:
+        if MASKED:
+            rest = tl.load(LSE_REST + offsets, mask=mask, other=0.0)
+        else:
+            rest = tl.load(LSE_REST + offsets)
+    return lse, rest
+
+
+@triton.jit
+def _probabilities(s, qk_scale, lse, lse_rest, DTYPE: tl.constexpr):
+    """The backward's P = 2^(s * scale - lse) (lse and lse_rest broadcastable to s). In fp32 the
+    logsumexp's remainder is subtracted after it: rounded to one fp32 number at the scores'
+    magnitude (tens of base-2 units with a large scale; half an ulp is 3.8e-6 from 64 to 128), the
+    logsumexp moves every P of its row by up to 2.6e-6, which a peaked softmax of few queries does
+    not average out in dV. 16-bit P, rounded to its dtype before its dots, is far coarser: it
+    takes the rounded logsumexp alone, one multiply-add per score, as it always did."""
+    if DTYPE == tl.float32:
+        return tl.exp2((s * qk_scale - lse) - lse_rest)
+    return tl.exp2(s * qk_scale - lse)
+
+
+@triton.jit
 def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, rows, start_n, Sk, stride_ks, stride_kd,
               stride_vs, stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr,
               PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
@@ -374,7 +416,7 @@ def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, rows, start_n, Sk, stride_ks, stri
 
 @autotune(_FWD_CONFIGS, _AUTOTUNE_KEY, _fwd_fits)
 @triton.jit
-def _fwd_kernel(Q, K, V, O, TMA_OK, LSE, qk_scale, Sq, Sk, H, GROUP, D,
+def _fwd_kernel(Q, K, V, O, TMA_OK, LSE, LSE_REST, qk_scale, Sq, Sk, H, GROUP, D,
                 stride_qb, stride_qh, stride_qs, stride_qd,
                 stride_kb, stride_kh, stride_ks, stride_kd,
                 stride_vb, stride_vh, stride_vs, stride_vd,
@@ -430,7 +472,7 @@ def _fwd_kernel(Q, K, V, O, TMA_OK, LSE, qk_scale, Sq, Sk, H, GROUP, D,
                                       True, ONE_KEY)
 
     acc = acc / l_i[:, None]
-    tl.store(LSE + pid_bh.to(tl.int64) * Sq + rows, m_i + tl.log2(l_i), mask=rows < Sq)
+    _store_logsumexp(LSE, LSE_REST, pid_bh.to(tl.int64) * Sq + rows, m_i, l_i, rows < Sq)
     if TMA:  # the store writes only the rows and head dims inside o
         Od = _descriptor(O, Sq, stride_os, D, BLOCK_M, BLOCK_D, TMA)
         Od.store([pid_m * BLOCK_M, 0], to_output(acc, O.dtype.element_ty, UPCAST))
@@ -509,7 +551,7 @@ def _decode_kernel(Q, K, V, TMA_OK, PART_O, PART_M, PART_L, qk_scale, Sq, Sk, H,
 
 
 @triton.jit
-def _decode_combine_kernel(PART_O, PART_M, PART_L, O, LSE, splits, Sq, H, GROUP, D,
+def _decode_combine_kernel(PART_O, PART_M, PART_L, O, LSE, LSE_REST, splits, Sq, H, GROUP, D,
                            stride_ob, stride_oh, stride_os, stride_od,
                            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
     """Program b * Hkv + hkv merges its splits' partial outputs, each weighted by its share of
@@ -537,7 +579,7 @@ def _decode_combine_kernel(PART_O, PART_M, PART_L, O, LSE, splits, Sq, H, GROUP,
     out = to_output(acc / total[:, None], O.dtype.element_ty, UPCAST)
     tl.store(O + o_offsets[:, None] + cols[None, :] * stride_od, out,
              mask=row_ok[:, None] & (cols[None, :] < D))
-    tl.store(LSE + pid.to(tl.int64) * GROUP * Sq + packed, m + tl.log2(total), mask=row_ok)
+    _store_logsumexp(LSE, LSE_REST, pid.to(tl.int64) * GROUP * Sq + packed, m, total, row_ok)
 
 
 @triton.jit
@@ -558,7 +600,8 @@ def _bwd_delta_kernel(O, DO, DELTA, Sq, H, D,
 
 
 @triton.jit
-def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, DELTA, row0, keys, start_m, Sq, Sk,
+def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, LSE_REST, DELTA, row0, keys, start_m,
+              Sq, Sk,
               stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
               CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
               D_EDGE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -570,15 +613,15 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, DELTA, row0, keys, start_m
               TMA, g)
     do = _tile(DOd, DOh, start_m, rows, Sq, stride_ds, cols, D, stride_dd, UPCAST, MASKED,
                D_EDGE, TMA, g)
+    lse, lse_rest = _load_logsumexp(LSE, LSE_REST, row0 + rows, rows < Sq, MASKED,
+                                    Qh.dtype.element_ty)
     if MASKED:
-        lse = tl.load(LSE + row0 + rows, mask=rows < Sq, other=0.0)
         delta = tl.load(DELTA + row0 + rows, mask=rows < Sq, other=0.0)
     else:
-        lse = tl.load(LSE + row0 + rows)
         delta = tl.load(DELTA + row0 + rows)
     # Transposed scores [keys, queries], so P^T and dS^T feed the dots directly.
     s_t = _scores(k, q, PRECISION)
-    p_t = tl.exp2(s_t * qk_scale - lse[None, :])
+    p_t = _probabilities(s_t, qk_scale, lse[None, :], lse_rest[None, :], Qh.dtype.element_ty)
     if ONE_KEY:  # exactly 1 where visible, as in the forward; padded keys' rows are not stored
         p_t = tl.full(p_t.shape, 1.0, tl.float32)
     if MASKED:
@@ -599,37 +642,37 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, DELTA, row0, keys, start_m
 
 
 @triton.jit
-def _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, DELTA, lse0, keys, lo,
-                hi, GROUP, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
-                CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, LSE_REST, DELTA,
+                lse0, keys, lo, hi, GROUP, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols,
+                D, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                 D_EDGE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
                 GROUPED: tl.constexpr, MASKED: tl.constexpr, ONE_KEY: tl.constexpr):
     """Query blocks lo .. hi of every query head of the group (GROUPED: more than one; lse0: the
-    group's first row in LSE and DELTA). Grouped, one flat loop runs a head's blocks one after
-    another: as a loop over heads around a loop over blocks, most dK/dV configs spilled registers
-    in grouped-query cases (make aot, sm_90: up to 2 KB a thread), while the flat loop's index
-    arithmetic made several spill with a single head, which keeps the plain loop."""
+    group's first row in LSE, LSE_REST and DELTA). Grouped, one flat loop runs a head's blocks
+    one after another: as a loop over heads around a loop over blocks, most dK/dV configs spilled
+    registers in grouped-query cases (make aot, sm_90: up to 2 KB a thread), while the flat loop's
+    index arithmetic made several spill with a single head, which keeps the plain loop."""
     if GROUPED:
         blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
         for i in range(0, GROUP * blocks):
             g = i // blocks
             start_m = lo + (i - g * blocks) * BLOCK_M
             dk, dv = _dkv_step(dk, dv, k, v, Q + g * stride_qh, DO + g * stride_dh, Qd, DOd, g,
-                               LSE, DELTA, lse0 + g * Sq, keys, start_m, Sq, Sk, stride_qs,
-                               stride_qd, stride_ds, stride_dd, cols, D, qk_scale, CAUSAL,
-                               PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, MASKED, ONE_KEY)
+                               LSE, LSE_REST, DELTA, lse0 + g * Sq, keys, start_m, Sq, Sk,
+                               stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
+                               CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, MASKED, ONE_KEY)
     else:
         for start_m in range(lo, hi, BLOCK_M):
-            dk, dv = _dkv_step(dk, dv, k, v, Q, DO, Qd, DOd, 0, LSE, DELTA, lse0, keys, start_m,
-                               Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols, D,
-                               qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, MASKED,
-                               ONE_KEY)
+            dk, dv = _dkv_step(dk, dv, k, v, Q, DO, Qd, DOd, 0, LSE, LSE_REST, DELTA, lse0,
+                               keys, start_m, Sq, Sk, stride_qs, stride_qd, stride_ds,
+                               stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE,
+                               TMA, BLOCK_M, MASKED, ONE_KEY)
     return dk, dv
 
 
 @autotune(_DKV_CONFIGS, _AUTOTUNE_KEY, _dkv_fits)
 @triton.jit
-def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, DELTA, DK, DV, qk_scale, scale,
+def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, LSE_REST, DELTA, DK, DV, qk_scale, scale,
                     Sq, Sk, H, GROUP, D,
                     stride_qb, stride_qh, stride_qs, stride_qd,
                     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -673,18 +716,18 @@ def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, DELTA, DK, DV, qk_scale, scale,
     Qd = _group_descriptor(Q, GROUP, stride_qh, Sq, stride_qs, D, BLOCK_M, BLOCK_D, TMA)
     DOd = _group_descriptor(DO, GROUP, stride_dh, Sq, stride_ds, D, BLOCK_M, BLOCK_D, TMA)
     lse0 = (b * H + hkv * GROUP) * Sq
-    dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, DELTA, lse0,
-                         keys, lo, whole, GROUP, Sq, Sk, stride_qs, stride_qd, stride_ds,
-                         stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA,
-                         BLOCK_M, GROUPED, True, ONE_KEY)
-    dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, DELTA, lse0,
-                         keys, whole, full, GROUP, Sq, Sk, stride_qs, stride_qd, stride_ds,
-                         stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA,
-                         BLOCK_M, GROUPED, False, ONE_KEY)
-    dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, DELTA, lse0,
-                         keys, max(whole, full), Sq, GROUP, Sq, Sk, stride_qs, stride_qd,
+    dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, LSE_REST,
+                         DELTA, lse0, keys, lo, whole, GROUP, Sq, Sk, stride_qs, stride_qd,
                          stride_ds, stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST,
                          D_EDGE, TMA, BLOCK_M, GROUPED, True, ONE_KEY)
+    dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, LSE_REST,
+                         DELTA, lse0, keys, whole, full, GROUP, Sq, Sk, stride_qs, stride_qd,
+                         stride_ds, stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST,
+                         D_EDGE, TMA, BLOCK_M, GROUPED, False, ONE_KEY)
+    dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, LSE_REST,
+                         DELTA, lse0, keys, max(whole, full), Sq, GROUP, Sq, Sk, stride_qs,
+                         stride_qd, stride_ds, stride_dd, cols, D, qk_scale, CAUSAL, PRECISION,
+                         UPCAST, D_EDGE, TMA, BLOCK_M, GROUPED, True, ONE_KEY)
     # dK/dV are written contiguous [B, Hkv, Sk, D].
     base = (b * Hkv + hkv) * Sk * D
     _store(DK + base, dk * scale, keys, Sk, D, cols, D, 1, UPCAST)
@@ -692,7 +735,7 @@ def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, DELTA, DK, DV, qk_scale, scale,
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
+def _dq_step(dq, q, do, lse, lse_rest, delta, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
              stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr,
              PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
              TMA: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
@@ -704,7 +747,7 @@ def _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
     v = _tile(Vd, V, start_n, keys, Sk, stride_vs, cols, D, stride_vd, UPCAST, MASKED, D_EDGE,
               TMA)
     s = _scores(q, k, PRECISION)
-    p = tl.exp2(s * qk_scale - lse[:, None])
+    p = _probabilities(s, qk_scale, lse[:, None], lse_rest[:, None], K.dtype.element_ty)
     if MASKED:
         visible = _visible(rows[:, None], keys[None, :], Sk, CAUSAL)
         p = _first_query_alone(tl.where(visible, p, 0.0), rows[:, None], visible, CAUSAL,
@@ -723,7 +766,7 @@ def _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
 
 @autotune(_DQ_CONFIGS, _AUTOTUNE_KEY, _dq_fits)
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, TMA_OK, LSE, DELTA, DQ, qk_scale, scale, Sq, Sk,
+def _bwd_dq_kernel(Q, K, V, DO, TMA_OK, LSE, LSE_REST, DELTA, DQ, qk_scale, scale, Sq, Sk,
                    H, GROUP, D,
                    stride_qb, stride_qh, stride_qs, stride_qd,
                    stride_kb, stride_kh, stride_ks, stride_kd,
@@ -747,16 +790,17 @@ def _bwd_dq_kernel(Q, K, V, DO, TMA_OK, LSE, DELTA, DQ, qk_scale, scale, Sq, Sk,
               Sq, stride_qs, cols, D, stride_qd, UPCAST, True, D_EDGE, TMA)
     do = _tile(_descriptor(DO, Sq, stride_ds, D, BLOCK_M, BLOCK_D, TMA), DO, pid_m * BLOCK_M,
                rows, Sq, stride_ds, cols, D, stride_dd, UPCAST, True, D_EDGE, TMA)
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
+    lse, lse_rest = _load_logsumexp(LSE, LSE_REST, pid_bh.to(tl.int64) * Sq + rows, rows < Sq,
+                                    True, Q.dtype.element_ty)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     whole_end, end = _key_ranges(pid_m * BLOCK_M, Sk, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, whole_end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, rows, start_n, Sk,
+        dq = _dq_step(dq, q, do, lse, lse_rest, delta, K, V, Kd, Vd, rows, start_n, Sk,
                       stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
                       PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, False, ONE_KEY)
     for start_n in range(whole_end, end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K, V, Kd, Vd, rows, start_n, Sk,
+        dq = _dq_step(dq, q, do, lse, lse_rest, delta, K, V, Kd, Vd, rows, start_n, Sk,
                       stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
                       PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, True, ONE_KEY)
     # dQ is written contiguous [B, H, Sq, D].
@@ -801,7 +845,7 @@ def _decode_splits(programs: int, Sk: int, device: torch.device) -> tuple[int, i
     return splits, blocks * _DECODE_SPLIT_ALIGN
 
 
-def _decode_forward(q, k, v, dims, out, lse, one_key: bool):
+def _decode_forward(q, k, v, dims, out, stats, one_key: bool):
     group = dims.H // dims.Hkv
     block_d = _block_d(dims.D)
     block_m = max(16, next_pow2(dims.Sq * group))  # tl.dot's smallest M
@@ -820,34 +864,35 @@ def _decode_forward(q, k, v, dims, out, lse, one_key: bool):
         BLOCK_D=block_d, D_EDGE=dims.D != block_d, PRECISION=dot_precision(q.dtype),
         UPCAST=upcast, ONE_KEY=one_key, BLOCK_M=block_m, **tma)
     _decode_combine_kernel[(programs,)](
-        part_o, part_m, part_l, out, lse, splits, dims.Sq, dims.H, group, dims.D, *out.stride(),
+        part_o, part_m, part_l, out, *stats, splits, dims.Sq, dims.H, group, dims.D, *out.stride(),
         BLOCK_D=block_d, BLOCK_M=block_m, UPCAST=upcast)
 
 
 def _forward(q, k, v, dims, out):
-    lse = torch.empty((dims.B, dims.H, dims.Sq), dtype=torch.float32, device=q.device)
+    # the softmax's logsumexp for the backward and the remainder of its rounding
+    stats = torch.empty((2, dims.B, dims.H, dims.Sq), dtype=torch.float32, device=q.device)
     one_key = contract.one_visible_key(dims.Sq, dims.Sk, dims.causal)
     if _decodes(dims):
-        _decode_forward(q, k, v, dims, out, lse, one_key)
-        return lse
+        _decode_forward(q, k, v, dims, out, stats, one_key)
+        return stats
     block_d = _block_d(dims.D)
     tma_ok, tma = _tma_args(q, k, v, out)
 
     def grid(meta):
         return (cdiv(dims.Sq, meta["BLOCK_M"]), dims.B * dims.H)
 
-    _fwd_kernel[grid](q, k, v, out, tma_ok, lse, dims.scale * LOG2_E, dims.Sq,
+    _fwd_kernel[grid](q, k, v, out, tma_ok, *stats, dims.scale * LOG2_E, dims.Sq,
                       dims.Sk, dims.H, dims.H // dims.Hkv, dims.D,
                       *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                       CAUSAL=dims.causal, BLOCK_D=block_d, D_EDGE=dims.D != block_d,
                       PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
                       ONE_KEY=one_key, **tma)
-    return lse
+    return stats
 
 
-def _backward(q, k, v, o, lse, do, dims):
+def _backward(q, k, v, o, stats, do, dims):
     block_d = _block_d(dims.D)
-    delta = torch.empty_like(lse)
+    delta = torch.empty_like(stats[0])
     _bwd_delta_kernel[(cdiv(dims.Sq, _DELTA_BLOCK_M), dims.B * dims.H)](
         o, do, delta, dims.Sq, dims.H, dims.D, *o.stride(), *do.stride(),
         BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M)
@@ -868,9 +913,9 @@ def _backward(q, k, v, o, lse, do, dims):
     def dq_grid(m):
         return (cdiv(dims.Sq, m["BLOCK_M"]), dims.B * dims.H)
 
-    _bwd_dkv_kernel[dkv_grid](q, k, v, do, tma_ok, lse, delta, dk, dv, *args, **meta,
+    _bwd_dkv_kernel[dkv_grid](q, k, v, do, tma_ok, *stats, delta, dk, dv, *args, **meta,
                               GROUPED=dims.H != dims.Hkv)
-    _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, lse, delta, dq, *args, **meta)
+    _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, *stats, delta, dq, *args, **meta)
     return dq, dk, dv
 
 
@@ -885,15 +930,15 @@ class _Attention(torch.autograd.Function):
             out = _new_output(q, dims)
         else:
             ctx.mark_dirty(out)  # written in place: autograd must know the buffer changed
-        lse = _forward(q, k, v, dims, out)
-        ctx.save_for_backward(q, k, v, out, lse)
+        stats = _forward(q, k, v, dims, out)
+        ctx.save_for_backward(q, k, v, out, stats)
         ctx.dims = dims
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.dims)
+        q, k, v, o, stats = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, stats, do, ctx.dims)
         return dq, dk, dv, None, None
 
 
