@@ -1,5 +1,6 @@
 """Hand-written Triton attention, FlashAttention-2 style: forward with online softmax, backward in
-three kernels (delta = rowsum(dO * O), dK/dV over query blocks, dQ over key blocks).
+three kernels (delta = rowsum(dO * O), dK/dV over query blocks, dQ over key blocks; in fp32 the dQ
+kernel sums delta from P and dP instead, and runs first: _dp_weighted_sum).
 
 Layout [B, H, S, D] with any strides. GQA/MQA read kv head h // (H // Hkv) in place; k and v are
 never repeated. On a GPU each kernel's autotuner also tries configs that move q, k, v, o and dO
@@ -631,7 +632,7 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, LSE_REST, DELTA, row0, key
         p_t = _first_query_alone(tl.where(visible, p_t, 0.0), rows[None, :], visible, CAUSAL,
                                  DOh.dtype.element_ty)
     dv = tl.dot(_as_operand(p_t, DOh.dtype.element_ty, UPCAST), do, dv, input_precision=PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dp_t = _scores(v, do, PRECISION)  # the same products in the same order as the dQ kernel's
     ds_t = p_t * (dp_t - delta[None, :])
     if ONE_KEY:  # exactly 0, as in _dq_step
         ds_t = tl.zeros_like(ds_t)
@@ -735,12 +736,11 @@ def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, LSE_REST, DELTA, DK, DV, qk_scale,
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, lse_rest, delta, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
-             stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr,
-             PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
-             TMA: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-             ONE_KEY: tl.constexpr):
-    """One key block's contribution to a query block's dQ. ONE_KEY: as in _fwd_step."""
+def _dq_tiles(q, do, lse, lse_rest, K, V, Kd, Vd, rows, start_n, Sk, stride_ks, stride_kd,
+              stride_vs, stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr,
+              PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
+              TMA: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """A key block's k, P and dP for a query block."""
     keys = start_n + tl.arange(0, BLOCK_N)
     k = _tile(Kd, K, start_n, keys, Sk, stride_ks, cols, D, stride_kd, UPCAST, MASKED, D_EDGE,
               TMA)
@@ -752,7 +752,19 @@ def _dq_step(dq, q, do, lse, lse_rest, delta, K, V, Kd, Vd, rows, start_n, Sk, s
         visible = _visible(rows[:, None], keys[None, :], Sk, CAUSAL)
         p = _first_query_alone(tl.where(visible, p, 0.0), rows[:, None], visible, CAUSAL,
                                K.dtype.element_ty)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return k, p, _scores(do, v, PRECISION)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, lse_rest, delta, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
+             stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr,
+             PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
+             TMA: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+             ONE_KEY: tl.constexpr):
+    """One key block's contribution to a query block's dQ. ONE_KEY: as in _fwd_step."""
+    k, p, dp = _dq_tiles(q, do, lse, lse_rest, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
+                         stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL, PRECISION,
+                         UPCAST, D_EDGE, TMA, BLOCK_N, MASKED)
     ds = p * (dp - delta[:, None])
     if ONE_KEY:
         # The softmax is constant, so dS is exactly 0, where dP - delta (two fp32 sums of the
@@ -762,6 +774,31 @@ def _dq_step(dq, q, do, lse, lse_rest, delta, K, V, Kd, Vd, rows, start_n, Sk, s
     if MASKED:
         ds = _first_query_no_score_grad(ds, rows[:, None], CAUSAL, K.dtype.element_ty)
     return tl.dot(_as_operand(ds, K.dtype.element_ty, UPCAST), k, dq, input_precision=PRECISION)
+
+
+@triton.jit
+def _dp_weighted_sum(q, do, lse, lse_rest, K, V, Kd, Vd, rows, Sk, stride_ks, stride_kd,
+                     stride_vs, stride_vd, cols, D, qk_scale, whole_end, end,
+                     CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     D_EDGE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """delta = rowsum(P * dP) over every key the query block sees, from the very dP that dS
+    subtracts it from (here and in the dK/dV kernel, dP's products summed in one order). In fp32,
+    where one key holds most of a row's probability, dS = P (dP - delta) is a small difference:
+    with rowsum(dO * O) (mathematically equal, rounded apart) a single query over 37 keys at D=32
+    and scale 1.7 (largest probability 0.989) erred 1.2e-5 in dQ against SDPA's 5.1e-7."""
+    delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start_n in range(0, whole_end, BLOCK_N):
+        _, p, dp = _dq_tiles(q, do, lse, lse_rest, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
+                             stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
+                             PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, False)
+        delta += tl.sum(p * dp, 1)
+    for start_n in range(whole_end, end, BLOCK_N):
+        _, p, dp = _dq_tiles(q, do, lse, lse_rest, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
+                             stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
+                             PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, True)
+        delta += tl.sum(p * dp, 1)
+    return delta
 
 
 @autotune(_DQ_CONFIGS, _AUTOTUNE_KEY, _dq_fits)
@@ -792,9 +829,15 @@ def _bwd_dq_kernel(Q, K, V, DO, TMA_OK, LSE, LSE_REST, DELTA, DQ, qk_scale, scal
                rows, Sq, stride_ds, cols, D, stride_dd, UPCAST, True, D_EDGE, TMA)
     lse, lse_rest = _load_logsumexp(LSE, LSE_REST, pid_bh.to(tl.int64) * Sq + rows, rows < Sq,
                                     True, Q.dtype.element_ty)
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     whole_end, end = _key_ranges(pid_m * BLOCK_M, Sk, CAUSAL, BLOCK_M, BLOCK_N)
+    if Q.dtype.element_ty == tl.float32:  # delta summed here first, for this and the dK/dV kernel
+        delta = _dp_weighted_sum(q, do, lse, lse_rest, K, V, Kd, Vd, rows, Sk, stride_ks,
+                                 stride_kd, stride_vs, stride_vd, cols, D, qk_scale, whole_end,
+                                 end, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, BLOCK_N)
+        tl.store(DELTA + pid_bh.to(tl.int64) * Sq + rows, delta, mask=rows < Sq)
+    else:
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start_n in range(0, whole_end, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, lse_rest, delta, K, V, Kd, Vd, rows, start_n, Sk,
                       stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
@@ -893,9 +936,12 @@ def _forward(q, k, v, dims, out):
 def _backward(q, k, v, o, stats, do, dims):
     block_d = _block_d(dims.D)
     delta = torch.empty_like(stats[0])
-    _bwd_delta_kernel[(cdiv(dims.Sq, _DELTA_BLOCK_M), dims.B * dims.H)](
-        o, do, delta, dims.Sq, dims.H, dims.D, *o.stride(), *do.stride(),
-        BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M)
+    # fp32: the dQ kernel sums delta from P and dP (_dp_weighted_sum), and runs first
+    fp32 = q.dtype == torch.float32
+    if not fp32:
+        _bwd_delta_kernel[(cdiv(dims.Sq, _DELTA_BLOCK_M), dims.B * dims.H)](
+            o, do, delta, dims.Sq, dims.H, dims.D, *o.stride(), *do.stride(),
+            BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M)
 
     dq = torch.empty((dims.B, dims.H, dims.Sq, dims.D), dtype=q.dtype, device=q.device)
     dk = torch.empty((dims.B, dims.Hkv, dims.Sk, dims.D), dtype=k.dtype, device=k.device)
@@ -913,9 +959,12 @@ def _backward(q, k, v, o, stats, do, dims):
     def dq_grid(m):
         return (cdiv(dims.Sq, m["BLOCK_M"]), dims.B * dims.H)
 
+    if fp32:
+        _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, *stats, delta, dq, *args, **meta)
     _bwd_dkv_kernel[dkv_grid](q, k, v, do, tma_ok, *stats, delta, dk, dv, *args, **meta,
                               GROUPED=dims.H != dims.Hkv)
-    _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, *stats, delta, dq, *args, **meta)
+    if not fp32:
+        _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, *stats, delta, dq, *args, **meta)
     return dq, dk, dv
 
 
