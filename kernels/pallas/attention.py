@@ -3,7 +3,8 @@
 Forward: one program per (batch, q head, query block) with an online softmax over key blocks in
 fp32 (base 2: log2(e) folded into the scale), saving each row's softmax statistics (see
 _probabilities). Backward: delta = rowsum(dO * O) in plain jnp, then a dQ kernel looping over key
-blocks and a dK/dV kernel looping over query blocks. GQA/MQA: the k/v BlockSpec index_map reads
+blocks (in fp32 it first sums what delta leaves: _delta_rest) and a dK/dV kernel looping over
+query blocks. GQA/MQA: the k/v BlockSpec index_map reads
 kv head h // (H // Hkv), so k and v are never repeated; dK/dV are computed per q head (fp32 when a
 group has several heads) and summed over the group outside the kernel. Without a causal mask a
 group's queries are instead packed into one sequence of their kv head (pack_query_groups), which
@@ -109,30 +110,34 @@ def _visible(rows, keys, st: _Static):
     return mask
 
 
-def _scaled_scores(a, b, visible, st: _Static):
-    """a b^T (q k^T, or k q^T in the dK/dV kernel) times the scale and log2(e), -inf where not
-    visible: the forward's scores, which the backward recomputes and must get to the bit (P is
-    off by any difference, which a peaked softmax of few queries does not average out). The
-    select between the product and any later subtraction keeps XLA (interpret mode) from
-    fusing the two into a multiply-add whose unrounded product would differ from the forward's
-    rounded one.
+def _products(a, b):
+    """a b^T over the head dim in fp32, the same bits whichever operand comes first and whatever
+    the tiles: the scores q k^T (k q^T in the dK/dV kernel), which the backward recomputes and
+    must get to the bit (P is off by any difference, which a peaked softmax of few queries does
+    not average out), and dP = dO v^T (v dO^T), from which dS subtracts rowsum(P * dP).
 
     On the GPU a true fp32 dot is a chain of multiply-adds over the head dim in order for each
     element (Triton's FMA dot), whatever the tile or operand order. XLA's CPU dot, which
     interpret mode runs, sums in an order that changes with the key tile's width and the
     operands' order: q k^T and (k q^T)^T differed in 72% of a 16 x 32 tile's scores (D = 32),
     and the two-query fp32 call at scale 1.3 of the tests had dV at 6.5 times SDPA's error. So
-    in interpret mode, and only there, fp32 scores are products summed over the head dim
-    pairwise (one order for every tile); the GPU build is unchanged."""
+    in interpret mode, and only there, fp32 products are summed over the head dim pairwise (one
+    order for every tile); the GPU build is unchanged."""
     if interpret() and a.dtype == jnp.float32:
         s = a[:, None, :] * b[None, :, :]
         while s.shape[2] > 1:  # the head dim is padded to a power of two
             half = s.shape[2] // 2
             s = s[:, :, :half] + s[:, :, half:]
-        s = s[:, :, 0]
-    else:
-        s = _dot(a, b, trans_b=True)
-    return jnp.where(visible, s * (st.scale * LOG2_E), -jnp.inf)
+        return s[:, :, 0]
+    return _dot(a, b, trans_b=True)
+
+
+def _scaled_scores(a, b, visible, st: _Static):
+    """_products(a, b) times the scale and log2(e), -inf where not visible: the forward's scores.
+    The select between the product and any later subtraction keeps XLA (interpret mode) from
+    fusing the two into a multiply-add whose unrounded product would differ from the forward's
+    rounded one."""
+    return jnp.where(visible, _products(a, b) * (st.scale * LOG2_E), -jnp.inf)
 
 
 def _probabilities(s, m, log2_l):
@@ -229,43 +234,84 @@ def _first_query_no_score_grad(ds, rows, dtype, st: _Static):
     return ds
 
 
-def _score_grads(p, dp, delta, st: _Static):
-    """dS = P * (dP - delta), the softmax's backward (delta: rowsum(dO * O), broadcast like dp).
-    Where every query sees one key dS is exactly 0 (contract.one_visible_key), which dP - delta
-    would leave as rounding noise: in fp32, dQ and dK of Sk = 1 came out near 2e-6 where they
-    are 0 (torch's, on CPU: about 2.5e-7)."""
+def _score_grads(p, dp, deltas, st: _Static):
+    """dS = P * (dP - delta), the softmax's backward (delta: rowsum(P * dP), rowsum(dO * O) in
+    exact arithmetic), delta given as one part or, in fp32, two subtracted one after the other
+    (_delta_rest), each broadcast like dp. Where every query sees one key dS is exactly 0
+    (contract.one_visible_key), which dP - delta would leave as rounding noise: in fp32, dQ and
+    dK of Sk = 1 came out near 2e-6 where they are 0 (torch's, on CPU: about 2.5e-7)."""
     if contract.one_visible_key(st.sq, st.sk, st.causal):
         return jnp.zeros_like(p)
-    return p * (dp - delta)
+    for part in deltas:
+        dp = dp - part
+    return p * dp
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2_l_ref, delta_ref, dq_ref, *,
+def _dq_tiles(j, q, do, m, log2_l, rows, k_ref, v_ref, st: _Static):
+    """Key block j's k, P and dP for the dQ kernel's query block."""
+    block_k = st.blocks.block_k_dq
+    start = pl.multiple_of(j * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]
+    v = v_ref[pl.ds(start, block_k), :]
+    visible = _visible(rows[:, None], start + jnp.arange(block_k)[None, :], st)
+    p = _probabilities(_scaled_scores(q, k, visible, st), m[:, None], log2_l[:, None])
+    p = _one_key_exact(p, visible, st)
+    p = _first_query_alone(p, rows[:, None], visible, q.dtype, st)
+    return k, p, _products(do, v)
+
+
+def _delta_rest(tiles, delta, key_blocks, block_q):
+    """What fp32 backwards subtract after delta = rowsum(dO * O): rowsum(P * (dP - delta)) /
+    rowsum(P) over the key blocks a query block sees, from the very P and dP that dS is taken
+    from (here and in the dK/dV kernel).
+
+    Where one key holds most of a row's probability, dS = P (dP - delta) is a small difference
+    that a rounding of delta's size swamps, and the sum of the computed P is 1 only to a few
+    ulps: a P off by a factor 1 + e moves dS by e * P * delta, which dQ and dK sum to e * delta
+    times a key. A single query over 37 keys at D = 32 and scale 1.7 (largest probability 0.989,
+    rowsum(P) - 1 = 1.1e-7) erred 1.1e-5 in dQ against SDPA's 5.1e-7 with rowsum(dO * O), 5.4e-6
+    with rowsum(P * dP). In two parts, dP - delta is exact for the keys that carry the weight,
+    and the rest (a few ulps of delta) takes the sum of P as computed; dQ erred 1.3e-6 there,
+    much of it the fp32 scores' own rounding (1.0e-6 with everything after P and dP exact)."""
+    def body(j, sums):
+        _, p, dp = tiles(j)
+        weighted, total = sums
+        return weighted + (p * (dp - delta[:, None])).sum(axis=1), total + p.sum(axis=1)
+
+    zeros = jnp.zeros((block_q,), jnp.float32)
+    weighted, total = lax.fori_loop(0, key_blocks, body, (zeros, zeros))
+    return weighted / total
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2_l_ref, delta_ref, dq_ref, *rest_ref,
                st: _Static):
-    block_q, block_k = st.blocks.block_q_dq, st.blocks.block_k_dq
+    """rest_ref: in fp32, the out for the remainder of delta (_delta_rest), summed here first."""
+    block_q = st.blocks.block_q_dq
     i = pl.program_id(2)
-    q, do = q_ref[...], do_ref[...]
-    m, log2_l, delta = m_ref[...], log2_l_ref[...], delta_ref[...]
+    q, do, delta = q_ref[...], do_ref[...], delta_ref[...]
     rows = i * block_q + jnp.arange(block_q)
+    tiles = functools.partial(_dq_tiles, q=q, do=do, m=m_ref[...], log2_l=log2_l_ref[...],
+                              rows=rows, k_ref=k_ref, v_ref=v_ref, st=st)
+    key_blocks = _num_key_blocks(i, block_q, st.blocks.block_k_dq, st)
+    deltas = (delta[:, None],)
+    if rest_ref:
+        rest = _delta_rest(tiles, delta, key_blocks, block_q)
+        rest_ref[0][...] = rest
+        deltas += (rest[:, None],)
 
     def body(j, dq):
-        start = pl.multiple_of(j * block_k, block_k)
-        k = k_ref[pl.ds(start, block_k), :]
-        v = v_ref[pl.ds(start, block_k), :]
-        visible = _visible(rows[:, None], start + jnp.arange(block_k)[None, :], st)
-        p = _probabilities(_scaled_scores(q, k, visible, st), m[:, None], log2_l[:, None])
-        p = _one_key_exact(p, visible, st)
-        p = _first_query_alone(p, rows[:, None], visible, q.dtype, st)
-        ds = _score_grads(p, _dot(do, v, trans_b=True), delta[:, None], st)
+        k, p, dp = tiles(j)
+        ds = _score_grads(p, dp, deltas, st)
         ds = _first_query_no_score_grad(ds, rows[:, None], q.dtype, st)
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = lax.fori_loop(0, _num_key_blocks(i, block_q, block_k, st), body,
-                       jnp.zeros(q.shape, jnp.float32))
+    dq = lax.fori_loop(0, key_blocks, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2_l_ref, delta_ref, dk_ref, dv_ref, *,
-                st: _Static):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2_l_ref, *refs, st: _Static):
+    """refs: delta and, in fp32, its remainder (_delta_rest); then the dK and dV outs."""
+    *delta_refs, dk_ref, dv_ref = refs
     block_q, block_k = st.blocks.block_q_dkv, st.blocks.block_k_dkv
     j = pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
@@ -277,7 +323,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2_l_ref, delta_ref, dk_re
         q = q_ref[pl.ds(start, block_q), :]
         do = do_ref[pl.ds(start, block_q), :]
         m, log2_l = m_ref[pl.ds(start, block_q)], log2_l_ref[pl.ds(start, block_q)]
-        delta = delta_ref[pl.ds(start, block_q)]
+        deltas = [ref[pl.ds(start, block_q)][None, :] for ref in delta_refs]
         rows = start + jnp.arange(block_q)
         # Transposed scores [keys, queries], so P^T and dS^T feed the dots directly. Padded query
         # rows are masked too: their statistics are not a real row's.
@@ -286,7 +332,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2_l_ref, delta_ref, dk_re
         p_t = _one_key_exact(p_t, visible, st)
         p_t = _first_query_alone(p_t, rows[None, :], visible, q.dtype, st)
         dv = dv + _dot(p_t.astype(do.dtype), do)
-        ds_t = _score_grads(p_t, _dot(v, do, trans_b=True), delta[None, :], st)
+        ds_t = _score_grads(p_t, _products(v, do), deltas, st)
         ds_t = _first_query_no_score_grad(ds_t, rows[None, :], q.dtype, st)
         dk = dk + _dot(ds_t.astype(q.dtype), q)
         return dk, dv
@@ -381,14 +427,21 @@ def _backward(st: _Static, residuals, do):
     Hkv, Sk = k.shape[1], k.shape[2]
     g = st.groups
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+    deltas = [delta]
 
     bq = st.blocks.block_q_dq
-    dq = _call(
+    dq_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    out_specs, out_shape = [_rows_spec(bq, D)], [dq_shape]
+    if q.dtype == jnp.float32:  # the dQ kernel also gives delta's remainder (_delta_rest)
+        out_specs.append(_vec_spec(bq))
+        out_shape.append(jax.ShapeDtypeStruct((B, H, Sq), jnp.float32))
+    dq, *rest = _call(
         _dq_kernel, st, (B, H, Sq // bq),
         in_specs=[_rows_spec(bq, D), _whole_spec(Sk, D, g), _whole_spec(Sk, D, g),
                   _rows_spec(bq, D), _vec_spec(bq), _vec_spec(bq), _vec_spec(bq)],
-        out_specs=_rows_spec(bq, D), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_specs=out_specs, out_shape=out_shape,
         name="flash_attention_dq")(q, k, v, do, m, log2_l, delta)
+    deltas += rest
 
     # One program per (q head, key block); a group's heads are summed below in fp32.
     bk = st.blocks.block_k_dkv
@@ -397,10 +450,10 @@ def _backward(st: _Static, residuals, do):
     dk, dv = _call(
         _dkv_kernel, st, (B, H, Sk // bk),
         in_specs=[_whole_spec(Sq, D), _rows_spec(bk, D, g), _rows_spec(bk, D, g),
-                  _whole_spec(Sq, D), whole_vec, whole_vec, whole_vec],
+                  _whole_spec(Sq, D), whole_vec, whole_vec] + [whole_vec] * len(deltas),
         out_specs=[_rows_spec(bk, D), _rows_spec(bk, D)], out_shape=[per_head, per_head],
         name="flash_attention_dkv", num_warps=st.blocks.num_warps_dkv)(
-            q, k, v, do, m, log2_l, delta)
+            q, k, v, do, m, log2_l, *deltas)
     if g > 1:
         dk = dk.reshape(B, Hkv, g, Sk, D).sum(axis=2).astype(k.dtype)
         dv = dv.reshape(B, Hkv, g, Sk, D).sum(axis=2).astype(v.dtype)

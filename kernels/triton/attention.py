@@ -1,6 +1,6 @@
 """Hand-written Triton attention, FlashAttention-2 style: forward with online softmax, backward in
 three kernels (delta = rowsum(dO * O), dK/dV over query blocks, dQ over key blocks; in fp32 the dQ
-kernel sums delta from P and dP instead, and runs first: _dp_weighted_sum).
+kernel also sums what delta leaves, and runs first: _delta_rest).
 
 Layout [B, H, S, D] with any strides. GQA/MQA read kv head h // (H // Hkv) in place; k and v are
 never repeated. On a GPU each kernel's autotuner also tries configs that move q, k, v, o and dO
@@ -308,6 +308,15 @@ def _first_query_no_score_grad(ds, rows, CAUSAL: tl.constexpr, DTYPE: tl.constex
 
 
 @triton.jit
+def _score_grads(p, dp, delta, delta_rest, DTYPE: tl.constexpr):
+    """dS = P * (dP - delta), the softmax's backward (delta and delta_rest broadcastable to dp):
+    in fp32 delta in two parts, subtracted one after the other (_delta_rest)."""
+    if DTYPE == tl.float32:
+        return p * ((dp - delta) - delta_rest)
+    return p * (dp - delta)
+
+
+@triton.jit
 def _heads(pid_bh, H, GROUP):
     """(batch, q head, kv head) of the program's [B * H] grid index, as int64 so that base
     offsets of large tensors cannot overflow int32."""
@@ -601,9 +610,8 @@ def _bwd_delta_kernel(O, DO, DELTA, Sq, H, D,
 
 
 @triton.jit
-def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, LSE_REST, DELTA, row0, keys, start_m,
-              Sq, Sk,
-              stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
+def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, LSE_REST, DELTA, DELTA_REST, row0, keys,
+              start_m, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
               CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
               D_EDGE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
               MASKED: tl.constexpr, ONE_KEY: tl.constexpr):
@@ -633,7 +641,16 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, LSE_REST, DELTA, row0, key
                                  DOh.dtype.element_ty)
     dv = tl.dot(_as_operand(p_t, DOh.dtype.element_ty, UPCAST), do, dv, input_precision=PRECISION)
     dp_t = _scores(v, do, PRECISION)  # the same products in the same order as the dQ kernel's
-    ds_t = p_t * (dp_t - delta[None, :])
+    delta_rest = delta  # 16-bit: unread (_score_grads)
+    if Qh.dtype.element_ty == tl.float32:
+        # delta's second part (_delta_rest), loaded apart from the first: 16-bit builds are as
+        # they were without it (both loaded through one function like _load_logsumexp, ptxas
+        # allotted their registers differently: make aot, sm_90, -30..+36, spills up to 468 B).
+        if MASKED:
+            delta_rest = tl.load(DELTA_REST + row0 + rows, mask=rows < Sq, other=0.0)
+        else:
+            delta_rest = tl.load(DELTA_REST + row0 + rows)
+    ds_t = _score_grads(p_t, dp_t, delta[None, :], delta_rest[None, :], Qh.dtype.element_ty)
     if ONE_KEY:  # exactly 0, as in _dq_step
         ds_t = tl.zeros_like(ds_t)
     if MASKED:
@@ -644,37 +661,39 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, LSE_REST, DELTA, row0, key
 
 @triton.jit
 def _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, LSE_REST, DELTA,
-                lse0, keys, lo, hi, GROUP, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols,
-                D, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                D_EDGE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                GROUPED: tl.constexpr, MASKED: tl.constexpr, ONE_KEY: tl.constexpr):
+                DELTA_REST, lse0, keys, lo, hi, GROUP, Sq, Sk, stride_qs, stride_qd, stride_ds,
+                stride_dd, cols, D, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr, D_EDGE: tl.constexpr, TMA: tl.constexpr,
+                BLOCK_M: tl.constexpr, GROUPED: tl.constexpr, MASKED: tl.constexpr,
+                ONE_KEY: tl.constexpr):
     """Query blocks lo .. hi of every query head of the group (GROUPED: more than one; lse0: the
-    group's first row in LSE, LSE_REST and DELTA). Grouped, one flat loop runs a head's blocks
-    one after another: as a loop over heads around a loop over blocks, most dK/dV configs spilled
-    registers in grouped-query cases (make aot, sm_90: up to 2 KB a thread), while the flat loop's
-    index arithmetic made several spill with a single head, which keeps the plain loop."""
+    group's first row in LSE, LSE_REST, DELTA and DELTA_REST). Grouped, one flat loop runs a
+    head's blocks one after another: as a loop over heads around a loop over blocks, most dK/dV
+    configs spilled registers in grouped-query cases (make aot, sm_90: up to 2 KB a thread),
+    while the flat loop's index arithmetic made several spill with a single head, which keeps the
+    plain loop."""
     if GROUPED:
         blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
         for i in range(0, GROUP * blocks):
             g = i // blocks
             start_m = lo + (i - g * blocks) * BLOCK_M
-            dk, dv = _dkv_step(dk, dv, k, v, Q + g * stride_qh, DO + g * stride_dh, Qd, DOd, g,
-                               LSE, LSE_REST, DELTA, lse0 + g * Sq, keys, start_m, Sq, Sk,
+            dk, dv = _dkv_step(dk, dv, k, v, Q + g * stride_qh, DO + g * stride_dh, Qd, DOd, g, LSE,
+                               LSE_REST, DELTA, DELTA_REST, lse0 + g * Sq, keys, start_m, Sq, Sk,
                                stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
                                CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, MASKED, ONE_KEY)
     else:
         for start_m in range(lo, hi, BLOCK_M):
-            dk, dv = _dkv_step(dk, dv, k, v, Q, DO, Qd, DOd, 0, LSE, LSE_REST, DELTA, lse0,
-                               keys, start_m, Sq, Sk, stride_qs, stride_qd, stride_ds,
-                               stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE,
-                               TMA, BLOCK_M, MASKED, ONE_KEY)
+            dk, dv = _dkv_step(dk, dv, k, v, Q, DO, Qd, DOd, 0, LSE, LSE_REST, DELTA, DELTA_REST,
+                               lse0, keys, start_m, Sq, Sk, stride_qs, stride_qd, stride_ds,
+                               stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA,
+                               BLOCK_M, MASKED, ONE_KEY)
     return dk, dv
 
 
 @autotune(_DKV_CONFIGS, _AUTOTUNE_KEY, _dkv_fits)
 @triton.jit
-def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, LSE_REST, DELTA, DK, DV, qk_scale, scale,
-                    Sq, Sk, H, GROUP, D,
+def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, LSE_REST, DELTA, DELTA_REST, DK, DV, qk_scale,
+                    scale, Sq, Sk, H, GROUP, D,
                     stride_qb, stride_qh, stride_qs, stride_qd,
                     stride_kb, stride_kh, stride_ks, stride_kd,
                     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -717,16 +736,16 @@ def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, LSE_REST, DELTA, DK, DV, qk_scale,
     Qd = _group_descriptor(Q, GROUP, stride_qh, Sq, stride_qs, D, BLOCK_M, BLOCK_D, TMA)
     DOd = _group_descriptor(DO, GROUP, stride_dh, Sq, stride_ds, D, BLOCK_M, BLOCK_D, TMA)
     lse0 = (b * H + hkv * GROUP) * Sq
-    dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, LSE_REST,
-                         DELTA, lse0, keys, lo, whole, GROUP, Sq, Sk, stride_qs, stride_qd,
+    dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, LSE_REST, DELTA,
+                         DELTA_REST, lse0, keys, lo, whole, GROUP, Sq, Sk, stride_qs, stride_qd,
                          stride_ds, stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST,
                          D_EDGE, TMA, BLOCK_M, GROUPED, True, ONE_KEY)
-    dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, LSE_REST,
-                         DELTA, lse0, keys, whole, full, GROUP, Sq, Sk, stride_qs, stride_qd,
+    dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, LSE_REST, DELTA,
+                         DELTA_REST, lse0, keys, whole, full, GROUP, Sq, Sk, stride_qs, stride_qd,
                          stride_ds, stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST,
                          D_EDGE, TMA, BLOCK_M, GROUPED, False, ONE_KEY)
-    dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, LSE_REST,
-                         DELTA, lse0, keys, max(whole, full), Sq, GROUP, Sq, Sk, stride_qs,
+    dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, LSE_REST, DELTA,
+                         DELTA_REST, lse0, keys, max(whole, full), Sq, GROUP, Sq, Sk, stride_qs,
                          stride_qd, stride_ds, stride_dd, cols, D, qk_scale, CAUSAL, PRECISION,
                          UPCAST, D_EDGE, TMA, BLOCK_M, GROUPED, True, ONE_KEY)
     # dK/dV are written contiguous [B, Hkv, Sk, D].
@@ -756,8 +775,8 @@ def _dq_tiles(q, do, lse, lse_rest, K, V, Kd, Vd, rows, start_n, Sk, stride_ks, 
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, lse_rest, delta, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
-             stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr,
+def _dq_step(dq, q, do, lse, lse_rest, delta, delta_rest, K, V, Kd, Vd, rows, start_n, Sk,
+             stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL: tl.constexpr,
              PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
              TMA: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
              ONE_KEY: tl.constexpr):
@@ -765,7 +784,7 @@ def _dq_step(dq, q, do, lse, lse_rest, delta, K, V, Kd, Vd, rows, start_n, Sk, s
     k, p, dp = _dq_tiles(q, do, lse, lse_rest, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
                          stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL, PRECISION,
                          UPCAST, D_EDGE, TMA, BLOCK_N, MASKED)
-    ds = p * (dp - delta[:, None])
+    ds = _score_grads(p, dp, delta[:, None], delta_rest[:, None], K.dtype.element_ty)
     if ONE_KEY:
         # The softmax is constant, so dS is exactly 0, where dP - delta (two fp32 sums of the
         # same products in different orders) left up to 1e-6 with one key and 8e-6 for one
@@ -777,34 +796,43 @@ def _dq_step(dq, q, do, lse, lse_rest, delta, K, V, Kd, Vd, rows, start_n, Sk, s
 
 
 @triton.jit
-def _dp_weighted_sum(q, do, lse, lse_rest, K, V, Kd, Vd, rows, Sk, stride_ks, stride_kd,
-                     stride_vs, stride_vd, cols, D, qk_scale, whole_end, end,
-                     CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                     D_EDGE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
-    """delta = rowsum(P * dP) over every key the query block sees, from the very dP that dS
-    subtracts it from (here and in the dK/dV kernel, dP's products summed in one order). In fp32,
-    where one key holds most of a row's probability, dS = P (dP - delta) is a small difference:
-    with rowsum(dO * O) (mathematically equal, rounded apart) a single query over 37 keys at D=32
-    and scale 1.7 (largest probability 0.989) erred 1.2e-5 in dQ against SDPA's 5.1e-7."""
-    delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
+def _delta_rest(q, do, lse, lse_rest, delta, K, V, Kd, Vd, rows, Sk, stride_ks, stride_kd,
+                stride_vs, stride_vd, cols, D, qk_scale, whole_end, end, CAUSAL: tl.constexpr,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
+                TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What fp32 backwards subtract after delta = rowsum(dO * O): rowsum(P * (dP - delta)) /
+    rowsum(P) over every key the query block sees, from the very P and dP that dS is taken from
+    (here and in the dK/dV kernel, dP's products summed in one order).
+
+    Where one key holds most of a row's probability, dS = P (dP - delta) is a small difference
+    that a rounding of delta's size swamps, and the sum of the computed P is 1 only to a few
+    ulps: a P off by a factor 1 + e moves dS by e * P * delta, which dQ and dK sum to e * delta
+    times a key. With delta = rowsum(dO * O) a single query over 37 keys at D = 32 and scale 1.7
+    (largest probability 0.989) erred 1.2e-5 in dQ against SDPA's 5.1e-7; with rowsum(P * dP),
+    in one of 40 fp32 calls of 1 to 3 queries at scale 2.5, dQ and dK were 5.2 and 5.6 times
+    SDPA's error (0.02 times now). In two parts, dP - delta is exact for the keys that carry the weight, and the
+    rest (a few ulps of delta) takes the sum of P as computed."""
+    weighted = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start_n in range(0, whole_end, BLOCK_N):
         _, p, dp = _dq_tiles(q, do, lse, lse_rest, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
                              stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
                              PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, False)
-        delta += tl.sum(p * dp, 1)
+        weighted += tl.sum(p * (dp - delta[:, None]), 1)
+        total += tl.sum(p, 1)
     for start_n in range(whole_end, end, BLOCK_N):
         _, p, dp = _dq_tiles(q, do, lse, lse_rest, K, V, Kd, Vd, rows, start_n, Sk, stride_ks,
                              stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
                              PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, True)
-        delta += tl.sum(p * dp, 1)
-    return delta
+        weighted += tl.sum(p * (dp - delta[:, None]), 1)
+        total += tl.sum(p, 1)
+    return weighted / total
 
 
 @autotune(_DQ_CONFIGS, _AUTOTUNE_KEY, _dq_fits)
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, TMA_OK, LSE, LSE_REST, DELTA, DQ, qk_scale, scale, Sq, Sk,
-                   H, GROUP, D,
+def _bwd_dq_kernel(Q, K, V, DO, TMA_OK, LSE, LSE_REST, DELTA, DELTA_REST, DQ, qk_scale, scale,
+                   Sq, Sk, H, GROUP, D,
                    stride_qb, stride_qh, stride_qs, stride_qd,
                    stride_kb, stride_kh, stride_ks, stride_kd,
                    stride_vb, stride_vh, stride_vs, stride_vd,
@@ -830,20 +858,20 @@ def _bwd_dq_kernel(Q, K, V, DO, TMA_OK, LSE, LSE_REST, DELTA, DQ, qk_scale, scal
     lse, lse_rest = _load_logsumexp(LSE, LSE_REST, pid_bh.to(tl.int64) * Sq + rows, rows < Sq,
                                     True, Q.dtype.element_ty)
     whole_end, end = _key_ranges(pid_m * BLOCK_M, Sk, CAUSAL, BLOCK_M, BLOCK_N)
-    if Q.dtype.element_ty == tl.float32:  # delta summed here first, for this and the dK/dV kernel
-        delta = _dp_weighted_sum(q, do, lse, lse_rest, K, V, Kd, Vd, rows, Sk, stride_ks,
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
+    delta_rest = tl.zeros_like(delta)
+    if Q.dtype.element_ty == tl.float32:  # summed here first, for this and the dK/dV kernel
+        delta_rest = _delta_rest(q, do, lse, lse_rest, delta, K, V, Kd, Vd, rows, Sk, stride_ks,
                                  stride_kd, stride_vs, stride_vd, cols, D, qk_scale, whole_end,
                                  end, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, BLOCK_N)
-        tl.store(DELTA + pid_bh.to(tl.int64) * Sq + rows, delta, mask=rows < Sq)
-    else:
-        delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
+        tl.store(DELTA_REST + pid_bh.to(tl.int64) * Sq + rows, delta_rest, mask=rows < Sq)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start_n in range(0, whole_end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, lse_rest, delta, K, V, Kd, Vd, rows, start_n, Sk,
+        dq = _dq_step(dq, q, do, lse, lse_rest, delta, delta_rest, K, V, Kd, Vd, rows, start_n, Sk,
                       stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
                       PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, False, ONE_KEY)
     for start_n in range(whole_end, end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, lse_rest, delta, K, V, Kd, Vd, rows, start_n, Sk,
+        dq = _dq_step(dq, q, do, lse, lse_rest, delta, delta_rest, K, V, Kd, Vd, rows, start_n, Sk,
                       stride_ks, stride_kd, stride_vs, stride_vd, cols, D, qk_scale, CAUSAL,
                       PRECISION, UPCAST, D_EDGE, TMA, BLOCK_N, True, ONE_KEY)
     # dQ is written contiguous [B, H, Sq, D].
@@ -935,13 +963,14 @@ def _forward(q, k, v, dims, out):
 
 def _backward(q, k, v, o, stats, do, dims):
     block_d = _block_d(dims.D)
-    delta = torch.empty_like(stats[0])
-    # fp32: the dQ kernel sums delta from P and dP (_dp_weighted_sum), and runs first
+    # delta and, in fp32, its remainder, which the dQ kernel sums (_delta_rest) and so runs
+    # first. 16-bit kernels take None for the second (never read), so their builds stay as
+    # they were without it.
     fp32 = q.dtype == torch.float32
-    if not fp32:
-        _bwd_delta_kernel[(cdiv(dims.Sq, _DELTA_BLOCK_M), dims.B * dims.H)](
-            o, do, delta, dims.Sq, dims.H, dims.D, *o.stride(), *do.stride(),
-            BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M)
+    delta_parts = [torch.empty_like(stats[0]), torch.empty_like(stats[0]) if fp32 else None]
+    _bwd_delta_kernel[(cdiv(dims.Sq, _DELTA_BLOCK_M), dims.B * dims.H)](
+        o, do, delta_parts[0], dims.Sq, dims.H, dims.D, *o.stride(), *do.stride(),
+        BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M)
 
     dq = torch.empty((dims.B, dims.H, dims.Sq, dims.D), dtype=q.dtype, device=q.device)
     dk = torch.empty((dims.B, dims.Hkv, dims.Sk, dims.D), dtype=k.dtype, device=k.device)
@@ -960,11 +989,11 @@ def _backward(q, k, v, o, stats, do, dims):
         return (cdiv(dims.Sq, m["BLOCK_M"]), dims.B * dims.H)
 
     if fp32:
-        _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, *stats, delta, dq, *args, **meta)
-    _bwd_dkv_kernel[dkv_grid](q, k, v, do, tma_ok, *stats, delta, dk, dv, *args, **meta,
+        _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, *stats, *delta_parts, dq, *args, **meta)
+    _bwd_dkv_kernel[dkv_grid](q, k, v, do, tma_ok, *stats, *delta_parts, dk, dv, *args, **meta,
                               GROUPED=dims.H != dims.Hkv)
     if not fp32:
-        _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, *stats, delta, dq, *args, **meta)
+        _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, *stats, *delta_parts, dq, *args, **meta)
     return dq, dk, dv
 
 
