@@ -810,8 +810,8 @@ def _delta_rest(q, do, lse, lse_rest, delta, K, V, Kd, Vd, rows, Sk, stride_ks, 
     times a key. With delta = rowsum(dO * O) a single query over 37 keys at D = 32 and scale 1.7
     (largest probability 0.989) erred 1.2e-5 in dQ against SDPA's 5.1e-7; with rowsum(P * dP),
     in one of 40 fp32 calls of 1 to 3 queries at scale 2.5, dQ and dK were 5.2 and 5.6 times
-    SDPA's error (0.02 times now). In two parts, dP - delta is exact for the keys that carry the weight, and the
-    rest (a few ulps of delta) takes the sum of P as computed."""
+    SDPA's error (0.02 times now). In two parts, dP - delta is exact for the keys that carry the
+    weight, and the rest (a few ulps of delta) takes the sum of P as computed."""
     weighted = tl.zeros((BLOCK_M,), dtype=tl.float32)
     total = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start_n in range(0, whole_end, BLOCK_N):
