@@ -56,6 +56,9 @@ def pytest_addoption(parser):
     g.addoption("--compile-cold", default="first", choices=("each", "first"),
                 help="cold compile only for the first benchmark of each implementation, dtype "
                      "and mode, the others warm (first, the default), or for every one (each)")
+    g.addoption("--targets-first", action="store_true",
+                help="run the benchmarks whose records the GPU targets read (harness.targets) "
+                     "before the others, so a run cut short still judges every target")
     g.addoption("--retime", default="",
                 help="comma-separated implementations timed a second time, after the memory "
                      "measurement, to show the harness's own noise (median_again_s)")
@@ -152,15 +155,32 @@ def pytest_generate_tests(metafunc):
         pytest.param(b, id=b.id, marks=pytest.mark.xdist_group(b.group)) for b in items])
 
 
+def _bench_item(item):
+    """The benchmark a collected test runs, or None for a test that is not one."""
+    return getattr(item, "callspec", None) and item.callspec.params.get("bench_item")
+
+
 def pytest_collection_modifyitems(config, items):
-    """--resume: benchmarks whose record the run already holds are deselected."""
-    if not config.getoption("resume"):
-        return
+    """--resume: benchmarks whose record the run already holds are deselected. --targets-first:
+    the benchmarks the targets read move ahead of the others, each part in its own order."""
+    if config.getoption("resume"):
+        _deselect_recorded(config, items)
+    if config.getoption("targets_first"):
+        from harness import targets
+
+        def later(item) -> bool:
+            b = _bench_item(item)
+            return b is None or not targets.read_by_targets(b.op, b.impl, b.case, b.dtype, b.mode)
+
+        items.sort(key=later)  # stable
+
+
+def _deselect_recorded(config, items) -> None:
     path = results.run_dir(config.getoption("run_id")) / "results.jsonl"
     done = {results.record_key(r) for r in results.load(path)} if path.exists() else set()
     keep, skip = [], []
     for item in items:
-        b = getattr(item, "callspec", None) and item.callspec.params.get("bench_item")
+        b = _bench_item(item)
         (skip if b is not None and b.key in done else keep).append(item)
     if skip:
         config.hook.pytest_deselected(items=skip)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import cases, compare, plugin, results
+from harness import cases, compare, plugin, results, targets
 from harness.bench import plan
 from tests.checking import outer_env
 
@@ -231,6 +231,23 @@ def test_shapes_replace_the_tier_and_choose_the_ops():
                                         "matmul/torch/100x37x53-float32"]
     assert len(plan(["matmul"], ["torch"], "smoke", ["float32"], ["fwd"])) == \
         len(cases.cases("matmul", "smoke"))
+
+
+def test_targets_first_moves_what_the_targets_read_ahead(tmp_path):
+    """make gpu's order (--targets-first): the benchmarks the targets read, then the others, each
+    part in the plan's order (op as given, then case, dtype, mode, implementation)."""
+    ops, modes = ["matmul", "conv2d", "attention"], ["fwd", "bwd"]
+    proc = _bench(tmp_path, "order", "--collect-only", f"--ops={','.join(ops)}",
+                  "--tier=standard", "--dtypes=bf16", f"--modes={','.join(modes)}",
+                  "--targets-first")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    collected = [line.split("[", 1)[1].rstrip("]") for line in proc.stdout.splitlines()
+                 if line.startswith("tests/bench/test_bench.py::test_bench[")]
+    planned = plan(ops, [], "standard", ["bfloat16"], modes)
+    first = [b.id for b in planned if targets.read_by_targets(b.op, b.impl, b.case, b.dtype,
+                                                             b.mode)]
+    assert collected == first + [b.id for b in planned if b.id not in first]
+    assert collected[0] == "matmul/1024x1024x1024-bfloat16/pallas" and len(first) == 120
 
 
 def test_a_bad_option_stops_the_run_as_a_usage_error(tmp_path):

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from harness import cases, report, results, targets
+from harness.bench import plan
 
 BASELINE = (Path(__file__).resolve().parent.parent / "reports" / "baselines"
             / "nvidia-h100-80gb-hbm3" / "2026-11-23" / "run")
@@ -124,6 +125,25 @@ def test_conv2d_targets_take_the_resnet50_layers_and_classes_by_kernel_and_strid
     ahead = the(verdicts, "conv2d ahead", "triton")
     assert ahead.word == "met" and ahead.reached == pytest.approx(125.0)
     assert "best class 7x7/2" in ahead.detail and "3x3/2 80.0%" in ahead.detail
+
+
+def test_the_targets_read_what_make_gpu_runs_first_and_no_more():
+    """targets.READS (bench --targets-first) holds every benchmark a target compares: with those
+    records alone each kernel's target has a figure over all of its cases, and without any one of
+    them some target lacks a case."""
+    tier = plan(["matmul", "conv2d", "attention"], [], "standard", ["bfloat16"], ["fwd", "bwd"])
+    read = [b for b in tier if targets.read_by_targets(b.op, b.impl, b.case, b.dtype, b.mode)]
+    # matmul: 8 shapes x (cuBLAS and four kernels); conv2d: 24 ResNet-50 layers x (cuDNN,
+    # triton); attention: triton on 16 cases, forward and backward
+    assert len(read) == 8 * 5 + 24 * 2 + 16 * 2
+    records = [rec(b.op, b.impl, b.case.name, 1e-3, mode=b.mode, dims=b.case.dims, tflops=600.0)
+               for b in read]
+    kernels = [v for v in targets.judge(records, None) if v.impl != "all"]  # not noise, tier time
+    assert all(v.reached is not None and not v.absent and not v.failed for v in kernels)
+    for i, b in enumerate(read):
+        fewer = targets.judge(records[:i] + records[i + 1:], None)
+        assert any(v.absent for v in fewer if v.impl != "all"), b.key
+    assert not targets.read_by_targets("matmul", "triton", read[0].case, "float16", "fwd")
 
 
 def test_noise_counts_kernels_over_100_us_timed_twice():
