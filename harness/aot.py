@@ -447,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         op, lambda backend: _is_triton(backend) or _is_pallas(backend), ())}
     if set(impls) - compiled_here:
         p.error(f"--impls: {', '.join(sorted(set(impls) - compiled_here))} is not a Triton or "
-                f"Pallas implementation of {args.ops}; those are {', '.join(sorted(compiled_here))}")
+                f"Pallas implementation of {args.ops}; those are "
+                f"{', '.join(sorted(compiled_here))}")
     pallas = {impl.name for op in ops for impl in _implementations(op, _is_pallas, impls)}
     if pallas and capability not in DEVICE_KINDS:  # Triton alone compiles for any capability
         p.error(f"--target: {', '.join(sorted(pallas))} lower here for a capability of "

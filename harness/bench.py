@@ -322,7 +322,8 @@ class Session:
         return rec
 
     def skipped_or_impl(self, b: Bench, rec: dict) -> Impl | None:
-        """The implementation, its facts filled into `rec`; None (rec marked skipped) if disabled."""
+        """The implementation, its facts filled into `rec`; None (rec marked skipped) if
+        disabled."""
         disabled = registry.disabled(b.op)
         if b.impl in disabled:
             rec.update(status="skipped", reason=disabled[b.impl])

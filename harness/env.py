@@ -15,7 +15,8 @@ def _version(module: str) -> str | None:
 
 @functools.cache
 def nvml_info() -> dict:
-    """Driver and GPU from NVML; {} without a GPU (NVMLError_LibraryNotFound is the normal state)."""
+    """Driver and GPU from NVML; {} without a GPU (NVMLError_LibraryNotFound is the normal
+    state)."""
     try:
         import pynvml
 

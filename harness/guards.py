@@ -39,7 +39,8 @@ def reason_mask(pynvml, names) -> int:
 
 
 def clock_event_reasons(pynvml):
-    """The reasons-bitmask reader; nvmlDeviceGetCurrentClocksThrottleReasons is its pre-12.5 name."""
+    """The reasons-bitmask reader; nvmlDeviceGetCurrentClocksThrottleReasons is its pre-12.5
+    name."""
     return (getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
             or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons)
 

@@ -42,7 +42,8 @@ def pytest_addoption(parser):
                 help="comma-separated case names, e.g. 4096x4096x1024 (matmul MxKxN), "
                      "b1_h32_q8192_k8192_d128_causal, n32_56x56x64_k3x3x64_s1_p1_d1: these "
                      "cases instead of the tier's, their ops unless --ops is given")
-    g.addoption("--dtypes", default="", help="comma-separated dtypes, e.g. bf16,fp32 (default: all)")
+    g.addoption("--dtypes", default="",
+                help="comma-separated dtypes, e.g. bf16,fp32 (default: all)")
     g.addoption("--modes", default="fwd", help="attention modes: fwd, bwd, fwd_bwd (default fwd)")
     g.addoption("--run-id", default="", help="run directory name under reports/runs")
     g.addoption("--profile", action="store_true",
@@ -104,7 +105,8 @@ class Selection:
         self.isolation = config.getoption("isolate")
         from harness.runner import ISOLATION
         if self.isolation not in ISOLATION:
-            raise pytest.UsageError(f"unknown isolation {self.isolation!r}; valid: {list(ISOLATION)}")
+            raise pytest.UsageError(f"unknown isolation {self.isolation!r}; "
+                                    f"valid: {list(ISOLATION)}")
         if config.getoption("resume") and not config.getoption("run_id"):
             raise pytest.UsageError("--resume needs --run-id (make bench RESUME=<run-id>)")
         bad_modes = [m for m in self.modes if m not in cases_mod.ATTENTION_MODES]

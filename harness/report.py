@@ -472,7 +472,8 @@ def _op_family(r: dict) -> str:
 
 def kernels_section(run: Run) -> Section:
     """Each hand-written kernel against the best stock op, over the cases both ran: the geometric
-    mean of the throughput ratio (100% = as fast as the best stock), and its share of the roofline."""
+    mean of the throughput ratio (100% = as fast as the best stock), and its share of the
+    roofline."""
     best = _best_stock(run.records)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in _ok(run.records):
@@ -605,7 +606,8 @@ def _total_s(time_spent) -> float:
 
 def time_section(run: Run) -> Section:
     """Where the run's wall-clock time went: per op and implementation, the sum of each phase over
-    its benchmarks; per op, the time between benchmarks (pytest, writing records, freeing memory)."""
+    its benchmarks; per op, the time between benchmarks (pytest, writing records, freeing
+    memory)."""
     time_spent = _time_spent(run.records)
     if time_spent is None:
         return Section("Where the time went", "time", ["no record holds its phases"])

@@ -47,7 +47,8 @@ def table(records: list[dict]) -> str:
             note = r["reason"] if r["status"] != "ok" else " ".join(
                 (r.get("flags") or []) + timing.caveats(r.get("timing_method")))
             lines.append(f"  {r['impl']:<16}{r['status']:<9}{_fmt_time(r['median_s']):>11}"
-                         f"{_fmt_time(r.get('host_s')):>11}{_fmt(r['tflops'], '.3g'):>10}{_fmt(pct, '.0f'):>8}"
+                         f"{_fmt_time(r.get('host_s')):>11}{_fmt(r['tflops'], '.3g'):>10}"
+                         f"{_fmt(pct, '.0f'):>8}"
                          f"{_fmt(r['rel_err'], '.2e'):>10}{_fmt_time(r['compile_cold_s']):>10}"
                          f"{_fmt_time(r['compile_warm_s']):>10}  {note[:90]}")
         lines.append("")

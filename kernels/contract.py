@@ -92,7 +92,8 @@ def check_same_dtype(**arrays) -> str:
 
 
 def check_device(name: str, x, device_type: str) -> None:
-    """For kernels bound to one device type (a Triton kernel: 'cuda', or 'cpu' when interpreting)."""
+    """For kernels bound to one device type (a Triton kernel: 'cuda', or 'cpu' when
+    interpreting)."""
     if x.device.type != device_type:
         raise ValueError(f"{name} must be on a {device_type} device for this implementation, "
                          f"got {x.device}")

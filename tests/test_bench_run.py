@@ -160,7 +160,8 @@ def test_compare_table_shows_every_call_of_a_run(two_runs, tmp_path, capfd):
     data = json.loads((run2 / "benchmark.json").read_text())
     first, later = data["benchmarks"][:3], data["benchmarks"][3:]
     (resumed / "benchmark.json").write_text(json.dumps({**data, "benchmarks": first}))
-    (resumed / "benchmark-resumed-010203.json").write_text(json.dumps({**data, "benchmarks": later}))
+    (resumed / "benchmark-resumed-010203.json").write_text(
+        json.dumps({**data, "benchmarks": later}))
     assert compare.main([str(run2), str(resumed)]) == 0
     out = capfd.readouterr().out
     table = out[:out.index(f"base {run2}")]

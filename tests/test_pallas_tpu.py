@@ -1,8 +1,9 @@
 """The Pallas TPU kernels (kernels/pallas_tpu) in TPU interpret mode, which simulates the TPU's
 memory spaces on CPU: every run has the race detector on, two simulated TensorCores sharing the
 "parallel" grid dims in a shuffled order, and every buffer starting as NaN, so an unwritten output
-element (NaN, or a stale value of another block) or a reduction marked "parallel" fails. Each output is judged against float64 by relative
-Frobenius error, within 4 x max(torch's own error in that dtype on the same inputs, unit roundoff).
+element (NaN, or a stale value of another block) or a reduction marked "parallel" fails. Each
+output is judged against float64 by relative Frobenius error, within 4 x max(torch's own error in
+that dtype on the same inputs, unit roundoff).
 
 float16 runs in interpret mode (the CPU computes it); on a real TPU the kernels refuse it with a
 TypeError, tested here by pretending to be on one. What needs a TPU and is not run here: Mosaic's
