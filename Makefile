@@ -170,8 +170,11 @@ GPU_PROFILE_S ?= 45
 GPU_TOTAL_S ?= 570
 GPU_PACK_S ?= 30
 GPU_START := $(shell date +%s)
-# the profiled few: the largest square matmul, the 4k-token D=128 causal attention, a ResNet 3x3
+# the profiled few: the largest square matmul, the 4k-token D=128 causal attention, a ResNet 3x3,
+# each by the hand-written kernels and the two frameworks' stock ops. The bench stage leaves
+# GPU_PROFILE_S for them: a call whose bench is cut short still has the traces that show why.
 GPU_PROFILE_CASES ?= 8192x8192x8192 or b4_h16_q4096_k4096_d128_causal or c64_3x3_n32
+GPU_PROFILE_IMPLS ?= torch,xla,triton,triton_tma,pallas,pallas_mosaic
 GPU_TESTS_RAN ?=
 # Each call keeps its JUnit files in the run, junit/<call>-tests.xml and <call>-tests-gpu.xml, and
 # marks junit/complete when both test stages ended by themselves (exit 0, 1 or 5, not at a limit).
@@ -196,16 +199,18 @@ GPU_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
 OUT ?= reports/gpu-out
 GPU_STAGE := reports/runs/.gpu-stage
 
-# $(call gpu_stage,<name>,<own limit s>,<command>): the command under `timeout`, for its own limit
-# or what is left before the deadline, whichever is less (SIGINT first, so pytest writes what it
-# has; a kill 15 s later, which GPU_PACK_S covers); under 10 s left, skipped, saying so. Each stage
-# adds a line to OUT/stages.txt: its name, start and end (UTC), limit and exit status (124: cut at
-# its limit), the provenance of what the call left.
+# $(call gpu_stage,<name>,<own limit s>,<command>[,<reserve s>]): the command under `timeout`, for
+# its own limit or what is left before the deadline less <reserve> (kept for the stages after it),
+# whichever is less (SIGINT first, so pytest writes what it has; a kill 15 s later, which
+# GPU_PACK_S covers); under 10 s left, skipped, saying so. Each stage adds a line to
+# OUT/stages.txt: its name, start and end (UTC), limit and exit status (124: cut at its limit), the
+# provenance of what the call left.
 define gpu_stage
-{ left=$$(( $(GPU_START) + $(GPU_TOTAL_S) - $(GPU_PACK_S) - $$(date +%s) )); \
+{ left=$$(( $(GPU_START) + $(GPU_TOTAL_S) - $(GPU_PACK_S) - $(or $(4),0) - $$(date +%s) )); \
 	limit=$$(( $(2) < left ? $(2) : left )); start=$$(date -u +%FT%TZ); \
 	if [ $$limit -lt 10 ]; then \
-		echo "skipped: $$left s left of GPU_TOTAL_S=$(GPU_TOTAL_S) (less GPU_PACK_S)"; rc=skipped; \
+		echo "skipped: $$left s left of GPU_TOTAL_S=$(GPU_TOTAL_S) (less GPU_PACK_S$(if \
+		$(strip $(4)), and $(strip $(4)) s kept for the stages after it))"; rc=skipped; \
 	else timeout -s INT -k 15 $$limit $(3); rc=$$?; fi; \
 	echo "$(1): $$start .. $$(date -u +%FT%TZ), limit $$limit s, exit $$rc" >> $(OUT)/stages.txt; }
 endef
@@ -235,7 +240,8 @@ gpu:
 	    "GPU_TARGETS_FIRST=$(GPU_TARGETS_FIRST)" \
 	    "GPU_ISOLATE=$(GPU_ISOLATE) GPU_TIMEOUT=$(GPU_TIMEOUT) GPU_TEST_WORKERS=$(GPU_TEST_WORKERS)" \
 	    "GPU_TEST_S=$(GPU_TEST_S) GPU_BENCH_S=$(GPU_BENCH_S) GPU_PROFILE_S=$(GPU_PROFILE_S)" \
-	    "GPU_TOTAL_S=$(GPU_TOTAL_S) GPU_TESTS_RAN=$(GPU_TESTS_RAN)"; \
+	    "GPU_TOTAL_S=$(GPU_TOTAL_S) GPU_PROFILE_IMPLS=$(GPU_PROFILE_IMPLS)" \
+	    "GPU_TESTS_RAN=$(GPU_TESTS_RAN)"; \
 	  $(GPU_PY) -c "import json; \
 	  from harness import env; print(json.dumps({'gpu': env.device_name(), **env.versions()}, \
 	  indent=1))"; nvidia-smi; } > $(OUT)/env.txt 2>&1; cat $(OUT)/env.txt
@@ -258,15 +264,16 @@ endif
 	-$(call gpu_stage,bench,$(GPU_BENCH_S),$(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) \
 		TIER=standard OPS=$(GPU_OPS) DTYPES=$(GPU_DTYPES) MODES=$(GPU_MODES) RUN=$(GPU_RUN) \
 		$(if $(RESUME),RESUME=$(RESUME)) RETIME=$(GPU_RETIME) COLD=$(GPU_COLD) \
-		TARGETS_FIRST=$(GPU_TARGETS_FIRST) ISOLATE=$(GPU_ISOLATE) TIMEOUT=$(GPU_TIMEOUT)) \
-		> $(OUT)/bench.txt 2>&1; tail -5 $(OUT)/bench.txt
+		TARGETS_FIRST=$(GPU_TARGETS_FIRST) ISOLATE=$(GPU_ISOLATE) TIMEOUT=$(GPU_TIMEOUT), \
+		$(GPU_PROFILE_S)) > $(OUT)/bench.txt 2>&1; tail -5 $(OUT)/bench.txt
 	-$(GPU_PY) -m harness.report reports/runs/$(GPU_RUN) >> $(OUT)/bench.txt 2>&1
 	-sed -n '/^## Targets/,/^## Harness noise/p' reports/runs/$(GPU_RUN)/summary.md \
 		| grep '^|' | cut -d'|' -f2-6
 	$(gpu_pack)
 ifneq ($(GPU_PROFILE_S),0)
 	-$(call gpu_stage,profile,$(GPU_PROFILE_S),$(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) \
-		TIER=standard DTYPES=$(GPU_DTYPES) MODES=fwd RUN=$(GPU_RUN)-profile PROFILE=1 \
+		TIER=standard IMPLS=$(GPU_PROFILE_IMPLS) DTYPES=$(GPU_DTYPES) MODES=fwd \
+		RUN=$(GPU_RUN)-profile PROFILE=1 \
 		ISOLATE=$(GPU_ISOLATE) TIMEOUT=$(GPU_TIMEOUT) \
 		PYTEST_ARGS='-k "$(GPU_PROFILE_CASES)"') >> $(OUT)/bench.txt 2>&1
 	$(gpu_pack)
