@@ -1,6 +1,6 @@
 """Hand-written Triton attention, FlashAttention-2 style: forward with online softmax, backward in
-three kernels (delta = rowsum(dO * O), dK/dV over query blocks, dQ over key blocks; in fp32 the dQ
-kernel also sums what delta leaves, and runs first: _delta_rest).
+three kernels (delta = rowsum(dO * O), dQ over key blocks, dK/dV over query blocks; in fp32 the dQ
+kernel also sums what delta leaves for the dK/dV kernel: _delta_rest).
 
 Layout [B, H, S, D] with any strides. GQA/MQA read kv head h // (H // Hkv) in place; k and v are
 never repeated. On a GPU each kernel's autotuner also tries configs that move q, k, v, o and dO
@@ -964,8 +964,8 @@ def _forward(q, k, v, dims, out):
 def _backward(q, k, v, o, stats, do, dims):
     block_d = _block_d(dims.D)
     # delta and, in fp32, its remainder, which the dQ kernel sums (_delta_rest) and so runs
-    # first. 16-bit kernels take None for the second (never read), so their builds stay as
-    # they were without it.
+    # before the dK/dV kernel. 16-bit kernels take None for the second (never read), so their
+    # builds stay as they were without it.
     fp32 = q.dtype == torch.float32
     delta_parts = [torch.empty_like(stats[0]), torch.empty_like(stats[0]) if fp32 else None]
     _bwd_delta_kernel[(cdiv(dims.Sq, _DELTA_BLOCK_M), dims.B * dims.H)](
@@ -988,12 +988,9 @@ def _backward(q, k, v, o, stats, do, dims):
     def dq_grid(m):
         return (cdiv(dims.Sq, m["BLOCK_M"]), dims.B * dims.H)
 
-    if fp32:
-        _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, *stats, *delta_parts, dq, *args, **meta)
+    _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, *stats, *delta_parts, dq, *args, **meta)
     _bwd_dkv_kernel[dkv_grid](q, k, v, do, tma_ok, *stats, *delta_parts, dk, dv, *args, **meta,
                               GROUPED=dims.H != dims.Hkv)
-    if not fp32:
-        _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, *stats, *delta_parts, dq, *args, **meta)
     return dq, dk, dv
 
 
