@@ -106,9 +106,12 @@ def autotuner_runs(autotuner_class) -> dict:
 def autotune_choices(sink: dict):
     """Records into `sink` the config each Triton autotuner ran for the launches inside the block,
     kernel name -> config ("BLOCK_M=128, BLOCK_N=64, warps=4, stages=3"): which tile a figure was
-    measured with. The choice is made during the first calls, so only they are wrapped."""
+    measured with; and the launchers' own choices (kernels.triton._common.note_choice). The
+    choice is made during the first calls, so only they are wrapped."""
     try:
         from triton.runtime.autotuner import Autotuner
+
+        from kernels.triton._common import choice_sinks
     except ImportError:  # no Triton here: nothing can be autotuned
         yield
         return
@@ -123,8 +126,10 @@ def autotune_choices(sink: dict):
 
     for cls, original in originals.items():
         cls.run = recording(original)
+    choice_sinks.append(sink)
     try:
         yield
     finally:
+        choice_sinks.remove(sink)
         for cls, original in originals.items():
             cls.run = original

@@ -23,7 +23,7 @@ from tests.checking import outer_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TRITON_KERNELS = {"_matmul_kernel", "_matmul_tma_kernel", "_conv2d_kernel", "_fwd_kernel",
-                  "_bwd_delta_kernel", "_bwd_dkv_kernel", "_bwd_dq_kernel"}
+                  "_bwd_delta_kernel", "_bwd_dkv_kernel", "_bwd_dq_kernel", "_bwd_dkv_dq_kernel"}
 
 
 def _aot_builds(tmp_path, *args: str, dtype: str = "bf16") -> list[dict]:
@@ -314,10 +314,20 @@ def test_autotuners_prune_by_tma_registers_and_dtype():
             assert all(m * n * block_d <= 16 * 16 * 256 for m, n, *_ in fp32)
             assert not {(m, n, w) for m, n, w, *_ in kept(fits, configs, True, block_d)} & {
                 t[:3] for t in fp32_tiles}, "a 16-bit call would time an fp32 tile"
+    # the dK/dV kernel that adds dQ too: 64x128 tiles (and 4 warps) spill at D=128
+    dkv_dq = triton_attention._dkv_dq_fits, triton_attention._DKV_DQ_GPU_CONFIGS
+    assert kept(*dkv_dq, True, 64) == [(64, 128, 8, False, False), (64, 128, 8, True, False),
+                                       (32, 128, 8, False, False), (64, 64, 8, False, False),
+                                       (64, 64, 8, True, False), (32, 64, 4, True, False)]
+    assert kept(*dkv_dq, True, 128) == [(32, 128, 8, False, False), (64, 64, 8, False, False),
+                                        (64, 64, 8, True, False)]
+    # none past D=128, where the backward sums dQ in its own kernel (the smallest tile is kept)
+    assert len(kept(*dkv_dq, True, 256)) == 1 and triton_attention._DQ_ATOMICS_MAX_D == 128
     for fits, configs, kernel in (
             (triton_attention._fwd_fits, triton_attention._FWD_GPU_CONFIGS, "_fwd_kernel"),
             (triton_attention._dq_fits, triton_attention._DQ_GPU_CONFIGS, "_bwd_dq_kernel"),
-            (triton_attention._dkv_fits, triton_attention._DKV_GPU_CONFIGS, "_bwd_dkv_kernel")):
+            (triton_attention._dkv_fits, triton_attention._DKV_GPU_CONFIGS, "_bwd_dkv_kernel"),
+            (*dkv_dq, "_bwd_dkv_dq_kernel")):
         assert any(tma for *_, tma, _ in kept(fits, configs, True, 128)), kernel
         assert not any(tma for *_, tma, _ in kept(fits, configs, False, 128)), kernel
         assert "TMA_OK" in getattr(triton_attention, kernel).keys

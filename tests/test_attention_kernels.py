@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import aot
+from harness import compile as compile_mod
 from harness.check import rel_err
 import kernels  # switches Triton to its interpreter when there is no GPU
 from kernels import reference, registry
@@ -139,16 +140,26 @@ def warp_specialized_forward(monkeypatch):
     monkeypatch.setattr(kernel, "cache", {})  # no choice made here outlives the test
 
 
+def dq_by(method: str, monkeypatch):
+    """The Triton backward sums dQ by `method` (triton_attention.DQ_METHODS) whatever "auto"
+    would choose; float32 takes "kernel" whatever is asked."""
+    monkeypatch.setattr(triton_attention, "dq_method", method)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("impl", ["triton", "triton-pointer-loads", "triton-warp-specialized",
-                                  "pallas", "pallas_mosaic"])
+                                  "triton-dq-kernel", "triton-dq-atomics", "pallas",
+                                  "pallas_mosaic"])
 def test_forward_and_gradients_match_reference(impl, case, dtype, monkeypatch):
     if impl == "triton-pointer-loads":
         pointer_loads_only(monkeypatch)
         impl = "triton"
     if impl == "triton-warp-specialized":
         warp_specialized_forward(monkeypatch)
+        impl = "triton"
+    if impl.startswith("triton-dq-"):
+        dq_by(impl.removeprefix("triton-dq-"), monkeypatch)
         impl = "triton"
     if impl not in registry.impls("attention"):
         pytest.skip(registry.disabled("attention").get(impl, f"{impl} is not registered"))
@@ -169,14 +180,17 @@ def test_forward_and_gradients_match_reference(impl, case, dtype, monkeypatch):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="a GPU's autotuner choice; on CPU the interpreter "
                     "takes TMA whenever it can, which the other tests check")
+@pytest.mark.parametrize("dq", triton_attention.DQ_METHODS)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("case", CASES)
-def test_triton_tma_kernels_on_gpu(case, dtype, monkeypatch):
+def test_triton_tma_kernels_on_gpu(case, dtype, dq, monkeypatch):
     """On a GPU each attention kernel's autotuner keeps the faster of its pointer and TMA
     configs; here they are offered only the TMA ones, so the TMA paths are checked whichever
-    wins elsewhere."""
-    kernels = (triton_attention._fwd_kernel, triton_attention._decode_kernel,
-               triton_attention._bwd_dq_kernel, triton_attention._bwd_dkv_kernel)
+    wins elsewhere, with dQ summed each way."""
+    dq_by(dq, monkeypatch)
+    backward = ((triton_attention._bwd_dq_kernel, triton_attention._bwd_dkv_kernel)
+                if dq == "kernel" else (triton_attention._bwd_dkv_dq_kernel,))
+    kernels = (triton_attention._fwd_kernel, triton_attention._decode_kernel, *backward)
     for kernel in kernels:
         monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs.get("TMA")])
         monkeypatch.setattr(kernel, "best_config", None, raising=False)  # set by a launch
@@ -184,7 +198,7 @@ def test_triton_tma_kernels_on_gpu(case, dtype, monkeypatch):
     try:
         test_forward_and_gradients_match_reference("triton", case, dtype, monkeypatch)
         launched = [kernel for kernel in kernels if kernel.best_config is not None]
-        assert len(launched) == 3  # a forward (decode-like or not), dQ, dK/dV
+        assert len(launched) == 1 + len(backward)  # a forward (decode-like or not), backward
         assert all(kernel.best_config.kwargs["TMA"] for kernel in launched)
     finally:
         for kernel in kernels:
@@ -227,13 +241,26 @@ SPLIT_CASES = [
 def test_triton_unmasked_and_masked_blocks(case, loads, monkeypatch):
     if loads == "pointer":
         pointer_loads_only(monkeypatch)
+    _check_triton(case, torch.float32, "triton many blocks")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_triton_dq_atomics_over_many_key_blocks(case, dtype, monkeypatch):
+    """dQ summed by atomic adds from every key block's program (float32 never takes them): up to
+    five key blocks add into each query row here, causal ones on the diagonal masked."""
+    dq_by("atomics", monkeypatch)
+    _check_triton(case, dtype, f"triton dq by atomics {dtype}")
+
+
+def _check_triton(case, dtype: torch.dtype, what: str):
     causal, scale = case[6], case[7]
-    q, k, v, do = make_inputs(case, torch.float32)
+    q, k, v, do = make_inputs(case, dtype)
     refs = reference_with_grads(q, k, v, do, causal, scale)
     stock = sdpa_errors(q, k, v, do, causal, scale, refs)
     results = run_triton(q, k, v, do, causal, scale)
     errors = [rel_err(x, r) for x, r in zip(results, refs)]
-    check_within_budget(errors, stock, torch.float32, "triton many blocks")
+    check_within_budget(errors, stock, dtype, what)
 
 
 # Decode-like calls (no causal mask, Sq * H / Hkv <= 64) take the Triton split-KV kernels: a GQA
@@ -552,3 +579,57 @@ def test_reference_blocks_of_query_rows_match_the_whole(causal, monkeypatch):
               *reference.attention_grads(q, k, v, do, causal)]
     for got, want in zip(blocks, whole):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+
+def _fake_dq_runs(calls: list) -> dict:
+    """Stand-ins for _backward's runs: each records its method when called and returns it."""
+    return {m: (lambda m=m: calls.append(m) or m) for m in triton_attention.DQ_METHODS}
+
+
+def test_dq_auto_times_each_method_once_per_shape(monkeypatch):
+    """"auto" on a GPU: a shape's first call runs each method (their autotuners tune), times
+    both and keeps the faster for that shape; its later calls run that one alone. The timer is
+    faked here, so the GPU branch runs on any machine."""
+    monkeypatch.setattr(triton_attention, "ON_CUDA", True)
+    monkeypatch.setattr(triton_attention, "TRITON_INTERPRET", False)
+    monkeypatch.setattr(triton_attention, "dq_method", "auto")
+    monkeypatch.setattr(triton_attention, "_dq_chosen", {})
+    times = {"short": {"kernel": 2.0, "atomics": 1.0}, "long": {"kernel": 1.0, "atomics": 3.0}}
+    shape = "short"
+    monkeypatch.setattr(triton_attention, "autotune_bench",
+                        lambda run, quantiles: times[shape][run()])
+    calls = []
+    runs = _fake_dq_runs(calls)
+    assert triton_attention._dq_runner(runs, shape)() == "atomics"
+    assert calls == ["kernel", "atomics"] * 2 + ["atomics"]  # tuned, timed, run
+    calls.clear()
+    assert triton_attention._dq_runner(runs, shape)() == "atomics" and calls == ["atomics"]
+    shape = "long"
+    noted = {}
+    with compile_mod.autotune_choices(noted):  # what a benchmark's record gets
+        assert triton_attention._dq_runner(runs, shape)() == "kernel"
+    assert noted == {"dq_method": "kernel (timed: kernel 1000 us, atomics 3000 us)"}
+    assert [m for m, _ in triton_attention._dq_chosen.values()] == ["atomics", "kernel"]
+
+
+@pytest.mark.skipif(not kernels.TRITON_INTERPRET, reason="the interpreter's choice")
+def test_dq_methods_asked_for(monkeypatch):
+    """A method asked for is the one run; "auto" in the interpreter runs "kernel"; a backward
+    with one method (float32, D > 128) runs it whatever is asked; an unknown name is refused."""
+    calls = []
+    runs = _fake_dq_runs(calls)
+    for asked, ran, why in [("auto", "kernel", "the interpreter's"),
+                            ("kernel", "kernel", "asked for"), ("atomics", "atomics", "asked for")]:
+        monkeypatch.setattr(triton_attention, "dq_method", asked)
+        noted = {}
+        with compile_mod.autotune_choices(noted):
+            assert triton_attention._dq_runner(runs, "any")() == ran
+        assert noted == {"dq_method": f"{ran} ({why})"}
+        with compile_mod.autotune_choices(noted):
+            assert triton_attention._dq_runner({"kernel": runs["kernel"]}, "any",
+                                               "float32")() == "kernel"
+        assert noted == {"dq_method": "kernel (float32)"}
+    monkeypatch.setattr(triton_attention, "dq_method", "fastest")
+    with pytest.raises(ValueError, match="KERNELS_ATTENTION_DQ.*'fastest'.*auto, kernel or "
+                                         "atomics"):
+        triton_attention._dq_runner(runs, "any")

@@ -76,12 +76,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def autotune(configs: list, key: list, fits=None):
+def autotune(configs: list, key: list, fits=None, reset_to_zero: list | None = None):
     """triton.autotune with this suite's timer (`autotune_bench`) and pruning (`prune_by(fits)`),
-    whose configs are compiled in parallel before they are timed (`ParallelCompileAutotuner`)."""
+    whose configs are compiled in parallel before they are timed (`ParallelCompileAutotuner`).
+    reset_to_zero: arguments the kernel adds into, zeroed before each timed launch and after
+    the tuning (Triton's)."""
     def decorate(fn):
         return ParallelCompileAutotuner(
-            fn, fn.arg_names, configs, key, reset_to_zero=None, restore_value=None,
+            fn, fn.arg_names, configs, key, reset_to_zero=reset_to_zero, restore_value=None,
             prune_configs_by=prune_by(fits) if fits else None, do_bench=autotune_bench)
     return decorate
 
@@ -92,6 +94,17 @@ def autotune_bench(kernel_call, quantiles):
     from triton.testing import do_bench
 
     return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+# Dicts that harness.compile.autotune_choices records into while it runs: note_choice adds to them.
+choice_sinks: list[dict] = []
+
+
+def note_choice(name: str, text: str) -> None:
+    """Records a launcher's own choice, one no autotuner makes (e.g. how attention's backward
+    sums dQ), beside the autotuners' configs in the benchmark records."""
+    for sink in choice_sinks:
+        sink[name] = text
 
 
 def compile_threads() -> int:

@@ -1,6 +1,7 @@
 """Hand-written Triton attention, FlashAttention-2 style: forward with online softmax, backward in
 three kernels (delta = rowsum(dO * O), dQ over key blocks, dK/dV over query blocks; in fp32 the dQ
-kernel also sums what delta leaves for the dK/dV kernel: _delta_rest).
+kernel also sums what delta leaves for the dK/dV kernel: _delta_rest), or in 16 bits two, the
+dK/dV kernel adding dQ by atomics (DQ_METHODS: on a GPU the faster of the two is kept per shape).
 
 Layout [B, H, S, D] with any strides. GQA/MQA read kv head h // (H // Hkv) in place; k and v are
 never repeated. On a GPU each kernel's autotuner also tries configs that move q, k, v, o and dO
@@ -16,14 +17,16 @@ as well.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels import TRITON_INTERPRET, contract, registry
-from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, cdiv, check_out,
-                                    dot_precision, next_pow2, pick_configs, reset_jit, resolved,
+from kernels import ON_CUDA, TRITON_INTERPRET, contract, registry
+from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, autotune_bench, cdiv, check_out,
+                                    dot_precision, next_pow2, note_choice, pick_configs,
+                                    reset_jit, resolved,
                                     tma_device, tma_ready, to_output, upcast_dot,
                                     use_descriptor_allocator)
 
@@ -77,6 +80,15 @@ _DKV_GPU_CONFIGS = [
     _config(64, 128, 8, 3, True), _config(32, 64, 4, 3, True)]
 _DKV_GPU_CONFIGS += _fp32_configs(_DKV_FP32)
 _DKV_CONFIGS = pick_configs(_DKV_GPU_CONFIGS, [_config(32, 64, 4, 1)])
+# The dK/dV kernel that also adds dQ (16-bit only) holds a [BLOCK_M, D] fp32 product more. Of 20
+# configs compiled at D=128 for five standard cases (make aot, sm_90), each 4-warp tile on wgmma
+# spilled in some case (up to 2.7 KB a thread), 64x128 on 8 warps too (up to 1.5 KB) and 128x64
+# overflowed shared memory; 32x128 and 64x64 on 8 warps did not spill (64x64: 24 bytes in the
+# grouped-query causal case), and at D=128 _dkv_dq_fits keeps only those.
+_DKV_DQ_GPU_CONFIGS = [
+    _config(64, 128, 8, 3, False), _config(64, 128, 8, 3, True), _config(32, 128, 8, 3, False),
+    _config(64, 64, 8, 3, False), _config(64, 64, 8, 3, True), _config(32, 64, 4, 3, True)]
+_DKV_DQ_CONFIGS = pick_configs(_DKV_DQ_GPU_CONFIGS, [_config(32, 64, 4, 1)])
 _DQ_GPU_CONFIGS = [
     _config(128, 32, 4, 3, False), _config(128, 64, 8, 3, False), _config(64, 64, 4, 3, False),
     _config(64, 32, 4, 2, False), _config(32, 32, 4, 2, False),
@@ -160,6 +172,13 @@ def _decode_fits(meta, args) -> bool:
 def _dkv_fits(meta, args) -> bool:
     return (_dtype_fits(meta, args, _DKV_FP32)
             and _fits(meta, args, 2 * meta["BLOCK_N"] * (args["BLOCK_D"] + meta["BLOCK_M"]), 192))
+
+
+def _dkv_dq_fits(meta, args) -> bool:
+    """dK/dV's registers and dQ's product, BLOCK_M x BLOCK_D: of the configs above, 64x128
+    tiles at D=128 (224 a thread) spill, 32x128 ones (176) do not."""
+    bm, bn, bd = meta["BLOCK_M"], meta["BLOCK_N"], args["BLOCK_D"]
+    return _fits(meta, args, 2 * bn * (bd + bm) + bm * bd, 176)
 
 
 @triton.jit
@@ -610,13 +629,15 @@ def _bwd_delta_kernel(O, DO, DELTA, Sq, H, D,
 
 
 @triton.jit
-def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, LSE_REST, DELTA, DELTA_REST, row0, keys,
-              start_m, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
-              CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-              D_EDGE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-              MASKED: tl.constexpr, ONE_KEY: tl.constexpr):
+def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, LSE_REST, DELTA, DELTA_REST, DQ, row0,
+              keys, start_m, Sq, Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols, D,
+              qk_scale, scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+              UPCAST: tl.constexpr, D_EDGE: tl.constexpr, TMA: tl.constexpr,
+              BLOCK_M: tl.constexpr, MASKED: tl.constexpr, ONE_KEY: tl.constexpr,
+              DQ_ATOMIC: tl.constexpr):
     """One query block's contribution to a key block's dK and dV (Qd, DOd: the group's
-    descriptors; g: the head in the group). ONE_KEY: as in _fwd_step."""
+    descriptors; g: the head in the group), and with DQ_ATOMIC the key block's to the query
+    block's dQ, added into the fp32 DQ (rows as LSE's) by atomics. ONE_KEY: as in _fwd_step."""
     rows = start_m + tl.arange(0, BLOCK_M)
     q = _tile(Qd, Qh, start_m, rows, Sq, stride_qs, cols, D, stride_qd, UPCAST, MASKED, D_EDGE,
               TMA, g)
@@ -655,17 +676,23 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, LSE_REST, DELTA, DELTA_RES
         ds_t = tl.zeros_like(ds_t)
     if MASKED:
         ds_t = _first_query_no_score_grad(ds_t, rows[None, :], CAUSAL, Qh.dtype.element_ty)
-    dk = tl.dot(_as_operand(ds_t, Qh.dtype.element_ty, UPCAST), q, dk, input_precision=PRECISION)
+    ds_t = _as_operand(ds_t, Qh.dtype.element_ty, UPCAST)
+    dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+    if DQ_ATOMIC:
+        # relaxed: nothing else is ordered by these adds; the launch's end publishes them
+        dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION) * scale
+        tl.atomic_add(DQ + (row0 + rows).to(tl.int64)[:, None] * D + cols[None, :], dq,
+                      mask=(rows[:, None] < Sq) & (cols[None, :] < D), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, LSE_REST, DELTA,
-                DELTA_REST, lse0, keys, lo, hi, GROUP, Sq, Sk, stride_qs, stride_qd, stride_ds,
-                stride_dd, cols, D, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                UPCAST: tl.constexpr, D_EDGE: tl.constexpr, TMA: tl.constexpr,
-                BLOCK_M: tl.constexpr, GROUPED: tl.constexpr, MASKED: tl.constexpr,
-                ONE_KEY: tl.constexpr):
+                DELTA_REST, DQ, lse0, keys, lo, hi, GROUP, Sq, Sk, stride_qs, stride_qd,
+                stride_ds, stride_dd, cols, D, qk_scale, scale, CAUSAL: tl.constexpr,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_EDGE: tl.constexpr,
+                TMA: tl.constexpr, BLOCK_M: tl.constexpr, GROUPED: tl.constexpr,
+                MASKED: tl.constexpr, ONE_KEY: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     """Query blocks lo .. hi of every query head of the group (GROUPED: more than one; lse0: the
     group's first row in LSE, LSE_REST, DELTA and DELTA_REST). Grouped, one flat loop runs a
     head's blocks one after another: as a loop over heads around a loop over blocks, most dK/dV
@@ -678,21 +705,22 @@ def _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, LSE_RES
             g = i // blocks
             start_m = lo + (i - g * blocks) * BLOCK_M
             dk, dv = _dkv_step(dk, dv, k, v, Q + g * stride_qh, DO + g * stride_dh, Qd, DOd, g, LSE,
-                               LSE_REST, DELTA, DELTA_REST, lse0 + g * Sq, keys, start_m, Sq, Sk,
-                               stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
-                               CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, MASKED, ONE_KEY)
+                               LSE_REST, DELTA, DELTA_REST, DQ, lse0 + g * Sq, keys, start_m, Sq,
+                               Sk, stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale,
+                               scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, MASKED,
+                               ONE_KEY, DQ_ATOMIC)
     else:
         for start_m in range(lo, hi, BLOCK_M):
             dk, dv = _dkv_step(dk, dv, k, v, Q, DO, Qd, DOd, 0, LSE, LSE_REST, DELTA, DELTA_REST,
-                               lse0, keys, start_m, Sq, Sk, stride_qs, stride_qd, stride_ds,
-                               stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST, D_EDGE, TMA,
-                               BLOCK_M, MASKED, ONE_KEY)
+                               DQ, lse0, keys, start_m, Sq, Sk, stride_qs, stride_qd, stride_ds,
+                               stride_dd, cols, D, qk_scale, scale, CAUSAL, PRECISION, UPCAST,
+                               D_EDGE, TMA, BLOCK_M, MASKED, ONE_KEY, DQ_ATOMIC)
     return dk, dv
 
 
 @autotune(_DKV_CONFIGS, _AUTOTUNE_KEY, _dkv_fits)
 @triton.jit
-def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, LSE_REST, DELTA, DELTA_REST, DK, DV, qk_scale,
+def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, LSE_REST, DELTA, DELTA_REST, DK, DV, DQ, qk_scale,
                     scale, Sq, Sk, H, GROUP, D,
                     stride_qb, stride_qh, stride_qs, stride_qd,
                     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -701,9 +729,11 @@ def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, LSE_REST, DELTA, DELTA_REST, DK, D
                     CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, D_EDGE: tl.constexpr,
                     PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
                     GROUPED: tl.constexpr, ONE_KEY: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    BLOCK_N: tl.constexpr, DQ_ATOMIC: tl.constexpr = False):
     """One key block of one kv head; loops over the GROUP query heads that share it, so dK/dV of
-    a GQA group accumulate in fp32 registers with no atomics and no per-q-head copies.
+    a GQA group accumulate in fp32 registers with no atomics and no per-q-head copies. With
+    DQ_ATOMIC (launched as _bwd_dkv_dq_kernel) each query block's dQ = dS K is added into the
+    fp32 DQ as well; without it DQ is not read.
 
     Query blocks in three ranges: from `lo` to `whole` the causal diagonal crosses them (masked;
     queries before `lo` see none of the block), from `whole` to `full` every row sees every key
@@ -737,21 +767,52 @@ def _bwd_dkv_kernel(Q, K, V, DO, TMA_OK, LSE, LSE_REST, DELTA, DELTA_REST, DK, D
     DOd = _group_descriptor(DO, GROUP, stride_dh, Sq, stride_ds, D, BLOCK_M, BLOCK_D, TMA)
     lse0 = (b * H + hkv * GROUP) * Sq
     dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, LSE_REST, DELTA,
-                         DELTA_REST, lse0, keys, lo, whole, GROUP, Sq, Sk, stride_qs, stride_qd,
-                         stride_ds, stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST,
-                         D_EDGE, TMA, BLOCK_M, GROUPED, True, ONE_KEY)
+                         DELTA_REST, DQ, lse0, keys, lo, whole, GROUP, Sq, Sk, stride_qs,
+                         stride_qd, stride_ds, stride_dd, cols, D, qk_scale, scale, CAUSAL,
+                         PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, GROUPED, True, ONE_KEY,
+                         DQ_ATOMIC)
     dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, LSE_REST, DELTA,
-                         DELTA_REST, lse0, keys, whole, full, GROUP, Sq, Sk, stride_qs, stride_qd,
-                         stride_ds, stride_dd, cols, D, qk_scale, CAUSAL, PRECISION, UPCAST,
-                         D_EDGE, TMA, BLOCK_M, GROUPED, False, ONE_KEY)
+                         DELTA_REST, DQ, lse0, keys, whole, full, GROUP, Sq, Sk, stride_qs,
+                         stride_qd, stride_ds, stride_dd, cols, D, qk_scale, scale, CAUSAL,
+                         PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, GROUPED, False, ONE_KEY,
+                         DQ_ATOMIC)
     dk, dv = _dkv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, stride_qh, stride_dh, LSE, LSE_REST, DELTA,
-                         DELTA_REST, lse0, keys, max(whole, full), Sq, GROUP, Sq, Sk, stride_qs,
-                         stride_qd, stride_ds, stride_dd, cols, D, qk_scale, CAUSAL, PRECISION,
-                         UPCAST, D_EDGE, TMA, BLOCK_M, GROUPED, True, ONE_KEY)
+                         DELTA_REST, DQ, lse0, keys, max(whole, full), Sq, GROUP, Sq, Sk,
+                         stride_qs, stride_qd, stride_ds, stride_dd, cols, D, qk_scale, scale,
+                         CAUSAL, PRECISION, UPCAST, D_EDGE, TMA, BLOCK_M, GROUPED, True, ONE_KEY,
+                         DQ_ATOMIC)
     # dK/dV are written contiguous [B, Hkv, Sk, D].
     base = (b * Hkv + hkv) * Sk * D
     _store(DK + base, dk * scale, keys, Sk, D, cols, D, 1, UPCAST)
     _store(DV + base, dv, keys, Sk, D, cols, D, 1, UPCAST)
+
+
+_dkv_program = _bwd_dkv_kernel.fn  # the kernel's body, for _bwd_dkv_dq_kernel to call
+
+
+@autotune(_DKV_DQ_CONFIGS, _AUTOTUNE_KEY, _dkv_dq_fits, reset_to_zero=["DQ"])
+@triton.jit
+def _bwd_dkv_dq_kernel(Q, K, V, DO, TMA_OK, LSE, LSE_REST, DELTA, DELTA_REST, DK, DV, DQ,
+                       qk_scale, scale, Sq, Sk, H, GROUP, D,
+                       stride_qb, stride_qh, stride_qs, stride_qd,
+                       stride_kb, stride_kh, stride_ks, stride_kd,
+                       stride_vb, stride_vh, stride_vs, stride_vd,
+                       stride_db, stride_dh, stride_ds, stride_dd,
+                       CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, D_EDGE: tl.constexpr,
+                       PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+                       GROUPED: tl.constexpr, ONE_KEY: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """_bwd_dkv_kernel with DQ_ATOMIC: dK, dV and dQ in one pass over the scores, five matmuls
+    where _bwd_dq_kernel and _bwd_dkv_kernel take seven. A kernel of its own name (in records
+    and make aot) and autotuner, which zeroes DQ before each config it times."""
+    _dkv_program(Q, K, V, DO, TMA_OK, LSE, LSE_REST, DELTA, DELTA_REST, DK, DV, DQ, qk_scale,
+                 scale, Sq, Sk, H, GROUP, D,
+                 stride_qb, stride_qh, stride_qs, stride_qd,
+                 stride_kb, stride_kh, stride_ks, stride_kd,
+                 stride_vb, stride_vh, stride_vs, stride_vd,
+                 stride_db, stride_dh, stride_ds, stride_dd,
+                 CAUSAL, BLOCK_D, D_EDGE, PRECISION, UPCAST, TMA, GROUPED, ONE_KEY, BLOCK_M,
+                 BLOCK_N, True)
 
 
 @triton.jit
@@ -961,6 +1022,51 @@ def _forward(q, k, v, dims, out):
     return stats
 
 
+# How a 16-bit backward sums dQ; the environment variable KERNELS_ATTENTION_DQ, or this module's
+# dq_method, chooses:
+#   "kernel"   _bwd_dq_kernel, a pass over the key blocks of each query block that takes S and dP
+#              again: seven matmuls in all (the FLOP count assumes five), no atomics.
+#   "atomics"  _bwd_dkv_dq_kernel: the dK/dV pass adds each query block's dS K into an fp32 dQ
+#              by atomic adds, five matmuls, the adds contended by the key blocks, then a cast.
+#   "auto"     on a GPU, the first call of a shape (the autotune key with B and H) times both,
+#              each already tuned, and keeps the faster: compile time, like the autotuners. In
+#              the interpreter "kernel"; harness.aot (no GPU, launches captured) builds both.
+# float32 takes "kernel" whatever is asked: its dQ kernel sums what delta leaves (_delta_rest);
+# so do head dims over 128, where no _DKV_DQ_GPU_CONFIGS tile fits (the smallest, which the
+# autotuner would fall back to, spilled 10 KB a thread at D=256: make aot, sm_90).
+DQ_METHODS = ("kernel", "atomics")
+_DQ_ATOMICS_MAX_D = 128
+dq_method = os.environ.get("KERNELS_ATTENTION_DQ", "auto")
+_dq_chosen: dict[tuple, tuple[str, str]] = {}  # "auto"'s choice per shape, and its times
+
+
+def _dq_runner(runs: dict, key: tuple, alone: str = ""):
+    """Which of `runs` (method -> a call that runs the dQ and dK/dV kernels and returns dQ) to
+    call, as dq_method says; `alone`: why `runs` holds one method. The choice and why go to the
+    records (note_choice)."""
+    if dq_method not in ("auto", *DQ_METHODS):
+        raise ValueError(f"KERNELS_ATTENTION_DQ / dq_method={dq_method!r}: expected auto, "
+                         f"{' or '.join(DQ_METHODS)}")
+    if len(runs) == 1:
+        method, why = next(iter(runs)), alone
+    elif dq_method != "auto":
+        method, why = dq_method, "asked for"
+    elif TRITON_INTERPRET:
+        method, why = "kernel", "the interpreter's"
+    elif not ON_CUDA:  # harness.aot: launches are captured, not run; both are built
+        return lambda: [run() for run in runs.values()][-1]
+    else:
+        if key not in _dq_chosen:
+            for run in runs.values():  # each kernel's autotuner tunes first
+                run()
+            times = {m: autotune_bench(run, quantiles=(0.5,)) for m, run in runs.items()}
+            _dq_chosen[key] = (min(times, key=times.get), "timed: " + ", ".join(
+                f"{m} {t * 1e3:.0f} us" for m, t in times.items()))
+        method, why = _dq_chosen[key]
+    note_choice("dq_method", f"{method} ({why})")
+    return runs[method]
+
+
 def _backward(q, k, v, o, stats, do, dims):
     block_d = _block_d(dims.D)
     # delta and, in fp32, its remainder, which the dQ kernel sums (_delta_rest) and so runs
@@ -972,7 +1078,7 @@ def _backward(q, k, v, o, stats, do, dims):
         o, do, delta_parts[0], dims.Sq, dims.H, dims.D, *o.stride(), *do.stride(),
         BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M)
 
-    dq = torch.empty((dims.B, dims.H, dims.Sq, dims.D), dtype=q.dtype, device=q.device)
+    dq_shape = (dims.B, dims.H, dims.Sq, dims.D)
     dk = torch.empty((dims.B, dims.Hkv, dims.Sk, dims.D), dtype=k.dtype, device=k.device)
     dv = torch.empty_like(dk)
     args = (dims.scale * LOG2_E, dims.scale, dims.Sq, dims.Sk, dims.H, dims.H // dims.Hkv, dims.D,
@@ -981,6 +1087,8 @@ def _backward(q, k, v, o, stats, do, dims):
     meta = dict(CAUSAL=dims.causal, BLOCK_D=block_d, D_EDGE=dims.D != block_d,
                 PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
                 ONE_KEY=contract.one_visible_key(dims.Sq, dims.Sk, dims.causal), **tma)
+    grouped = dims.H != dims.Hkv
+    kernel_inputs = (q, k, v, do, tma_ok, *stats, *delta_parts)
 
     def dkv_grid(m):
         return (cdiv(dims.Sk, m["BLOCK_N"]), dims.B * dims.Hkv)
@@ -988,10 +1096,24 @@ def _backward(q, k, v, o, stats, do, dims):
     def dq_grid(m):
         return (cdiv(dims.Sq, m["BLOCK_M"]), dims.B * dims.H)
 
-    _bwd_dq_kernel[dq_grid](q, k, v, do, tma_ok, *stats, *delta_parts, dq, *args, **meta)
-    _bwd_dkv_kernel[dkv_grid](q, k, v, do, tma_ok, *stats, *delta_parts, dk, dv, *args, **meta,
-                              GROUPED=dims.H != dims.Hkv)
-    return dq, dk, dv
+    def by_kernel():
+        dq = torch.empty(dq_shape, dtype=q.dtype, device=q.device)
+        _bwd_dq_kernel[dq_grid](*kernel_inputs, dq, *args, **meta)
+        # DQ is not read without DQ_ATOMIC; dk stands in for it
+        _bwd_dkv_kernel[dkv_grid](*kernel_inputs, dk, dv, dk, *args, **meta, GROUPED=grouped)
+        return dq
+
+    def by_atomics():
+        dq = torch.zeros(dq_shape, dtype=torch.float32, device=q.device)
+        _bwd_dkv_dq_kernel[dkv_grid](*kernel_inputs, dk, dv, dq, *args, **meta, GROUPED=grouped)
+        return dq.to(q.dtype)
+
+    alone = ("float32" if fp32 else f"D > {_DQ_ATOMICS_MAX_D}" if dims.D > _DQ_ATOMICS_MAX_D
+             else "")
+    runs = {"kernel": by_kernel} | ({} if alone else {"atomics": by_atomics})
+    key = (dims.B, dims.H, dims.Hkv, dims.Sq, dims.Sk, dims.D, dims.causal, q.dtype, tma_ok,
+           q.device)
+    return _dq_runner(runs, key, alone)(), dk, dv
 
 
 def _new_output(q, dims) -> torch.Tensor:
@@ -1042,6 +1164,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
 registry.register("attention", "triton", framework="torch", kind="hand", backend="Triton",
                   accepts_out=True, tags=TAGS,
-                  reset=lambda: reset_jit(_fwd_kernel, _decode_kernel,
-                                          _decode_combine_kernel, _bwd_delta_kernel,
-                                          _bwd_dkv_kernel, _bwd_dq_kernel))(attention)
+                  reset=lambda: (_dq_chosen.clear(),
+                                 reset_jit(_fwd_kernel, _decode_kernel, _decode_combine_kernel,
+                                           _bwd_delta_kernel, _bwd_dkv_kernel, _bwd_dkv_dq_kernel,
+                                           _bwd_dq_kernel)))(attention)
