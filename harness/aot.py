@@ -94,6 +94,8 @@ def captured_launches(sink: list, case: str):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
+    from kernels.triton import _common
+
     originals = {**autotuner_runs(Autotuner), JITFunction: JITFunction.run}
 
     def capture(self, *args, grid=None, warmup=False, **kwargs):
@@ -101,9 +103,11 @@ def captured_launches(sink: list, case: str):
 
     for cls in originals:
         cls.run = capture
+    _common.launches_captured = True
     try:
         yield
     finally:
+        _common.launches_captured = False
         for cls, original in originals.items():
             cls.run = original
 

@@ -590,7 +590,6 @@ def test_dq_auto_times_each_method_once_per_shape(monkeypatch):
     """"auto" on a GPU: a shape's first call runs each method (their autotuners tune), times
     both and keeps the faster for that shape; its later calls run that one alone. The timer is
     faked here, so the GPU branch runs on any machine."""
-    monkeypatch.setattr(triton_attention, "ON_CUDA", True)
     monkeypatch.setattr(triton_attention, "TRITON_INTERPRET", False)
     monkeypatch.setattr(triton_attention, "dq_method", "auto")
     monkeypatch.setattr(triton_attention, "_dq_chosen", {})
@@ -614,8 +613,9 @@ def test_dq_auto_times_each_method_once_per_shape(monkeypatch):
 
 @pytest.mark.skipif(not kernels.TRITON_INTERPRET, reason="the interpreter's choice")
 def test_dq_methods_asked_for(monkeypatch):
-    """A method asked for is the one run; "auto" in the interpreter runs "kernel"; a backward
-    with one method (float32, D > 128) runs it whatever is asked; an unknown name is refused."""
+    """A method asked for is the one run; "auto" in the interpreter runs "kernel", and under
+    make aot's capture both; a backward with one method (float32, D > 128) runs it whatever is
+    asked; an unknown name is refused."""
     calls = []
     runs = _fake_dq_runs(calls)
     for asked, ran, why in [("auto", "kernel", "the interpreter's"),
@@ -629,6 +629,11 @@ def test_dq_methods_asked_for(monkeypatch):
             assert triton_attention._dq_runner({"kernel": runs["kernel"]}, "any",
                                                "float32")() == "kernel"
         assert noted == {"dq_method": "kernel (float32)"}
+    monkeypatch.setattr(triton_attention, "dq_method", "auto")
+    calls.clear()
+    with aot.captured_launches([], "any"):  # make aot: both are launched, so both are built
+        assert triton_attention._dq_runner(runs, "any")() == "atomics"
+    assert calls == ["kernel", "atomics"]
     monkeypatch.setattr(triton_attention, "dq_method", "fastest")
     with pytest.raises(ValueError, match="KERNELS_ATTENTION_DQ.*'fastest'.*auto, kernel or "
                                          "atomics"):

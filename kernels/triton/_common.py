@@ -96,6 +96,11 @@ def autotune_bench(kernel_call, quantiles):
     return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
+# True while harness.aot captures launches instead of running them (it compiles them for a GPU
+# that is not here): a launcher that would time alternatives of its own (attention's dQ methods)
+# launches each of them instead, so that each is built.
+launches_captured = False
+
 # Dicts that harness.compile.autotune_choices records into while it runs: note_choice adds to them.
 choice_sinks: list[dict] = []
 

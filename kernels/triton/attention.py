@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import ON_CUDA, TRITON_INTERPRET, contract, registry
+from kernels import TRITON_INTERPRET, contract, registry
+from kernels.triton import _common
 from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, autotune_bench, cdiv, check_out,
                                     dot_precision, next_pow2, note_choice, pick_configs,
                                     reset_jit, resolved,
@@ -1030,7 +1031,7 @@ def _forward(q, k, v, dims, out):
 #              by atomic adds, five matmuls, the adds contended by the key blocks, then a cast.
 #   "auto"     on a GPU, the first call of a shape (the autotune key with B and H) times both,
 #              each already tuned, and keeps the faster: compile time, like the autotuners. In
-#              the interpreter "kernel"; harness.aot (no GPU, launches captured) builds both.
+#              the interpreter "kernel"; under harness.aot (launches captured) both are built.
 # float32 takes "kernel" whatever is asked: its dQ kernel sums what delta leaves (_delta_rest);
 # so do head dims over 128, where no _DKV_DQ_GPU_CONFIGS tile fits (the smallest, which the
 # autotuner would fall back to, spilled 10 KB a thread at D=256: make aot, sm_90).
@@ -1051,10 +1052,10 @@ def _dq_runner(runs: dict, key: tuple, alone: str = ""):
         method, why = next(iter(runs)), alone
     elif dq_method != "auto":
         method, why = dq_method, "asked for"
+    elif _common.launches_captured:  # harness.aot: nothing runs, so nothing is timed
+        return lambda: [run() for run in runs.values()][-1]
     elif TRITON_INTERPRET:
         method, why = "kernel", "the interpreter's"
-    elif not ON_CUDA:  # harness.aot: launches are captured, not run; both are built
-        return lambda: [run() for run in runs.values()][-1]
     else:
         if key not in _dq_chosen:
             for run in runs.values():  # each kernel's autotuner tunes first
