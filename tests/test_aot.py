@@ -321,8 +321,12 @@ def test_autotuners_prune_by_tma_registers_and_dtype():
                                        (64, 64, 8, True, False), (32, 64, 4, True, False)]
     assert kept(*dkv_dq, True, 128) == [(32, 128, 8, False, False), (64, 64, 8, False, False),
                                         (64, 64, 8, True, False)]
-    # none past D=128, where the backward sums dQ in its own kernel (the smallest tile is kept)
-    assert len(kept(*dkv_dq, True, 256)) == 1 and triton_attention._DQ_ATOMICS_MAX_D == 128
+    # none fits past D=128, where the backward sums dQ in its own kernel instead
+    at_256 = {"TMA_OK": True, "BLOCK_D": 256, "Q": _q(torch.bfloat16)}
+    assert not any(triton_attention._dkv_dq_fits(
+        {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}, at_256)
+        for c in triton_attention._DKV_DQ_GPU_CONFIGS)
+    assert triton_attention._DQ_ATOMICS_MAX_D == 128
     for fits, configs, kernel in (
             (triton_attention._fwd_fits, triton_attention._FWD_GPU_CONFIGS, "_fwd_kernel"),
             (triton_attention._dq_fits, triton_attention._DQ_GPU_CONFIGS, "_bwd_dq_kernel"),
