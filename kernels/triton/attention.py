@@ -170,16 +170,18 @@ def _decode_fits(meta, args) -> bool:
                       args["BLOCK_M"] * (args["BLOCK_D"] + meta["BLOCK_N"]), 160))
 
 
+def _dkv_values(meta, args) -> int:
+    return 2 * meta["BLOCK_N"] * (args["BLOCK_D"] + meta["BLOCK_M"])
+
+
 def _dkv_fits(meta, args) -> bool:
-    return (_dtype_fits(meta, args, _DKV_FP32)
-            and _fits(meta, args, 2 * meta["BLOCK_N"] * (args["BLOCK_D"] + meta["BLOCK_M"]), 192))
+    return _dtype_fits(meta, args, _DKV_FP32) and _fits(meta, args, _dkv_values(meta, args), 192)
 
 
 def _dkv_dq_fits(meta, args) -> bool:
-    """dK/dV's registers and dQ's product, BLOCK_M x BLOCK_D: of the configs above, 64x128
-    tiles at D=128 (224 a thread) spill, 32x128 ones (176) do not."""
-    bm, bn, bd = meta["BLOCK_M"], meta["BLOCK_N"], args["BLOCK_D"]
-    return _fits(meta, args, 2 * bn * (bd + bm) + bm * bd, 176)
+    """dK/dV's values and dQ's product, BLOCK_M x BLOCK_D: of the configs above, 64x128 tiles
+    at D=128 (224 a thread) spill, 32x128 ones (176) do not."""
+    return _fits(meta, args, _dkv_values(meta, args) + meta["BLOCK_M"] * args["BLOCK_D"], 176)
 
 
 @triton.jit
