@@ -611,6 +611,43 @@ def test_dq_auto_times_each_method_once_per_shape(monkeypatch):
     assert [m for m, _ in triton_attention._dq_chosen.values()] == ["atomics", "kernel"]
 
 
+def test_dq_auto_runs_the_method_left_when_one_fails(monkeypatch):
+    """"auto" on a GPU: a method that fails on its first call (a build the GPU refuses) leaves
+    the other, named with the failure in the record and a warning; every method failing raises
+    the first failure, and a timeout is never taken for a failure."""
+    monkeypatch.setattr(triton_attention, "TRITON_INTERPRET", False)
+    monkeypatch.setattr(triton_attention, "dq_method", "auto")
+    monkeypatch.setattr(triton_attention, "_dq_chosen", {})
+    monkeypatch.setattr(triton_attention, "autotune_bench", lambda run, quantiles: 1.0)
+    calls = []
+    runs = _fake_dq_runs(calls)
+
+    def refused():
+        raise RuntimeError("out of resources: shared memory")
+
+    noted = {}
+    with pytest.warns(UserWarning, match="dQ by atomics failed.*running kernel"), \
+            compile_mod.autotune_choices(noted):
+        assert triton_attention._dq_runner(runs | {"atomics": refused}, "one")() == "kernel"
+    assert noted == {"dq_method": "kernel (timed: kernel 1000 us; atomics failed: RuntimeError: "
+                                  "out of resources: shared memory)"}
+
+    def broken():
+        raise ValueError("kernel broke")
+
+    with pytest.raises(ValueError, match="kernel broke"):
+        triton_attention._dq_runner({"kernel": broken, "atomics": refused}, "two")
+
+    def timed_out():
+        raise TimeoutError("timeout: no result after 1 s")
+
+    calls.clear()
+    with pytest.raises(TimeoutError):
+        triton_attention._dq_runner(runs | {"kernel": timed_out}, "three")
+    assert calls == []  # the timeout ended the call: atomics never ran
+    assert "two" not in triton_attention._dq_chosen and "three" not in triton_attention._dq_chosen
+
+
 @pytest.mark.skipif(not kernels.TRITON_INTERPRET, reason="the interpreter's choice")
 def test_dq_methods_asked_for(monkeypatch):
     """A method asked for is the one run; "auto" in the interpreter runs "kernel", and under

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -1034,6 +1035,7 @@ def _forward(q, k, v, dims, out):
 #   "auto"     on a GPU, the first call of a shape (the autotune key with B and H) times both,
 #              each already tuned, and keeps the faster: compile time, like the autotuners. In
 #              the interpreter "kernel"; under harness.aot (launches captured) both are built.
+#              A method that fails there leaves the other (_time_dq_methods).
 # float32 takes "kernel" whatever is asked: its dQ kernel sums what delta leaves (_delta_rest);
 # so do head dims over 128, where no _DKV_DQ_GPU_CONFIGS tile fits (the smallest, which the
 # autotuner would fall back to, spilled 10 KB a thread at D=256: make aot, sm_90).
@@ -1060,14 +1062,35 @@ def _dq_runner(runs: dict, key: tuple, alone: str = ""):
         method, why = "kernel", "the interpreter's"
     else:
         if key not in _dq_chosen:
-            for run in runs.values():  # each kernel's autotuner tunes first
-                run()
-            times = {m: autotune_bench(run, quantiles=(0.5,)) for m, run in runs.items()}
-            _dq_chosen[key] = (min(times, key=times.get), "timed: " + ", ".join(
-                f"{m} {t * 1e3:.0f} us" for m, t in times.items()))
+            _dq_chosen[key] = _time_dq_methods(runs)
         method, why = _dq_chosen[key]
     note_choice("dq_method", f"{method} ({why})")
     return runs[method]
+
+
+def _time_dq_methods(runs: dict) -> tuple[str, str]:
+    """"auto" on a GPU: runs each method (its kernels' autotuners tune), times those that ran
+    and returns the faster and why. A method that fails (a build the GPU refuses, say) leaves
+    the other, with a warning and the failure in the record; if every method fails, the first
+    failure is raised. A timeout is never caught: the benchmark's limit ends the call."""
+    failed = {}
+    for method, run in runs.items():
+        try:
+            run()
+        except TimeoutError:
+            raise
+        except Exception as e:
+            failed[method] = e
+    ran = {m: run for m, run in runs.items() if m not in failed}
+    if not ran:
+        raise next(iter(failed.values()))
+    times = {m: autotune_bench(run, quantiles=(0.5,)) for m, run in ran.items()}
+    why = "timed: " + ", ".join(f"{m} {t * 1e3:.0f} us" for m, t in times.items())
+    for m, e in failed.items():
+        warnings.warn(f"triton attention backward: dQ by {m} failed ({type(e).__name__}: {e}); "
+                      f"running {', '.join(ran)}")
+        why += f"; {m} failed: {type(e).__name__}: {str(e)[:120]}"
+    return min(times, key=times.get), why
 
 
 def _backward(q, k, v, o, stats, do, dims):
