@@ -147,9 +147,9 @@ def _count_merges(monkeypatch) -> list:
     merged = []
     merge = pallas_attention.merge_splits
 
-    def counted(o, m, l, dtype):
+    def counted(o, m, l):
         merged.append(o.shape)
-        return merge(o, m, l, dtype)
+        return merge(o, m, l)
     monkeypatch.setattr(pallas_attention, "merge_splits", counted)
     jax.clear_caches()  # a cached trace would not call it
     return merged
@@ -191,19 +191,30 @@ def test_attention_blocks_checked():
         assert mosaic_attention.blocks_for(d).shared_bytes(d, 2) <= _common.SHARED_BYTES
 
 
+def _attention_sum(q, k, v, causal):
+    return mosaic_attention.attention(q, k, v, causal).astype(jnp.float32).sum()
+
+
 @pytest.mark.skipif(_common.on_gpu(), reason="on a GPU the kernels compile and run for real")
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("D", [64, 128])
-def test_attention_lowers_for_hopper(D, causal, monkeypatch):
+@pytest.mark.parametrize("grads", [False, True], ids=["forward", "gradients"])
+def test_attention_lowers_for_hopper(D, causal, grads, monkeypatch):
     """The GPU form of the kernel (wgmma on k transposed in shared memory and on P from
-    registers, WGMMA-layout masks), which interpret mode replaces by jnp dots."""
+    registers, WGMMA-layout masks), which interpret mode replaces by jnp dots; under gradients
+    also the output's rounding remainder staged through q's tile after o."""
     monkeypatch.setattr(mosaic_attention, "interpret_params", lambda: None)
     q = jax.ShapeDtypeStruct((1, 4, 300, D), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 2, 200, D), jnp.bfloat16)
+    if grads:
+        def fn(q, k, v):
+            return jax.grad(_attention_sum, argnums=(0, 1, 2))(q, k, v, causal)
+    else:
+        def fn(q, k, v):
+            return mosaic_attention.attention(q, k, v, causal)
     jax.clear_caches()
     try:
-        lowered = jax.jit(lambda q, k, v: mosaic_attention.attention(q, k, v, causal)).trace(
-            q, kv, kv).lower(lowering_platforms=("cuda",))
+        lowered = jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
     finally:
         jax.clear_caches()
     assert "mosaic_gpu" in lowered.as_text()

@@ -2,10 +2,11 @@
 
 Forward: one program per (batch, q head, query block) with an online softmax over key blocks in
 fp32 (base 2: log2(e) folded into the scale), saving each row's softmax statistics (see
-_probabilities). Backward: delta = rowsum(dO * O) in plain jnp, then a dQ kernel looping over key
-blocks (in fp32 it first sums what delta leaves: _delta_rest) and a dK/dV kernel looping over
-query blocks. GQA/MQA: the k/v BlockSpec index_map reads
-kv head h // (H // Hkv), so k and v are never repeated; dK/dV are computed per q head (fp32 when a
+_probabilities). Backward: delta = rowsum(dO * O) in plain jnp (in 16 bits O plus what its
+rounding left, which the forward keeps under jax.vjp: rounded_with_rest), then a dQ kernel
+looping over key blocks (in fp32 it first sums what delta leaves: _delta_rest) and a dK/dV kernel
+looping over query blocks. GQA/MQA: the k/v BlockSpec index_map reads kv head h // (H // Hkv),
+so k and v are never repeated; dK/dV are computed per q head (fp32 when a
 group has several heads) and summed over the group outside the kernel. Without a causal mask a
 group's queries are instead packed into one sequence of their kv head (pack_query_groups), which
 reads k and v once per group. With few query blocks (a decode step) the forward splits the keys
@@ -183,7 +184,7 @@ def _key_block_range(q_block, st: _Static):
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, *stat_refs, st: _Static):
     """stat_refs: the rows' max scaled score m and log2 of their sum of 2^(s - m) (the
     logsumexp in two parts, _probabilities), or with the keys split m and the sum itself, for
-    merge_splits."""
+    merge_splits; then, where given, the out for o's rounding remainder (rounded_with_rest)."""
     block_q, block_k = st.blocks.block_q, st.blocks.block_k
     i = pl.program_id(2)
     q = q_ref[...]
@@ -209,9 +210,21 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, *stat_refs, st: _Static):
     init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
             jnp.zeros(q.shape, jnp.float32))
     m, l, acc = lax.fori_loop(*_key_block_range(i, st), body, init)
-    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-    m_ref, l_ref = stat_refs
+    o, rest = rounded_with_rest(acc / l[:, None], o_ref.dtype)
+    o_ref[...] = o
+    m_ref, l_ref, *rest_ref = stat_refs
     m_ref[...], l_ref[...] = m, (l if st.kv_splits > 1 else jnp.log2(l))
+    if rest_ref:
+        rest_ref[0][...] = rest
+
+
+def rounded_with_rest(o, dtype):
+    """The fp32 output o rounded to `dtype`, and what that rounding left, in `dtype`. The
+    backward's delta = rowsum(dO * O) takes their sum: from the 16-bit O alone delta is off by up
+    to half an ulp of O times dO, and where one key holds nearly all of a row's probability
+    dS = P (dP - delta) is a small difference that this swamps (docs/accuracy.md)."""
+    rounded = o.astype(dtype)
+    return rounded, (o - rounded.astype(jnp.float32)).astype(dtype)
 
 
 def _first_query_alone(p, rows, visible, dtype, st: _Static):
@@ -368,7 +381,7 @@ def _vec_spec(block):
     return pl.BlockSpec((_SQ, _SQ, block), lambda b, h, i: (b, h, i))
 
 
-def _split_forward(q, k, v, st: _Static):
+def _split_forward(q, k, v, st: _Static, keep_rest: bool):
     """The forward with the keys split over a fourth grid axis: each split's normalised output,
     row max and sum in fp32, then merge_splits."""
     B, H, Sq, D = q.shape
@@ -385,11 +398,13 @@ def _split_forward(q, k, v, st: _Static):
                    vec, vec],
         out_shape=[jax.ShapeDtypeStruct((B, H, splits, Sq, D), jnp.float32), stat, stat],
         name="flash_attention_fwd_split_kv")(q, k, v)
-    return merge_splits(o, m, l, q.dtype)
+    o, m, log2_l = merge_splits(o, m, l)
+    o, rest = rounded_with_rest(o, q.dtype)
+    return o, m, log2_l, rest if keep_rest else None
 
 
-def merge_splits(o, m, l, dtype):
-    """The output and softmax statistics (row max and log2 of the sum, _probabilities) of
+def merge_splits(o, m, l):
+    """The output (fp32) and softmax statistics (row max and log2 of the sum, _probabilities) of
     attention over all keys from those of the key splits
     (o [B, H, splits, Sq, D] normalised per split; m and l [B, H, splits, Sq], each split's row
     max of the scaled scores and sum of 2^(s - m); all fp32): each split weighted by its share of
@@ -403,30 +418,39 @@ def merge_splits(o, m, l, dtype):
     weights = l * jnp.exp2(m - m_all[:, :, None])
     total = weights.sum(axis=2)
     out = (weights[..., None] * o).sum(axis=2) / total[..., None]
-    return out.astype(dtype), m_all, jnp.log2(total)
+    return out, m_all, jnp.log2(total)
 
 
-def _forward(q, k, v, st: _Static):
+def _forward(q, k, v, st: _Static, keep_rest: bool = False):
+    """o, its row statistics m and log2_l (_probabilities), and with keep_rest in 16 bits what
+    rounding o left (rounded_with_rest; else None)."""
+    keep_rest = keep_rest and q.dtype != jnp.float32
     if st.kv_splits > 1:
-        return _split_forward(q, k, v, st)
+        return _split_forward(q, k, v, st, keep_rest)
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     bq = st.blocks.block_q
-    return _call(
+    outs = 4 if keep_rest else 3
+    o, m, log2_l, *rest = _call(
         _fwd_kernel, st, (B, H, Sq // bq),
         in_specs=[_rows_spec(bq, D), _whole_spec(Sk, D, st.groups), _whole_spec(Sk, D, st.groups)],
-        out_specs=[_rows_spec(bq, D), _vec_spec(bq), _vec_spec(bq)],
+        out_specs=[_rows_spec(bq, D), _vec_spec(bq), _vec_spec(bq), _rows_spec(bq, D)][:outs],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   *[jax.ShapeDtypeStruct((B, H, Sq), jnp.float32)] * 2],
+                   *[jax.ShapeDtypeStruct((B, H, Sq), jnp.float32)] * 2,
+                   jax.ShapeDtypeStruct(q.shape, q.dtype)][:outs],
         name="flash_attention_fwd")(q, k, v)
+    return o, m, log2_l, (rest[0] if rest else None)
 
 
 def _backward(st: _Static, residuals, do):
-    q, k, v, o, m, log2_l = residuals
+    """residuals: q, k, v, o, o_rest (o's rounding remainder, rounded_with_rest, or None), and
+    o's row statistics m and log2_l."""
+    q, k, v, o, o_rest, m, log2_l = residuals
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     g = st.groups
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+    o = o.astype(jnp.float32) if o_rest is None else o.astype(jnp.float32) + o_rest
+    delta = jnp.sum(o * do.astype(jnp.float32), axis=-1)
     deltas = [delta]
 
     bq = st.blocks.block_q_dq
@@ -466,8 +490,8 @@ def _flash(q, k, v, st: _Static):
 
 
 def _flash_fwd(q, k, v, st: _Static):
-    o, m, log2_l = _forward(q, k, v, st)
-    return o, (q, k, v, o, m, log2_l)
+    o, m, log2_l, o_rest = _forward(q, k, v, st, keep_rest=True)
+    return o, (q, k, v, o, o_rest, m, log2_l)
 
 
 _flash.defvjp(_flash_fwd, _backward)

@@ -99,11 +99,13 @@ def _p_times_v(p, v_smem, wgmma: bool):
     return pl.run_scoped(mma, plgpu.ACC((p.shape[0], v_smem.shape[1]), jnp.float32))
 
 
-def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, lse_smem, q_barrier, *split_smem,
-            st: pallas_attention._Static, blocks: Blocks):
+def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, rest_gmem, q_smem, lse_smem, q_barrier,
+            *split_smem, st: pallas_attention._Static, blocks: Blocks):
     """With the keys split (st.kv_splits > 1, never causal), grid axis "split" picks a run of
     st.kv_split_blocks key blocks, and o and lse have a split axis after the head: this
-    split's output in fp32 (staged in split_smem) and its logsumexp, merged by the caller."""
+    split's output in fp32 (staged in split_smem) and its logsumexp, merged by the caller.
+    rest_gmem: None, or (not split) where what rounding o left goes
+    (pallas_attention.rounded_with_rest)."""
     b, h = lax.axis_index("batch"), lax.axis_index("head")
     dtype, d = q_gmem.dtype, q_gmem.shape[-1]
     bkv = blocks.block_kv
@@ -186,10 +188,16 @@ def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, lse_smem, q_barrie
                     staging.at[wg][...] = o[:, c:c + SPLIT_COLS]
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(staging.at[wg], o_rows.at[:, pl.ds(c, SPLIT_COLS)])
-            else:  # q's tile is done with: it stages o for the TMA store
-                q_smem.at[wg][...] = o.astype(dtype)
+            else:  # q's tile is done with: it stages o (and o's rest) for the TMA stores
+                rounded, rest = pallas_attention.rounded_with_rest(o, dtype)
+                q_smem.at[wg][...] = rounded
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(q_smem.at[wg], o_rows)
+                if rest_gmem is not None:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the tile free again
+                    q_smem.at[wg][...] = rest
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(q_smem.at[wg], rest_gmem.at[(*out_head, rows)])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_gmem.at[(*out_head, rows)])
             plgpu.wait_smem_to_gmem(0)
 
@@ -215,7 +223,9 @@ def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, lse_smem, q_barrie
     )(k_gmem.at[b, kv_head], v_gmem.at[b, kv_head])
 
 
-def _forward(q, k, v, st: pallas_attention._Static, blocks: Blocks):
+def _forward(q, k, v, st: pallas_attention._Static, blocks: Blocks, keep_rest: bool = False):
+    """o, its row statistics m and log2_l (pallas_attention._probabilities), and with keep_rest
+    what rounding o left (pallas_attention.rounded_with_rest; else None)."""
     B, H, Sq, D = q.shape
     splits = st.kv_splits
     scratch = [plgpu.SMEM((2, ROWS, D), q.dtype, transforms=swizzled(D, q.dtype)),
@@ -230,14 +240,16 @@ def _forward(q, k, v, st: pallas_attention._Static, blocks: Blocks):
         grid, grid_names = grid + (splits,), grid_names + ("split",)
         out_type = [jax.ShapeDtypeStruct((B, H, splits, Sq, D), jnp.float32),
                     jax.ShapeDtypeStruct((B, H, splits, Sq), jnp.float32)]
+    elif keep_rest:  # (split outputs are fp32: their merge gives the rest)
+        out_type.append(jax.ShapeDtypeStruct(q.shape, q.dtype))
 
-    def entry(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem):
+    def entry(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, rest_gmem=None):
         pl.run_scoped(
-            functools.partial(_kernel, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, st=st,
-                              blocks=blocks),
+            functools.partial(_kernel, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, rest_gmem,
+                              st=st, blocks=blocks),
             *scratch, collective_axes="wg")
 
-    o, lse = plgpu.kernel(
+    o, lse, *rest = plgpu.kernel(
         entry, out_type=out_type, grid=grid, grid_names=grid_names,
         num_threads=3, thread_name="wg",  # two compute warpgroups and the memory one
         compiler_params=plgpu.CompilerParams(
@@ -247,15 +259,16 @@ def _forward(q, k, v, st: pallas_attention._Static, blocks: Blocks):
     if splits == 1:
         # The backward's row statistics (kernels.pallas.attention._probabilities): the logsumexp
         # in one part (the rounding of lse is far below a 16-bit output's).
-        return o, lse, jnp.zeros_like(lse)
+        return o, lse, jnp.zeros_like(lse), (rest[0] if rest else None)
     # Only the real query rows are merged: a decode step's block is mostly padding rows (4 real
     # of 128 in the standard cases), whose partial outputs the merge would otherwise read. The
     # backward's tiles take the merged o and statistics padded back. Each split gives its
     # logsumexp alone, so its sum is taken as 1.
     lse = lse[:, :, :, :st.sq]
-    o, m, log2_l = pallas_attention.merge_splits(o[:, :, :, :st.sq], lse, jnp.ones_like(lse),
-                                                 q.dtype)
-    return tuple(pad_axis(x, 2, 2 * ROWS) for x in (o, m, log2_l))
+    o, m, log2_l = pallas_attention.merge_splits(o[:, :, :, :st.sq], lse, jnp.ones_like(lse))
+    o, rest = pallas_attention.rounded_with_rest(o, q.dtype)
+    o, m, log2_l, rest = (pad_axis(x, 2, 2 * ROWS) for x in (o, m, log2_l, rest))
+    return o, m, log2_l, (rest if keep_rest else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -264,8 +277,8 @@ def _flash(q, k, v, st: pallas_attention._Static, blocks: Blocks):
 
 
 def _flash_fwd(q, k, v, st, blocks):
-    o, m, log2_l = _forward(q, k, v, st, blocks)
-    return o, (q, k, v, o, m, log2_l)
+    o, m, log2_l, o_rest = _forward(q, k, v, st, blocks, keep_rest=True)
+    return o, (q, k, v, o, o_rest, m, log2_l)
 
 
 def _flash_bwd(st, blocks, residuals, do):

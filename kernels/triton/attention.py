@@ -2,6 +2,8 @@
 three kernels (delta = rowsum(dO * O), dQ over key blocks, dK/dV over query blocks; in fp32 the dQ
 kernel also sums what delta leaves for the dK/dV kernel: _delta_rest), or in 16 bits two, the
 dK/dV kernel adding dQ by atomics (DQ_METHODS: on a GPU the faster of the two is kept per shape).
+A 16-bit forward under autograd also writes what rounding O left (_store_output_rest), so delta
+takes O as computed in fp32.
 
 Layout [B, H, S, D] with any strides. GQA/MQA read kv head h // (H // Hkv) in place; k and v are
 never repeated. On a GPU each kernel's autotuner also tries configs that move q, k, v, o and dO
@@ -383,6 +385,16 @@ def _store_logsumexp(LSE, LSE_REST, offsets, m, l, mask):
 
 
 @triton.jit
+def _store_output_rest(base, o, rows, Sq, cols, D, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """What rounding the fp32 output o to DTYPE leaves, in DTYPE, contiguous [Sq, D] from
+    `base`, for the backward's delta = rowsum(dO * O) (_bwd_delta_kernel): with O rounded to 16
+    bits alone, delta is off by up to half an ulp of O times dO, and where one key holds nearly
+    all of a row's probability dS = P (dP - delta) is a small difference that this swamps."""
+    rest = o - to_output(o, DTYPE, UPCAST).to(tl.float32)
+    _store(base, rest, rows, Sq, D, cols, D, 1, UPCAST)
+
+
+@triton.jit
 def _load_logsumexp(LSE, LSE_REST, offsets, mask, MASKED: tl.constexpr, DTYPE: tl.constexpr):
     """The logsumexp and, in fp32 only, its remainder (zeros otherwise, never read). Padded rows
     (MASKED) read 0."""
@@ -449,7 +461,7 @@ def _fwd_step(acc, l_i, m_i, q, K, V, Kd, Vd, rows, start_n, Sk, stride_ks, stri
 
 @autotune(_FWD_CONFIGS, _AUTOTUNE_KEY, _fwd_fits)
 @triton.jit
-def _fwd_kernel(Q, K, V, O, TMA_OK, LSE, LSE_REST, qk_scale, Sq, Sk, H, GROUP, D,
+def _fwd_kernel(Q, K, V, O, TMA_OK, LSE, LSE_REST, O_REST, qk_scale, Sq, Sk, H, GROUP, D,
                 stride_qb, stride_qh, stride_qs, stride_qd,
                 stride_kb, stride_kh, stride_ks, stride_kd,
                 stride_vb, stride_vh, stride_vs, stride_vd,
@@ -460,7 +472,7 @@ def _fwd_kernel(Q, K, V, O, TMA_OK, LSE, LSE_REST, qk_scale, Sq, Sk, H, GROUP, D
                 WS: tl.constexpr = False):
     """Q, K, V, O by pointer, or (TMA) through descriptors of the program's heads (TMA_OK:
     whether the tensors allow that; an autotune key, unused in the kernel). WS: the key loops
-    warp-specialized."""
+    warp-specialized. O_REST: None, or where o's rounding remainder goes (_store_output_rest)."""
     pid_m = _query_block(tl.program_id(0), CAUSAL)
     pid_bh = tl.program_id(1)
     b, h, hkv = _heads(pid_bh, H, GROUP)
@@ -506,6 +518,9 @@ def _fwd_kernel(Q, K, V, O, TMA_OK, LSE, LSE_REST, qk_scale, Sq, Sk, H, GROUP, D
 
     acc = acc / l_i[:, None]
     _store_logsumexp(LSE, LSE_REST, pid_bh.to(tl.int64) * Sq + rows, m_i, l_i, rows < Sq)
+    if O_REST is not None:
+        _store_output_rest(O_REST + pid_bh.to(tl.int64) * Sq * D, acc, rows, Sq, cols, D,
+                           O.dtype.element_ty, UPCAST)
     if TMA:  # the store writes only the rows and head dims inside o
         Od = _descriptor(O, Sq, stride_os, D, BLOCK_M, BLOCK_D, TMA)
         Od.store([pid_m * BLOCK_M, 0], to_output(acc, O.dtype.element_ty, UPCAST))
@@ -584,7 +599,8 @@ def _decode_kernel(Q, K, V, TMA_OK, PART_O, PART_M, PART_L, qk_scale, Sq, Sk, H,
 
 
 @triton.jit
-def _decode_combine_kernel(PART_O, PART_M, PART_L, O, LSE, LSE_REST, splits, Sq, H, GROUP, D,
+def _decode_combine_kernel(PART_O, PART_M, PART_L, O, LSE, LSE_REST, O_REST, splits, Sq, H,
+                           GROUP, D,
                            stride_ob, stride_oh, stride_os, stride_od,
                            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
     """Program b * Hkv + hkv merges its splits' partial outputs, each weighted by its share of
@@ -609,14 +625,17 @@ def _decode_combine_kernel(PART_O, PART_M, PART_L, O, LSE, LSE_REST, splits, Sq,
         part = tl.load(PART_O + (first + s * BLOCK_M)[:, None] * BLOCK_D + cols[None, :])
         total += weight
         acc += weight[:, None] * part
-    out = to_output(acc / total[:, None], O.dtype.element_ty, UPCAST)
-    tl.store(O + o_offsets[:, None] + cols[None, :] * stride_od, out,
-             mask=row_ok[:, None] & (cols[None, :] < D))
+    o = acc / total[:, None]
+    tl.store(O + o_offsets[:, None] + cols[None, :] * stride_od,
+             to_output(o, O.dtype.element_ty, UPCAST), mask=row_ok[:, None] & (cols[None, :] < D))
     _store_logsumexp(LSE, LSE_REST, pid.to(tl.int64) * GROUP * Sq + packed, m, total, row_ok)
+    if O_REST is not None:  # packed rows are the [B, H, Sq] order's, contiguous from the group's
+        _store_output_rest(O_REST + pid.to(tl.int64) * GROUP * Sq * D, o, packed, GROUP * Sq,
+                           cols, D, O.dtype.element_ty, UPCAST)
 
 
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, Sq, H, D,
+def _bwd_delta_kernel(O, O_REST, DO, DELTA, Sq, H, D,
                       stride_ob, stride_oh, stride_os, stride_od,
                       stride_db, stride_dh, stride_ds, stride_dd,
                       BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -627,6 +646,9 @@ def _bwd_delta_kernel(O, DO, DELTA, Sq, H, D,
     cols = tl.arange(0, BLOCK_D)
     o = _load(O + b * stride_ob + h * stride_oh, rows, Sq, stride_os, cols, D, stride_od, True,
               True, True)
+    if O_REST is not None:  # o as the forward computed it, in fp32 (_store_output_rest)
+        o += _load(O_REST + pid_bh.to(tl.int64) * Sq * D, rows, Sq, D, cols, D, 1, True, True,
+                   True)
     do = _load(DO + b * stride_db + h * stride_dh, rows, Sq, stride_ds, cols, D, stride_dd, True,
                True, True)
     tl.store(DELTA + pid_bh.to(tl.int64) * Sq + rows, tl.sum(o * do, 1), mask=rows < Sq)
@@ -981,7 +1003,7 @@ def _decode_splits(programs: int, Sk: int, device: torch.device) -> tuple[int, i
     return splits, blocks * _DECODE_SPLIT_ALIGN
 
 
-def _decode_forward(q, k, v, dims, out, stats, one_key: bool):
+def _decode_forward(q, k, v, dims, out, stats, o_rest, one_key: bool):
     group = dims.H // dims.Hkv
     block_d = _block_d(dims.D)
     block_m = max(16, next_pow2(dims.Sq * group))  # tl.dot's smallest M
@@ -1000,16 +1022,19 @@ def _decode_forward(q, k, v, dims, out, stats, one_key: bool):
         BLOCK_D=block_d, D_EDGE=dims.D != block_d, PRECISION=dot_precision(q.dtype),
         UPCAST=upcast, ONE_KEY=one_key, BLOCK_M=block_m, **tma)
     _decode_combine_kernel[(programs,)](
-        part_o, part_m, part_l, out, *stats, splits, dims.Sq, dims.H, group, dims.D, *out.stride(),
+        part_o, part_m, part_l, out, *stats, o_rest, splits, dims.Sq, dims.H, group, dims.D,
+        *out.stride(),
         BLOCK_D=block_d, BLOCK_M=block_m, UPCAST=upcast)
 
 
-def _forward(q, k, v, dims, out):
-    # the softmax's logsumexp for the backward and the remainder of its rounding
+def _forward(q, k, v, dims, out, o_rest=None):
+    """Writes softmax(q k^T * scale) v into `out`; returns the softmax's logsumexp for the
+    backward and the remainder of its rounding. o_rest: None, or a contiguous [B, H, Sq, D]
+    tensor of out's dtype for what rounding o to it left (_store_output_rest)."""
     stats = torch.empty((2, dims.B, dims.H, dims.Sq), dtype=torch.float32, device=q.device)
     one_key = contract.one_visible_key(dims.Sq, dims.Sk, dims.causal)
     if _decodes(dims):
-        _decode_forward(q, k, v, dims, out, stats, one_key)
+        _decode_forward(q, k, v, dims, out, stats, o_rest, one_key)
         return stats
     block_d = _block_d(dims.D)
     tma_ok, tma = _tma_args(q, k, v, out)
@@ -1017,7 +1042,7 @@ def _forward(q, k, v, dims, out):
     def grid(meta):
         return (cdiv(dims.Sq, meta["BLOCK_M"]), dims.B * dims.H)
 
-    _fwd_kernel[grid](q, k, v, out, tma_ok, *stats, dims.scale * LOG2_E, dims.Sq,
+    _fwd_kernel[grid](q, k, v, out, tma_ok, *stats, o_rest, dims.scale * LOG2_E, dims.Sq,
                       dims.Sk, dims.H, dims.H // dims.Hkv, dims.D,
                       *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                       CAUSAL=dims.causal, BLOCK_D=block_d, D_EDGE=dims.D != block_d,
@@ -1093,7 +1118,7 @@ def _time_dq_methods(runs: dict) -> tuple[str, str]:
     return min(times, key=times.get), why
 
 
-def _backward(q, k, v, o, stats, do, dims):
+def _backward(q, k, v, o, o_rest, stats, do, dims):
     block_d = _block_d(dims.D)
     # delta and, in fp32, its remainder, which the dQ kernel sums (_delta_rest) and so runs
     # before the dK/dV kernel. 16-bit kernels take None for the second (never read), so their
@@ -1101,7 +1126,7 @@ def _backward(q, k, v, o, stats, do, dims):
     fp32 = q.dtype == torch.float32
     delta_parts = [torch.empty_like(stats[0]), torch.empty_like(stats[0]) if fp32 else None]
     _bwd_delta_kernel[(cdiv(dims.Sq, _DELTA_BLOCK_M), dims.B * dims.H)](
-        o, do, delta_parts[0], dims.Sq, dims.H, dims.D, *o.stride(), *do.stride(),
+        o, o_rest, do, delta_parts[0], dims.Sq, dims.H, dims.D, *o.stride(), *do.stride(),
         BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M)
 
     dq_shape = (dims.B, dims.H, dims.Sq, dims.D)
@@ -1153,15 +1178,18 @@ class _Attention(torch.autograd.Function):
             out = _new_output(q, dims)
         else:
             ctx.mark_dirty(out)  # written in place: autograd must know the buffer changed
-        stats = _forward(q, k, v, dims, out)
-        ctx.save_for_backward(q, k, v, out, stats)
+        # 16 bits: delta = rowsum(dO * O) takes O before its rounding (_store_output_rest)
+        o_rest = None if q.dtype == torch.float32 else torch.empty(
+            (dims.B, dims.H, dims.Sq, dims.D), dtype=q.dtype, device=q.device)
+        stats = _forward(q, k, v, dims, out, o_rest)
+        ctx.save_for_backward(q, k, v, out, o_rest, stats)
         ctx.dims = dims
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, stats = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, stats, do, ctx.dims)
+        q, k, v, o, o_rest, stats = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, o_rest, stats, do, ctx.dims)
         return dq, dk, dv, None, None
 
 
