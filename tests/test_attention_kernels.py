@@ -446,13 +446,15 @@ def test_peaked_softmax_16_bit(impl, case, seed):
     small difference, and delta = rowsum(dO * O) from O rounded to fp16 swamps it. The 16-bit
     forwards keep what rounding O left for the backward's delta. Without it dQ and dK erred 4.1
     and 4.0 times SDPA's error in the first case (0.269 against 0.065; over the budget), 4.0 and
-    4.2 times in the second; with it 0.007 times in the first."""
+    4.2 times in the second; with it 0.007 to 0.008 and 0.84 to 0.89 times."""
     if impl not in registry.impls("attention"):
         pytest.skip(registry.disabled("attention").get(impl, f"{impl} is not registered"))
     errors, stock = _errors_and_sdpas(impl, case, "float16", seed)
     check_within_budget(errors, stock, torch.float16, f"{impl} 16-bit peaked softmax")
+    # Half the budget, far from both sides: 4.0 to 4.2 times SDPA's error before, 0.007 to 0.89
+    # times with the remainder (CPU).
     for name, err, sdpa in list(zip(GRAD_NAMES, errors, stock))[1:3]:  # dq, dk
-        assert err <= sdpa, f"{impl} {name}: {err:.3g}, more than SDPA's {sdpa:.3g}"
+        assert err <= 2 * sdpa, f"{impl} {name}: {err:.3g}, over twice SDPA's {sdpa:.3g}"
 
 
 def _fp32_run(impl: str, case):
