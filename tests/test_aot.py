@@ -277,17 +277,22 @@ def test_autotuners_prune_by_tma_registers_and_dtype():
     whose tiles spill at D=128; fp32 only its own tiles, smaller as the head dim grows, and the
     16-bit dtypes never those; the forward's warp-specialized configs counted by their two
     consumer partitions; no TMA matmul tiles over shared memory in fp32."""
-    def kept(fits, configs, tma_ok, block_d, dtype=torch.bfloat16):
+    def kept(fits, configs, tma_ok, block_d, dtype=torch.bfloat16, o_rest=None):
         prune = prune_by(fits)["early_config_prune"]
+        args = {"TMA_OK": tma_ok, "BLOCK_D": block_d, "Q": _q(dtype), "O_REST": o_rest}
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["TMA"],
-                 c.kwargs.get("WS", False))
-                for c in prune(configs, {"TMA_OK": tma_ok, "BLOCK_D": block_d, "Q": _q(dtype)})]
+                 c.kwargs.get("WS", False)) for c in prune(configs, args)]
 
-    def fwd(tma_ok, block_d, dtype=torch.bfloat16):
+    def fwd(tma_ok, block_d, dtype=torch.bfloat16, o_rest=None):
         return kept(triton_attention._fwd_fits, triton_attention._FWD_GPU_CONFIGS, tma_ok,
-                    block_d, dtype)
+                    block_d, dtype, o_rest)
 
     assert (128, 64, 8, True, False) in fwd(True, 128)
+    # storing O's rounding remainder (a backward follows): 128x32 tiles in 4 warps spill at D=128
+    with_rest = fwd(True, 128, o_rest=_q(torch.bfloat16))
+    assert (128, 32, 4, False, False) in fwd(True, 128)
+    assert set(with_rest) == set(fwd(True, 128)) - {(128, 32, 4, False, False)}
+    assert fwd(True, 64, o_rest=_q(torch.bfloat16)) == fwd(True, 64)
     # 128x64 tiles in 4 warps spill at D=128; warp-specialized, two partitions of 4 share them
     assert (128, 64, 4, True, False) not in fwd(True, 128)
     assert (128, 64, 4, False, False) not in fwd(True, 128)
