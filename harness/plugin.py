@@ -236,10 +236,10 @@ class RunState:
             from harness.timeline import write_run_trace
 
             # every record of the run, those of the calls it resumes included (this process's
-            # alone left a resumed run's timeline with its last part); the counters are this
-            # process's samples
-            write_run_trace(self.profile_dir / f"run{suffix}.pftrace", results.load(self.path),
-                            samples)
+            # alone left a resumed run's timeline with its last part), none for a call cut before
+            # its first; the counters are this process's samples
+            records = results.load(self.path) if self.path.exists() else []
+            write_run_trace(self.profile_dir / f"run{suffix}.pftrace", records, samples)
 
 
 @pytest.fixture(scope="session")

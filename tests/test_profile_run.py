@@ -88,3 +88,28 @@ def test_trace_summary_cli(profiled):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert records[0]["top_kernels"][0]["name"] in proc.stdout
+
+
+def test_a_run_interrupted_before_its_first_record_still_ends_cleanly(tmp_path):
+    """A call cut before any benchmark finished (make gpu's profile stage at its limit) has no
+    results file: it still writes its timeline (the telemetry counters) and ends as interrupted,
+    not with a traceback from the session's teardown."""
+    plugin = tmp_path / "interrupts.py"
+    plugin.write_text(
+        "from kernels import registry\n\n\n"
+        "@registry.register('matmul', 'interrupts', framework='torch')\n"
+        "def interrupts(a, b):\n"
+        "    raise KeyboardInterrupt\n")
+    env = {**outer_env(), "KERNELS_REPORTS": str(tmp_path / "reports"),
+           "KERNELS_PROFILES": str(tmp_path / "profiles"), "KERNELS_PLUGINS": str(plugin)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/bench", "-q", "--bench", "--profile",
+         "--run-id=cut", "--ops=matmul", "--impls=interrupts", "--isolate=none",
+         "--tier=smoke", "--dtypes=fp32", "-k", "257x131x67"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert not (tmp_path / "reports" / "runs" / "cut" / "results.jsonl").exists()
+    run = timeline.read_run_trace(tmp_path / "profiles" / "cut" / "run.pftrace")
+    assert run["tracks"] == {} and run["counters"]
