@@ -179,7 +179,7 @@ def pytest_collection_modifyitems(config, items):
 
 def _deselect_recorded(config, items) -> None:
     path = results.run_dir(config.getoption("run_id")) / "results.jsonl"
-    done = {results.record_key(r) for r in results.load(path)} if path.exists() else set()
+    done = {results.record_key(r) for r in results.load(path, missing_ok=True)}
     keep, skip = [], []
     for item in items:
         b = _bench_item(item)
@@ -238,8 +238,8 @@ class RunState:
             # every record of the run, those of the calls it resumes included (this process's
             # alone left a resumed run's timeline with its last part), none for a call cut before
             # its first; the counters are this process's samples
-            records = results.load(self.path) if self.path.exists() else []
-            write_run_trace(self.profile_dir / f"run{suffix}.pftrace", records, samples)
+            write_run_trace(self.profile_dir / f"run{suffix}.pftrace",
+                            results.load(self.path, missing_ok=True), samples)
 
 
 @pytest.fixture(scope="session")
@@ -262,7 +262,7 @@ def pytest_terminal_summary(terminalreporter, config):
         if not config.getoption("run_id"):
             return
         path = results.run_dir(config.getoption("run_id")) / "results.jsonl"
-        records = results.load(path) if path.exists() else []
+        records = results.load(path, missing_ok=True)
     if not records:
         return
     from harness.summary import table

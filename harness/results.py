@@ -68,8 +68,11 @@ def append(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def load(path: Path) -> list[dict]:
-    """Records of a results.jsonl; a line cut short by a kill is ignored."""
+def load(path: Path, missing_ok: bool = False) -> list[dict]:
+    """Records of a results.jsonl; a line cut short by a kill is ignored. missing_ok: a run
+    that has recorded nothing yet (no file) has no records, rather than an error."""
+    if missing_ok and not Path(path).exists():
+        return []
     out = []
     with open(path) as f:
         for line in f:
