@@ -110,6 +110,7 @@ def test_a_run_interrupted_before_its_first_record_still_ends_cleanly(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
+    assert "fixture was not used" not in output, output[-3000:]  # torn down at the session's end
     assert not (tmp_path / "reports" / "runs" / "cut" / "results.jsonl").exists()
     run = timeline.read_run_trace(tmp_path / "profiles" / "cut" / "run.pftrace")
     assert run["tracks"] == {} and run["counters"]

@@ -17,8 +17,8 @@ def _feed_device_time(benchmark, samples):
     benchmark.pedantic(replay, rounds=len(samples), iterations=1, warmup_rounds=0)
 
 
-# A benchmark that failed or was skipped has no device time to hand pytest-benchmark.
-@pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
+# A benchmark that failed or was skipped has no device time to hand pytest-benchmark (pyproject.toml
+# silences its "fixture was not used" warning).
 def test_bench(bench_item, bench_run, benchmark):
     not_run = bench_run.runner.cannot_run(bench_item)
     if not_run:
