@@ -253,6 +253,26 @@ def test_triton_dq_atomics_over_many_key_blocks(case, dtype, monkeypatch):
     _check_triton(case, dtype, f"triton dq by atomics {dtype}")
 
 
+@pytest.mark.parametrize("dtype, shift", [(torch.float16, 2.5), (torch.bfloat16, 6.0)],
+                         ids=["float16", "bfloat16"])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",  # the padded keys' P,
+                            "ignore:invalid value encountered:RuntimeWarning")  # then masked
+def test_triton_dq_atomics_with_every_score_far_below_zero(dtype, shift, monkeypatch):
+    """Every score near -25 (fp16) or -144 (bf16): P = exp2(-lse) of the keys past Sk (zero k,
+    score 0) overflows fp16, or fp32. The whole query blocks of the dK/dV kernel mask no keys, so
+    before the fix those keys' dS reached dQ's atomic adds as inf * 0 and dQ was all NaN; the
+    dQ kernel masks its partial key block and was right."""
+    dq_by("atomics", monkeypatch)
+    case = (1, 1, 1, 64, 33, 16, False, None)  # whole query blocks, a partial key block
+    q, k, v, do = make_inputs(case, torch.float32)
+    q, k = (shift + 0.1 * q).to(dtype), (-shift + 0.1 * k).to(dtype)
+    v, do = v.to(dtype), do.to(dtype)
+    refs = reference_with_grads(q, k, v, do, False, None)
+    errors = [rel_err(x, r) for x, r in zip(run_triton(q, k, v, do, False, None), refs)]
+    check_within_budget(errors, sdpa_errors(q, k, v, do, False, None, refs), dtype,
+                        f"triton dq by atomics, scores far below 0, {dtype}")
+
+
 def _check_triton(case, dtype: torch.dtype, what: str):
     causal, scale = case[6], case[7]
     q, k, v, do = make_inputs(case, dtype)

@@ -710,6 +710,10 @@ def _dkv_step(dk, dv, k, v, Qh, DOh, Qd, DOd, g, LSE, LSE_REST, DELTA, DELTA_RES
         ds_t = tl.zeros_like(ds_t)
     if MASKED:
         ds_t = _first_query_no_score_grad(ds_t, rows[None, :], CAUSAL, Qh.dtype.element_ty)
+    elif DQ_ATOMIC:
+        # Keys past Sk (zero k, score 0) are not masked here: their P = exp2(-lse) overflows
+        # where a row's every score is far below 0, and dS^T K would add inf * 0 = NaN into dQ.
+        ds_t = tl.where(keys[:, None] < Sk, ds_t, 0.0)
     ds_t = _as_operand(ds_t, Qh.dtype.element_ty, UPCAST)
     dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
     if DQ_ATOMIC:
