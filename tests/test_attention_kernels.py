@@ -598,6 +598,14 @@ def test_bad_input_raises(impl, what, overrides, kwargs, error, match):
         fn(args["q"], args["k"], args["v"], **kwargs)
 
 
+def test_triton_refuses_more_batch_heads_than_a_grid_axis_takes():
+    """Its kernels' programs take (batch, head) on the grid's second axis, which a GPU caps at
+    65535: a clear error, not CUDA's invalid-argument launch failure."""
+    q = _torch_array((256, 257, 1, 16))
+    with pytest.raises(ValueError, match="batch x heads = 256 x 257 must be <= 65535"):
+        registry.get("attention", "triton")(q, q, q)
+
+
 @pytest.mark.parametrize("impl", ["triton", "pallas"])
 def test_wrong_framework_array_raises(impl):
     """A torch kernel given jax arrays (and the reverse), or numpy arrays, is a TypeError."""

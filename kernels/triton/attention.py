@@ -35,6 +35,7 @@ from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, autotune_bench,
                                     use_descriptor_allocator)
 
 LOG2_E = 1 / math.log(2)
+MAX_GRID_Y = 65535  # programs a CUDA grid's second axis takes (the interpreter has no such limit)
 
 
 def _config(bm, bn, warps, stages, tma=None, ws=False):
@@ -1216,6 +1217,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         contract.check_device(name, x, DEVICE_TYPE)
     if dims.D > 256:
         raise ValueError(f"q's head dimension D={dims.D} must be <= 256 for this kernel")
+    if dims.B * dims.H > MAX_GRID_Y:  # the kernels' programs take (batch, head) on grid axis 1
+        raise ValueError(f"q's batch x heads = {dims.B} x {dims.H} must be <= {MAX_GRID_Y} for "
+                         "this kernel (a GPU grid's second axis)")
     if out is not None:
         check_out(out, (dims.B, dims.H, dims.Sq, dims.D), q)
     q, k, v = resolved(q, k, v)
