@@ -256,9 +256,10 @@ class References:
         arrays = inputs_mod.make_torch(case, dtype, self.device)
         kwargs = inputs_mod.options(case)
         oracle = getattr(reference, case.op)
+        stock_op = registry.get(case.op, STOCK_FOR_ERROR)
         if mode == "fwd":
             ref = oracle(*arrays.values(), **kwargs, device=self.device)
-            stock = registry.get(case.op, STOCK_FOR_ERROR)(*arrays.values(), **kwargs)
+            stock = stock_op(*arrays.values(), **kwargs)
             return ref, check.rel_err(stock, ref)
         do = _grad_output(case, dtype, "torch", self.device)
         grads_oracle = getattr(reference, f"{case.op}_grads", None)  # written out, memory-bounded
@@ -270,8 +271,7 @@ class References:
             ref = torch.autograd.grad(oracle(*leaves, **kwargs, device=self.device), leaves,
                                       reference.as_float64(do, self.device))
         stock_leaves = [t.requires_grad_(True) for t in arrays.values()]
-        stock = torch.autograd.grad(registry.get(case.op, STOCK_FOR_ERROR)(*stock_leaves, **kwargs),
-                                    stock_leaves, do)
+        stock = torch.autograd.grad(stock_op(*stock_leaves, **kwargs), stock_leaves, do)
         return ref, _grads_err(stock, ref)
 
 
@@ -291,7 +291,9 @@ class Session:
     # "each": every benchmark compiles cold then warm; "first": cold only for the first benchmark
     # of each (op, implementation, dtype, mode), warm for the rest (a GPU tier's biggest cost)
     compile_cold: str = "each"
-    _cold_done: set = field(default_factory=set, repr=False)
+    # (op, implementation, dtype, mode) -> the compile caches' directory its cold call filled,
+    # where its warm-only calls look (under "first")
+    _compile_caches: dict = field(default_factory=dict, repr=False)
     device: str = field(default_factory=lambda: Session.device_type())
 
     @staticmethod
@@ -378,15 +380,17 @@ class Session:
                 calls = build(impl, b.case, arrays, do, b.mode)
 
         kind = (b.op, impl.name, b.dtype, b.mode)
-        cold = self.compile_cold == "each" or kind not in self._cold_done
+        caches = self._compile_caches.get(kind) if self.compile_cold == "first" else None
+        cold = caches is None
+        if cold:
+            caches = compile_mod.fresh_caches(self.cache_root)
         autotuned: dict[str, str] = {}
         with compile_mod.autotune_choices(autotuned):
-            first = compile_mod.first_calls(calls.first, impl.reset, self.cache_root, cold,
-                                            calls.prepare)
+            first = compile_mod.first_calls(calls.first, impl.reset, caches, cold, calls.prepare)
         phases += first.phases
         if autotuned:
             rec["autotuned"] = autotuned
-        self._cold_done.add(kind)
+        self._compile_caches[kind] = caches
         output = calls.checked(first.output if calls.repoisoned is None
                                else timing.sync(calls.repoisoned()))
         err = check.rel_err(output, ref) if b.mode == "fwd" else _grads_err(output, ref)

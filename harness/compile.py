@@ -5,7 +5,9 @@ cold: every compile cache is empty. In-memory caches are dropped (the implementa
       caches point at a fresh directory (TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR; jax runs with
       no persistent cache).
 warm: in-memory caches dropped again, on-disk caches kept from the cold call: what a second
-      process on the same machine pays.
+      process on the same machine pays. Under COLD=first a later case has a warm call only, in
+      the disk caches its implementation's cold call filled (with what its benchmarks since
+      built; `warm_built` counts the files it added).
 Both are reported as (first call) - (median steady-state call); autotuning and cuDNN's algorithm
 search count as compile time. An implementation with no reset hook (eager torch) has nothing to
 recompile: its cold figure is its first-call overhead in this process and warm is not measured.
@@ -47,14 +49,18 @@ def _timed(call: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def first_calls(call: Callable[[], Any], reset: Callable[[], None] | None,
-                cache_root: str, cold: bool = True,
+                cache_dir: str, cold: bool = True,
                 prepare: Callable[[], None] | None = None) -> FirstCalls:
-    """Runs the cold call (fresh caches) and, where the implementation can be reset, the warm one.
-    cold=False, for an implementation that can be reset: only the warm call (the disk caches of
-    earlier benchmarks kept), its output the one checked. `prepare`, untimed, after each reset
+    """Runs the cold call and, where the implementation can be reset, the warm one, with the
+    on-disk compile caches in `cache_dir`: for a cold call a new, empty directory (fresh_caches).
+    cold=False, for an implementation that can be reset: only the warm call, its output the one
+    checked; `cache_dir` is then the one this implementation's cold call filled, so the warm call
+    finds the kernels earlier benchmarks of it built. `prepare`, untimed, after each reset
     and before each call: what the call needs that must be made after the reset (a backward's
     forward graph, which keeps its compiled backward through any reset)."""
     prepare = prepare or (lambda: None)
+    for var in _CACHE_ENV:
+        os.environ[var] = os.path.join(cache_dir, var.lower())
     if not cold and reset is not None:
         before = _cache_files()
         reset()
@@ -63,9 +69,6 @@ def first_calls(call: Callable[[], Any], reset: Callable[[], None] | None,
         warm_s, out = _timed(call)
         phases = [span("warm_compile", t0)]
         return FirstCalls(None, warm_s, out, phases, _cache_files() - before)
-    fresh = tempfile.mkdtemp(prefix="compile-", dir=cache_root)
-    for var in _CACHE_ENV:
-        os.environ[var] = os.path.join(fresh, var.lower())
     if reset is not None:
         reset()
     prepare()
@@ -80,6 +83,11 @@ def first_calls(call: Callable[[], Any], reset: Callable[[], None] | None,
         warm_s, _ = _timed(call)
         phases.append(span("warm_compile", t0))
     return FirstCalls(cold_s, warm_s, out, phases)
+
+
+def fresh_caches(cache_root: str) -> str:
+    """A new, empty directory under cache_root for a cold call's compile caches."""
+    return tempfile.mkdtemp(prefix="compile-", dir=cache_root)
 
 
 def _cache_files() -> int:

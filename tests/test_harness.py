@@ -457,12 +457,51 @@ def test_a_warm_only_call_counts_the_compile_cache_files_it_built(tmp_path, monk
 
     for var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):  # first_calls sets them
         monkeypatch.delenv(var, raising=False)
-    cold = compile_mod.first_calls(call_for("a"), lambda: None, str(tmp_path))
+    caches = compile_mod.fresh_caches(str(tmp_path))
+    cold = compile_mod.first_calls(call_for("a"), lambda: None, caches)
     assert cold.warm_built is None  # cold and warm measured: nothing to flag
-    seen = compile_mod.first_calls(call_for("a"), lambda: None, str(tmp_path), cold=False)
+    seen = compile_mod.first_calls(call_for("a"), lambda: None, caches, cold=False)
     assert seen.warm_built == 0  # its kernel is on disk
-    new = compile_mod.first_calls(call_for("b"), lambda: None, str(tmp_path), cold=False)
+    new = compile_mod.first_calls(call_for("b"), lambda: None, caches, cold=False)
     assert new.warm_built == 1
+
+
+def test_warm_only_calls_find_their_own_implementations_disk_caches(tmp_path, monkeypatch):
+    """Under COLD=first, a later case's warm-only call looks in the disk caches its own
+    implementation's cold call filled. Every cold call points the caches at a fresh directory:
+    the warm-only calls once looked in whichever implementation had compiled cold last, so
+    every kernel of a later case was built again inside its 'warm' figure."""
+    from harness import bench
+    from harness.cases import cases
+
+    def compiling(name):
+        def call(a, b):  # the implementation's kernel, built into the disk cache when missing
+            binary = Path(os.environ["TRITON_CACHE_DIR"]) / name / "kernel.cubin"
+            if not binary.exists():
+                binary.parent.mkdir(parents=True)
+                binary.write_text("built")
+            return a @ b
+        return call
+
+    get = registry.get
+    names = ("torch_compile", "triton")  # not "torch": the stock error's call would build it
+    spies = {name: dataclasses.replace(get("matmul", name), fn=compiling(name), prepare=None,
+                                       reset=lambda: None, accepts_out=False, tags=())
+             for name in names}
+    monkeypatch.setattr(registry, "get",
+                        lambda op, name: spies.get(name) if op == "matmul" and name in spies
+                        else get(op, name))
+    session = bench.Session("t", str(tmp_path), compile_cold="first")
+    first, later = cases("matmul", "smoke")[:2]
+    for name in names:  # each compiles cold on the first case
+        rec, _ = session.run(bench.Bench("matmul", name, first, "float32"))
+        assert rec["status"] == "ok", rec["reason"]
+        assert rec["compile_warm_built"] is None
+    rec, _ = session.run(bench.Bench("matmul", names[0], later, "float32"))
+    assert rec["status"] == "ok", rec["reason"]
+    assert "warm only: cold measured on this implementation's first case" in \
+        rec["compile_method"]
+    assert rec["compile_warm_built"] == 0  # before: 1, its kernel built again
 
 
 # ---------------------------------------------------------------- records
