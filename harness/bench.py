@@ -236,6 +236,29 @@ def _jax_grad_calls(impl: Impl, case: Case, arrays: dict, do, mode: str) -> Call
 
 
 # ---------------------------------------------------------------- references
+@contextlib.contextmanager
+def _outside_cudnn_plan_caches():
+    """Keeps the stock error's call out of cuDNN's per-process plan caches: its algorithm search
+    under cudnn.benchmark (per conv shape and layout) and SDPA's cuDNN attention graphs (per
+    shape). Made first, in the untimed setup, that call paid for them and left the `torch`
+    implementations' first calls, whose cold figure is to hold them, nothing to build: in the
+    2026-11-23 H100 run `torch` conv2d's cold compile was 0.2-0.6 ms on every layer, and
+    `torch_nchw`'s, whose layout has plans of its own, up to 1 s. The call runs with cuDNN
+    disabled (torch's own conv kernels) and SDPA choosing among its other backends.
+    cudnn.benchmark=False would not do: cuDNN caches the heuristics' plan under the same key as
+    the search's, and the search would never run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    enabled = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                          SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.cudnn.enabled = enabled
+
+
 class References:
     """float64 answers and the stock op's error, per (case, dtype, mode); the latest few kept
     (a GPU-sized float64 reference is hundreds of MB)."""
@@ -259,7 +282,8 @@ class References:
         stock_op = registry.get(case.op, STOCK_FOR_ERROR)
         if mode == "fwd":
             ref = oracle(*arrays.values(), **kwargs, device=self.device)
-            stock = stock_op(*arrays.values(), **kwargs)
+            with _outside_cudnn_plan_caches():
+                stock = stock_op(*arrays.values(), **kwargs)
             return ref, check.rel_err(stock, ref)
         do = _grad_output(case, dtype, "torch", self.device)
         grads_oracle = getattr(reference, f"{case.op}_grads", None)  # written out, memory-bounded
@@ -271,7 +295,8 @@ class References:
             ref = torch.autograd.grad(oracle(*leaves, **kwargs, device=self.device), leaves,
                                       reference.as_float64(do, self.device))
         stock_leaves = [t.requires_grad_(True) for t in arrays.values()]
-        stock = torch.autograd.grad(stock_op(*stock_leaves, **kwargs), stock_leaves, do)
+        with _outside_cudnn_plan_caches():
+            stock = torch.autograd.grad(stock_op(*stock_leaves, **kwargs), stock_leaves, do)
         return ref, _grads_err(stock, ref)
 
 

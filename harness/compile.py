@@ -11,6 +11,11 @@ warm: in-memory caches dropped again, on-disk caches kept from the cold call: wh
 Both are reported as (first call) - (median steady-state call); autotuning and cuDNN's algorithm
 search count as compile time. An implementation with no reset hook (eager torch) has nothing to
 recompile: its cold figure is its first-call overhead in this process and warm is not measured.
+What no reset reaches stays for the rest of the process: cuDNN's searched plans and attention
+graphs (the first torch implementation to run a shape and layout pays for them; later ones, such
+as `torch_compile`'s conv after `torch`'s, find them built) and XLA's GPU autotuning results,
+which jax.clear_caches keeps, so a JAX warm call, and a cold one of fusions an earlier benchmark
+autotuned, hold no autotuning.
 """
 from __future__ import annotations
 

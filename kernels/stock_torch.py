@@ -12,7 +12,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kernels import ON_CUDA, contract, registry
 
 # cuDNN picks its fastest algorithm per shape; the search runs on the first call of a shape and is
-# reported as compile time by the harness.
+# reported as compile time by the harness (whose budget's stock call runs without cuDNN, so as not
+# to make that search first).
 torch.backends.cudnn.benchmark = True
 # fp32 means true fp32 across the suite: torch.matmul's default, XLA at HIGHEST, the hand-written
 # kernels' ieee dots. torch lets cuDNN's convolutions use TF32 by default, which would make torch's

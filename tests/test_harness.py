@@ -666,6 +666,34 @@ def test_stock_torch_ops_are_timed_without_the_suites_checks(monkeypatch):
         registry.get("matmul", "torch").bind(a, a)
 
 
+@pytest.mark.parametrize("op, mode", [("conv2d", "fwd"), ("attention", "fwd"),
+                                      ("attention", "bwd")])
+def test_the_stock_error_is_measured_outside_cudnns_plan_caches(op, mode, monkeypatch):
+    """The budget's stock call runs before any benchmark's first call: with cuDNN enabled it
+    would run cuDNN's algorithm search (conv) or build its attention graph, which the `torch`
+    implementation's cold compile is to hold. It runs with cuDNN off and cuDNN attention
+    excluded, and both are restored after it."""
+    from harness import bench
+    from harness.cases import cases
+
+    seen = []
+    stock = registry.get(op, "torch")
+
+    def recording(*args, **kwargs):
+        seen.append((torch.backends.cudnn.enabled, torch.backends.cuda.cudnn_sdp_enabled()))
+        return stock(*args, **kwargs)
+
+    spy = dataclasses.replace(stock, fn=recording)
+    get = registry.get
+    monkeypatch.setattr(registry, "get", lambda o, name: spy if name == "torch" else get(o, name))
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", True)
+    before_sdp = torch.backends.cuda.cudnn_sdp_enabled()
+    ref, stock_err = bench.References("cpu").get(cases(op, "smoke")[0], "float32", mode)
+    assert seen == [(False, False)]
+    assert 0 < stock_err < 1e-4
+    assert torch.backends.cudnn.enabled and torch.backends.cuda.cudnn_sdp_enabled() == before_sdp
+
+
 def test_a_cold_compile_of_no_time_is_still_called_cold(tmp_path, monkeypatch):
     """An implementation with a compile step whose first calls were no slower than the rest: its
     cold compile time is 0 and its record says it was measured here (it once said "warm only",
