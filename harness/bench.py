@@ -342,7 +342,8 @@ class Session:
                "bytes": cases_mod.min_bytes(b.case, b.dtype, b.mode), "device": env.device_name(),
                "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "versions": env.versions()}
-        for k in ("median_s", "p20_s", "p80_s", "reps", "timing_method", "host_s", "tflops",
+        for k in ("median_s", "p20_s", "p80_s", "reps", "timing_method", "host_s",
+                  "device_busy_s", "tflops",
                   "gbps", "peak_bytes", "peak_method", "compile_cold_s", "compile_warm_s",
                   "compile_warm_built", "compile_method", "rel_err", "err_budget", "stock_err"):
             rec[k] = None
@@ -439,6 +440,7 @@ class Session:
         budget = check.budget(b.dtype, stock_err)
         rec.update(median_s=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, reps=t.reps,
                    spread=t.spread, timing_method=t.method, host_s=t.host_s,
+                   device_busy_s=t.busy_s,
                    tflops=rec["flops"] / t.median_s / 1e12, gbps=rec["bytes"] / t.median_s / 1e9,
                    peak_bytes=peak, peak_method=peak_method, compile_cold_s=cold_s,
                    compile_warm_s=warm_s,

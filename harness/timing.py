@@ -8,7 +8,9 @@ repetition reads its inputs from memory as a one-off kernel call would.
                   microseconds for a Triton launch, more than a small kernel takes). Whether the
                   gate held is checked per batch and written into the timing method.
   JAX             the device time of each call read from the JAX profiler: the span from its first
-                  kernel's start to its last kernel's end on the GPU (harness.trace.device_spans).
+                  kernel's start to its last kernel's end on the GPU (harness.trace.device_spans),
+                  and the time its kernels ran (busy_s; the method says idle_gaps where the GPU
+                  sat idle between them for over a tenth of the span).
                   The host clock around dispatch and block_until_ready read 149 us for a 1024^3
                   bf16 XLA matmul on the H100, where cuBLAS takes 10 us.
 Both also report `host_s`, the host time of one call (the launch or dispatch path), apart.
@@ -52,7 +54,12 @@ PROFILED_MAX_REPS = 100  # JAX repetitions per profiler session: the trace stays
 UNGATED = "partly_ungated"  # the gate did not always hold while the host queued
 NO_KERNELS = "no_kernels_in_profile"  # JAX on the host clock: its trace held no kernels
 PROFILER_FAILED = "profiler_failed"  # JAX on the host clock: the profiler did not run
-CAVEATS = (UNGATED, NO_KERNELS, PROFILER_FAILED)
+# JAX: over IDLE_GAP_SHARE of the median span the GPU sat idle between the call's kernels (each
+# repetition starts from an idle GPU, so a kernel shorter than the host's next launch leaves a
+# gap; CUDA events behind a gate never see one): busy_s is the kernels' own time
+IDLE_GAPS = "idle_gaps"
+IDLE_GAP_SHARE = 0.1
+CAVEATS = (UNGATED, NO_KERNELS, PROFILER_FAILED, IDLE_GAPS)
 # No warmup on CPU: there are no clocks to raise, the bench has just made its checked first calls,
 # and one call of an interpreted kernel takes up to seconds.
 CPU_POLICY = Policy(warmup_s=0.0, budget_s=0.3, min_reps=3, max_reps=200)
@@ -68,6 +75,7 @@ class Timing:
     samples: list[float] = field(repr=False)
     phases: list[dict] = field(default_factory=list, repr=False)  # warmup and timed spans
     host_s: float | None = None  # median host time of one call (launch / dispatch path)
+    busy_s: float | None = None  # JAX profiler: median time the call's kernels ran (no gaps)
 
     @property
     def spread(self) -> float:
@@ -314,12 +322,17 @@ def time_jax_device(fn: Callable[[], Any], policy: Policy = GPU_POLICY) -> Timin
         path = Path(tmp) / "trace.json.gz"
         try:
             trace.run_jax_profiled(profiled, path)
-            spans, caveat = trace.device_spans(trace.read(path)), NO_KERNELS
+            events = trace.read(path)
+            spans, busy, caveat = trace.device_spans(events), trace.device_busy(events), NO_KERNELS
         except Exception:  # the profiler could not run; a failing call fails again below
             spans, caveat = [], PROFILER_FAILED
     phases = [warm, span("timed", t1)]
     if len(spans) == reps and None not in spans:
-        return summarize(spans, f"{PROFILER_METHOD}+l2_flush", phases, host)
+        t = summarize(spans, f"{PROFILER_METHOD}+l2_flush", phases, host)
+        t.busy_s = statistics.median(busy)
+        if t.busy_s < (1 - IDLE_GAP_SHARE) * t.median_s:
+            t.method += f"+{IDLE_GAPS}"
+        return t
     fallback = time_wall(fn, policy, flush=True)
     fallback.method += f"+{caveat}"
     return fallback

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import gzip
 import json
+import math
 import re
 import shutil
 import statistics
@@ -208,27 +209,42 @@ def _in_windows(spans: list[dict], windows: list[tuple[float, float]]) -> list[d
     return [e for e in spans if any(lo <= e["ts"] < hi for lo, hi in windows)]
 
 
+def _kernels_per_rep(events: list[dict]) -> list[list[dict]]:
+    """The device kernels that start inside each "rep i" window, in repetition order, each
+    window's by start time."""
+    kernels = sorted(device_kernels(events), key=lambda e: e["ts"])
+    starts = [e["ts"] for e in kernels]
+    return [kernels[bisect.bisect_left(starts, lo):bisect.bisect_left(starts, hi)]
+            for lo, hi in rep_windows(events)]
+
+
 def device_time_per_rep(events: list[dict]) -> float | None:
     """Median over the repetitions of the kernel time inside each "rep i" window, in seconds;
     None when the trace holds no device kernels (a CPU run) or no repetitions."""
-    kernels, windows = device_kernels(events), rep_windows(events)
-    if not kernels or not windows:
+    per_rep = _kernels_per_rep(events)
+    if not any(per_rep):
         return None
-    per_rep_us = [sum(e["dur"] for e in kernels if lo <= e["ts"] < hi) for lo, hi in windows]
-    return statistics.median(per_rep_us) / 1e6
+    return statistics.median(sum(e["dur"] for e in inside) for inside in per_rep) / 1e6
 
 
 def device_spans(events: list[dict]) -> list[float | None]:
     """Per "rep i" window, in repetition order: seconds from the start of its first device
     kernel to the end of its last (what CUDA events around the call measure when the host keeps
     ahead of the GPU); None for a window holding no device kernel."""
-    kernels = sorted(device_kernels(events), key=lambda e: e["ts"])
-    starts = [e["ts"] for e in kernels]
+    return [(max(e["ts"] + e["dur"] for e in inside) - inside[0]["ts"]) / 1e6 if inside
+            else None for inside in _kernels_per_rep(events)]
+
+
+def device_busy(events: list[dict]) -> list[float | None]:
+    """Per "rep i" window, as device_spans: seconds its kernels ran, overlaps counted once (the
+    span less the gaps where the GPU sat idle between them)."""
     out = []
-    for lo, hi in rep_windows(events):
-        inside = kernels[bisect.bisect_left(starts, lo):bisect.bisect_left(starts, hi)]
-        out.append((max(e["ts"] + e["dur"] for e in inside) - inside[0]["ts"]) / 1e6
-                   if inside else None)
+    for inside in _kernels_per_rep(events):
+        busy, end = 0.0, -math.inf
+        for e in inside:  # by start time: add what each kernel runs past those before it
+            busy += max(0.0, e["ts"] + e["dur"] - max(e["ts"], end))
+            end = max(end, e["ts"] + e["dur"])
+        out.append(busy / 1e6 if inside else None)
     return out
 
 

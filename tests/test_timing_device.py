@@ -139,6 +139,26 @@ def test_device_spans_cover_first_start_to_last_end_per_repetition():
         _x("flush", 150, 40, 2, 7),  # between repetitions: the L2 flush, not counted
     ]
     assert trace.device_spans(events) == [40e-6, 40e-6, None]
+    assert trace.device_busy(events) == [35e-6, 40e-6, None]  # rep 0 idle from 15 to 20
+
+
+def test_device_busy_counts_overlapping_kernels_once():
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #13"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 8, "args": {"name": "Stream #14"}},
+        _x("rep 0", 0, 100, 1),
+        _x("a", 10, 30, 2, 7), _x("b", 20, 10, 2, 8),  # b inside a
+        _x("c", 35, 15, 2, 8), _x("d", 60, 5, 2, 7),  # c past a's end; idle 50 .. 60
+    ]
+    assert trace.device_spans(events) == [55e-6]
+    assert trace.device_busy(events) == [pytest.approx(45e-6)]
+
+
+def test_busy_time_of_a_jax_trace_from_the_h100():
+    """The baseline's Pallas attention: one kernel a repetition, no gap to see."""
+    events = trace.read(H100_PALLAS_TRACE)
+    assert trace.device_busy(events) == trace.device_spans(events)
 
 
 # ---------------------------------------------------------------- the JAX timer's plumbing
@@ -162,6 +182,19 @@ def test_jax_timer_reads_each_repetition_from_the_profile(jax_on_cpu, monkeypatc
     assert t.method == f"{timing.PROFILER_METHOD}+l2_flush"
     assert t.reps == 7 and len(t.samples) == 7 and all(s > 0 for s in t.samples)
     assert t.host_s is not None and t.host_s > 0
+
+
+@pytest.mark.parametrize("busy_us, flagged", [(92.0, False), (88.0, True)])
+def test_jax_timer_says_when_the_gpu_sat_idle_between_kernels(jax_on_cpu, monkeypatch, busy_us,
+                                                             flagged):
+    """A span of 100 us whose kernels ran 88 us: over a tenth of it idle, so the method says so
+    and the record keeps the kernels' time; 92 us is not flagged."""
+    monkeypatch.setattr(trace, "device_spans", lambda events: [100e-6] * 5)
+    monkeypatch.setattr(trace, "device_busy", lambda events: [busy_us * 1e-6] * 5)
+    t = timing.time_jax_device(jax_on_cpu, timing.Policy(0.0, 0.0, 5, 5))
+    assert t.median_s == pytest.approx(100e-6) and t.busy_s == pytest.approx(busy_us * 1e-6)
+    assert t.method.endswith("+idle_gaps") is flagged
+    assert timing.caveats(t.method) == (["timing:idle_gaps"] if flagged else [])
 
 
 def test_jax_timer_falls_back_to_the_host_clock_without_kernels(jax_on_cpu):
