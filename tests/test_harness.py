@@ -438,6 +438,13 @@ def test_guards_read_the_gpu_named_by_uuid_and_say_when_nvml_fails(monkeypatch):
     monkeypatch.setattr(fake, "nvmlDeviceGetHandleByUUID", unreadable)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f3c2d1a")
     assert guards.flags() == ["guards_unavailable:RuntimeError"]
+
+    def not_supported(h):  # a reading NVML refuses (as some VMs do) flags, never raises
+        raise RuntimeError("NVML: Not Supported")
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(fake, "nvmlDeviceGetComputeRunningProcesses", not_supported)
+    assert guards.flags() == ["guards_unavailable:RuntimeError"]
     monkeypatch.setattr(kernels, "ON_CUDA", False)
     assert guards.flags() == []  # no GPU: nothing to guard
 
