@@ -7,7 +7,9 @@ nothing extra from the caller. Pallas kernels choose interpret mode themselves (
 import os
 
 # JAX would otherwise take 75% of the GPU's memory at its first use, leaving torch (in the same
-# process, benchmarked beside it) a quarter of the card; allocate as needed instead.
+# process, benchmarked beside it) a quarter of the card; allocate as needed instead. What its pool
+# grows to it keeps (only XLA's slow "platform" allocator gives memory back): after a large JAX
+# case, torch's benchmarks in that process have that much less of the card.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 

@@ -236,6 +236,10 @@ def _conv_prepare(conv_fn, memory_format):
 _CUDNN = "cuDNN" if ON_CUDA else "ATen CPU"
 _register("conv2d", "torch", _conv_prepare(_conv, torch.channels_last),
           f"{_CUDNN} channels_last")
-_register("conv2d", "torch_nchw", _conv_prepare(_conv, torch.contiguous_format), f"{_CUDNN} NCHW")
+# torch sends a contiguous NCHW depthwise conv to cuDNN in fp16 only (and only some shapes); the
+# others run ATen's own depthwise kernel (ConvParams::use_cudnn_depthwise).
+_register("conv2d", "torch_nchw", _conv_prepare(_conv, torch.contiguous_format),
+          f"{_CUDNN} NCHW (depthwise: cuDNN in some fp16 cases, else ATen's own kernel)" if ON_CUDA
+          else f"{_CUDNN} NCHW")
 _register("conv2d", "torch_compile", _conv_prepare(_conv_compiled, torch.channels_last),
           "torch.compile (Inductor)", reset=_conv_compiled.reset)

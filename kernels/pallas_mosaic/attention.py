@@ -332,5 +332,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False,
 
 
 registry.register("attention", "pallas_mosaic", framework="jax", kind="hand",
-                  backend="Pallas Mosaic GPU", enabled=not unavailable(), reason=unavailable(),
+                  backend="Pallas Mosaic GPU (float32 and the backward: Pallas' Triton lowering)",
+                  enabled=not unavailable(), reason=unavailable(),
                   reset=jax.clear_caches, tags=tags())(attention)

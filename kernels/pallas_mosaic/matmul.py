@@ -160,5 +160,6 @@ def matmul(a: jax.Array, b: jax.Array, *, tiles: Tiles | None = None) -> jax.Arr
 
 
 registry.register("matmul", "pallas_mosaic", framework="jax", kind="hand",
-                  backend="Pallas Mosaic GPU", enabled=not unavailable(), reason=unavailable(),
+                  backend="Pallas Mosaic GPU (float32: Pallas' Triton lowering)",
+                  enabled=not unavailable(), reason=unavailable(),
                   reset=jax.clear_caches, tags=tags())(matmul)
