@@ -450,7 +450,8 @@ class Session:
                        else "; warm after in-memory reset" if cold
                        else "; warm only: cold measured on this implementation's first case"
                        + (f"; the warm call built {first.warm_built} compile-cache files, "
-                          "compiling what no earlier benchmark had" if first.warm_built else "")),
+                          "compiling what no earlier benchmark of it had"
+                          if first.warm_built else "")),
                    rel_err=err, err_budget=budget, stock_err=stock_err)
         if check.passes(err, b.dtype, stock_err):
             rec.update(status="ok")

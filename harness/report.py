@@ -426,7 +426,7 @@ def _record_row(r: dict, run: Run, best_stock: dict) -> list[Cell]:
 
 def _warm_cell(r: dict) -> Cell:
     """Warm compile time; "(N built)" when the warm call compiled kernels no earlier benchmark
-    had (N files added to the disk caches), so it was partly a cold compile."""
+    of its implementation had (N files added to the disk caches): partly a cold compile."""
     built = r.get("compile_warm_built")
     cell = _time(r.get("compile_warm_s"))
     return Cell(f"{cell.text} ({built} built)", cell.sort) if built else cell
