@@ -357,8 +357,8 @@ def test_pallas_lowers_for_gpu(case, monkeypatch):
 
 def test_pallas_kv_splits_cover_the_key_blocks(monkeypatch):
     """Splits of whole key blocks, none empty, covering every block; as many as make four
-    programs a multiprocessor (interpret mode: 2), no more."""
-    monkeypatch.setattr(pallas_attention, "interpret", lambda: True)
+    programs a multiprocessor (2 of them here, as in interpret mode), no more."""
+    monkeypatch.setattr(pallas_attention, "multiprocessors", lambda: 2)
     for programs in (1, 3, 8, 100):
         for blocks in (1, 2, 5, 64, 513):
             splits, per = pallas_attention.kv_splits(programs, blocks)
@@ -714,15 +714,16 @@ def test_dq_auto_runs_the_method_left_when_one_fails(monkeypatch):
     assert "two" not in triton_attention._dq_chosen and "three" not in triton_attention._dq_chosen
 
 
-@pytest.mark.skipif(not kernels.TRITON_INTERPRET, reason="the interpreter's choice")
 def test_dq_methods_asked_for(monkeypatch):
-    """A method asked for is the one run; "auto" in the interpreter runs "kernel", and under
-    make aot's capture both; a backward with one method (float32, D > 128) runs it whatever is
-    asked; an unknown name is refused."""
+    """A method asked for is the one run; "auto" in the interpreter runs "kernel" (on a GPU it
+    times both: test_dq_auto_times_each_method_once_per_shape), and under make aot's capture both; a
+    backward with one method (float32, D > 128) runs it whatever is asked; an unknown name is
+    refused."""
     calls = []
     runs = _fake_dq_runs(calls)
-    for asked, ran, why in [("auto", "kernel", "the interpreter's"),
-                            ("kernel", "kernel", "asked for"), ("atomics", "atomics", "asked for")]:
+    interpreted = [("auto", "kernel", "the interpreter's")] if kernels.TRITON_INTERPRET else []
+    for asked, ran, why in interpreted + [("kernel", "kernel", "asked for"),
+                                          ("atomics", "atomics", "asked for")]:
         monkeypatch.setattr(triton_attention, "dq_method", asked)
         noted = {}
         with compile_mod.autotune_choices(noted):

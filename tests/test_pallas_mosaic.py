@@ -164,11 +164,13 @@ def _count_merges(monkeypatch) -> list:
     ((1, 2, 1, 40, 300, 64), (1, 1, 3, 80, 64)),
 ], ids=["decode-step", "both-warpgroups"])
 def test_attention_decode_splits_the_keys(case, monkeypatch):
-    """Fewer programs than four per multiprocessor (interpret mode counts 2) and no causal mask:
-    the keys split over a grid axis, each split's fp32 output leaving in 64-column chunks (two
-    at D = 128), merged by logsumexp over the real rows. Forward and gradients (the backward
-    takes the merged logsumexp) against float64."""
+    """Fewer programs than four per multiprocessor (2 of them, as interpret mode counts; an
+    H100's 132 would split more) and no causal mask: the keys split over a grid axis, each
+    split's fp32 output leaving in 64-column chunks (two at D = 128), merged by logsumexp over
+    the real rows. Forward and gradients (the backward takes the merged logsumexp) against
+    float64."""
     shape, merged_shape = case
+    monkeypatch.setattr(pallas_attention, "multiprocessors", lambda: 2)
     merged = _count_merges(monkeypatch)
     q, k, v = _attention_inputs(*shape, jnp.float16)
     out, vjp = jax.vjp(mosaic_attention.attention, q, k, v)

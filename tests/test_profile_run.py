@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness import results, timeline, trace
+from kernels import ON_CUDA
 from tests.checking import outer_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,12 +41,16 @@ def test_every_benchmark_has_a_trace_with_its_phases(profiled):
         names = {e.get("name") for e in events}
         assert {"warmup", "rep 0", "rep 1", "rep 2"} <= names, (r["impl"], sorted(names)[:20])
         assert len(trace.rep_windows(events)) == 3
-        assert r["trace_device_s"] is None  # no device kernels on a CPU
+        if ON_CUDA:
+            assert r["trace_device_s"] > 0, r["impl"]
+        else:
+            assert r["trace_device_s"] is None  # no device kernels on a CPU
         assert r["top_kernels"], r["impl"]
         assert PHASES <= {p["name"] for p in r["phases"]}
         # memory is measured for all but the interpreted kernels (Triton, Pallas on a CPU)
         measured = "memory" in {p["name"] for p in r["phases"]}
-        assert measured == (r["impl"] not in ("triton", "pallas")) == (r["peak_bytes"] is not None)
+        interpreted = not ON_CUDA and r["impl"] in ("triton", "pallas")
+        assert measured == (not interpreted) == (r["peak_bytes"] is not None)
     assert (root / "profiles" / "latest").resolve() == (root / "profiles" / "prof").resolve()
 
 
@@ -61,7 +66,9 @@ def test_run_timeline_has_a_track_per_implementation_and_counters(profiled):
         assert PHASES <= inner
         for s in slices:
             assert bench[0]["start_ns"] <= s["start_ns"] <= s["end_ns"] <= bench[0]["end_ns"]
-    assert {"rss_bytes", "cpu_percent"} <= set(run["counters"])
+    # the GPU's counters (NVML) where there is one, else the process's
+    assert ({"sm_clock_mhz", "power_w"} if ON_CUDA else {"rss_bytes", "cpu_percent"}) \
+        <= set(run["counters"])
     assert all(len(v) >= 2 for v in run["counters"].values())
 
 

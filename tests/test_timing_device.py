@@ -164,13 +164,14 @@ def test_busy_time_of_a_jax_trace_from_the_h100():
 # ---------------------------------------------------------------- the JAX timer's plumbing
 @pytest.fixture
 def jax_on_cpu(monkeypatch):
-    """The JAX timer run on CPU: no L2 to flush, nothing for torch to wait for."""
+    """The JAX timer run on CPU: no L2 to flush, nothing for torch to wait for. The array is
+    placed on the CPU, so the computation stays there where JAX also has a GPU."""
     monkeypatch.setattr(timing, "_flush_l2", lambda: None)
     monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: None)
     import jax
     import jax.numpy as jnp
 
-    x = jnp.ones((128, 128), jnp.float32)
+    x = jax.device_put(jnp.ones((128, 128), jnp.float32), jax.devices("cpu")[0])
     step = jax.jit(lambda a: jnp.tanh(a @ a))
     return lambda: step(x)
 
