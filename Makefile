@@ -96,7 +96,7 @@ profile: $(SETUP)
 # Tests spread over TEST_WORKERS pytest-xdist processes (0: one process). Two halve the 2-core CI
 # machine's wall time; each worker holds its own torch, JAX and Triton (1-2 GB).
 test: $(SETUP)
-	$(PY) -m pytest tests -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # Compares the device-time medians of two runs (default: the last two under reports/runs) and
 # fails on a regression over THRESHOLD percent.
@@ -248,7 +248,7 @@ gpu:
 ifeq ($(GPU_TESTS),yes)
 	mkdir -p $(GPU_JUNIT)
 	-$(call gpu_stage,tests,$(GPU_TEST_S),$(GPU_PY) -m pytest tests -q -p no:cacheprovider \
-		-m "not gpu" -n $(GPU_TEST_WORKERS) --ignore=tests/test_faults.py \
+		-m "not gpu" -n $(GPU_TEST_WORKERS) --dist loadgroup --ignore=tests/test_faults.py \
 		--ignore=tests/test_pallas_tpu.py -k "not pallas_tpu" --durations=20 $(GPU_SKIP_RAN) \
 		$(foreach f,$(GPU_TESTS_FIRST),--first=$(f)) \
 		--junitxml=$(GPU_JUNIT)/$(GPU_START)-tests.xml) > $(OUT)/tests.txt 2>&1; \

@@ -10,6 +10,9 @@ import torch
 import kernels  # noqa: F401
 
 
+SUBPROCESS_FIXTURES = {"two_runs", "profiled"}  # tests/test_bench_run.py, test_profile_run.py
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--skip-ran", action="append", default=[], metavar="JUNIT_XML",
@@ -56,6 +59,12 @@ def pytest_collection_modifyitems(config, items):
             name = item.path.name
             return first.index(name) if name in first else len(first)
         items.sort(key=rank)
+    # The tests sharing a module-scoped fixture that runs benchmarks in a subprocess go to one
+    # pytest-xdist worker (--dist loadgroup): spread over N workers, each would run it again.
+    for item in items:
+        shared = SUBPROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(min(shared)))
     # Tests marked `gpu` need CUDA; without it they are reported as skipped, with the reason.
     if torch.cuda.is_available():
         return

@@ -1,12 +1,14 @@
 """The test suite's own options (tests/conftest.py), for time-limited runs such as the GPU test
 stage: --skip-ran finishes a run cut short by leaving out what the first one's JUnit XML holds;
 --first runs the named test files before the rest."""
+import inspect
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from tests.conftest import junit_key, ran_in
+from tests import test_bench_run, test_profile_run
+from tests.conftest import SUBPROCESS_FIXTURES, junit_key, ran_in
 
 ROOT = Path(__file__).resolve().parent.parent
 # ids with the characters that pytest's JUnit XML writer treats specially: dots, slashes and
@@ -109,3 +111,19 @@ def test_first_runs_the_named_files_before_the_rest_in_the_order_given():
 def test_first_names_a_file_that_is_not_there():
     proc = _collected_files("--first", "test_nope.py")
     assert proc.returncode == 4 and "--first: no test file test_nope.py" in proc.stderr
+
+
+def test_tests_sharing_a_benchmark_subprocess_go_to_one_worker():
+    """Under --dist loadgroup the tests of a module-scoped fixture that runs benchmarks in a
+    subprocess share an xdist group, so the fixture runs once, not once per worker; the rest
+    carry no group and spread as before."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "--collect-only", "-m", "xdist_group", "tests/test_bench_run.py",
+                           "tests/test_profile_run.py", "tests/test_run_options.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    grouped = {line for line in proc.stdout.splitlines() if "::" in line}
+    using = {f"tests/{module.__name__.split('.')[-1]}.py::{name}"
+             for module in (test_bench_run, test_profile_run)
+             for name, fn in vars(module).items() if name.startswith("test_")
+             and SUBPROCESS_FIXTURES & set(inspect.signature(fn).parameters)}
+    assert len(using) >= 2 and grouped == using, proc.stdout[-2000:] + proc.stderr[-2000:]
