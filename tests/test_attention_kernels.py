@@ -716,9 +716,9 @@ def test_dq_auto_runs_the_method_left_when_one_fails(monkeypatch):
 
 def test_dq_methods_asked_for(monkeypatch):
     """A method asked for is the one run; "auto" in the interpreter runs "kernel" (on a GPU it
-    times both: test_dq_auto_times_each_method_once_per_shape), and under make aot's capture both; a
-    backward with one method (float32, D > 128) runs it whatever is asked; an unknown name is
-    refused."""
+    times both: test_dq_auto_times_each_method_once_per_shape), and under make aot's capture
+    both; a backward with one method (float32, D > 128) runs it whatever is asked; an unknown
+    name is refused."""
     calls = []
     runs = _fake_dq_runs(calls)
     interpreted = [("auto", "kernel", "the interpreter's")] if kernels.TRITON_INTERPRET else []
