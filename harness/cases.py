@@ -1,6 +1,6 @@
 """Shape cases as data, per op and tier, and the two numbers every case starts from: the
-floating-point operations it does and the fewest bytes it must move (each input read once, each
-output written once).
+floating-point operations it does and the fewest bytes it must move (each input element some output
+needs read once, each output written once).
 
 Tiers: `smoke` runs on a 2-core CPU in minutes (interpreters included); `standard` is the GPU set;
 `full` adds the rest of the grids.
@@ -268,6 +268,14 @@ def conv_out_hw(d: dict) -> tuple[int, int]:
     return oh, ow
 
 
+def _lines_read(size: int, out: int, taps: int, stride: int, pad: int, dilation: int) -> int:
+    """The input rows (or columns) some output reads: all of them, but for a stride past the
+    kernel's reach (a 1x1 kernel at stride 2 reads every other row) or padding the kernel never
+    leaves."""
+    return len({o * stride - pad + t * dilation for o in range(out) for t in range(taps)}
+               & set(range(size)))
+
+
 def _attention_pairs(d: dict) -> float:
     """Query-key pairs computed: all of them, or under the causal mask (top-left) those with
     j <= i; exactly half when Sq == Sk, as the FlashAttention benchmarks count it."""
@@ -296,7 +304,7 @@ def flops(case: Case, mode: str = "fwd") -> float:
 
 
 def min_bytes(case: Case, dtype: str, mode: str = "fwd") -> float:
-    """Each input read once, each output written once."""
+    """Each input element some output needs read once, each output written once."""
     d = case.dims
     if case.op == "matmul":
         elements = d["M"] * d["K"] + d["K"] * d["N"] + d["M"] * d["N"]
@@ -308,7 +316,10 @@ def min_bytes(case: Case, dtype: str, mode: str = "fwd") -> float:
         elements = {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
     elif case.op == "conv2d":
         oh, ow = conv_out_hw(d)
-        elements = (d["N"] * d["H"] * d["W"] * d["C"]
+        (sh, sw), (ph, pw), (dh, dw) = pair(d["stride"]), pair(d["padding"]), pair(d["dilation"])
+        rows = _lines_read(d["H"], oh, d["KH"], sh, ph, dh)
+        cols = _lines_read(d["W"], ow, d["KW"], sw, pw, dw)
+        elements = (d["N"] * rows * cols * d["C"]
                     + d["KH"] * d["KW"] * conv_group_channels(d) * d["K"]
                     + d["N"] * oh * ow * d["K"])
     else:

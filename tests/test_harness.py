@@ -54,6 +54,28 @@ def test_grouped_conv_shapes_flops_and_bytes():
     assert cases.min_bytes(case, "float32") == 4 * (2 * 9 * 8 * 6 + 3 * 3 * 12 + 2 * 9 * 8 * 12)
 
 
+@pytest.mark.parametrize("dims", [
+    dict(N=1, H=8, W=8, C=4, K=8, KH=1, KW=1, stride=2, padding=0, dilation=1),  # a shortcut
+    dict(N=2, H=35, W=35, C=8, K=24, KH=5, KW=5, stride=3, padding=1, dilation=1),
+    dict(N=1, H=17, W=17, C=8, K=8, KH=3, KW=3, stride=3, padding=2, dilation=2),
+    dict(N=1, H=9, W=7, C=3, K=5, KH=3, KW=3, stride=(1, 4), padding=(0, 3), dilation=1),
+    dict(N=1, H=12, W=12, C=3, K=4, KH=7, KW=7, stride=2, padding=3, dilation=1),  # reads all
+])
+def test_conv_bytes_count_the_input_some_output_reads(dims):
+    """The input elements in the byte floor are those the output depends on: the elements whose
+    gradient, through the float64 reference, is not zero (a strided 1x1 convolution skips
+    rows and columns; counting them put a measured shortcut layer above the copy ceiling)."""
+    case = Case("conv2d", "t", dims)
+    arrays = inputs.make_torch(case, "float32")
+    x = reference.as_float64(arrays["x"]).requires_grad_(True)
+    w = reference.as_float64(arrays["w"]).abs() + 1  # no weight of zero hides a read
+    reference.conv2d(x, w, **inputs.options(case)).sum().backward()
+    read = int((x.grad != 0).sum())
+    oh, ow = cases.conv_out_hw(dims)
+    assert cases.min_bytes(case, "bfloat16") == 2 * (
+        read + dims["KH"] * dims["KW"] * dims["C"] * dims["K"] + dims["N"] * oh * ow * dims["K"])
+
+
 @pytest.mark.parametrize("op", sorted(cases.CASES))
 @pytest.mark.parametrize("tier", cases.TIERS)
 def test_every_case_is_well_formed(op, tier):
