@@ -527,7 +527,7 @@ def noise_section(run: Run) -> Section:
 def targets_section(run: Run) -> Section:
     """The GPU baseline's targets (harness.targets), judged on this run's bf16 records."""
     rows = []
-    for v in targets.judge(run.records, run_seconds(run.records, targets.DTYPE)):
+    for v in targets.judge(run.records, run_seconds(run.records, targets.timed_for_tier)):
         rows.append([Cell(v.target), Cell(v.impl), Cell(v.word),
                      _num(v.reached, ".2f" if v.unit == "x" else ".1f"),
                      Cell(f"{v.compare} {v.threshold:g} {v.unit}"),
@@ -571,22 +571,23 @@ def _time_spent(records: list[dict]):
     return spent, counts, between
 
 
-def run_seconds(records: list[dict], dtype: str | None = None) -> float | None:
-    """The run's wall-clock seconds, or those of its benchmarks of one dtype: each benchmark's
-    span from the end of the one before it (the time between benchmarks; a pause of
-    RESUMED_GAP_S or more, a run stopped and resumed, left out) to its own end, and of these
-    spans the union, so benchmarks run side by side (WORKERS=N) count once. None when no record
-    holds its phases."""
+def run_seconds(records: list[dict],
+                keep: Callable[[dict], bool] | None = None) -> float | None:
+    """The run's wall-clock seconds, or those of the benchmarks whose records `keep` accepts:
+    each benchmark's span from the end of the one before it (the time between benchmarks; a
+    pause of RESUMED_GAP_S or more, a run stopped and resumed, left out) to its own end, and of
+    these spans the union, so benchmarks run side by side (WORKERS=N) count once. None when no
+    record kept holds its phases."""
     placed = sorted(((min(p["start_ns"] for p in r["phases"]),
-                      max(p["end_ns"] for p in r["phases"]), r["dtype"])
+                      max(p["end_ns"] for p in r["phases"]), r)
                      for r in records if r.get("phases")), key=lambda s: s[0])
     spans, latest_end = [], None
-    for start, end, rec_dtype in placed:
+    for start, end, rec in placed:
         gap_ns = start - latest_end if latest_end is not None else None
         if gap_ns is not None and 0 <= gap_ns < RESUMED_GAP_S * 1e9:
             start = latest_end
         latest_end = max(latest_end or end, end)
-        if dtype is None or rec_dtype == dtype:
+        if keep is None or keep(rec):
             spans.append((start, end))
     if not spans:
         return None

@@ -10,6 +10,7 @@ of other dtypes are not looked at.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import statistics
 from dataclasses import dataclass
@@ -212,15 +213,28 @@ def noise(records, target: str, limit_pct: float) -> Verdict:
                    f"{worst['case']} {worst.get('mode', 'fwd')} {worst['impl']}")
 
 
+def timed_for_tier(record: dict) -> bool:
+    """Whether the tier-time target counts this record's time: a bf16 benchmark of a standard
+    tier case (a run may also hold other dtypes, full-tier or SHAPES cases)."""
+    return record["dtype"] == DTYPE and record["case"] in _standard_names(record["op"])
+
+
+@functools.cache
+def _standard_names(op: str) -> frozenset[str]:
+    return frozenset(c.name for c in cases_mod.cases(op, "standard")) if op in cases_mod.CASES \
+        else frozenset()
+
+
 def tier_time(records, target: str, limit_s: float, run_s: float | None) -> Verdict:
-    """The wall-clock time in and between the run's bf16 benchmarks, run_s (report.run_seconds;
-    pytest's start-up, the ceilings measured before the first benchmark and the report after the
-    last are not in the records). It is the standard tier's time only when the run holds every
-    benchmark of it: each standard case of each op in the run, in each mode the run measured
-    that op in, for each implementation it ran."""
-    ran = [r for r in records if r["dtype"] == DTYPE]
+    """The wall-clock time in and between the run's benchmarks that timed_for_tier keeps, run_s
+    (report.run_seconds; pytest's start-up, the ceilings measured before the first benchmark and
+    the report after the last are not in the records). It is the standard tier's time only when
+    the run holds every benchmark of it: each standard case of each op in the run, in each mode
+    the run measured that op in, for each implementation it ran."""
+    ran = [r for r in records if timed_for_tier(r)]
     if not ran or run_s is None:
-        return Verdict(target, "all", None, "<", limit_s, "s", "no bf16 record with its phases")
+        return Verdict(target, "all", None, "<", limit_s, "s",
+                       "no bf16 record of a standard case with its phases")
     tier, missing = 0, []
     for op in sorted({r["op"] for r in ran}):
         mine = [r for r in ran if r["op"] == op]
@@ -230,9 +244,6 @@ def tier_time(records, target: str, limit_s: float, run_s: float | None) -> Verd
                   for i in sorted(impls)]
         tier += len(wanted)
         missing += [f"{op}/{i}/{c}-{m}" for c, m, i in wanted if (c, m, i) not in have]
-    if len(missing) == tier:
-        return Verdict(target, "all", None, "<", limit_s, "s",
-                       "no benchmark of the standard tier in this run")
     return Verdict(target, "all", run_s, "<", limit_s, "s",
                    "in and between benchmarks (start-up and ceilings not counted); "
                    f"{tier - len(missing)} of the {tier} benchmarks of the standard tier (its "
@@ -241,8 +252,8 @@ def tier_time(records, target: str, limit_s: float, run_s: float | None) -> Verd
 
 
 def judge(records: list[dict], run_s: float | None) -> list[Verdict]:
-    """Every target, judged on the records (run_s: the wall-clock seconds of the run's bf16
-    benchmarks)."""
+    """Every target, judged on the records (run_s: the wall-clock seconds of the run's
+    benchmarks that timed_for_tier keeps)."""
     return [
         *(vs_stock(records, "matmul at >= 95% of cuBLAS, geomean over the standard shapes",
                    "matmul", impl, CUBLAS, 95.0, _every) for impl in MATMUL_AT_95),

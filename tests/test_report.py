@@ -378,9 +378,12 @@ def test_wall_clock_counts_side_by_side_benchmarks_once_and_one_dtype_apart():
     alternating = [bench(11 * i, "bfloat16" if i % 2 == 0 else "float32") for i in range(4)]
     alternating.append(bench(11 * 4 + 3600))
     assert report.run_seconds(alternating) == pytest.approx(43 + 10)
-    assert report.run_seconds(alternating, "bfloat16") == pytest.approx(10 + 11 + 10)
-    assert report.run_seconds(alternating, "float32") == pytest.approx(22)
-    assert report.run_seconds(alternating, "float16") is None
+    def of(dtype):
+        return lambda r: r["dtype"] == dtype
+
+    assert report.run_seconds(alternating, of("bfloat16")) == pytest.approx(10 + 11 + 10)
+    assert report.run_seconds(alternating, of("float32")) == pytest.approx(22)
+    assert report.run_seconds(alternating, of("float16")) is None
 
 
 def test_a_wrong_result_keeps_its_time_but_no_share_of_the_best_or_roofline():

@@ -168,6 +168,30 @@ def test_tier_time_is_the_tiers_only_when_the_run_holds_all_of_it():
     assert the(targets.judge(smoke, 30.0), "the whole standard tier", "all").word == "no data"
 
 
+def test_tier_time_counts_the_standard_tiers_benchmarks_only():
+    """Standard matmuls of 10 s with a 50 s full-tier matmul and a 50 s float32 one after each
+    (1 s apart): the tier's time is its own benchmarks and the second before each, not the rest
+    of the run."""
+    full_only = [c.name for c in cases.cases("matmul", "full") if c.name not in MATMUL]
+    start, records = 1_800_000_000 * 10**9, []
+
+    def bench(case, seconds, dtype="bfloat16"):
+        nonlocal start
+        records.append(dict(rec("matmul", "torch", case, 1e-3), dtype=dtype, phases=[
+            {"name": "timed", "start_ns": start, "end_ns": start + int(seconds * 1e9)}]))
+        start += int((seconds + 1) * 1e9)
+
+    for case, other in zip(MATMUL, full_only):
+        bench(case, 10)
+        bench(other, 50)
+        bench(case, 50, "float32")
+    run_s = report.run_seconds(records, targets.timed_for_tier)
+    assert run_s == pytest.approx(8 * 10 + 7)
+    v = the(targets.judge(records, run_s), "the whole standard tier", "all")
+    assert v.word == "met" and v.reached == pytest.approx(87)
+    assert "8 of the 8 benchmarks" in v.detail
+
+
 def test_the_h100_baseline_judged():
     """The committed 2026-11-23 H100 run: matmul and conv2d complete, attention D=64 only."""
     run = report.load_run(BASELINE)
