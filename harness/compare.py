@@ -175,6 +175,11 @@ def _ok(e: Entry) -> bool:
     return e.status == "ok" and bool(e.median_s)
 
 
+def not_run(a: dict[str, Entry], b: dict[str, Entry]) -> list[str]:
+    """The benchmarks ok in base `a` that head `b` did not run."""
+    return sorted(n for n, e in a.items() if _ok(e) and n not in b)
+
+
 def changes(a: dict[str, Entry], b: dict[str, Entry]) -> list[Change]:
     """Every benchmark ok in base `a` that head `b` ran (`entries` of each): its change, or its
     failure or skip in head."""
@@ -226,11 +231,10 @@ def main(argv=None) -> int:
             print("wrote", report.write(head.parent, str(base), args.threshold))
     skipped = sum(c.skipped for c in found)
     failed = sum(c.head_s is None for c in found) - skipped
-    not_run = len({n for n, e in base_entries.items() if _ok(e)} - head_entries.keys())
     print(f"\n{len(found) - failed - skipped} benchmarks compared, {bad - failed} regression(s) "
           f"over {args.threshold:g}% and over the measured noise, {failed} ok in base and failed "
-          f"in head, {skipped} ok in base and skipped in head, {not_run} ok in base and not run "
-          "in head")
+          f"in head, {skipped} ok in base and skipped in head, "
+          f"{len(not_run(base_entries, head_entries))} ok in base and not run in head")
     if len(found) == skipped:
         print("nothing to compare: no benchmark is ok in base and run in head (other ops, cases "
               "or implementations?)")

@@ -1020,7 +1020,8 @@ def compare_section(run: Run, base_ref: str, threshold_pct: float) -> Section:
     base = compare.json_path(base_ref)
     threshold = threshold_pct / 100
     rows, regressions, failed, skipped = [], 0, 0, 0
-    for c in compare.changes(compare.entries(base), compare.entries(head)):
+    base_entries, head_entries = compare.entries(base), compare.entries(head)
+    for c in compare.changes(base_entries, head_entries):
         verdict = c.verdict(threshold)
         regressions += verdict == "REGRESSION"
         failed += verdict == "FAILED"
@@ -1032,7 +1033,8 @@ def compare_section(run: Run, base_ref: str, threshold_pct: float) -> Section:
     text = (f"base {base}, head {head}: {len(rows) - failed - skipped} benchmarks ok in both, "
             f"{regressions} regression(s): median grew by more than {threshold_pct:g}% and by "
             f"more than the noise (p20-p80 spread) of either run; {failed} ok in base failed in "
-            f"head; {skipped} ok in base skipped in head.")
+            f"head; {skipped} ok in base skipped in head; "
+            f"{len(compare.not_run(base_entries, head_entries))} ok in base not run in head.")
     return Section("Changes vs base", "compare", [text, Table(
         ["benchmark", "base median", "head median", "change", "noise %", "verdict"], rows)])
 
