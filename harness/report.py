@@ -653,10 +653,16 @@ def time_section(run: Run) -> Section:
 
 
 # ---------------------------------------------------------------- environment
-def _telemetry_text(telemetry: dict) -> str:
+def _telemetry_text(telemetry: dict, command: str) -> str:
+    """env.json's telemetry: the samples of the command that wrote it, the run's last."""
     counters = "; ".join(f"{name} {_fmt(v.get('min'), '.4g')}..{_fmt(v.get('max'), '.4g')}"
                          for name, v in (telemetry.get("counters") or {}).items())
-    return (f"{telemetry.get('source', '?')}, {telemetry.get('samples', 0)} samples, "
+    # a resumed run's env.json is its last command's: the earlier commands' samples are gone,
+    # while each record's own flags (the next row) were taken as it was measured
+    covers = ("during the command above only, which resumed the run: the earlier commands' "
+              "samples are not kept (the flags on records cover every command)"
+              if "--resume" in command.split() else "during the command above")
+    return (f"{telemetry.get('source', '?')}, {telemetry.get('samples', 0)} samples {covers}, "
             f"throttling {'SEEN' if telemetry.get('throttled') else 'not seen'}"
             + (f"; {counters}" if counters else ""))
 
@@ -686,8 +692,8 @@ def environment_section(run: Run) -> Section:
             ("versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v)),
             ("command", env.get("command") or "- (no env.json in this run)"),
             ("time", f"{times[0]} .. {times[-1]}" if times else "-"),
-            ("clocks / throttling", _telemetry_text(env["telemetry"]) if env.get("telemetry")
-             else "- (no telemetry recorded)"),
+            ("clocks / throttling", _telemetry_text(env["telemetry"], env.get("command", ""))
+             if env.get("telemetry") else "- (no telemetry recorded)"),
             ("flags on records", ", ".join(f"{f}: {n}" for f, n in sorted(flags.items()))
              or "none"),
             ("measured ceilings", _peaks_text(run.peaks))]

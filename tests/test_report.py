@@ -157,7 +157,7 @@ def test_synthetic_run_report(synthetic_run):
     assert "matmul_kernel: BLOCK_M=64, warps=4, stages=5;" in page.text("op-matmul")
     assert "timed in layout a, b, out [N, M];" in page.text("op-matmul")
     assert "pytest tests/bench --bench" in page.text("environment")
-    assert "throttling SEEN" in page.text("environment")
+    assert "3 samples during the command above, throttling SEEN" in page.text("environment")
     assert "1.25x" in page.text("op-matmul")  # triton over the best stock (torch)
     assert "wrong result" in page.text("problems")
 
@@ -202,6 +202,20 @@ def test_a_committed_baseline_keeps_its_report(tmp_path, monkeypatch):
     bench = _benchmark_json(baseline / "benchmark.json", {"a": 1e-3})
     assert compare.main([str(bench), str(bench), "--no-table", "--report"]) == 0
     assert not (baseline / "index.html").exists()
+
+
+def test_a_resumed_runs_telemetry_is_its_last_commands(synthetic_run):
+    """env.json holds the telemetry of the command that wrote it last: in a resumed run, the
+    report says the earlier commands' samples are not in it."""
+    env = json.loads((synthetic_run / "env.json").read_text())
+    env.update(command="pytest tests/bench --bench --resume", telemetry=dict(
+        env["telemetry"], throttled=False))
+    results.write_json(synthetic_run / "env.json", env)
+    report.write(synthetic_run)
+    environment = check_page(synthetic_run).text("environment")
+    assert ("during the command above only, which resumed the run: the earlier commands' "
+            "samples are not kept") in environment
+    assert "throttling not seen" in environment and "throttled:power: 4" in environment
 
 
 def test_peaks_give_a_roofline(synthetic_run):
