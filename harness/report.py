@@ -855,7 +855,7 @@ def _size_condition(ms: list[Matchup], contest: Contest) -> str:
     sizes, flips = _flips(ms)
     name = {"a": contest.a_name, "b": contest.b_name}
     undecided = sum(m.winner not in ("a", "b") for m in ms)
-    rest = f"; {undecided} of {len(ms)} sizes within noise or unclear" if undecided else ""
+    rest = f"; {undecided} of {len(ms)} cases within noise or unclear" if undecided else ""
     where = " where one side is clearly better" if undecided else " measured"
     both = [flops for flops, w in sizes if w == "both"]
     if not sizes:
@@ -875,24 +875,32 @@ def _size_condition(ms: list[Matchup], contest: Contest) -> str:
 
 
 def _verdict_word(ms: list[Matchup]) -> str:
+    """The claim's verdict on the cases with a winner beyond noise, saying how few they are when
+    others had none (one clear case among ten ties is not a claim that holds)."""
     sizes, flips = _flips(ms)
     winners = {w for _, w in sizes}
     if not winners:
         return "inconclusive"
     if winners == {"a"}:
-        return "holds"
-    if winners == {"b"}:
-        return "does not hold"
-    return "depends on size" if len(flips) == 1 and "both" not in winners else "mixed"
+        word = "holds"
+    elif winners == {"b"}:
+        word = "does not hold"
+    else:
+        word = "depends on size" if len(flips) == 1 and "both" not in winners else "mixed"
+    decided = sum(m.winner in ("a", "b") for m in ms)
+    return word if decided == len(ms) else f"{word} ({decided} of {len(ms)} cases decided)"
 
 
 def _evidence(ms: list[Matchup], contest: Contest) -> str:
     count = {w: sum(m.winner == w for m in ms) for w in ("a", "b", "tie", "bound")}
-    finite = [m.ratio for m in ms if 0 < m.ratio < math.inf]
+    # an unclear ratio (one side's value only bounds it) would carry its bias into the mean
+    finite = [m.ratio for m in ms if m.winner != "bound" and 0 < m.ratio < math.inf]
     what = "time" if contest.metric == "median_s" else "peak memory"
-    gm = f"; geometric mean of {contest.b_name} {what} / {contest.a_name} {what}: " \
+    n = len(finite)
+    over = f" over the {n} case{'s' * (n != 1)} not unclear" if count["bound"] else ""
+    gm = f"; geometric mean of {contest.b_name} {what} / {contest.a_name} {what}{over}: " \
          f"{statistics.geometric_mean(finite):.3g}x" if finite else ""
-    text = (f"{contest.a_name} better at {count['a']} of {len(ms)} sizes, {contest.b_name} at "
+    text = (f"{contest.a_name} better at {count['a']} of {len(ms)} cases, {contest.b_name} at "
             f"{count['b']}, {count['tie']} within noise{gm}")
     if count["bound"] and contest.metric == "peak_bytes":
         text += (f"; {count['bound']} unclear: the smaller number is a lower bound "

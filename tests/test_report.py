@@ -457,6 +457,13 @@ def test_a_host_timed_jax_loss_counts_only_beyond_the_host_cost():
     text = report.render_markdown("t", [report.verdicts_section(pair(1.1e-3, 1e-3), None)])
     assert "1 unclear: the slower side was timed on the host clock" in text
     assert "not measured in this run" in text
+    assert "geometric mean of PyTorch time" not in text  # of no ratio that is not unclear
+    # an unclear ratio stays out of the mean: JAX 2x faster on c2, unclear on c
+    both = pair(1.1e-3, 1e-3) + [dict(r, case="c2") for r in pair(0.5e-3, 1e-3)]
+    text = report.render_markdown("t", [report.verdicts_section(both, None)])
+    assert ("JAX better at 1 of 2 cases, PyTorch at 0, 0 within noise; geometric mean of "
+            "PyTorch time / JAX time over the 1 case not unclear: 2x") in text
+    assert "| holds (1 of 2 cases decided) |" in text
 
 
 def test_where_the_winner_flips_counts_sizes_within_noise_and_merges_equal_sizes():
@@ -472,19 +479,19 @@ def test_where_the_winner_flips_counts_sizes_within_noise_and_merges_equal_sizes
     contest = report.CLAIMS[0].contests[0]  # JAX (a) against PyTorch (b)
     win_and_ties = matchups(("s1", 1e6, 1e-3, 2e-3), ("s2", 1e9, 1e-3, 1e-3),
                             ("s3", 1e12, 1e-3, 1e-3))
-    assert report._verdict_word(win_and_ties) == "holds"
+    assert report._verdict_word(win_and_ties) == "holds (1 of 3 cases decided)"
     assert report._size_condition(win_and_ties, contest) == (
         "JAX wins at every size where one side is clearly better (1 MFLOP .. 1 MFLOP); "
-        "2 of 3 sizes within noise or unclear")
+        "2 of 3 cases within noise or unclear")
     all_won = matchups(("s1", 1e6, 1e-3, 2e-3), ("s2", 1e9, 1e-3, 2e-3))
     assert report._size_condition(all_won, contest) == (
         "JAX wins at every size measured (1 MFLOP .. 1 GFLOP)")
     flip_then_tie = matchups(("s1", 1e6, 1e-3, 2e-3), ("s2", 1e9, 2e-3, 1e-3),
                              ("s3", 1e12, 1e-3, 1e-3))
-    assert report._verdict_word(flip_then_tie) == "depends on size"
+    assert report._verdict_word(flip_then_tie) == "depends on size (2 of 3 cases decided)"
     assert report._size_condition(flip_then_tie, contest) == (
         "JAX wins up to 1 MFLOP, PyTorch from 1 GFLOP up where one side is clearly better; "
-        "1 of 3 sizes within noise or unclear")
+        "1 of 3 cases within noise or unclear")
     same_size = matchups(("a_layer", 3e9, 1e-3, 2e-3), ("b_layer", 3e9, 2e-3, 1e-3))
     assert report._verdict_word(same_size) == "mixed"
     assert report._size_condition(same_size, contest) == (
