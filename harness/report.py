@@ -974,9 +974,9 @@ def _contest_blocks(records: list[dict], contest: Contest, host_call_s: float | 
     return blocks + ([detail] if ms else [])
 
 
-def _floor_table(records: list[dict]) -> Table | None:
-    """The smallest problem per op and dtype: a fixed per-call cost (host dispatch, launch) shows
-    there, where the arithmetic is negligible."""
+def _floor_blocks(records: list[dict]) -> list:
+    """The smallest problem per op and dtype, with its caption: a fixed per-call cost (host
+    dispatch, launch) shows there, where the arithmetic is negligible."""
     sides = (("eager PyTorch", torch_eager), ("torch.compile", torch_compiled),
              ("XLA jit", jax_stock))
     smallest: dict[tuple, list[dict]] = {}
@@ -984,17 +984,34 @@ def _floor_table(records: list[dict]) -> Table | None:
         seen = smallest.get((op, dtype, mode))
         if seen is None or group[0]["flops"] < seen[0]["flops"]:
             smallest[(op, dtype, mode)] = group
+    on_device = any(_timed_by(r, m) for r in records
+                    for m in (timing.EVENTS_METHOD, timing.PROFILER_METHOD))
+    host_timed = []
+
+    def median(r: dict | None) -> Cell:
+        cell = _time(r["median_s"] if r else None)
+        if on_device and r and _timed_by(r, timing.HOST_CLOCK_METHOD):  # dispatch included
+            host_timed.append(r)
+            return Cell(f"{cell.text} (host clock)", cell.sort)
+        return cell
+
     rows = []
     for (op, dtype, mode), group in sorted(smallest.items()):
         best = [_best(group, side, "median_s") for _, side in sides]
         if any(best):
             rows.append([Cell(op), Cell(group[0]["case"]), Cell(dtype), Cell(mode),
                          Cell(_si(group[0]["flops"], "FLOP"), group[0]["flops"])]
-                        + [_time(b.get(k) if b else None) for b in best
-                           for k in ("median_s", "host_s")])
+                        + [c for b in best for c in (median(b), _time(b and b.get("host_s")))])
+    if not rows:
+        return []
     headers = [f"{n} {what}" for n, _ in sides for what in ("time", "host per call")]
-    return Table(["op", "smallest case", "dtype", "mode", "FLOPs"] + headers,
-                 rows) if rows else None
+    caption = ("Smallest problem of each op, where there is almost no arithmetic: each path's "
+               "time and the host time of one call (its launch or dispatch path; on a GPU the "
+               "time column is device time, which that host time does not delay while the host "
+               "keeps ahead of the GPU" + ("; a time marked host clock is a JAX record its "
+                                           "profile could not time: dispatch included"
+                                           if host_timed else "") + ").")
+    return [caption, Table(["op", "smallest case", "dtype", "mode", "FLOPs"] + headers, rows)]
 
 
 def verdicts_section(records: list[dict], host_call_s: float | None = None) -> Section:
@@ -1003,11 +1020,7 @@ def verdicts_section(records: list[dict], host_call_s: float | None = None) -> S
         blocks = [b for contest in claim.contests
                   for b in _contest_blocks(records, contest, host_call_s)]
         if claim.small_size_floor:
-            floor = _floor_table(records)
-            blocks += ["Smallest problem of each op, where there is almost no arithmetic: each "
-                       "path's time and the host time of one call (its launch or dispatch path; "
-                       "on a GPU the time column is device time, which that host time does not "
-                       "delay while the host keeps ahead of the GPU).", floor] if floor else []
+            blocks += _floor_blocks(records)
         claims.append(Section(claim.title, f"claim-{_slug(claim.title)}", blocks))
     intro = ("Each claim is tested per op, dtype and mode on the best record of each side for "
              "the same case (stock implementations only; hand-written kernels are not a "

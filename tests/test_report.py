@@ -457,6 +457,8 @@ def test_a_host_timed_jax_loss_counts_only_beyond_the_host_cost():
     text = report.render_markdown("t", [report.verdicts_section(pair(1.1e-3, 1e-3), None)])
     assert "1 unclear: the slower side was timed on the host clock" in text
     assert "not measured in this run" in text
+    floor = text.split("Smallest problem of each op")[1]
+    assert "| 1.1 ms (host clock) |" in floor and "a time marked host clock is a JAX" in floor
     assert "geometric mean of PyTorch time" not in text  # of no ratio that is not unclear
     # an unclear ratio stays out of the mean: JAX 2x faster on c2, unclear on c
     both = pair(1.1e-3, 1e-3) + [dict(r, case="c2") for r in pair(0.5e-3, 1e-3)]
@@ -534,6 +536,7 @@ def test_device_timed_jax_is_compared_directly_and_host_time_shown_apart():
     floor = text.split("Smallest problem of each op")[1]
     assert "| matmul | c | bfloat16 | fwd | 1 GFLOP | 1 ms | 7 us | - | - | 1.1 ms | 31 us |" \
         in floor, floor
+    assert "marked host clock" not in floor
     run = report.Run(Path("unused"), [jax, torch, triton], {}, None)
     rows = report.render_markdown("t", [report.op_section("matmul", run)])
     assert "timing:partly_ungated" in next(line for line in rows.splitlines()
