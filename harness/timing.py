@@ -83,6 +83,16 @@ class Timing:
         return (self.p80_s - self.p20_s) / self.median_s if self.median_s > 0 else 0.0
 
 
+def timed_by(record: dict, method: str) -> bool:
+    """Whether a record was timed by `method` (the first part of its timing_method)."""
+    return (record.get("timing_method") or "").startswith(method)
+
+
+def device_timed(records: list[dict]) -> bool:
+    """Whether any of the records was timed on the device (CUDA events or the JAX profile)."""
+    return any(timed_by(r, m) for r in records for m in (EVENTS_METHOD, PROFILER_METHOD))
+
+
 def caveats(method: str | None) -> list[str]:
     """Flags for a record whose timing method carries a caveat, e.g. "timing:partly_ungated"."""
     parts = (method or "").split("+")

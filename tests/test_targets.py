@@ -168,6 +168,23 @@ def test_tier_time_is_the_tiers_only_when_the_run_holds_all_of_it():
     assert the(targets.judge(smoke, 30.0), "the whole standard tier", "all").word == "no data"
 
 
+def test_a_host_timed_kernel_against_device_timed_stock_is_said_to_be_a_lower_bound():
+    """On a GPU a JAX kernel its profile could not time is timed on the host clock, dispatch
+    included: the target's figure says how many of its cases were, and the report's kernel
+    table counts them."""
+    runs = [rec("matmul", "torch", c, 1e-3, timing_method="cuda_events+l2_flush+gated",
+                kind="stock", framework="torch", flops=1e9) for c in MATMUL]
+    runs += [rec("matmul", "pallas", c, 2e-3, kind="hand", framework="jax", flops=1e9,
+                 timing_method=("perf_counter+block_until_ready+l2_flush" if i < 3
+                                else "jax_profiler+l2_flush")) for i, c in enumerate(MATMUL)]
+    v = the(targets.judge(runs, None), "matmul at >= 85%", "pallas")
+    assert v.reached == pytest.approx(50.0)
+    assert "3 of them timed on the host clock against torch's device time" in v.detail
+    section = report.kernels_section(report.Run(Path("u"), runs, {}, None))
+    (row,) = section.blocks[1].rows
+    assert [row[3].text, row[-1].text] == ["pallas", "3"]
+
+
 def test_tier_time_counts_the_standard_tiers_benchmarks_only():
     """Standard matmuls of 10 s with a 50 s full-tier matmul and a 50 s float32 one after each
     (1 s apart): the tier's time is its own benchmarks and the second before each, not the rest
