@@ -104,10 +104,10 @@ def measure(device: str) -> dict:
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if on_cuda else (torch.bfloat16,
                                                                              torch.float32)
     if on_cuda:
-        timer, copy = "CUDA events", f"{CUDA_COPY_BYTES >> 20} MB"
+        timer, copy = "CUDA events", f"{CUDA_COPY_BYTES >> 20} MiB"
         mm = f"{CUDA_MATMUL_N}^3"
     else:
-        timer, copy = "perf_counter", f"{CPU_COPY_BYTES >> 20} MB"
+        timer, copy = "perf_counter", f"{CPU_COPY_BYTES >> 20} MiB"
         mm = (f"n^3, n a power of two taking {CPU_MATMUL_MIN_S}-{CPU_MATMUL_MAX_S} s per call "
               f"(at most {CPU_MATMUL_MAX_N})")
     extra = {"jax_call_s": jax_call_seconds()} if on_cuda else {}
