@@ -618,6 +618,32 @@ def test_cold_compile_once_per_implementation_when_asked(tmp_path):
     assert "cold measured on this implementation's first case" in recs[1]["compile_method"]
 
 
+def test_a_first_case_failing_before_its_record_holds_cold_leaves_the_next_case_cold(
+        tmp_path, monkeypatch):
+    """Under compile_cold="first" a later case is warm only because its implementation's first
+    case holds the cold figure: when that case fails after compiling (here its timing), the
+    next one compiles cold instead of pointing at a figure no record holds."""
+    from harness import bench
+    from harness.cases import cases
+
+    real, calls = timing.time_fn, []
+
+    def fails_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench.timing, "time_fn", fails_first)
+    session = bench.Session("t", str(tmp_path), compile_cold="first")
+    recs = [session.run(bench.Bench("matmul", "xla", case, "float32"))[0]
+            for case in cases("matmul", "smoke")[:3]]
+    assert [r["status"] for r in recs] == ["failed", "ok", "ok"]
+    assert [r["compile_cold_s"] is None for r in recs] == [True, False, True]
+    assert "warm only" not in recs[1]["compile_method"]
+    assert "cold measured on this implementation's first case" in recs[2]["compile_method"]
+
+
 def test_torch_compile_backward_reruns_after_a_fwd_bwd_benchmark(tmp_path):
     """A bwd benchmark reruns one backward (retain_graph). Once a fwd_bwd benchmark of
     torch_compile had run in the process, the backward of a grouped-query case came compiled
