@@ -545,7 +545,8 @@ def targets_section(run: Run) -> Section:
 
 
 # Each record's phases, in the order a benchmark runs them (harness.bench.Session._measure).
-PHASES = ("setup", "cold_compile", "warm_compile", "warmup", "timed", "memory", "retime", "trace")
+PHASES = ("setup", "compiler_start_up", "cold_compile", "warm_compile", "warmup", "timed",
+          "memory", "retime", "trace")
 RESUMED_GAP_S = 60.0  # a longer pause between two benchmarks is a run stopped and resumed
 
 
@@ -648,7 +649,8 @@ def time_section(run: Run) -> Section:
     return Section("Where the time went", "time", [
         f"{wall:.0f} s of wall-clock time in all{note}, in seconds per phase of each "
         "benchmark: setup "
-        "(float64 reference, computed once per case, and inputs), compiles, warmup (and the "
+        "(float64 reference, computed once per case, and inputs), compiler start-up (once a "
+        "process), compiles, warmup (and the "
         "estimate that sizes the repetitions), timed repetitions, the memory measurement, the "
         "second timing (--retime) and the profiler trace. Pauses over "
         f"{RESUMED_GAP_S:.0f} s between benchmarks (a run stopped and resumed) are left out.",
