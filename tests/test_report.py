@@ -10,7 +10,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from harness import compare, peaks, report, results
+from harness import compare, memory, peaks, report, results
 from tests.checking import outer_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -541,3 +541,24 @@ def test_device_timed_jax_is_compared_directly_and_host_time_shown_apart():
     rows = report.render_markdown("t", [report.op_section("matmul", run)])
     assert "timing:partly_ungated" in next(line for line in rows.splitlines()
                                            if "| triton |" in line)
+
+
+def test_memory_verdict_leaves_out_a_backward_alone_and_a_planned_cpu_figure():
+    """A backward alone (bwd) leaves out what its forward saved, which differs between a
+    recomputing backward and one that saved the probabilities: the memory claim compares fwd
+    and fwd_bwd only. XLA:CPU allocates beyond the buffers its memory analysis plans, so a
+    smaller JAX figure from that plan decides nothing."""
+    jax_less = report.CLAIMS[1].contests[0]
+
+    def pair(mode, jax_method="xla.memory_analysis"):
+        return [_record("attention", "xla", "jax", "stock", "c", 1e9, "float32", 1e-3,
+                        mode=mode, peak_bytes=1000, peak_method=jax_method),
+                _record("attention", "torch", "torch", "stock", "c", 1e9, "float32", 1e-3,
+                        mode=mode, peak_bytes=2000)]
+
+    assert [m.key[3] for m in report.matchups(
+        pair("fwd") + pair("bwd") + pair("fwd_bwd"), jax_less)] == ["fwd", "fwd_bwd"]
+    (m,) = report.matchups(pair("fwd"), jax_less)
+    assert m.winner == "a"
+    (m,) = report.matchups(pair("fwd", memory.XLA_CPU_PLAN), jax_less)
+    assert m.winner == "bound"
