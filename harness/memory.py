@@ -1,7 +1,11 @@
 """Peak memory of one call: the bytes it needs at its peak beyond its inputs, output included.
 
   torch on CUDA:  torch.cuda max_memory_allocated after reset_peak_memory_stats, minus what was
-                  allocated before the call.
+                  allocated before the call. torch keeps a cuBLAS(Lt) workspace per handle and
+                  stream (32 MiB on Hopper by default), allocated by its first matmul and held
+                  from then on, outside any later call's figure; XLA's executables plan theirs
+                  into their temporaries. So it is freed before the call, which allocates it
+                  again inside the measurement.
   jax anywhere:   XLA's compiled memory_analysis(): temporaries plus outputs, read from the very
                   jitted function that was timed, so its compiled executable comes from the jit
                   cache instead of a second compilation. On a GPU XLA allocates what it planned;
@@ -40,6 +44,9 @@ def _proc_kb(field: str) -> int:
 
 def _torch_cuda(fn: Callable[[], Any]) -> tuple[int, str]:
     torch.cuda.synchronize()
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:  # see the module's docstring
+        clear_workspaces()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     out = sync(fn())

@@ -232,6 +232,18 @@ def test_cpu_peak_memory_falls_back_to_the_resident_set(monkeypatch):
     assert method == "rss_high_water_delta" and peak >= 0
 
 
+@pytest.mark.gpu
+def test_cuda_peak_memory_holds_the_cublas_workspace_every_time():
+    """torch keeps its cuBLAS workspace after the first matmul: a later matmul's figure holds it
+    too (freed before the call, allocated again inside it), as XLA's holds its planned one."""
+    a = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    out_bytes = 256 * 256 * 2
+    first, _ = memory.peak_bytes(lambda: a @ a, "torch", True)
+    again, method = memory.peak_bytes(lambda: a @ a, "torch", True)
+    assert method == "torch.cuda.max_memory_allocated"
+    assert first == again > out_bytes + 2**20  # the output and a workspace of at least 1 MiB
+
+
 def test_jax_peak_memory_from_memory_analysis():
     import jax
     import jax.numpy as jnp
