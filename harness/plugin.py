@@ -217,6 +217,8 @@ class RunState:
         self.sampler = Sampler().start()
 
     def add(self, record: dict) -> None:
+        if self.worker:  # benchmarks on several workers overlap in time: the timeline keeps
+            record["worker"] = self.worker  # each worker's on tracks of its own
         results.append(self.path, record)
         self.records.append(record)
 

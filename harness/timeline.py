@@ -8,9 +8,10 @@ threads busy), and those of the benchmark worker processes while there are any. 
 (time.time_ns(), counter, value).
 
 write_run_trace() lays the records of a run out on that clock: one track per implementation
-("<op>/<impl>"), on it one slice per benchmark ("<case> <dtype>", its results as arguments) holding
-its phases (setup, cold_compile, warm_compile, warmup, timed, memory, retime, trace), and one
-counter track per sampled counter. Open the file in ui.perfetto.dev. It needs the `perfetto`
+("<op>/<impl>", and the pytest-xdist worker under WORKERS=N), on it one slice per benchmark
+("<case> <dtype>", and the mode but for fwd; its results as arguments) holding its phases (setup,
+compiler_start_up, cold_compile, warm_compile, warmup, timed, memory, retime, trace), and one
+counter track per sampled counter, with its unit. Open the file in ui.perfetto.dev. It needs the `perfetto`
 package (and protobuf), imported only here and only when a trace is written or read.
 """
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Callable
 Sample = tuple[int, str, float]
 
 SAMPLE_INTERVAL_S = 0.05
+# a counter's unit, by the last part of its name (sm_clock_mhz, power_w, rss_bytes, ...)
+_UNITS = {"bytes": "bytes", "mhz": "MHz", "w": "W", "c": "C", "percent": "%"}
 SEQUENCE_ID = 1  # every packet is written by this one producer
 # Clock-event reasons that mean the clocks were held down by power, heat or a hardware slowdown
 # (idle, application clocks and sync boost are not throttling).
@@ -204,7 +207,10 @@ def _perfetto():
 
 
 def track_name(record: dict) -> str:
-    return f"{record['op']}/{record['impl']}"
+    """One track per implementation and worker (WORKERS=N): a worker's benchmarks never overlap,
+    while two workers' may, and overlapping slices on one track would nest wrongly."""
+    worker = record.get("worker")
+    return f"{record['op']}/{record['impl']}" + (f" {worker}" if worker else "")
 
 
 def bench_name(record: dict) -> str:
@@ -271,6 +277,11 @@ class _Writer:
         descriptor.uuid, descriptor.name = uuid, name
         if counter:
             descriptor.counter.SetInParent()
+            unit = _UNITS.get(name.rsplit("_", 1)[-1])
+            if unit == "bytes":
+                descriptor.counter.unit = self.pb.CounterDescriptor.UNIT_SIZE_BYTES
+            elif unit:
+                descriptor.counter.unit_name = unit
         return uuid
 
     def event(self, ts: int, track: int, kind: int, name: str = "", args: dict | None = None,

@@ -199,3 +199,33 @@ def test_run_trace_lays_out_benchmarks_phases_and_counters(samples, tmp_path):
         counts[name] = counts.get(name, 0) + 1
     assert {n: len(v) for n, v in back["counters"].items()} == counts
     assert all(v > 0 for v in back["counters"]["rss_bytes"])
+
+
+def test_run_trace_gives_each_worker_its_tracks_and_each_counter_its_unit(tmp_path):
+    """Under WORKERS=N two workers' benchmarks of one implementation overlap in time: on one
+    track, a slice end closes the newest open slice, so they nested wrongly (a benchmark ran on
+    to the other's end). Each worker now has its own track; counters carry their units."""
+    t0 = 1_800_000_000_000_000_000
+    a = dict(_record("xla", t0), worker="gw0")
+    b = dict(_record("xla", t0 + 25_000_000), worker="gw1", case="other")  # starts inside a
+    samples = [(t0, "rss_bytes", 1e9), (t0, "sm_clock_mhz", 1980.0), (t0, "throttled", 0.0)]
+    path = tmp_path / "run.pftrace"
+    timeline.write_run_trace(path, [a, b], samples)
+    back = timeline.read_run_trace(path)
+    assert set(back["tracks"]) == {"matmul/xla gw0", "matmul/xla gw1"}
+    for rec in (a, b):
+        bench, *phases = back["tracks"][f"matmul/xla {rec['worker']}"]
+        assert (bench["start_ns"], bench["end_ns"]) == (rec["phases"][0]["start_ns"],
+                                                        rec["phases"][-1]["end_ns"])
+        assert [(p["start_ns"], p["end_ns"]) for p in phases] == [
+            (p["start_ns"], p["end_ns"]) for p in rec["phases"]]
+
+    from perfetto.protos.perfetto.trace import perfetto_trace_pb2 as pb
+
+    trace = pb.Trace()
+    trace.ParseFromString(path.read_bytes())
+    units = {p.track_descriptor.name: (p.track_descriptor.counter.unit,
+                                       p.track_descriptor.counter.unit_name)
+             for p in trace.packet if p.track_descriptor.HasField("counter")}
+    assert units == {"rss_bytes": (pb.CounterDescriptor.UNIT_SIZE_BYTES, ""),
+                     "sm_clock_mhz": (0, "MHz"), "throttled": (0, "")}
