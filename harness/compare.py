@@ -13,7 +13,7 @@ last word: they hold every benchmark of the run, those of its resumed calls (who
 pytest-benchmark files are benchmark-resumed-*.json) and those that failed before they were
 timed (which pytest-benchmark's file lacks), with the same device-time medians. Any other
 benchmark JSON file is read as it is. pytest-benchmark's table shows a run's calls together too:
-its files merged into one (`table_file`), a later call's entry replacing an earlier one's.
+its files merged into one (`merged`), a later call's entry replacing an earlier one's.
 """
 from __future__ import annotations
 
@@ -66,22 +66,28 @@ def _read(f: Path) -> dict:
         raise ValueError(f"{f} is not valid JSON ({e})") from None
 
 
-def table_file(path: Path, scratch: Path) -> Path:
-    """A run's benchmarks in one file for pytest-benchmark's table, scratch/<run>.json (the
-    table names each run by its file). A run's benchmark.json is merged with its resumed calls'
-    files in the order the calls wrote them (by the time each file holds: a name's HHMMSS turns
-    over at midnight and a checkout's mtimes are its own), a benchmark a later call timed again
-    taking the later entry. Any other file is taken alone."""
-    merged = _read(path)
+def merged(path: Path) -> dict:
+    """A run's benchmarks in one pytest-benchmark document. A run's benchmark.json is merged
+    with its resumed calls' files in the order the calls wrote them (by the time each file holds:
+    a name's HHMMSS turns over at midnight and a checkout's mtimes are its own), a benchmark a
+    later call timed again taking the later entry. Any other file is taken alone."""
+    data = _read(path)
     if path.name == "benchmark.json":
         resumed = [_read(f) for f in path.parent.glob("benchmark-resumed-*.json")]
-        calls = [merged, *sorted(resumed, key=lambda data: data.get("datetime", ""))]
-        merged = {**merged, "benchmarks": list({b["fullname"]: b for data in calls
-                                                for b in data.get("benchmarks", [])}.values())}
+        calls = [data, *sorted(resumed, key=lambda d: d.get("datetime", ""))]
+        data = {**data, "benchmarks": list({b["fullname"]: b for d in calls
+                                            for b in d.get("benchmarks", [])}.values())}
+    return data
+
+
+def table_file(path: Path, data: dict, names: set[str], scratch: Path) -> Path:
+    """scratch/<run>.json for pytest-benchmark's table (which names each run by its file): the
+    run's benchmarks whose fullname is in `names`."""
     run = path.parent.name if path.name == "benchmark.json" else path.stem
     out = scratch / f"{run}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(merged))
+    out.write_text(json.dumps({**data, "benchmarks": [b for b in data.get("benchmarks", [])
+                                                      if b["fullname"] in names]}))
     return out
 
 
@@ -93,15 +99,22 @@ def print_table(base: Path, head: Path) -> None:
 
     columns = (["--between=median"] if hasattr(table, "CompareBetweenResults")
                else ["--columns=median,iqr"])
+    try:
+        runs = [(p, merged(p), side) for p, side in ((base, "base"), (head, "head"))]
+    except ValueError as e:
+        print(f"no pytest-benchmark table: {e}; the verdicts below read the records",
+              file=sys.stderr)
+        return
+    # The benchmarks both runs timed: pytest-benchmark takes as each group's reference the run
+    # holding the group's first name, so a name in one run only made head the reference (its
+    # changes printed with the sign flipped), and a name head lacks broke its sort by name.
+    both = set.intersection(*({b["fullname"] for b in data.get("benchmarks", [])}
+                              for _, data, _ in runs))
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
-        try:  # relative paths: the table labels a file by its path less the files' common prefix
-            files = [str(table_file(p, scratch / side).relative_to(scratch))
-                     for p, side in ((base, "base"), (head, "head"))]
-        except ValueError as e:
-            print(f"no pytest-benchmark table: {e}; the verdicts below read the records",
-                  file=sys.stderr)
-            return
+        # relative paths: the table labels a file by its path less the files' common prefix
+        files = [str(table_file(p, data, both, scratch / side).relative_to(scratch))
+                 for p, data, side in runs]
         done = subprocess.run([sys.executable, "-m", "pytest_benchmark", "compare", *files,
                                *columns, "--group-by=group", "--sort=name"],
                               cwd=tmp, check=False)

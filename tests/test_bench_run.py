@@ -176,6 +176,29 @@ def test_compare_table_shows_every_call_of_a_run(two_runs, tmp_path, capfd):
     assert "benchmark.json is not valid JSON" in err and "8 benchmarks compared" in out
 
 
+def test_compare_table_holds_only_what_both_runs_timed(two_runs, tmp_path, capfd):
+    """pytest-benchmark's table takes as a group's reference the run holding its first name: a
+    benchmark only head had, sorting first, made head the reference (its changes printed with
+    the sign flipped), and one head lacked broke the table's sort. It now shows the benchmarks
+    both runs timed, base as the reference."""
+    reports, _ = two_runs
+    run2 = reports / "runs" / "run2"
+    data = json.loads((run2 / "benchmark.json").read_text())
+    mine = sorted(data["benchmarks"], key=lambda b: b["fullname"])
+    assert mine[0]["group"] == mine[1]["group"] != mine[-1]["group"]
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({**data, "benchmarks": mine[1:]}))  # the group's first: head only
+    slower = [{**b, "stats": {**b["stats"], "median": 2 * b["stats"]["median"]}} for b in mine]
+    head = tmp_path / "head.json"
+    head.write_text(json.dumps({**data, "benchmarks": slower[:-1]}))  # the last: base only
+    compare.print_table(base, head)
+    out, err = capfd.readouterr()
+    assert "table failed" not in err, err
+    assert mine[0]["name"] not in out and mine[-1]["name"] not in out
+    assert all(b["name"] in out for b in mine[1:-1])
+    assert "+100" in out and "-50" not in out, out
+
+
 def test_regression_must_exceed_noise():
     noisy = compare.Change("x", base_s=1.0, head_s=1.2, noise=0.3)
     assert not noisy.regression(0.10)
