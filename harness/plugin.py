@@ -252,9 +252,18 @@ def bench_run(request):
     state.finish()
 
 
-# trylast: after pytest-benchmark's own tables, so a run ends with this one
-@pytest.hookimpl(trylast=True)
+# A wrapper, its table printed after pytest-benchmark's own, so a run ends with it, and also
+# when --benchmark-compare-fail raises its PerformanceRegression there (which ended the summary
+# before this table).
+@pytest.hookimpl(wrapper=True)
 def pytest_terminal_summary(terminalreporter, config):
+    try:
+        return (yield)
+    finally:
+        _print_table(terminalreporter, config)
+
+
+def _print_table(terminalreporter, config) -> None:
     if not config.getoption("bench"):
         return
     state = getattr(config, "_kernels_run", None)

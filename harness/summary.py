@@ -14,6 +14,7 @@ from harness import results, timing
 def _fmt_time(s):
     if s is None:
         return "-"
+    s = float(f"{s:.3g}")  # rounded first: 999.6 us is "1 ms", not "1e+03 us"
     for unit, scale in (("s", 1), ("ms", 1e-3), ("us", 1e-6)):
         if s >= scale:
             return f"{s / scale:.3g} {unit}"

@@ -199,6 +199,31 @@ def test_compare_table_holds_only_what_both_runs_timed(two_runs, tmp_path, capfd
     assert "+100" in out and "-50" not in out, out
 
 
+def test_a_run_failed_by_benchmark_compare_fail_still_ends_with_its_table(two_runs, tmp_path):
+    """pytest-benchmark's --benchmark-compare-fail raises its PerformanceRegression in the
+    terminal summary, which ended it before the suite's table; the table still comes."""
+    reports, _ = two_runs
+    data = json.loads((reports / "runs" / "run1" / "benchmark.json").read_text())
+
+    def faster(stats):  # a base 100 times faster than run1: every benchmark regresses
+        return {k: v / 100 if k in ("min", "max", "mean", "median", "q1", "q3", "iqr") else v
+                for k, v in stats.items()}
+
+    from pytest_benchmark.utils import get_machine_id
+
+    storage = tmp_path / "storage"
+    (storage / get_machine_id()).mkdir(parents=True)
+    (storage / get_machine_id() / "0001_base.json").write_text(json.dumps(
+        {**data, "benchmarks": [{**b, "stats": faster(b["stats"])}
+                                for b in data["benchmarks"]]}))
+    done = _bench(reports, "run3", "--ops=matmul", "--impls=torch", "--tier=smoke",
+                  "--dtypes=fp32", f"--benchmark-storage=file://{storage}",
+                  "--benchmark-compare=0001", "--benchmark-compare-fail=median:5%")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "Performance has regressed" in out, out[-3000:]
+    assert "kernel benchmarks" in done.stdout and "records:" in done.stdout
+
+
 def test_regression_must_exceed_noise():
     noisy = compare.Change("x", base_s=1.0, head_s=1.2, noise=0.3)
     assert not noisy.regression(0.10)

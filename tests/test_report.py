@@ -562,3 +562,29 @@ def test_memory_verdict_leaves_out_a_backward_alone_and_a_planned_cpu_figure():
     assert m.winner == "a"
     (m,) = report.matchups(pair("fwd", memory.XLA_CPU_PLAN), jax_less)
     assert m.winner == "bound"
+
+
+def test_times_are_rounded_before_their_unit_is_chosen():
+    from harness.summary import _fmt_time
+
+    assert [_fmt_time(s) for s in (0.0009996, 0.99996, 0.00099949, 1.5e-5, None)] == [
+        "1 ms", "1 s", "999 us", "15 us", "-"]
+
+
+def test_device_time_fed_to_pytest_benchmark_survives_its_profiling_call():
+    """--benchmark-cprofile makes pytest-benchmark call the target once more after the rounds:
+    with no sample left for it, the replay once raised StopIteration in every benchmark."""
+    from tests.bench.test_bench import _feed_device_time
+
+    class Benchmark:  # pedantic as pytest-benchmark runs it, plus the profiling call
+        def pedantic(self, target, rounds, iterations, warmup_rounds):
+            self.durations = []
+            for _ in range(rounds):
+                start = self._timer()
+                target()
+                self.durations.append(self._timer() - start)
+            target()
+
+    bench = Benchmark()
+    _feed_device_time(bench, [1e-3, 2e-3, 3e-3])
+    assert bench.durations == pytest.approx([1e-3, 2e-3, 3e-3])
