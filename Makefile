@@ -104,7 +104,7 @@ compare: $(SETUP)
 	$(PY) -m harness.compare $(BASE) $(HEAD) --threshold $(THRESHOLD) --report
 
 summary: $(SETUP)
-	$(PY) -m harness.summary $(if $(RUN),$(RUN_DIR),reports/latest)
+	$(PY) -m harness.summary $(if $(REPORT_RUN),$(REPORTS)/runs/$(REPORT_RUN),$(REPORTS)/latest)
 
 clean-venv:
 	rm -rf $(VENV)

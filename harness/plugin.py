@@ -1,8 +1,8 @@
 """pytest plugin: the options and fixtures that turn tests/bench into the benchmark run.
 
-    pytest tests/bench --ops matmul --impls triton,torch --tier smoke --dtypes bf16
+    pytest tests/bench --bench --ops matmul --impls triton,torch --tier smoke --dtypes bf16
 
-Each benchmark is one test `test_bench[<op>/<case>-<dtype>/<impl>]`; its record is appended to
+Each benchmark is one test `test_bench[<op>/<case>-<dtype>[-<mode>]/<impl>]`; its record is appended to
 reports/runs/<run-id>/results.jsonl as it ends, and its device-time samples are handed to
 pytest-benchmark (grouped by case) so --benchmark-compare compares device time.
 

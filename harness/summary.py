@@ -62,6 +62,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     run = Path(argv[0]) if argv else results.REPORTS / "latest"
     path = run / "results.jsonl" if run.is_dir() else run
+    if not path.is_file():
+        raise SystemExit(f"no records to summarize: {path} does not exist (a run that wrote none, "
+                         "or RUN=<run id> for another run)")
     print(table(results.load(path)))
 
 
