@@ -127,3 +127,18 @@ def test_tests_sharing_a_benchmark_subprocess_go_to_one_worker():
              for name, fn in vars(module).items() if name.startswith("test_")
              and SUBPROCESS_FIXTURES & set(inspect.signature(fn).parameters)}
     assert len(using) >= 2 and grouped == using, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_make_summary_reads_the_latest_run_or_the_one_named():
+    """RUN always holds a value (a fresh timestamp when not given): make summary tested it, and
+    without RUN looked for a run named by the time of the call instead of reports/latest."""
+    root = Path(__file__).resolve().parent.parent
+
+    def command(*args):
+        done = subprocess.run(["make", "-n", "--no-print-directory", "summary",
+                               f"PYTHON={sys.executable}", *args], cwd=root,
+                              capture_output=True, text=True, check=True)
+        return done.stdout.strip().splitlines()[-1]
+
+    assert command().endswith("-m harness.summary reports/latest")
+    assert command("RUN=abc").endswith("-m harness.summary reports/runs/abc")
