@@ -5,21 +5,22 @@ cold: every compile cache is empty. In-memory caches are dropped (the implementa
       caches point at a fresh directory (TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR; jax runs with
       no persistent cache).
 warm: in-memory caches dropped again, on-disk caches kept from the cold call: what a second
-      process on the same machine pays beyond its start-up. Under COLD=first a later case has a warm call only, in
-      the disk caches its implementation's cold call filled (with what its benchmarks since
-      built; `warm_built` counts the files it added).
+      process on the same machine pays beyond its start-up. Under COLD=first a later case has a
+      warm call only, in the disk caches its implementation's cold call filled (with what its
+      benchmarks since built; `warm_built` counts the files it added).
 Both are reported as (first call) - (median steady-state call); autotuning and cuDNN's algorithm
 search count as compile time. Neither holds a compiler's once-per-process start-up (torch.compile's
 imports, source hashing and pattern setup; Triton's driver helpers; JAX's first jit): start_up pays
 it on a trivial function before a process's first cold call of that compiler and records it apart
 (`compile_startup_s`), since otherwise the first benchmark of each process carried it and the rest
-did not (torch.compile on CPU: 0.79 s for the first case in a process, 0.09-0.12 s for the next). An implementation with no reset hook (eager torch) has nothing to
-recompile: its cold figure is its first-call overhead in this process and warm is not measured.
-What no reset reaches stays for the rest of the process: cuDNN's searched plans and attention
-graphs (the first torch implementation to run a shape and layout pays for them; later ones, such
-as `torch_compile`'s conv after `torch`'s, find them built) and XLA's GPU autotuning results,
-which jax.clear_caches keeps, so a JAX warm call, and a cold one of fusions an earlier benchmark
-autotuned, hold no autotuning.
+did not (torch.compile on CPU: 0.79 s for the first case in a process, 0.09-0.12 s for the next).
+An implementation with no reset hook (eager torch) has nothing to recompile: its cold figure is
+its first-call overhead in this process and warm is not measured. What no reset reaches stays
+for the rest of the process: cuDNN's searched plans and attention graphs (the first torch
+implementation to run a shape and layout pays for them; later ones, such as `torch_compile`'s
+conv after `torch`'s, find them built) and XLA's GPU autotuning results, which jax.clear_caches
+keeps, so a JAX warm call, and a cold one of fusions an earlier benchmark autotuned, hold no
+autotuning.
 """
 from __future__ import annotations
 

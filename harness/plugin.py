@@ -2,9 +2,9 @@
 
     pytest tests/bench --bench --ops matmul --impls triton,torch --tier smoke --dtypes bf16
 
-Each benchmark is one test `test_bench[<op>/<case>-<dtype>[-<mode>]/<impl>]`; its record is appended to
-reports/runs/<run-id>/results.jsonl as it ends, and its device-time samples are handed to
-pytest-benchmark (grouped by case) so --benchmark-compare compares device time.
+Each benchmark is one test `test_bench[<op>/<case>-<dtype>[-<mode>]/<impl>]`; its record is
+appended to reports/runs/<run-id>/results.jsonl as it ends, and its device-time samples are handed
+to pytest-benchmark (grouped by case) so --benchmark-compare compares device time.
 
 In any pytest run on a GPU, a test that leaves its process's CUDA context unusable (an illegal
 memory access in a kernel does) ends that process, not the tests after it: see

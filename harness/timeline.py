@@ -11,8 +11,8 @@ write_run_trace() lays the records of a run out on that clock: one track per imp
 ("<op>/<impl>", and the pytest-xdist worker under WORKERS=N), on it one slice per benchmark
 ("<case> <dtype>", and the mode but for fwd; its results as arguments) holding its phases (setup,
 compiler_start_up, cold_compile, warm_compile, warmup, timed, memory, retime, trace), and one
-counter track per sampled counter, with its unit. Open the file in ui.perfetto.dev. It needs the `perfetto`
-package (and protobuf), imported only here and only when a trace is written or read.
+counter track per sampled counter, with its unit. Open the file in ui.perfetto.dev. It needs the
+`perfetto` package (and protobuf), imported only here and only when a trace is written or read.
 """
 from __future__ import annotations
 
