@@ -69,8 +69,7 @@ def first_calls(call: Callable[[], Any], reset: Callable[[], None] | None,
     and before each call: what the call needs that must be made after the reset (a backward's
     forward graph, which keeps its compiled backward through any reset)."""
     prepare = prepare or (lambda: None)
-    for var in _CACHE_ENV:
-        os.environ[var] = os.path.join(cache_dir, var.lower())
+    _use_caches(cache_dir)
     if not cold and reset is not None:
         before = _cache_files()
         reset()
@@ -150,30 +149,26 @@ def compilers(framework: str, backend: str) -> tuple[str, ...]:
 
 
 def start_up(names: tuple[str, ...], cache_root: str, phases: list[dict]) -> float:
-    """Pays each compiler's once-per-process start-up on a trivial function, in caches of its
-    own under cache_root, the first time it is asked for in this process (a "compiler_start_up"
-    span into `phases` when one ran); returns the seconds the named compilers' start-ups took in
-    this process (0 for none)."""
+    """Pays each compiler's once-per-process start-up on a trivial function, in a fresh cache
+    directory under cache_root, the first time it is asked for in this process (a
+    "compiler_start_up" span into `phases` when one ran); returns the seconds the named
+    compilers' start-ups took in this process (0 for none)."""
     t0 = time.time_ns()
     started = [name for name in names if name not in _STARTUP_S]
-    for name in started:
-        saved = {var: os.environ.get(var) for var in _CACHE_ENV}
-        scratch = fresh_caches(cache_root)
-        for var in _CACHE_ENV:
-            os.environ[var] = os.path.join(scratch, var.lower())
-        try:
-            start = time.perf_counter()
-            _STARTERS[name]()
-            _STARTUP_S[name] = time.perf_counter() - start
-        finally:
-            for var, value in saved.items():
-                if value is None:
-                    os.environ.pop(var, None)
-                else:
-                    os.environ[var] = value
+    for name in started:  # the cold call that follows points the caches at its own directory
+        _use_caches(fresh_caches(cache_root))
+        start = time.perf_counter()
+        _STARTERS[name]()
+        _STARTUP_S[name] = time.perf_counter() - start
     if started:
         phases.append(span("compiler_start_up", t0))
     return sum(_STARTUP_S[name] for name in names)
+
+
+def _use_caches(cache_dir: str) -> None:
+    """Points the on-disk compile caches (Triton's, Inductor's) at cache_dir."""
+    for var in _CACHE_ENV:
+        os.environ[var] = os.path.join(cache_dir, var.lower())
 
 
 def fresh_caches(cache_root: str) -> str:

@@ -97,8 +97,7 @@ XLA_CPU_PLAN = "xla.memory_analysis.cpu_plan"  # a lower bound: see the module's
 def _xla(jitted, args: tuple) -> tuple[int, str]:
     if not hasattr(jitted, "lower"):
         raise TypeError(f"jitted must be a jax.jit-wrapped function, got {type(jitted).__name__}")
-    lowered = jitted.lower(*args)
-    stats = lowered.compile().memory_analysis()
+    stats = jitted.lower(*args).compile().memory_analysis()
     if stats is None:
         raise RuntimeError("memory_analysis() unavailable on this backend")
     import jax

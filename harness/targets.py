@@ -228,8 +228,7 @@ def timed_for_tier(record: dict) -> bool:
 
 @functools.cache
 def _standard_names(op: str) -> frozenset[str]:
-    return frozenset(c.name for c in cases_mod.cases(op, "standard")) if op in cases_mod.CASES \
-        else frozenset()
+    return frozenset(_covered(op, _every))
 
 
 def tier_time(records, target: str, limit_s: float, run_s: float | None) -> Verdict:
