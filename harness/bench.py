@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import socket
 import time
@@ -284,7 +283,7 @@ class References:
             ref = oracle(*arrays.values(), **kwargs, device=self.device)
             with _outside_cudnn_plan_caches():
                 stock = stock_op(*arrays.values(), **kwargs)
-            return ref, check.rel_err(stock, ref)
+            return ref, check.error(stock, ref)
         do = _grad_output(case, dtype, "torch", self.device)
         grads_oracle = getattr(reference, f"{case.op}_grads", None)  # written out, memory-bounded
         if grads_oracle is not None:
@@ -300,9 +299,9 @@ class References:
         return ref, _grads_err(stock, ref)
 
 
-def _grads_err(outs, refs) -> float:
-    """The worst relative error over the gradients (dq, dk, dv)."""
-    return max(check.rel_err(o, r) for o, r in zip(outs, refs))
+def _grads_err(outs, refs) -> check.Error:
+    """The worst error over the gradients (dq, dk, dv)."""
+    return check.worst(check.error(o, r) for o, r in zip(outs, refs))
 
 
 # ---------------------------------------------------------------- the record
@@ -346,7 +345,7 @@ class Session:
                   "device_busy_s", "tflops",
                   "gbps", "peak_bytes", "peak_method", "compile_cold_s", "compile_warm_s",
                   "compile_warm_built", "compile_startup_s", "compile_method", "rel_err",
-                  "err_budget", "stock_err"):
+                  "err_budget", "stock_err", "max_err", "max_err_budget", "stock_max_err"):
             rec[k] = None
         return rec
 
@@ -397,7 +396,7 @@ class Session:
         # fails still shows where its time went (run timeline, report's time breakdown).
         phases = rec.setdefault("phases", [])
         with timing.phase(phases, "setup"):  # float64 reference (once per case), inputs
-            ref, stock_err = self.references.get(b.case, b.dtype, b.mode)
+            ref, stock = self.references.get(b.case, b.dtype, b.mode)
             arrays = inputs_mod.make(b.case, b.dtype, impl.framework, self.device)
             if b.mode == "fwd":
                 calls = _forward_calls(impl, b.case, arrays)
@@ -422,7 +421,7 @@ class Session:
             rec["autotuned"] = autotuned
         output = calls.checked(first.output if calls.repoisoned is None
                                else timing.sync(calls.repoisoned()))
-        err = check.rel_err(output, ref) if b.mode == "fwd" else _grads_err(output, ref)
+        err = check.error(output, ref) if b.mode == "fwd" else _grads_err(output, ref)
         t = timing.time_fn(calls.timed, impl.framework, ON_CUDA, self.policy)
         phases += t.phases
         rec["flags"] = guards.flags()
@@ -440,7 +439,7 @@ class Session:
             with timing.phase(phases, "retime"):
                 again = timing.time_fn(calls.timed, impl.framework, ON_CUDA, self.policy)
             rec.update(median_again_s=again.median_s, again_change=again.median_s / t.median_s - 1)
-        budget = check.budget(b.dtype, stock_err)
+        budget = check.budgets(b.dtype, stock)
         rec.update(median_s=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, reps=t.reps,
                    spread=t.spread, timing_method=t.method, host_s=t.host_s,
                    device_busy_s=t.busy_s,
@@ -456,18 +455,15 @@ class Session:
                        + (f"; the warm call built {first.warm_built} compile-cache files, "
                           "compiling what no earlier benchmark of it had"
                           if first.warm_built else "")),
-                   rel_err=err, err_budget=budget, stock_err=stock_err)
+                   rel_err=err.frobenius, err_budget=budget.frobenius,
+                   stock_err=stock.frobenius, max_err=err.element,
+                   max_err_budget=budget.element, stock_max_err=stock.element)
         # the later cases' warm-only calls use these caches, and their records point at this
         # cold figure: kept once a record holds it (a case failing before then leaves the next
         # case to compile cold)
         self._compile_caches[kind] = caches
-        if check.passes(err, b.dtype, stock_err):
-            rec.update(status="ok")
-        elif math.isinf(err):
-            rec.update(status="failed", reason="wrong result: output holds NaN or inf")
-        else:
-            rec.update(status="failed",
-                       reason=f"wrong result: relative error {err:.3g} over budget {budget:.3g}")
+        wrong = check.wrong(err, b.dtype, stock)
+        rec.update(status="failed" if wrong else "ok", reason=wrong)
         return t
 
     def _trace(self, b: Bench, impl: Impl, call) -> dict:

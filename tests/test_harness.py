@@ -159,20 +159,40 @@ def test_inputs_seeded_nonzero_and_same_for_both_frameworks():
 
 
 # ---------------------------------------------------------------- check
-def test_rel_err_and_budget():
+def test_errors_and_budgets():
     ref = torch.ones(4, 4, dtype=torch.float64)
-    assert check.rel_err(torch.ones(4, 4), ref) == 0
-    assert check.rel_err(torch.full((4, 4), 1.5), ref) == pytest.approx(0.5)
+    assert check.error(torch.ones(4, 4), ref) == (0, 0)
+    half_off = torch.ones(4, 4)
+    half_off[0] = 1.5
+    assert check.error(half_off, ref) == pytest.approx((0.25, 0.5))  # sqrt(4/16)/2; 0.5/1
     poisoned = torch.ones(4, 4)
     poisoned[3, 3] = float("nan")
-    assert check.rel_err(poisoned, ref) == math.inf
-    assert not check.passes(math.inf, "float32", 1e-7)
-    assert not check.passes(float("nan"), "float32", 1e-7)
+    assert check.error(poisoned, ref) == (math.inf, math.inf)
+    assert check.wrong(check.error(poisoned, ref), "float32", None) == (
+        "wrong result: output holds NaN or inf")
     # the stock error sets the scale, floored at the unit roundoff
-    assert check.budget("float16", 1e-3) == pytest.approx(4e-3)
-    assert check.budget("float16", 0.0) == pytest.approx(4 * 2 ** -11)
+    assert check.budgets("float16", check.Error(1e-3, 2e-3)) == pytest.approx((4e-3, 16e-3))
+    assert check.budgets("float16", check.Error(0.0, 0.0)) == pytest.approx(
+        (4 * 2 ** -11, 8 * 2 ** -11))
+    assert check.budgets("float16", None) == check.budgets("float16", check.Error(0.0, 0.0))
+    assert check.worst([check.Error(1, 5), check.Error(2, 3)]) == (2, 5)
+    assert check.error(torch.ones(0, 3), torch.ones(0, 3, dtype=torch.float64)) == (0, 0)
     with pytest.raises(ValueError, match="shape"):
-        check.rel_err(torch.ones(3), ref)
+        check.error(torch.ones(3), ref)
+
+
+def test_a_few_wrong_elements_fail_where_the_norm_hides_them():
+    """A zeroed 16x16 tile of a 2048x2048 bfloat16 output is 0.8 % of its norm, inside the
+    budget of 4 u = 1.6 %; its worst element is off by about 40 % of the largest magnitude."""
+    ref = torch.randn(2048, 2048, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    stock = check.error(ref.to(torch.bfloat16), ref)
+    out = ref.to(torch.bfloat16)
+    out[1000:1016, 500:516] = 0
+    err = check.error(out, ref)
+    assert err.frobenius <= check.budgets("bfloat16", stock).frobenius
+    assert check.wrong(err, "bfloat16", stock).startswith(
+        "wrong result: worst element off by 0.44")
+    assert check.wrong(stock, "bfloat16", stock) == ""
 
 
 # ---------------------------------------------------------------- timing
@@ -450,6 +470,31 @@ def test_an_autotuner_cannot_hide_unwritten_elements(tmp_path, monkeypatch):
     rec, _ = bench.Session("t", str(tmp_path)).run(
         bench.Bench("matmul", "triton", cases("matmul", "smoke")[0], "float32"))
     assert (rec["status"], rec["reason"]) == ("failed", "wrong result: output holds NaN or inf")
+
+
+def test_a_benchmark_with_one_wrong_element_is_a_wrong_result(tmp_path, monkeypatch):
+    """One element of a 256x256 bfloat16 product off by half the largest magnitude: its
+    Frobenius error is inside the budget, the record fails on the worst element, and says both."""
+    from harness import bench
+    from harness.cases import cases
+
+    def one_element_off(a, b, out=None):
+        product = a @ b
+        product[100, 200] += product.abs().max() / 2
+        return product if out is None else out.copy_(product)
+
+    get = registry.get
+    spy = dataclasses.replace(get("matmul", "triton"), fn=one_element_off, reset=None)
+    monkeypatch.setattr(registry, "get",
+                        lambda op, name: spy if name == "triton" else get(op, name))
+    case = cases("matmul", "smoke")[1]
+    assert case.dims == {"M": 256, "K": 256, "N": 256}
+    rec, _ = bench.Session("t", str(tmp_path)).run(bench.Bench("matmul", "triton", case,
+                                                               "bfloat16"))
+    assert rec["status"] == "failed"
+    assert rec["reason"].startswith("wrong result: worst element off by 0.5")
+    assert rec["rel_err"] <= rec["err_budget"] and rec["max_err"] > rec["max_err_budget"]
+    assert 0 < rec["stock_max_err"] <= check.UNIT_ROUNDOFF["bfloat16"]
 
 
 def test_guards_read_the_gpu_named_by_uuid_and_say_when_nvml_fails(monkeypatch):
@@ -800,9 +845,9 @@ def test_the_stock_error_is_measured_outside_cudnns_plan_caches(op, mode, monkey
     monkeypatch.setattr(registry, "get", lambda o, name: spy if name == "torch" else get(o, name))
     monkeypatch.setattr(torch.backends.cudnn, "enabled", True)
     before_sdp = torch.backends.cuda.cudnn_sdp_enabled()
-    ref, stock_err = bench.References("cpu").get(cases(op, "smoke")[0], "float32", mode)
+    ref, stock = bench.References("cpu").get(cases(op, "smoke")[0], "float32", mode)
     assert seen == [(False, False)]
-    assert 0 < stock_err < 1e-4
+    assert 0 < stock.frobenius < 1e-4 and 0 < stock.element < 1e-4
     assert torch.backends.cudnn.enabled and torch.backends.cuda.cudnn_sdp_enabled() == before_sdp
 
 
