@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from harness import check
-from harness.bench import References, _forward_calls
+from harness.bench import (References, _forward_calls, _grad_output, _grads_err,
+                           _jax_grad_calls, _torch_grad_calls)
 from harness.cases import Case
 from harness import inputs
 from kernels import ON_CUDA, registry
@@ -45,6 +46,17 @@ def wrong_result(op: str, impl_name: str, case: Case, dtype: str) -> str:
         # interpreter tries one config.)
         output = calls.repoisoned()
     return check.wrong(check.error(calls.checked(output), ref), dtype, stock)
+
+
+def wrong_gradients(op: str, impl_name: str, case: Case, dtype: str) -> str:
+    """As wrong_result, for the gradients of a forward and backward (the benchmarks' fwd_bwd)."""
+    impl = registry.get(op, impl_name)
+    refs, stock = _refs.get(case, dtype, "fwd_bwd")
+    arrays = inputs.make(case, dtype, impl.framework, DEVICE)
+    do = _grad_output(case, dtype, impl.framework, DEVICE)
+    build = _torch_grad_calls if impl.framework == "torch" else _jax_grad_calls
+    calls = build(impl, case, arrays, do, "fwd_bwd")
+    return check.wrong(_grads_err(calls.checked(calls.first()), refs), dtype, stock)
 
 
 def outer_env() -> dict:

@@ -1,11 +1,12 @@
 """attention and conv2d: every registered implementation (stock ones included) against float64 on
 odd shapes in every dtype, through the harness's own checking path. The hand-written kernels have
 deeper tests of their own (gradients, poisoned outputs, strides) in test_<op>_kernels.py."""
+import jax
 import pytest
 
 from harness.cases import DTYPES, Case
 from kernels import registry
-from tests.checking import skip_if_no_sdpa_kernel, wrong_result
+from tests.checking import skip_if_no_sdpa_kernel, wrong_gradients, wrong_result
 
 
 def _attn(B, H, Hkv, Sq, Sk, D, causal):
@@ -57,3 +58,23 @@ def test_conv2d_matches_float64(impl, case, dtype):
     wrong = wrong_result("conv2d", impl, case, dtype)
     assert not wrong, f"{impl} {case.name} {dtype}: {wrong}"
 
+
+JAX_IMPLS = [(op, name) for op in registry.ops() for name in registry.impls(op)
+             if registry.get(op, name).framework == "jax"]
+
+
+@pytest.mark.parametrize("op, impl", JAX_IMPLS, ids=lambda x: x)
+def test_jax_implementations_with_64_bit_mode_on(op, impl):
+    """Under jax_enable_x64 a Python int beside an int32 grid index becomes int64, and lax.div
+    refuses the pair: pallas attention (causal) and conv2d raised TypeError on float32 inputs,
+    as did pallas_tpu's. Float32 inputs work as with the mode off, and attention's gradients."""
+    case = {"attention": ATTENTION[1], "conv2d": CONV[1],
+            "matmul": Case("matmul", "t_17x31x13", dict(M=17, K=31, N=13))}[op]
+    with jax.enable_x64(True):
+        wrong = wrong_result(op, impl, case, "float32")
+        if op == "attention" and not wrong:
+            try:
+                wrong = wrong_gradients(op, impl, case, "float32")
+            except NotImplementedError as e:  # a forward-only kernel (pallas_tpu) says so
+                assert "no backward" in str(e)
+    assert not wrong, f"{impl} {case.name} with jax_enable_x64: {wrong}"

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import core as jax_core
+from jax import lax
 
 
 @functools.cache
@@ -34,6 +35,23 @@ def tags() -> tuple[str, ...]:
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+# Index arithmetic inside kernels. lax.div and lax.rem want both operands of one dtype, and with
+# jax_enable_x64 on, a Python int beside an int32 grid index becomes int64 ("lax.div requires
+# arguments to have the same dtypes, got int32, int64"; pl.cdiv too): the static operand takes the
+# index's dtype. Indices are never negative, so truncating division is floor division, and
+# lax.div/rem lower to single Triton and Mosaic ops where jnp's floor-mod adds sign fix-ups (which
+# the Triton lowering rejects and Mosaic's asks which TPU generation it is on).
+def idiv(a, b: int):
+    """a // b and a % b for a non-negative traced index a and a static b."""
+    b = jnp.asarray(b, jnp.result_type(a))
+    return lax.div(a, b), lax.rem(a, b)
+
+
+def icdiv(a, b: int):
+    """ceil(a / b) for a non-negative traced index a and a static b."""
+    return idiv(a + (b - 1), b)[0]
 
 
 def pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:

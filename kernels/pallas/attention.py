@@ -28,8 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import contract, registry
-from kernels.pallas._common import (gpu_compiler_params, interpret, multiprocessors, pad_axis,
-                                    tags)
+from kernels.pallas._common import (gpu_compiler_params, icdiv, interpret, multiprocessors,
+                                    pad_axis, tags)
 
 LOG2_E = 1 / math.log(2)
 _SQ = getattr(pl, "squeezed", None)  # a block dim dropped from the kernel's view (None: older jax)
@@ -167,7 +167,7 @@ def _num_key_blocks(q_block, block_q, block_k, st: _Static):
     """Key blocks a query block must visit; causal skips those past its last row."""
     n = pl.cdiv(st.sk, block_k)
     if st.causal:
-        n = jnp.minimum(n, pl.cdiv((q_block + 1) * block_q, block_k))
+        n = jnp.minimum(n, icdiv((q_block + 1) * block_q, block_k))
     return n
 
 

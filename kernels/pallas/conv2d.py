@@ -34,8 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import contract, registry
-from kernels.pallas._common import (forward_only, gpu_compiler_params, interpret, round_up,
-                                    tags)
+from kernels.pallas._common import (forward_only, gpu_compiler_params, idiv, interpret,
+                                    round_up, tags)
 
 def _fit(n: int, cap: int) -> int:
     # Power-of-two blocks for the Triton lowering, >= 16 because its dot needs every dim >= 16.
@@ -76,15 +76,9 @@ class BlockSizes:
                    block_oh=block_oh)
 
 
-def _divmod(a, b: int):
-    # Indices here are never negative, so truncating division is floor division; lax.div/rem lower
-    # to single Triton ops where jnp's floor-mod emits sign fix-ups the Triton lowering rejects.
-    return lax.div(a, b), lax.rem(a, b)
-
-
 def _patch(row_block, d: contract.Conv2dDims, b: BlockSizes):
     """(image, first output row) of the patch that grid row `row_block` computes."""
-    n, oh_block = _divmod(row_block, pl.cdiv(d.OH, b.block_oh))
+    n, oh_block = idiv(row_block, pl.cdiv(d.OH, b.block_oh))
     return n, oh_block * b.block_oh
 
 
@@ -93,7 +87,7 @@ def _x_tile(x_ref, n, oh0, ow_block, tap, c0, width: int, d: contract.Conv2dDims
     patch whose first row is oh0, pixels in row-major order: every sh-th row and sw-th column of
     the padded input, channels [c0, c0 + width)."""
     (sh, sw), (dh, dw) = d.stride, d.dilation
-    kh, kw = _divmod(tap, d.KW)
+    kh, kw = idiv(tap, d.KW)
     ih0 = oh0 * sh + kh * dh
     cols = pl.ds(ow_block * (b.block_ow * sw) + kw * dw, b.block_ow, stride=sw)
     if b.block_oh == 1:
@@ -110,13 +104,13 @@ def _conv2d_kernel(x_ref, w_ref, o_ref, *, d: contract.Conv2dDims, b: BlockSizes
     # weight; o_ref: this program's [block_oh, block_ow, block_k] output block.
     row_block, ow_block, gk_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n, oh0 = _patch(row_block, d, b)
-    g, k_block = _divmod(gk_block, k_steps)
+    g, k_block = idiv(gk_block, k_steps)
     k0 = pl.multiple_of(k_block * b.block_k, b.block_k)
     group_c0 = g * (c_steps * b.block_c)  # the group's first input channel (in x and w rows)
 
     def step(i, acc):
         # One flat loop over (tap, channel block), as in the Triton kernel.
-        tap, c_block = _divmod(i, c_steps)
+        tap, c_block = idiv(i, c_steps)
         c0 = pl.multiple_of(group_c0 + c_block * b.block_c, b.block_c)
         x = _x_tile(x_ref, n, oh0, ow_block, tap, c0, b.block_c, d, b)
         wt = w_ref[tap, pl.ds(c0, b.block_c), pl.ds(k0, b.block_k)]
@@ -140,7 +134,7 @@ def _depthwise_kernel(x_ref, w_ref, o_ref, *, d: contract.Conv2dDims, b: BlockSi
     k0 = pl.multiple_of(k_block * b.block_k, b.block_k)
     # Output column j*Cp + c reads input channel c, so block k_block reads channel block
     # k_block % c_blocks.
-    c0 = pl.multiple_of(lax.rem(k_block, c_blocks) * b.block_k, b.block_k)
+    c0 = pl.multiple_of(idiv(k_block, c_blocks)[1] * b.block_k, b.block_k)
 
     def step(tap, acc):
         x = _x_tile(x_ref, n, oh0, ow_block, tap, c0, b.block_k, d, b)

@@ -12,10 +12,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.pallas._common import compile_interpreted_threads_once, pad_axis, round_up
+from kernels.pallas._common import compile_interpreted_threads_once, idiv, pad_axis, round_up
 
 __all__ = ["LANES", "on_tpu", "interpret_params", "compiler_params", "sublanes", "fit_block",
            "idiv", "check_dtype_supported", "races_found", "pad_axis", "round_up"]
@@ -74,13 +73,6 @@ def fit_block(dim: int, cap: int, align: int) -> int:
     if cap % align:
         raise ValueError(f"block cap {cap} must be a multiple of the alignment {align}")
     return min(cap, round_up(dim, align))
-
-
-def idiv(a, b: int):
-    """a // b and a % b for non-negative grid indices: truncating division is floor division then,
-    and lax.div/rem lower to single Mosaic ops where jnp's floor-mod adds sign fix-ups (whose
-    lowering asks which TPU generation it is on)."""
-    return lax.div(a, b), lax.rem(a, b)
 
 
 def check_dtype_supported(name: str, x) -> None:

@@ -152,7 +152,7 @@ def _conv2d(x, w, *, d: contract.Conv2dDims, b: BlockSizes):
 
     def w_index(r, gk, t):
         kh, c = channel_block(gk, t)
-        return kh, 0, c, lax.rem(gk, k_steps)
+        return kh, 0, c, idiv(gk, k_steps)[1]
 
     out = _launch(x, w, (None, d.KW, b.block_c, b.block_k), w_index, channel_block, d=d,
                   block_x=b.block_c, block_k=b.block_k, channels=G * kgp,
@@ -171,7 +171,7 @@ def _depthwise_conv2d(x, w, *, d: contract.Conv2dDims, b: BlockSizes):
     w = jnp.pad(w, ((0, 0), (0, 0), (0, 0), (0, cp - d.C))).reshape(d.KH, d.KW, 1, m * cp)
 
     def channel_block(k, t):  # output column j*Cp + c reads input channel c
-        return t, lax.rem(k, cp // bk)
+        return t, idiv(k, cp // bk)[1]
 
     out = _launch(x, w, (None, d.KW, 1, bk), lambda r, k, t: (t, 0, 0, k), channel_block, d=d,
                   block_x=bk, block_k=bk, channels=m * cp, steps=d.KH, depthwise=True)
