@@ -479,8 +479,15 @@ class Session:
         return info
 
 
+# harness.runner's alarm handler raises an in-process timeout: not where the benchmark was
+_ALARM_HANDLER = str(Path(__file__).with_name("runner.py"))
+
+
 def _reason(e: BaseException) -> str:
-    where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    frames = traceback.extract_tb(e.__traceback__) if e.__traceback__ else []
+    if len(frames) > 1 and frames[-1].filename == _ALARM_HANDLER:
+        frames.pop()  # the frame the alarm interrupted is the one before
+    where = frames[-1] if frames else None
     at = f" (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})" if where else ""
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0] if msg else ''}{at}"[:500]

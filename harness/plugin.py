@@ -23,6 +23,25 @@ from harness import cases as cases_mod
 from harness import guards, results
 
 
+def _pin_gpu() -> None:
+    """Under pytest-xdist (WORKERS=N, -n N) each worker gets its own GPU when there are several.
+    CUDA reads CUDA_VISIBLE_DEVICES once, when the driver starts, and tests/conftest.py imports
+    kernels, whose torch.cuda.is_available() starts it: so this runs as the root conftest.py loads
+    this plugin, before that (in pytest_configure, every worker stayed on GPU 0 while its NVML
+    flags read another)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None or "CUDA_VISIBLE_DEVICES" in os.environ:
+        return
+    from harness.env import gpu_count
+
+    gpus = gpu_count()
+    if gpus > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(int(worker.removeprefix("gw")) % gpus)
+
+
+_pin_gpu()
+
+
 def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
@@ -109,6 +128,9 @@ class Selection:
                                     f"valid: {list(ISOLATION)}")
         if config.getoption("resume") and not config.getoption("run_id"):
             raise pytest.UsageError("--resume needs --run-id (make bench RESUME=<run-id>)")
+        if not config.getoption("bench_timeout") > 0:  # in-process 0 had meant no limit
+            raise pytest.UsageError(f"--bench-timeout (TIMEOUT) must be a number of seconds "
+                                    f"> 0, got {config.getoption('bench_timeout')}")
         bad_modes = [m for m in self.modes if m not in cases_mod.ATTENTION_MODES]
         if bad_modes:
             raise pytest.UsageError(f"unknown mode(s) {bad_modes}; valid: "
@@ -124,23 +146,20 @@ def _selection(config) -> Selection:
     return config._kernels_selection
 
 
-def _pin_gpu(config) -> None:
-    """Under pytest-xdist (WORKERS=N) each worker gets its own GPU when there are several. Runs
-    before anything initialises CUDA, which reads CUDA_VISIBLE_DEVICES once."""
-    worker = getattr(config, "workerinput", {}).get("workerid")
-    if worker is None or "CUDA_VISIBLE_DEVICES" in os.environ:
-        return
-    from harness.env import gpu_count
-
-    gpus = gpu_count()
-    if gpus > 1:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(int(worker.removeprefix("gw")) % gpus)
-
-
 def pytest_configure(config):
     if config.getoption("bench"):
-        _pin_gpu(config)
         _selection(config)  # bad filters are refused before anything is collected
+        if not config.getoption("run_id"):
+            # one run for all pytest-xdist workers, chosen by the controller (each worker had
+            # chosen a run, and a directory, of its own)
+            worker = getattr(config, "workerinput", None)
+            config.option.run_id = worker["kernels_run_id"] if worker else results.new_run_id()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist's controller, starting a worker: the run it records into."""
+    node.workerinput["kernels_run_id"] = node.config.getoption("run_id")
 
 
 def pytest_generate_tests(metafunc):
@@ -199,7 +218,7 @@ class RunState:
         from harness.runner import Runner
         from harness.timeline import Sampler
 
-        run_id = config.getoption("run_id") or results.new_run_id()
+        run_id = config.getoption("run_id")
         self.dir = results.start_run(run_id)
         self.path = self.dir / "results.jsonl"
         self.cache_root = tempfile.mkdtemp(prefix="kernels-compile-")
@@ -294,7 +313,9 @@ def pytest_sessionfinish(session, exitstatus):
               "selected benchmark: nothing left to resume")
         session.exitstatus = pytest.ExitCode.OK
     state = getattr(session.config, "_kernels_run", None)
-    if state is not None and state.runner.context_lost:
+    # an interrupted run (Ctrl-C, make gpu's time limit) keeps its status: it is not resumed
+    if state is not None and state.runner.context_lost and session.exitstatus in (
+            pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
         from harness.runner import CONTEXT_LOST_EXIT
 
         session.exitstatus = CONTEXT_LOST_EXIT

@@ -547,7 +547,7 @@ def targets_section(run: Run) -> Section:
 
 # Each record's phases, in the order a benchmark runs them (harness.bench.Session._measure).
 PHASES = ("setup", "compiler_start_up", "cold_compile", "warm_compile", "warmup", "timed",
-          "memory", "retime", "trace")
+          "memory", "retime", "trace", timing.FAILED_STEP)
 RESUMED_GAP_S = 60.0  # a longer pause between two benchmarks is a run stopped and resumed
 
 

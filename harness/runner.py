@@ -17,9 +17,11 @@ without running, instead of each spending the whole timeout.
 from __future__ import annotations
 
 import signal
+import time
 from contextlib import contextmanager
 
 from harness.bench import Bench, Session
+from harness.timing import FAILED_STEP, span
 from harness.worker import TIMED_OUT, IsolatedRunner, WorkerFailure
 from kernels import registry
 
@@ -70,7 +72,10 @@ class Runner:
         if len(hung) >= HUNG_AFTER:
             return self._failed(b, f"not run: {b.impl} timed out in {len(hung)} benchmarks of "
                                    f"this run before ({', '.join(hung)}), most likely a hang")
+        start_ns = time.time_ns()
         record, timing = self._run(b)
+        if record["status"] == "failed":
+            _account_until_now(record, start_ns)
         if TIMED_OUT in record["reason"]:
             hung.append(b.id)
         return record, timing
@@ -88,7 +93,9 @@ class Runner:
         try:
             record, timing = self._worker.run(b)
         except WorkerFailure as e:
-            return self._failed(b, str(e))
+            record, timing = self._failed(b, str(e))
+            record["isolated"] = True
+            return record, timing
         record["isolated"] = True
         return record, timing
 
@@ -102,3 +109,12 @@ class Runner:
     def close(self) -> None:
         if self._worker is not None:
             self._worker.close()
+
+
+def _account_until_now(record: dict, start_ns: int) -> None:
+    """A failed benchmark's time from its last recorded phase (or its start) to now, as the
+    phase FAILED_STEP: the step it failed in returns no phases of its own (a timeout's whole
+    limit, a worker that died), and the run's time breakdown would lose it."""
+    phases = record.setdefault("phases", [])
+    last_ns = max([start_ns] + [p["end_ns"] for p in phases])
+    phases.append(span(FAILED_STEP, last_ns))

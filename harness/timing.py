@@ -142,6 +142,10 @@ def summarize(samples: list[float], method: str, phases: list[dict] | None = Non
                   list(samples), phases or [], statistics.median(host) if host else None)
 
 
+# The phase of a failed benchmark from its last recorded phase to its record (harness.runner)
+FAILED_STEP = "failed_step"
+
+
 def span(name: str, start_ns: int) -> dict:
     """A phase of a benchmark on the wall clock (epoch ns), for the run timeline."""
     return {"name": name, "start_ns": start_ns, "end_ns": time.time_ns()}
@@ -334,6 +338,8 @@ def time_jax_device(fn: Callable[[], Any], policy: Policy = GPU_POLICY) -> Timin
             trace.run_jax_profiled(profiled, path)
             events = trace.read(path)
             spans, busy, caveat = trace.device_spans(events), trace.device_busy(events), NO_KERNELS
+        except TimeoutError:  # the benchmark's limit (harness.runner) ends it, here as anywhere
+            raise
         except Exception:  # the profiler could not run; a failing call fails again below
             spans, caveat = [], PROFILER_FAILED
     phases = [warm, span("timed", t1)]

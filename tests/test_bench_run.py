@@ -235,7 +235,8 @@ class _Options:
     """The bench options as pytest's config hands them to the plugin: defaults, then `given`."""
 
     DEFAULTS = {"ops": "matmul", "impls": "", "tier": "smoke", "dtypes": "", "modes": "",
-                "isolate": "plugins", "resume": False, "run_id": "", "shapes": ""}
+                "isolate": "plugins", "resume": False, "run_id": "", "shapes": "",
+                "bench_timeout": 900.0}
 
     def __init__(self, **given):
         self.values = {**self.DEFAULTS, **given}
@@ -259,6 +260,14 @@ def test_bad_options_list_the_valid_ones(option, message):
     with pytest.raises(pytest.UsageError) as refused:
         plugin._selection(_Options(**{name: value}))
     assert message in str(refused.value)
+
+
+@pytest.mark.parametrize("seconds", [0.0, -5.0, float("nan")])
+def test_a_time_limit_must_be_positive(seconds):
+    """TIMEOUT=0 had meant no limit in-process and failed every isolated benchmark at once."""
+    with pytest.raises(pytest.UsageError, match=r"--bench-timeout \(TIMEOUT\) must be a number "
+                       r"of seconds > 0"):
+        plugin._selection(_Options(bench_timeout=seconds))
 
 
 def test_each_filter_value_counts_once():

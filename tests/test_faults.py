@@ -91,6 +91,26 @@ def test_a_lost_cuda_context_in_process_is_resumed_in_a_fresh_one(tmp_path):
     assert proc.returncode != 0  # a benchmark failed, though the last pass had no failure
 
 
+@pytest.mark.parametrize("status, expected", [
+    (pytest.ExitCode.OK, 75), (pytest.ExitCode.TESTS_FAILED, 75),
+    (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERRUPTED),
+    (pytest.ExitCode.INTERNAL_ERROR, pytest.ExitCode.INTERNAL_ERROR)])
+def test_a_run_that_lost_its_context_resumes_unless_it_was_interrupted(status, expected):
+    """CONTEXT_LOST_EXIT (75) makes `make bench` resume the run: a run that ended (its failures
+    included) gets it; one interrupted (Ctrl-C, make gpu's time limit) or broken keeps its own
+    status, and is not resumed (it was before)."""
+    from types import SimpleNamespace
+
+    from harness import plugin
+    from harness.runner import CONTEXT_LOST_EXIT
+
+    assert CONTEXT_LOST_EXIT == 75
+    state = SimpleNamespace(runner=SimpleNamespace(context_lost="x left it unusable"))
+    session = SimpleNamespace(exitstatus=status, config=SimpleNamespace(_kernels_run=state))
+    plugin.pytest_sessionfinish(session, status)
+    assert session.exitstatus == expected
+
+
 def test_a_test_that_loses_the_cuda_context_ends_its_process(tmp_path):
     """In the test suite, a test after which the process cannot run CUDA work ends its process:
     under pytest-xdist the worker dies and a fresh one runs the rest; without xdist the session
@@ -125,6 +145,11 @@ def test_an_implementation_that_keeps_hanging_is_not_run_again(tmp_path):
     records = results.load(tmp_path / "runs/hangs/results.jsonl")
     hangs = [r["reason"] for r in records if r["impl"] == "fault_hang"]
     assert len(hangs) == 4, proc.stdout[-3000:]  # the four smoke cases
+    # a timed-out worker returns no phases: its whole limit is the record's failed step
+    for timed_out in [r for r in records if r["impl"] == "fault_hang"][:2]:
+        assert timed_out["isolated"] is True
+        (step,) = timed_out["phases"]
+        assert step["name"] == "failed_step" and step["end_ns"] - step["start_ns"] >= 3e9
     assert all(reason.startswith("timeout: no result after 3 s") for reason in hangs[:2])
     assert all(reason.startswith("not run: fault_hang timed out in 2 benchmarks of this run "
                                  "before (matmul/128x128x128-float32/fault_hang, ")
@@ -199,3 +224,18 @@ def test_two_workers_make_the_same_records_as_one(tmp_path):
     assert one.returncode == 0 and two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     assert _keys(tmp_path, "w1") == _keys(tmp_path, "w2")
     assert len(_keys(tmp_path, "w2")) == 8
+
+
+def test_workers_without_a_run_id_record_into_one_run(tmp_path):
+    """pytest -n 2 without --run-id (make always passes one): the controller chooses the run and
+    its workers record into it (each had made a run directory of its own, and no table)."""
+    cmd = [sys.executable, "-m", "pytest", "tests/bench", "-q", "--bench", "--ops=matmul",
+           "--tier=smoke", "--dtypes=fp32", "--impls=torch,xla", "-k", "128x128x128", "-n", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    records = results.load(run / "results.jsonl")
+    assert sorted(r["impl"] for r in records) == ["torch", "xla"]
+    assert all(r["worker"] in ("gw0", "gw1") for r in records)
+    assert f"records: {run / 'results.jsonl'}" in proc.stdout

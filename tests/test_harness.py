@@ -497,6 +497,27 @@ def test_a_benchmark_with_one_wrong_element_is_a_wrong_result(tmp_path, monkeypa
     assert 0 < rec["stock_max_err"] <= check.UNIT_ROUNDOFF["bfloat16"]
 
 
+def test_each_xdist_worker_is_pinned_to_a_gpu_before_cuda_starts():
+    """With several GPUs, worker gwN gets GPU N mod count when the plugin loads: before
+    tests/conftest.py imports kernels, which starts CUDA (reading CUDA_VISIBLE_DEVICES once). A
+    fake NVML count of 3 GPUs, in a fresh interpreter as the root conftest.py loads the plugin."""
+    import subprocess
+    import sys
+
+    script = ("import os, sys; import harness.env; harness.env.gpu_count = lambda: 3; "
+              "import harness.plugin; "
+              "print(os.environ.get('CUDA_VISIBLE_DEVICES'), 'kernels' in sys.modules, "
+              "'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    root = Path(__file__).resolve().parent.parent
+    for worker, expected in (("gw4", "1 False False"), (None, "None False False")):
+        run_env = {**env, "PYTEST_XDIST_WORKER": worker} if worker else {
+            k: v for k, v in env.items() if k != "PYTEST_XDIST_WORKER"}
+        out = subprocess.run([sys.executable, "-c", script], cwd=root, env=run_env,
+                             capture_output=True, text=True, check=True).stdout.split("\n")[0]
+        assert out == expected, (worker, out)
+
+
 def test_guards_read_the_gpu_named_by_uuid_and_say_when_nvml_fails(monkeypatch):
     """CUDA_VISIBLE_DEVICES may name the GPU by UUID (a MIG instance always is): its flags are
     read through the UUID; a GPU whose NVML cannot be read is flagged, not taken for a clean one.
@@ -910,6 +931,32 @@ def test_a_lost_cuda_context_is_recorded_and_stops_that_process(tmp_path, monkey
     assert rec["reason"].endswith("; CUDA context lost after it (AcceleratorError: simulated)")
     assert "matmul/128x128x128-float32/xla left this process's CUDA context unusable" in \
         runner.cannot_run(later)
+
+
+def test_an_in_process_timeout_keeps_the_time_it_took(tmp_path, monkeypatch):
+    """A call that hangs in-process until the limit's alarm: its first calls return no phases,
+    so the record's last recorded phase is the setup, and the rest, up to the limit, is its
+    failed step (the run's time breakdown lost it before)."""
+    from harness import bench
+    from harness.cases import cases
+    from harness.runner import Runner
+
+    def hangs(a, b):
+        time.sleep(30)
+
+    get = registry.get
+    spy = dataclasses.replace(get("matmul", "xla"), fn=hangs)
+    monkeypatch.setattr(registry, "get", lambda op, name: spy if name == "xla" else get(op, name))
+    runner = Runner(bench.Session("t", str(tmp_path)), "none", timeout_s=1.0)
+    rec, _ = runner.run(bench.Bench("matmul", "xla", cases("matmul", "smoke")[0], "float32"))
+    assert rec["status"] == "failed" and "timeout: no result after 1 s" in rec["reason"]
+    # where the call was when the limit struck, not the alarm's handler (runner.py)
+    assert rec["reason"].endswith(f"(at test_harness.py:{hangs.__code__.co_firstlineno + 1})")
+    names = [p["name"] for p in rec["phases"]]  # the compiler's start-up, once a process
+    assert names in (["setup", timing.FAILED_STEP],
+                     ["setup", "compiler_start_up", timing.FAILED_STEP]), names
+    total_s = (rec["phases"][-1]["end_ns"] - rec["phases"][0]["start_ns"]) / 1e9
+    assert 1.0 <= total_s < 5
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels are compiled on a GPU")

@@ -215,6 +215,18 @@ def test_jax_timer_falls_back_when_the_profiler_cannot_run(jax_on_cpu, monkeypat
     assert timing.caveats(t.method) == ["timing:profiler_failed"]
 
 
+def test_the_benchmarks_time_limit_ends_the_jax_timer(jax_on_cpu, monkeypatch):
+    """The in-process limit (harness.runner's alarm) raising TimeoutError under the profiler is
+    not a profiler failure: it had been caught as one, the repetitions run again unbounded on the
+    host clock and the record said ok, "+profiler_failed"."""
+    def times_out(run, dest):
+        raise TimeoutError("timeout: no result after 1 s")
+
+    monkeypatch.setattr(trace, "run_jax_profiled", times_out)
+    with pytest.raises(TimeoutError, match="no result after"):
+        timing.time_jax_device(jax_on_cpu, timing.Policy(0.0, 0.0, 5, 5))
+
+
 def test_a_failing_jax_call_still_fails(monkeypatch):
     monkeypatch.setattr(timing, "_flush_l2", lambda: None)
     monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: None)
