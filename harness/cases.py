@@ -311,9 +311,14 @@ def min_bytes(case: Case, dtype: str, mode: str = "fwd") -> float:
     elif case.op == "attention":
         q = d["B"] * d["H"] * d["Sq"] * d["D"]  # q, o, do, dq each have this size
         kv = d["B"] * d["Hkv"] * d["Sk"] * d["D"]  # k, v, dk, dv each
-        fwd = 2 * q + 2 * kv  # read q, k, v; write o
-        bwd = 3 * q + 2 * kv + q + 2 * kv  # read q, o, do, k, v; write dq, dk, dv
-        elements = {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
+        # under the causal mask (top-left) no query sees a key past the last query's row: only
+        # the first Sq rows of k and v are read (dk and dv are written whole, zeros included)
+        kv_read = kv * min(d["Sk"], d["Sq"]) // d["Sk"] if d["causal"] else kv
+        elements = {"fwd": 2 * q + 2 * kv_read,  # read q, k, v; write o
+                    # read q, o, do, k, v; write dq, dk, dv
+                    "bwd": 3 * q + 2 * kv_read + q + 2 * kv,
+                    # read q, k, v, do; write dq, dk, dv (o need not leave the chip)
+                    "fwd_bwd": 2 * q + 2 * kv_read + q + 2 * kv}[mode]
     elif case.op == "conv2d":
         oh, ow = conv_out_hw(d)
         (sh, sw), (ph, pw), (dh, dw) = pair(d["stride"]), pair(d["padding"]), pair(d["dilation"])
