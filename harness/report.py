@@ -28,6 +28,7 @@ from typing import Callable
 from urllib.parse import quote
 
 from harness import compare, memory, results, targets, timing
+from harness import cases as cases_mod
 from harness import peaks as peaks_mod
 from harness.summary import _fmt, _fmt_time
 
@@ -221,8 +222,28 @@ def _load_env(run_dir: Path) -> dict:
 
 
 def load_run(run_dir: Path) -> Run:
-    return Run(run_dir, results.load(run_dir / "results.jsonl"), _load_env(run_dir),
-               peaks_mod.load(run_dir))
+    records = results.load(run_dir / "results.jsonl")
+    for r in records:
+        _recount(r)
+    return Run(run_dir, records, _load_env(run_dir), peaks_mod.load(run_dir))
+
+
+def _recount(r: dict) -> None:
+    """The record's FLOPs and bytes by today's count (harness.cases), and its TFLOP/s and GB/s
+    with them: a run recorded before a count was corrected (the conv2d and attention byte
+    floors) is judged as a new one would be; what it recorded is kept under `recorded_counts`."""
+    if not r.get("dims"):
+        return
+    case, mode = cases_mod.Case(r["op"], r["case"], r["dims"]), r.get("mode", "fwd")
+    counts = {"flops": cases_mod.flops(case, mode),
+              "bytes": cases_mod.min_bytes(case, r["dtype"], mode)}
+    if all(r.get(k) == v for k, v in counts.items()):
+        return
+    r["recorded_counts"] = {k: r.get(k) for k in counts}
+    r.update(counts)
+    if r.get("median_s"):
+        r.update(tflops=counts["flops"] / r["median_s"] / 1e12,
+                 gbps=counts["bytes"] / r["median_s"] / 1e9)
 
 
 def _benchmark(r: dict) -> tuple:
@@ -680,6 +701,16 @@ def _peaks_text(peaks: dict | None) -> str:
     return f"copy {peaks.get('copy_gbps', 0):.4g} GB/s; matmul {mm} ({peaks.get('method', '')})"
 
 
+def _recounted_text(records: list[dict]) -> str:
+    changed = [r for r in records if r.get("recorded_counts")]
+    if not changed:
+        return "as recorded (harness.cases)"
+    what = sorted({k for r in changed for k, v in r["recorded_counts"].items() if v != r.get(k)})
+    return (f"today's (harness.cases): {len(changed)} of {len(records)} records held other "
+            f"counts ({', '.join(what)}), from the code that ran them; their TFLOP/s, GB/s and "
+            f"% of roofline here are recomputed from the recorded medians")
+
+
 def environment_section(run: Run) -> Section:
     env, recs = run.env, run.records
     versions = env.get("versions") or (recs[0].get("versions") if recs else None) or {}
@@ -702,7 +733,8 @@ def environment_section(run: Run) -> Section:
              if env.get("telemetry") else "- (no telemetry recorded)"),
             ("flags on records", ", ".join(f"{f}: {n}" for f, n in sorted(flags.items()))
              or "none"),
-            ("measured ceilings", _peaks_text(run.peaks))]
+            ("measured ceilings", _peaks_text(run.peaks)),
+            ("FLOP and byte counts", _recounted_text(recs))]
     return Section("Environment", "environment",
                    [Table(["", ""], [[Cell(k), Cell(v)] for k, v in rows])])
 

@@ -218,6 +218,32 @@ def test_a_resumed_runs_telemetry_is_its_last_commands(synthetic_run):
     assert "throttling not seen" in environment and "throttled:power: 4" in environment
 
 
+def test_a_run_is_judged_by_todays_flop_and_byte_counts(tmp_path):
+    """A record made before a count was corrected (the conv2d byte floor, in the 2026-11-23 H100
+    baseline: its 1x1 stride-2 shortcut read as 3.13 TB/s, over the copy ceiling) gets today's
+    bytes and GB/s in the report, which says so; what it recorded is kept."""
+    from harness import cases
+
+    dims = dict(N=32, H=56, W=56, C=256, K=512, KH=1, KW=1, stride=2, padding=0, dilation=1)
+    case = cases.Case("conv2d", "c128_shortcut", dims)
+    now = cases.min_bytes(case, "bfloat16")
+    stale = _record("conv2d", "torch", "torch", "stock", case.name, cases.flops(case), "bfloat16",
+                    24.7e-6, dims=dims, bytes=now * 2)  # the whole input, where a quarter is read
+    current = _record("matmul", "torch", "torch", "stock", "t", 2 * 4 ** 3, "float32", 1e-6,
+                      dims=dict(M=4, K=4, N=4), bytes=4 * 3 * 16)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for rec in (stale, current):
+        results.append(run_dir / "results.jsonl", rec)
+    run = report.load_run(run_dir)
+    conv, matmul = run.records
+    assert conv["bytes"] == now and conv["gbps"] == pytest.approx(now / 24.7e-6 / 1e9)
+    assert conv["recorded_counts"] == {"flops": cases.flops(case), "bytes": now * 2}
+    assert "recorded_counts" not in matmul
+    env = report.environment_section(run)
+    assert "1 of 2 records held other counts (bytes)" in report.render_markdown("t", [env])
+
+
 def test_peaks_give_a_roofline(synthetic_run):
     peaks.save(synthetic_run, FAKE_PEAKS)
     report.write(synthetic_run)
