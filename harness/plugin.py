@@ -232,7 +232,7 @@ class RunState:
         if self.worker in (None, "gw0"):  # one process measures the roofline ceilings
             from harness import peaks
 
-            peaks.save(self.dir, peaks.measure(Session.device_type()))
+            peaks.measure_once(self.dir, Session.device_type())
         self.sampler = Sampler().start()
 
     def add(self, record: dict) -> None:

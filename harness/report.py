@@ -697,8 +697,13 @@ def _telemetry_text(telemetry: dict, command: str) -> str:
 def _peaks_text(peaks: dict | None) -> str:
     if not peaks:
         return "no measured ceilings in this run"
-    mm = ", ".join(f"{dt} {tf:.3g} TFLOP/s" for dt, tf in peaks.get("matmul_tflops", {}).items())
-    return f"copy {peaks.get('copy_gbps', 0):.4g} GB/s; matmul {mm} ({peaks.get('method', '')})"
+    by = peaks.get("matmul_by", {})  # a run before it was recorded: torch.matmul's
+    mm = ", ".join(f"{dt} {tf:.3g} TFLOP/s" + (f" ({by[dt]})" if dt in by else "")
+                   for dt, tf in peaks.get("matmul_tflops", {}).items())
+    flags = peaks.get("flags")
+    flags = "not recorded" if flags is None else ", ".join(flags) or "none"
+    return (f"copy {peaks.get('copy_gbps', 0):.4g} GB/s; matmul {mm} ({peaks.get('method', '')}"
+            f"; flags while measured: {flags})")
 
 
 def _recounted_text(records: list[dict]) -> str:

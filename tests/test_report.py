@@ -282,7 +282,29 @@ def test_peaks_measure_on_cpu():
     assert measured["copy_gbps"] > 0.1
     assert set(measured["matmul_tflops"]) == {"bfloat16", "float32"}
     assert all(v > 0 for v in measured["matmul_tflops"].values())
+    assert set(measured["matmul_by"].values()) <= {"torch", "xla"}
     assert "perf_counter" in measured["method"]
+
+
+def test_a_resumed_run_keeps_its_first_ceilings(tmp_path, monkeypatch):
+    measured = iter([{"copy_gbps": 1.0}, {"copy_gbps": 2.0}])
+    monkeypatch.setattr(peaks, "measure", lambda device: next(measured))
+    peaks.measure_once(tmp_path, "cpu")
+    peaks.measure_once(tmp_path, "cpu")  # resumed
+    assert peaks.load(tmp_path) == {"copy_gbps": 1.0}
+
+
+def test_the_faster_stock_matmul_sets_the_ceiling(monkeypatch):
+    """The ceiling was torch.matmul's alone: on a CPU XLA's fp32 matmul stood at 119 % of it."""
+    import torch
+
+    monkeypatch.setattr(peaks, "_cpu_matmul_n", lambda dtype: 64)
+    monkeypatch.setattr(peaks, "_xla_matmul_seconds", lambda a, b, device: 1e-9)
+    assert peaks.matmul_tflops("cpu", torch.float32) == (2 * 64 ** 3 / 1e-9 / 1e12, "xla")
+    monkeypatch.setattr(peaks, "_xla_matmul_seconds", lambda a, b, device: 1e3)
+    assert peaks.matmul_tflops("cpu", torch.float32)[1] == "torch"
+    monkeypatch.setattr(peaks, "_xla_matmul_seconds", lambda a, b, device: None)  # no JAX
+    assert peaks.matmul_tflops("cpu", torch.float32)[1] == "torch"
 
 
 def test_real_run_report(tmp_path):
