@@ -37,8 +37,10 @@ from dataclasses import asdict, dataclass, field
 
 from harness.compile import autotuner_runs, config_text
 
-# Largest shared memory one block may ask for, per compute capability (the opt-in maximum).
-SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# Largest shared memory one block may ask for, per compute capability (the opt-in maximum); a
+# target without an entry is refused, since its builds could not be checked against it.
+SHARED_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+                100: 227 * 1024}
 # A GPU of each compute capability, by the device kind JAX knows it by.
 DEVICE_KINDS = {80: "NVIDIA A100", 86: "NVIDIA A10", 89: "NVIDIA L4", 90: "NVIDIA H100",
                 100: "NVIDIA B200"}
@@ -233,25 +235,31 @@ def pallas_modules(ops: list[str], tier: str, dtypes: list[str], modes: list[str
 
 def launches(ops: list[str], tier: str, dtypes: list[str], modes: list[str],
              max_cases: int | None = None, name_pattern: str = "",
-             impls: Sequence[str] = (), shapes: Sequence = ()) -> list[Launch]:
+             impls: Sequence[str] = (), shapes: Sequence = (),
+             capability: int = 90) -> list[Launch]:
     """The Triton launches of every Triton implementation (or those named in `impls`) on the
     tier's cases or the given `shapes` (those whose name `name_pattern` finds, a regular
     expression; then the first `max_cases` of each op), forward and (attention) backward, on
-    empty tensors."""
+    empty tensors, as a GPU of `capability` launches them: its variants (no TMA before 9.0),
+    and none of an implementation it cannot run (triton_tma before 9.0)."""
     import torch
 
     from harness import inputs
+    from kernels.triton._common import SM90_TAG, launching_for
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     found: list[Launch] = []
     for op in ops:
         for impl in _implementations(op, _is_triton, impls):
+            if SM90_TAG in impl.tags and capability < 90:
+                continue
             for case in _chosen_cases(op, tier, max_cases, name_pattern, shapes):
                 for dtype in dtypes:
                     arrays = [torch.empty(s, dtype=inputs.TORCH_DTYPES[dtype], device=device)
                               for s in inputs.shapes(case).values()]
                     opts = inputs.options(case)
-                    with captured_launches(found, f"{case.name} {dtype}"):
+                    with captured_launches(found, f"{case.name} {dtype}"), \
+                            launching_for(capability):
                         if "fwd" in modes or op != "attention":
                             impl.fn(*arrays, **opts)
                         if op == "attention" and {"bwd", "fwd_bwd"} & set(modes):
@@ -445,6 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     if backend != "cuda" or not capability.isdigit():
         p.error(f"--target: cuda:<capability>, e.g. cuda:90, not {args.target!r}")
     capability = int(capability)
+    if capability not in SHARED_LIMIT:
+        p.error(f"--target: no shared-memory limit is known here for {args.target!r}, so its "
+                f"builds could not be checked; known: "
+                f"{', '.join(f'cuda:{c}' for c in SHARED_LIMIT)}")
     dtypes = [cases_mod.DTYPE_ALIASES.get(d, d) for d in args.dtypes.split(",")]
     ops, impls = args.ops.split(","), [n for n in args.impls.split(",") if n]
     compiled_here = {impl.name for op in ops for impl in _implementations(
@@ -467,8 +479,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--shapes: {', '.join(unselected)} not of the selected ops {args.ops}")
     selection = (ops, args.tier, dtypes, args.modes.split(","), args.max_cases, args.cases, impls,
                  shapes)
-    builds = compile_all(launches(*selection), args.target, prune=not args.all_configs)
+    builds = compile_all(launches(*selection, capability=capability), args.target,
+                         prune=not args.all_configs)
     builds += compile_modules(pallas_modules(*selection, capability=capability), args.target)
+    if not builds:
+        print(f"no kernel builds: the selection (--ops {args.ops}, --cases {args.cases!r}, "
+              f"--shapes, --impls) launches no Triton or Pallas kernel", file=sys.stderr)
+        return 1
     print(table(builds, args.target))
     if args.json:
         with open(args.json, "w") as f:

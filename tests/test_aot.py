@@ -151,21 +151,61 @@ def test_targets_that_are_not_cuda_capabilities_are_refused(target, capsys):
 
 
 def test_a_capability_pallas_cannot_lower_for_builds_triton_alone(capsys, monkeypatch):
-    """JAX names no GPU of compute capability 7.5 or 12.0 here, so Pallas cannot lower for them;
-    the Triton kernels still compile for any capability."""
+    """JAX names no GPU of compute capability 7.5 here, so Pallas cannot lower for it; the Triton
+    kernels still compile for it."""
     with pytest.raises(SystemExit) as stop:
-        aot.main(["--ops", "matmul", "--target", "cuda:120"])
+        aot.main(["--ops", "matmul", "--target", "cuda:75"])
     assert stop.value.code == 2
     assert ("--target: pallas lower here for a capability of 80, 86, 89, 90, 100, not "
-            "'cuda:120'") in capsys.readouterr().err
+            "'cuda:75'") in capsys.readouterr().err
     with pytest.raises(ValueError, match="capability=75: Pallas lowers here for one of"):
         aot.lower_for_cuda(lambda x: x, 1.0, capability=75)
     targets = []
     monkeypatch.setattr(aot, "compile_all", lambda launches, target, prune: targets.append(target)
-                        or [])
-    assert aot.main(["--ops", "matmul", "--impls", "triton", "--target", "cuda:120",
+                        or [aot.Build("k", "c", ["case"])])
+    assert aot.main(["--ops", "matmul", "--impls", "triton", "--target", "cuda:75",
                      "--max-cases", "1"]) == 0
-    assert targets == ["cuda:120"]
+    assert targets == ["cuda:75"]
+
+
+def test_a_target_whose_shared_memory_limit_is_unknown_is_refused(capsys):
+    """Its builds could not be checked against the limit: on cuda:100 (then unknown) and
+    cuda:120 a block asking for 256 KiB was "spills", not over the limit, and the run exited 0."""
+    with pytest.raises(SystemExit) as stop:
+        aot.main(["--ops", "matmul", "--impls", "triton", "--target", "cuda:120"])
+    assert stop.value.code == 2
+    assert "--target: no shared-memory limit is known here for 'cuda:120'" in (
+        capsys.readouterr().err)
+    assert aot.SHARED_LIMIT[100] == aot.SHARED_LIMIT[90]  # Blackwell's, as Hopper's: 227 KiB
+
+
+def test_a_selection_with_no_kernel_fails(capsys):
+    """A --cases pattern that finds no case printed "0 kernel builds" and exited 0."""
+    assert aot.main(["--ops", "matmul", "--impls", "triton", "--cases", "no_such_case"]) == 1
+    assert "no kernel builds" in capsys.readouterr().err
+
+
+def test_launches_are_those_of_the_target_gpu():
+    """Off a GPU the launchers took TMA for any target: for cuda:80 (an A100, no TMA) the
+    captured attention forward loaded through descriptors and triton_tma was built, neither of
+    which an A100 runs."""
+    case = [cases.parse("b1_h2_q64_k64_d64_full")]
+
+    def kernels_launched(capability):
+        found = aot.launches(["matmul", "attention"], "smoke", ["bfloat16"], ["fwd"],
+                             max_cases=1, capability=capability,
+                             impls=["triton", "triton_tma"]) + aot.launches(
+            ["attention"], "smoke", ["bfloat16"], ["fwd"], impls=["triton"], shapes=case,
+            capability=capability)
+        return [(getattr(launch.kernel, "fn", launch.kernel).__name__, launch.kwargs.get("TMA"))
+                for launch in found]
+
+    hopper, ampere = kernels_launched(90), kernels_launched(80)
+    assert "_matmul_tma_kernel" in [name for name, _ in hopper]
+    assert "_matmul_tma_kernel" not in [name for name, _ in ampere]
+    attention = {"_fwd_kernel", "_decode_kernel"}
+    assert {tma for name, tma in hopper if name in attention} == {True}
+    assert {tma for name, tma in ampere if name in attention} == {False}
 
 
 def test_user_shapes_replace_the_tier(capsys):

@@ -1,6 +1,7 @@
 """What every Triton launcher shares: the device it runs on, interpreter quirks, config choice."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -19,6 +20,8 @@ from kernels import ON_CUDA, TRITON_INTERPRET
 DEVICE_TYPE = "cuda" if ON_CUDA else "cpu"
 # Registry tags: "interpreted" where the kernels run in the Triton interpreter (no CUDA device).
 TAGS = ("interpreted",) if TRITON_INTERPRET else ()
+# An implementation that runs on GPUs of compute capability 9.0 or later only (TMA)
+SM90_TAG = "sm90"
 
 
 # Host-side integer helpers for the launchers. triton.cdiv and triton.next_power_of_2 are constexpr
@@ -220,10 +223,29 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+# The compute capability (e.g. 80, 90) harness.aot compiles for while it captures launches,
+# for a GPU that is not here; None outside it.
+_aot_capability: int | None = None
+
+
+@contextlib.contextmanager
+def launching_for(capability: int):
+    """Launchers choose their variants (TMA or pointer loads) for a GPU of `capability`, as on
+    that GPU: harness.aot captures what it would launch."""
+    global _aot_capability
+    before, _aot_capability = _aot_capability, capability
+    try:
+        yield
+    finally:
+        _aot_capability = before
+
+
 def tma_device(device: torch.device | None = None) -> bool:
     """TMA needs a GPU of compute capability 9.0 or later (`device`'s, else the current GPU's;
-    asked of CUDA once per GPU, not at every launch); without a GPU, descriptors run in the
-    interpreter (or are compiled ahead of time for such a GPU by harness.aot)."""
+    asked of CUDA once per GPU, not at every launch; harness.aot's target while it captures
+    launches); without a GPU, descriptors run in the interpreter."""
+    if _aot_capability is not None:
+        return _aot_capability >= 90
     if not ON_CUDA:
         return True
     index = device.index if device is not None and device.index is not None \

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels import ON_CUDA, contract, registry
-from kernels.triton._common import (DEVICE_TYPE, TAGS, autotune, cdiv, check_out,
+from kernels.triton._common import (DEVICE_TYPE, SM90_TAG, TAGS, autotune, cdiv, check_out,
                                     dot_precision, grouped_tile, next_pow2, pick_configs,
                                     reset_jit, resolved, small_tile_if_fp32, tma_device,
                                     tma_ready, to_output, upcast_dot, use_descriptor_allocator)
@@ -283,7 +283,7 @@ def matmul_tma(a: torch.Tensor, b: torch.Tensor, *,
 registry.register("matmul", "triton", framework="torch", kind="hand", backend="Triton",
                   accepts_out=True, tags=TAGS, reset=lambda: reset_jit(_matmul_kernel))(matmul)
 registry.register("matmul", "triton_tma", framework="torch", kind="hand",
-                  backend="Triton (TMA, persistent)", accepts_out=True, tags=TAGS,
+                  backend="Triton (TMA, persistent)", accepts_out=True, tags=TAGS + (SM90_TAG,),
                   reset=lambda: reset_jit(_matmul_kernel, _matmul_tma_kernel),
                   enabled=tma_device(),
                   reason="needs a GPU of compute capability 9.0 or later (TMA)")(matmul_tma)
