@@ -85,11 +85,15 @@ def matmul_tflops(device: str, dtype: torch.dtype) -> tuple[float, str]:
 
 def _xla_matmul_seconds(a: torch.Tensor, b: torch.Tensor, device: str) -> float | None:
     """jax.jit(jnp.matmul) on the same values on JAX's default device, at full precision (fp32 on
-    a GPU would otherwise be TF32). None without JAX."""
+    a GPU would otherwise be TF32). None without JAX, or with JAX on another kind of device than
+    torch's (CUDA torch beside CPU-only JAX: its matmul is no GPU's ceiling, and the CUDA
+    tensors cannot be handed to it)."""
     try:
         import jax
         import jax.numpy as jnp
     except ImportError:
+        return None
+    if (jax.default_backend() == "gpu") != device.startswith("cuda"):
         return None
     from harness import inputs
 

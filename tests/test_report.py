@@ -307,6 +307,17 @@ def test_the_faster_stock_matmul_sets_the_ceiling(monkeypatch):
     assert peaks.matmul_tflops("cpu", torch.float32)[1] == "torch"
 
 
+def test_xla_on_another_kind_of_device_sets_no_ceiling(monkeypatch):
+    """CUDA torch beside CPU-only JAX: handing CUDA tensors to JAX raised out of the run's start,
+    and no benchmark ran."""
+    import jax
+    import torch
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert peaks._xla_matmul_seconds(torch.ones(2, 2), torch.ones(2, 2), "cuda") is None
+    assert peaks._xla_matmul_seconds(torch.ones(2, 2), torch.ones(2, 2), "cpu") > 0
+
+
 def test_real_run_report(tmp_path):
     """A real benchmark run (matmul, torch and xla, fp32) in a scratch reports directory; the
     report is made by run id, as a user would."""
