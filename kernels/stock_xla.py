@@ -71,17 +71,31 @@ def _attention(q, k, v, causal, scale, implementation):
     return _bsnd(_attention_bsnd(_bsnd(q), _bsnd(k), _bsnd(v), causal, scale, implementation))
 
 
+CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
+
+
+def has_kernel(implementation: str, dtype) -> None:
+    """cuDNN's fused attention takes 16-bit inputs only: float32 is refused as a pinned SDPA
+    backend refuses what it has no kernel for (a NotImplementedError saying so, which the
+    benchmarks record as skipped), not with the error of whichever JAX layer meets it first."""
+    if implementation == "cudnn" and dtype not in CUDNN_DTYPES:
+        raise NotImplementedError(f"cuDNN attention (JAX) has no kernel for {dtype}: float16 and "
+                                  f"bfloat16 only")
+
+
 def _register_attention(name, implementation, **extra):
     """The public call takes and returns the suite's layout, converting around the op; the bench
     times the op in its own layout, converted outside the timed call (registry.Layout), as a JAX
     model keeps its activations in [B, S, heads, D] and never pays these transposes."""
     def run(q, k, v, causal=False, scale=None):
         dims = contract.attention_args(q, k, v, causal, scale, "jax")
+        has_kernel(implementation, q.dtype)
         return _attention(q, k, v, dims.causal, dims.scale, implementation)
 
     def native(q, k, v, causal=False, scale=None):
         # the contract's checks on the suite's view of the arrays (shapes only, under jit)
         dims = contract.attention_args(_bsnd(q), _bsnd(k), _bsnd(v), causal, scale, "jax")
+        has_kernel(implementation, q.dtype)
         return _attention_bsnd(q, k, v, dims.causal, dims.scale, implementation)
 
     registry.register("attention", name, framework="jax", kind="stock", reset=jax.clear_caches,

@@ -22,9 +22,12 @@ STOCK_ERR_BOUND_U = {"float32": 32, "float16": 4, "bfloat16": 4}
 
 
 def skip_if_no_sdpa_kernel(impl_name: str, error: NotImplementedError):
-    """A pinned SDPA backend with no kernel for these inputs skips the test, saying why; a
-    NotImplementedError from any other implementation is re-raised: a failure."""
-    if impl_name.startswith("torch_") and str(error).startswith("SDPA "):
+    """A pinned attention backend with no kernel for these inputs (SDPA's, JAX's cuDNN) skips the
+    test, saying why; a NotImplementedError from any other implementation is re-raised: a
+    failure."""
+    pinned = ((impl_name.startswith("torch_") and str(error).startswith("SDPA "))
+              or (impl_name == "xla_cudnn" and str(error).startswith("cuDNN attention (JAX)")))
+    if pinned:
         pytest.skip(str(error))
     raise error
 

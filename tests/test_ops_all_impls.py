@@ -71,10 +71,28 @@ def test_jax_implementations_with_64_bit_mode_on(op, impl):
     case = {"attention": ATTENTION[1], "conv2d": CONV[1],
             "matmul": Case("matmul", "t_17x31x13", dict(M=17, K=31, N=13))}[op]
     with jax.enable_x64(True):
-        wrong = wrong_result(op, impl, case, "float32")
+        try:
+            wrong = wrong_result(op, impl, case, "float32")
+        except NotImplementedError as e:  # xla_cudnn: 16-bit only
+            skip_if_no_sdpa_kernel(impl, e)
         if op == "attention" and not wrong:
             try:
                 wrong = wrong_gradients(op, impl, case, "float32")
             except NotImplementedError as e:  # a forward-only kernel (pallas_tpu) says so
                 assert "no backward" in str(e)
     assert not wrong, f"{impl} {case.name} with jax_enable_x64: {wrong}"
+
+
+def test_jax_cudnn_attention_refuses_float32_as_a_missing_kernel():
+    """cuDNN's fused attention has 16-bit kernels only: xla_cudnn (a GPU's) says so, as a pinned
+    SDPA backend does, and the tests skip it there; the XLA one takes every dtype."""
+    import jax.numpy as jnp
+
+    from kernels import stock_xla
+
+    with pytest.raises(NotImplementedError, match=r"^cuDNN attention \(JAX\) has no kernel for "
+                                                  r"float32: float16 and bfloat16 only"):
+        stock_xla.has_kernel("cudnn", jnp.dtype("float32"))
+    for dtype in ("float16", "bfloat16"):
+        stock_xla.has_kernel("cudnn", jnp.dtype(dtype))
+    stock_xla.has_kernel("xla", jnp.dtype("float32"))
