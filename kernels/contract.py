@@ -99,6 +99,11 @@ def check_device(name: str, x, device_type: str) -> None:
                          f"got {x.device}")
 
 
+class NoKernel(NotImplementedError):
+    """A stock backend pinned by an implementation (an SDPA backend, JAX's cuDNN attention) has
+    no kernel for these inputs: a limit of that backend, recorded as skipped, not a failure."""
+
+
 @dataclass(frozen=True)
 class MatmulDims:
     M: int

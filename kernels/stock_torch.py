@@ -154,7 +154,7 @@ def _pinned_sdpa(backend: SDPBackend):
                 except RuntimeError:
                     pass
             reasons = "; ".join(str(w.message).strip() for w in why)
-            raise NotImplementedError(
+            raise contract.NoKernel(
                 f"SDPA {backend.name} has no kernel for {q.dtype} q{tuple(q.shape)} "
                 f"k{tuple(k.shape)}: {reasons or e}") from None
     return attend

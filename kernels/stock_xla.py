@@ -76,11 +76,11 @@ CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
 
 def has_kernel(implementation: str, dtype) -> None:
     """cuDNN's fused attention takes 16-bit inputs only: float32 is refused as a pinned SDPA
-    backend refuses what it has no kernel for (a NotImplementedError saying so, which the
-    benchmarks record as skipped), not with the error of whichever JAX layer meets it first."""
+    backend refuses what it has no kernel for (contract.NoKernel, which the benchmarks record as
+    skipped), not with the error of whichever JAX layer meets it first."""
     if implementation == "cudnn" and dtype not in CUDNN_DTYPES:
-        raise NotImplementedError(f"cuDNN attention (JAX) has no kernel for {dtype}: float16 and "
-                                  f"bfloat16 only")
+        raise contract.NoKernel(f"cuDNN attention (JAX) has no kernel for {dtype}: float16 and "
+                                f"bfloat16 only")
 
 
 def _register_attention(name, implementation, **extra):

@@ -9,7 +9,7 @@ from harness.bench import (References, _forward_calls, _grad_output, _grads_err,
                            _jax_grad_calls, _torch_grad_calls)
 from harness.cases import Case
 from harness import inputs
-from kernels import ON_CUDA, registry
+from kernels import ON_CUDA, contract, registry
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 _refs = References(DEVICE, keep=4)
@@ -21,13 +21,11 @@ _refs = References(DEVICE, keep=4)
 STOCK_ERR_BOUND_U = {"float32": 32, "float16": 4, "bfloat16": 4}
 
 
-def skip_if_no_sdpa_kernel(impl_name: str, error: NotImplementedError):
-    """A pinned attention backend with no kernel for these inputs (SDPA's, JAX's cuDNN) skips the
-    test, saying why; a NotImplementedError from any other implementation is re-raised: a
-    failure."""
-    pinned = ((impl_name.startswith("torch_") and str(error).startswith("SDPA "))
-              or (impl_name == "xla_cudnn" and str(error).startswith("cuDNN attention (JAX)")))
-    if pinned:
+def skip_if_no_kernel(error: NotImplementedError):
+    """A pinned stock backend with no kernel for these inputs (contract.NoKernel: an SDPA
+    backend, JAX's cuDNN attention) skips the test, saying why; any other NotImplementedError is
+    re-raised: a failure."""
+    if isinstance(error, contract.NoKernel):
         pytest.skip(str(error))
     raise error
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels import registry
-from tests.checking import DEVICE, skip_if_no_sdpa_kernel
+from tests.checking import DEVICE, skip_if_no_kernel
 
 
 def _arrays(framework, *shapes, dtype="float32"):
@@ -145,7 +145,7 @@ def test_attention_takes_numpy_scalars(impl):
     try:
         want = _numpy(fn(q, k, v, causal=True, scale=0.5))
     except NotImplementedError as e:
-        skip_if_no_sdpa_kernel(impl, e)
+        skip_if_no_kernel(e)
     got = _numpy(fn(q, k, v, causal=np.bool_(True), scale=np.float32(0.5)))
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
     assert not np.allclose(_numpy(fn(q, k, v, causal=False, scale=0.5)), want, atol=1e-2)
@@ -274,9 +274,9 @@ def test_pinned_sdpa_backend_without_a_kernel_is_a_skip_not_a_failure():
     as skipped, with torch's reasons in the message."""
     from torch.nn.attention import SDPBackend
 
-    from kernels import stock_torch
+    from kernels import contract, stock_torch
 
     attend = stock_torch._pinned_sdpa(SDPBackend.EFFICIENT_ATTENTION)
     q = torch.randn(1, 2, 5, 16)
-    with pytest.raises(NotImplementedError, match="SDPA EFFICIENT_ATTENTION has no kernel"):
+    with pytest.raises(contract.NoKernel, match="SDPA EFFICIENT_ATTENTION has no kernel"):
         attend(q, q, q, False, None)

@@ -6,7 +6,7 @@ import pytest
 
 from harness.cases import DTYPES, Case
 from kernels import registry
-from tests.checking import skip_if_no_sdpa_kernel, wrong_gradients, wrong_result
+from tests.checking import skip_if_no_kernel, wrong_gradients, wrong_result
 
 
 def _attn(B, H, Hkv, Sq, Sk, D, causal):
@@ -47,7 +47,7 @@ def test_attention_matches_float64(impl, case, dtype):
     try:
         wrong = wrong_result("attention", impl, case, dtype)
     except NotImplementedError as e:
-        skip_if_no_sdpa_kernel(impl, e)
+        skip_if_no_kernel(e)
     assert not wrong, f"{impl} {case.name} {dtype}: {wrong}"
 
 
@@ -74,7 +74,7 @@ def test_jax_implementations_with_64_bit_mode_on(op, impl):
         try:
             wrong = wrong_result(op, impl, case, "float32")
         except NotImplementedError as e:  # xla_cudnn: 16-bit only
-            skip_if_no_sdpa_kernel(impl, e)
+            skip_if_no_kernel(e)
         if op == "attention" and not wrong:
             try:
                 wrong = wrong_gradients(op, impl, case, "float32")
@@ -88,9 +88,9 @@ def test_jax_cudnn_attention_refuses_float32_as_a_missing_kernel():
     SDPA backend does, and the tests skip it there; the XLA one takes every dtype."""
     import jax.numpy as jnp
 
-    from kernels import stock_xla
+    from kernels import contract, stock_xla
 
-    with pytest.raises(NotImplementedError, match=r"^cuDNN attention \(JAX\) has no kernel for "
+    with pytest.raises(contract.NoKernel, match=r"^cuDNN attention \(JAX\) has no kernel for "
                                                   r"float32: float16 and bfloat16 only"):
         stock_xla.has_kernel("cudnn", jnp.dtype("float32"))
     for dtype in ("float16", "bfloat16"):

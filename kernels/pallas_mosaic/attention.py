@@ -38,7 +38,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import contract, registry
 from kernels.pallas import attention as pallas_attention
-from kernels.pallas._common import pad_axis
+from kernels.pallas._common import idiv, pad_axis
 from kernels.pallas_mosaic._common import (SHARED_BYTES, interpret_params, swizzled, tags,
                                            unavailable)
 
@@ -208,7 +208,7 @@ def _kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, rest_gmem, q_smem, lse_sme
         else:
             store()
 
-    kv_head = lax.div(h, jnp.int32(st.groups))
+    kv_head = idiv(h, st.groups)[0]
     if st.causal:
         # Key blocks past the block's last query row are never loaded: the pipeline's length
         # (the same for the memory and the compute warpgroups) stops at the diagonal.
