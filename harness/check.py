@@ -1,9 +1,21 @@
 """Correctness: an output's error against the float64 reference, and the budget per dtype.
 
 Two measures, each with its budget. The relative Frobenius error judges the whole output; the
-worst element's error, on the output's scale (max |out - ref| / max |ref|), catches what is wrong
-in a few places only: a zeroed 64x64 tile of an 8192x8192 bf16 product is 0.8 % of its norm,
-inside bfloat16's 1.6 % budget, and puts the worst element off by about 40 % of the largest.
+worst element, on its row's scale, catches what is wrong in a few places only:
+
+    element = max over elements of |out - ref| / max(row max |ref|, ROW_FLOOR * rms(ref))
+
+A row is the last axis: a product's row, a query's output vector, a pixel's channels. A zeroed
+64x64 tile of an 8192x8192 bf16 product is 0.8 % of its norm, inside bfloat16's 1.6 % budget,
+and puts its worst element off by 0.98 of its row's largest magnitude. The row's scale rather
+than the whole output's, since rows differ in size: under a causal mask a late query averages
+thousands of values and its output is a few times smaller than the first queries' (1/sqrt of
+the keys it sees). In a 2048-token bf16 causal attention whose last 64 queries left out their
+last 64 keys, the worst element on the whole output's scale was 0.022, within its budget of
+0.031; on its row's scale it is 0.56, four times its budget. The floor, a quarter of the
+output's root mean square, keeps a row that is near zero by chance (one-element rows: a
+one-channel convolution) or exactly zero (the keys a causal mask hides get no gradient) from
+dividing by nothing.
 
 The budgets follow the flash-attention tests: a candidate passes when its error is within a
 factor of the error of the stock op in the same dtype on the same inputs. The stock error is
@@ -15,9 +27,10 @@ u/2), so a stock op that happens to be exact does not make the budget impossibly
     u: float32 2**-24 ~ 6.0e-8, float16 2**-11 ~ 4.9e-4, bfloat16 2**-8 ~ 3.9e-3
 
 A worst element is an extreme value, noisier than a norm, hence the wider factor: over the smoke
-cases of every operation and implementation in every dtype (forward, and attention's gradients)
-a candidate's worst element reached 3.2 times the stock op's (floored at u) and its Frobenius
-error 1.55 times. A wrong element is off by a sizeable part of the output's scale, far past 8 u.
+cases of every operation and implementation in every dtype (forward, and attention's gradients;
+on this CPU-only machine) a candidate's worst element reached 2.6 times the stock op's (floored
+at u) and its Frobenius error 1.55 times. A wrong element is off by a sizeable part of its
+row's scale, far past 8 u.
 """
 from __future__ import annotations
 
@@ -31,13 +44,15 @@ from kernels.reference import as_float64
 UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 FACTOR = 4.0
 ELEMENT_FACTOR = 8.0
+ROW_FLOOR = 0.25
 
 
 class Error(NamedTuple):
     frobenius: float  # ||out - ref||_F / ||ref||_F
-    element: float  # max |out - ref| / max |ref|: the worst element, on the output's scale
+    element: float  # the worst element, on its row's scale (see above)
 
 
+@torch.no_grad()
 def error(out, ref: torch.Tensor) -> Error:
     """Both measures in float64; NaN or inf anywhere in `out` gives inf for both."""
     out64 = as_float64(out, ref.device)
@@ -45,9 +60,23 @@ def error(out, ref: torch.Tensor) -> Error:
         raise ValueError(f"output has shape {tuple(out64.shape)}, expected {tuple(ref.shape)}")
     if not torch.isfinite(out64).all():
         return Error(math.inf, math.inf)
-    diff = out64 - ref
-    return Error(_relative(torch.linalg.vector_norm(diff), torch.linalg.vector_norm(ref)),
-                 _relative(diff.abs().max(), ref.abs().max()) if ref.numel() else 0.0)
+    diff = out64.sub_(ref) if out64 is not out else out64 - ref
+    ref_norm = torch.linalg.vector_norm(ref)
+    frobenius = _relative(torch.linalg.vector_norm(diff), ref_norm)
+    return Error(frobenius, _worst_on_row_scale(diff, ref, ref_norm))
+
+
+def _worst_on_row_scale(diff: torch.Tensor, ref: torch.Tensor, ref_norm: torch.Tensor) -> float:
+    """Overwrites `diff` (a large output's float64 copies are the memory this check needs)."""
+    if not ref.numel():
+        return 0.0
+    if ref.dim() == 0:
+        diff, ref = diff.reshape(1), ref.reshape(1)
+    floor = ROW_FLOOR * ref_norm.item() / math.sqrt(ref.numel())  # of the root mean square
+    if floor == 0:  # an all-zero answer: the error itself
+        return diff.abs().max().item()
+    scale = ref.abs().amax(dim=-1, keepdim=True).clamp_(min=floor)
+    return diff.abs_().div_(scale).max().item()
 
 
 def _relative(num: torch.Tensor, denom: torch.Tensor) -> float:
@@ -85,7 +114,7 @@ def wrong(err: Error, dtype: str, stock: Error | None) -> str:
     if not err.frobenius <= limit.frobenius:
         return f"wrong result: relative error {err.frobenius:.3g} over budget {limit.frobenius:.3g}"
     if not err.element <= limit.element:
-        return (f"wrong result: worst element off by {err.element:.3g} of the largest magnitude, "
-                f"over budget {limit.element:.3g} (relative error {err.frobenius:.3g} within "
-                f"budget {limit.frobenius:.3g})")
+        return (f"wrong result: worst element off by {err.element:.3g} of its row's largest "
+                f"magnitude, over budget {limit.element:.3g} (relative error "
+                f"{err.frobenius:.3g} within budget {limit.frobenius:.3g})")
     return ""

@@ -15,10 +15,12 @@ DEVICE = "cuda" if ON_CUDA else "cpu"
 _refs = References(DEVICE, keep=4)
 # The budget's scale is the stock op's own error: a broken stock op (zeros, a causal mask
 # ignored) would pass its own test and loosen every other implementation's budget to about 4.
-# On the tests' small shapes it must be plausible: at most 32 u in float32 and 4 u in 16 bits
-# (on this machine the tests' stock errors reach 5.4 u and 0.88 u; their worst elements, on the
-# output's scale, 7.7 u and 0.96 u).
+# On the tests' small shapes it must be plausible: a relative error of at most 32 u in float32
+# and 4 u in 16 bits, a worst element (on its row's scale, an extreme value) of 4 times that (on
+# this machine the tests' stock errors reach 5.4 u and 0.88 u, their worst elements 19 u and
+# 1.4 u). Float32 done in TF32, or a wrong element, is thousands of u off.
 STOCK_ERR_BOUND_U = {"float32": 32, "float16": 4, "bfloat16": 4}
+STOCK_ELEMENT_BOUND_FACTOR = 4
 
 
 def skip_if_no_kernel(error: NotImplementedError):
@@ -35,8 +37,9 @@ def wrong_result(op: str, impl_name: str, case: Case, dtype: str) -> str:
     impl = registry.get(op, impl_name)
     ref, stock = _refs.get(case, dtype, "fwd")
     bound = STOCK_ERR_BOUND_U[dtype] * check.UNIT_ROUNDOFF[dtype]
-    assert max(stock) <= bound, (f"the stock op's own error {stock} on {case.name} {dtype} is "
-                                 f"over {bound:.3g}: it cannot set the budget")
+    assert (stock.frobenius <= bound and stock.element <= STOCK_ELEMENT_BOUND_FACTOR * bound), (
+        f"the stock op's own error {stock} on {case.name} {dtype} is over {bound:.3g} (its "
+        f"worst element over {STOCK_ELEMENT_BOUND_FACTOR * bound:.3g}): it cannot set the budget")
     arrays = inputs.make(case, dtype, impl.framework, DEVICE)
     calls = _forward_calls(impl, case, arrays)
     output = calls.first()
