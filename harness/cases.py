@@ -332,6 +332,11 @@ def min_bytes(case: Case, dtype: str, mode: str = "fwd") -> float:
     return float(elements * ITEMSIZE[dtype])
 
 
+def rates(flop_count: float, byte_count: float, seconds: float) -> dict:
+    """Achieved TFLOP/s and GB/s of a case's counts done in `seconds`."""
+    return {"tflops": flop_count / seconds / 1e12, "gbps": byte_count / seconds / 1e9}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Lists a tier's cases (the names SHAPES and -k take) with their two numbers."""
     import argparse

@@ -242,8 +242,7 @@ def _recount(r: dict) -> None:
     r["recorded_counts"] = {k: r.get(k) for k in counts}
     r.update(counts)
     if r.get("median_s"):
-        r.update(tflops=counts["flops"] / r["median_s"] / 1e12,
-                 gbps=counts["bytes"] / r["median_s"] / 1e9)
+        r.update(cases_mod.rates(counts["flops"], counts["bytes"], r["median_s"]))
 
 
 def _benchmark(r: dict) -> tuple:
