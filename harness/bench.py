@@ -304,6 +304,20 @@ def _grads_err(outs, refs) -> check.Error:
     return check.worst(check.error(o, r) for o, r in zip(outs, refs))
 
 
+def judged(calls: Calls, output, ref, mode: str, dtype: str) -> tuple[check.Error, str]:
+    """The error of the checked call's `output` (as Calls.checked gives it) and, where the timed
+    call makes an output of its own (checked writing into a poisoned buffer, timed allocating
+    one), of the timed call's too, the worse of each measure: the call that is timed is the one
+    judged. With it, the contract's dtype fault if either output breaks it ("" if none)."""
+    outputs = [output]
+    if calls.timed is not calls.first:
+        outputs.append(calls.checked(timing.sync(calls.timed())))
+    err = check.worst(check.error(o, ref) if mode == "fwd" else _grads_err(o, ref)
+                      for o in outputs)
+    arrays = [a for o in outputs for a in (o if isinstance(o, list) else [o])]
+    return err, check.wrong_dtype(arrays, dtype)
+
+
 # ---------------------------------------------------------------- the record
 @dataclass
 class Session:
@@ -421,7 +435,7 @@ class Session:
             rec["autotuned"] = autotuned
         output = calls.checked(first.output if calls.repoisoned is None
                                else timing.sync(calls.repoisoned()))
-        err = check.error(output, ref) if b.mode == "fwd" else _grads_err(output, ref)
+        err, wrong_dtype = judged(calls, output, ref, b.mode, b.dtype)
         t = timing.time_fn(calls.timed, impl.framework, ON_CUDA, self.policy)
         phases += t.phases
         rec["flags"] = guards.flags()
@@ -461,7 +475,7 @@ class Session:
         # cold figure: kept once a record holds it (a case failing before then leaves the next
         # case to compile cold)
         self._compile_caches[kind] = caches
-        wrong = check.wrong(err, b.dtype, stock)
+        wrong = wrong_dtype or check.wrong(err, b.dtype, stock)
         rec.update(status="failed" if wrong else "ok", reason=wrong)
         return t
 

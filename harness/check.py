@@ -106,6 +106,16 @@ def budgets(dtype: str, stock: Error | None) -> Error:
                  budget(dtype, stock and stock.element, ELEMENT_FACTOR))
 
 
+def wrong_dtype(outputs: Iterable, dtype: str) -> str:
+    """Outputs have the inputs' dtype (the contract): a wider one would be judged on its extra
+    precision and timed writing more bytes. Why not, or "" when every one has it."""
+    for out in outputs:
+        got = str(out.dtype).removeprefix("torch.")
+        if got != dtype:
+            return f"wrong result: output dtype {got}, expected {dtype} (the inputs')"
+    return ""
+
+
 def wrong(err: Error, dtype: str, stock: Error | None) -> str:
     """Why the output is wrong, or "" when both measures are within their budgets."""
     if math.isinf(err.frobenius):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from harness import check
-from harness.bench import (References, _forward_calls, _grad_output, _grads_err,
-                           _jax_grad_calls, _torch_grad_calls)
+from harness.bench import (References, _forward_calls, _grad_output, _jax_grad_calls,
+                           _torch_grad_calls, judged)
 from harness.cases import Case
 from harness import inputs
 from kernels import ON_CUDA, contract, registry
@@ -49,7 +49,8 @@ def wrong_result(op: str, impl_name: str, case: Case, dtype: str) -> str:
         # benchmarks do, check a call made after it into the output poisoned anew. (The
         # interpreter tries one config.)
         output = calls.repoisoned()
-    return check.wrong(check.error(calls.checked(output), ref), dtype, stock)
+    err, wrong_dtype = judged(calls, calls.checked(output), ref, "fwd", dtype)
+    return wrong_dtype or check.wrong(err, dtype, stock)
 
 
 def wrong_gradients(op: str, impl_name: str, case: Case, dtype: str) -> str:
@@ -60,7 +61,8 @@ def wrong_gradients(op: str, impl_name: str, case: Case, dtype: str) -> str:
     do = _grad_output(case, dtype, impl.framework, DEVICE)
     build = _torch_grad_calls if impl.framework == "torch" else _jax_grad_calls
     calls = build(impl, case, arrays, do, "fwd_bwd")
-    return check.wrong(_grads_err(calls.checked(calls.first()), refs), dtype, stock)
+    err, wrong_dtype = judged(calls, calls.checked(calls.first()), refs, "fwd_bwd", dtype)
+    return wrong_dtype or check.wrong(err, dtype, stock)
 
 
 def outer_env() -> dict:

@@ -538,6 +538,36 @@ def test_an_autotuner_cannot_hide_unwritten_elements(tmp_path, monkeypatch):
     assert (rec["status"], rec["reason"]) == ("failed", "wrong result: output holds NaN or inf")
 
 
+@pytest.mark.parametrize("fault", ["dtype", "values"])
+def test_the_timed_call_is_judged_as_well_as_the_checked_one(tmp_path, monkeypatch, fault):
+    """A kernel is checked writing into a NaN-poisoned `out=` and timed allocating its own
+    output: an allocating path that returns float32 (twice the bytes written, judged on its
+    extra precision) or wrong values fails the benchmark, though what it writes into `out=` is
+    right."""
+    from harness import bench
+    from harness.cases import cases
+
+    def right_only_into_out(a, b, out=None):
+        if out is not None:
+            return out.copy_(a @ b)
+        if fault == "dtype":
+            return a.float() @ b.float()
+        return (a @ b).flip(0)
+
+    get = registry.get
+    spy = dataclasses.replace(get("matmul", "triton"), fn=right_only_into_out, reset=None)
+    monkeypatch.setattr(registry, "get",
+                        lambda op, name: spy if name == "triton" else get(op, name))
+    rec, _ = bench.Session("t", str(tmp_path)).run(
+        bench.Bench("matmul", "triton", cases("matmul", "smoke")[1], "bfloat16"))
+    assert rec["status"] == "failed"
+    assert rec["reason"] == (
+        "wrong result: output dtype float32, expected bfloat16 (the inputs')" if fault == "dtype"
+        else f"wrong result: relative error {rec['rel_err']:.3g} over budget "
+             f"{rec['err_budget']:.3g}")
+    assert fault == "dtype" or rec["rel_err"] > 1
+
+
 def test_a_benchmark_with_one_wrong_element_is_a_wrong_result(tmp_path, monkeypatch):
     """One element of a 256x256 bfloat16 product off by half the largest magnitude: its
     Frobenius error is inside the budget, the record fails on the worst element, and says both."""
