@@ -32,6 +32,22 @@ def skip_if_no_kernel(error: NotImplementedError):
     raise error
 
 
+def nan_tailed(arrays: dict) -> dict:
+    """The same torch tensors, each the start of a buffer twice its size whose rest is NaN: a
+    kernel that reads past an input's end (a load's bound mask left out) reads NaN and fails,
+    where past the allocation it read whatever lay there and failed by chance. (JAX arrays,
+    which Pallas reads through its own bounds, pass as they are.)"""
+    import torch
+
+    tailed = {}
+    for name, t in arrays.items():
+        if not isinstance(t, torch.Tensor):
+            return arrays
+        buffer = torch.full((2 * t.numel(),), float("nan"), dtype=t.dtype, device=t.device)
+        tailed[name] = buffer[:t.numel()].view(t.shape).copy_(t)
+    return tailed
+
+
 def wrong_result(op: str, impl_name: str, case: Case, dtype: str) -> str:
     """Why the implementation's output is wrong (check.wrong), or "" when it is right."""
     impl = registry.get(op, impl_name)
@@ -40,7 +56,7 @@ def wrong_result(op: str, impl_name: str, case: Case, dtype: str) -> str:
     assert (stock.frobenius <= bound and stock.element <= STOCK_ELEMENT_BOUND_FACTOR * bound), (
         f"the stock op's own error {stock} on {case.name} {dtype} is over {bound:.3g} (its "
         f"worst element over {STOCK_ELEMENT_BOUND_FACTOR * bound:.3g}): it cannot set the budget")
-    arrays = inputs.make(case, dtype, impl.framework, DEVICE)
+    arrays = nan_tailed(inputs.make(case, dtype, impl.framework, DEVICE))
     calls = _forward_calls(impl, case, arrays)
     output = calls.first()
     if ON_CUDA and calls.repoisoned is not None:
@@ -57,7 +73,7 @@ def wrong_gradients(op: str, impl_name: str, case: Case, dtype: str) -> str:
     """As wrong_result, for the gradients of a forward and backward (the benchmarks' fwd_bwd)."""
     impl = registry.get(op, impl_name)
     refs, stock = _refs.get(case, dtype, "fwd_bwd")
-    arrays = inputs.make(case, dtype, impl.framework, DEVICE)
+    arrays = nan_tailed(inputs.make(case, dtype, impl.framework, DEVICE))
     do = _grad_output(case, dtype, impl.framework, DEVICE)
     build = _torch_grad_calls if impl.framework == "torch" else _jax_grad_calls
     calls = build(impl, case, arrays, do, "fwd_bwd")
