@@ -457,7 +457,8 @@ class Session:
         rec.update(median_s=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, reps=t.reps,
                    spread=t.spread, timing_method=t.method, host_s=t.host_s,
                    device_busy_s=t.busy_s,
-                   **cases_mod.rates(rec["flops"], rec["bytes"], t.median_s), peak_bytes=peak, peak_method=peak_method, compile_cold_s=cold_s,
+                   **cases_mod.rates(rec["flops"], rec["bytes"], t.median_s),
+                   peak_bytes=peak, peak_method=peak_method, compile_cold_s=cold_s,
                    compile_warm_s=warm_s,
                    compile_warm_built=first.warm_built,
                    compile_method="first call - median" + (

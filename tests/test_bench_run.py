@@ -229,6 +229,15 @@ def test_regression_must_exceed_noise():
     assert not noisy.regression(0.10)
     quiet = compare.Change("x", base_s=1.0, head_s=1.2, noise=0.05)
     assert quiet.regression(0.10)
+    assert compare.Change("x", base_s=1.0, head_s=0.8, noise=0.3).verdict(0.10) == "same"
+    assert compare.Change("x", base_s=1.0, head_s=0.5, noise=0.3).verdict(0.10) == "faster"
+
+
+def test_the_noisier_run_sets_the_noise():
+    """The base's 30 % spread, the head quiet: a 20 % slowdown is within the noise."""
+    (change,) = compare.changes({"x": compare.Entry("ok", 1.0, 0.3)},
+                                {"x": compare.Entry("ok", 1.2, 0.0)})
+    assert change.noise == 0.3 and not change.regression(0.10)
 
 
 class _Options:

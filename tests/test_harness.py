@@ -26,6 +26,7 @@ def test_flops_and_bytes_by_formula():
     assert cases.flops(full) == 4 * 2 * 4 * 8 * 8 * 16
     assert cases.flops(causal) == cases.flops(full) / 2
     assert cases.flops(full, "bwd") == 2.5 * cases.flops(full)
+    assert cases.flops(full, "fwd_bwd") == cases.flops(full) + cases.flops(full, "bwd")
     # Sq != Sk under the top-left causal mask: query i sees min(i + 1, Sk) keys
     short = Case("attention", "t", {**attn, "Sq": 3, "Sk": 8, "causal": True})
     assert cases.flops(short) == 4 * 2 * 4 * 16 * (1 + 2 + 3)
@@ -205,6 +206,13 @@ def test_errors_and_budgets():
         check.error(torch.ones(3), ref)
 
 
+def test_the_worst_element_is_held_to_its_own_budget():
+    stock = check.Error(1e-3, 5e-3)  # budgets 4e-3 and 8 * 5e-3 = 0.04
+    assert check.wrong(check.Error(1e-3, 0.039), "float32", stock) == ""
+    assert check.wrong(check.Error(1e-3, 0.041), "float32", stock).startswith(
+        "wrong result: worst element off by 0.041")
+
+
 def test_a_few_wrong_elements_fail_where_the_norm_hides_them():
     """A zeroed 16x16 tile of a 2048x2048 bfloat16 output is 0.8 % of its norm, inside the
     budget of 4 u = 1.6 %; its worst element is off by about 66 % of its row's largest."""
@@ -266,6 +274,18 @@ def test_summary_statistics():
     t = timing.summarize([5.0, 1.0, 3.0, 2.0, 4.0], "test")
     assert (t.median_s, t.p20_s, t.p80_s, t.reps) == (3.0, 1.8, 4.2, 5)
     assert t.spread == pytest.approx((4.2 - 1.8) / 3.0)
+    assert timing.summarize([1.0, 1.0, 1.0, 1.0, 100.0], "test").median_s == 1.0  # not the mean
+
+
+def test_wall_timer_repeats_until_its_budget_is_spent():
+    """4 ms calls and a 200 ms budget: about 50 repetitions, more than the 5 at least unless a
+    4 ms sleep takes 40 ms. (The call returns a tensor: syncing None would import jax inside
+    the first sample, a second that alone spends the budget.)"""
+    policy = timing.Policy(warmup_s=0.0, budget_s=0.2, min_reps=5, max_reps=100)
+    t = timing.time_fn(lambda: time.sleep(0.004) or torch.zeros(1), "torch", on_cuda=False,
+                       policy=policy)
+    assert sum(t.samples) >= policy.budget_s or t.reps == policy.max_reps
+    assert t.reps > policy.min_reps
 
 
 def test_wall_timer_measures_the_call():
@@ -968,6 +988,14 @@ def test_the_stock_error_is_measured_outside_cudnns_plan_caches(op, mode, monkey
     assert seen == [(False, False)]
     assert 0 < stock.frobenius < 1e-4 and 0 < stock.element < 1e-4
     assert torch.backends.cudnn.enabled and torch.backends.cuda.cudnn_sdp_enabled() == before_sdp
+
+
+def test_compile_times_are_first_calls_less_the_steady_median():
+    from harness.compile import FirstCalls
+
+    assert FirstCalls(1.0, 0.3, None, []).compile_times(0.1) == pytest.approx((0.9, 0.2))
+    assert FirstCalls(0.05, 0.05, None, []).compile_times(0.1) == (0.0, 0.0)
+    assert FirstCalls(None, 0.3, None, []).compile_times(0.1) == pytest.approx((None, 0.2))
 
 
 def test_a_cold_compile_of_no_time_is_still_called_cold(tmp_path, monkeypatch):

@@ -307,6 +307,19 @@ def test_the_faster_stock_matmul_sets_the_ceiling(monkeypatch):
     assert peaks.matmul_tflops("cpu", torch.float32)[1] == "torch"
 
 
+def test_copy_bandwidth_counts_bytes_read_and_written(monkeypatch):
+    monkeypatch.setattr(peaks, "_seconds", lambda fn, framework, device: 1.0)
+    assert peaks.copy_gbps("cpu") == pytest.approx(2 * peaks.CPU_COPY_BYTES / 1e9)
+
+
+def test_a_ceiling_is_timed_by_its_median_as_records_are(monkeypatch):
+    from harness import timing
+
+    samples = timing.summarize([1.0, 2.0, 2.0, 2.0, 3.0], "test")  # p20 1.8, median 2
+    monkeypatch.setattr(peaks.timing, "time_fn", lambda fn, framework, on_cuda: samples)
+    assert peaks._seconds(lambda: None, "torch", "cpu") == 2.0
+
+
 def test_xla_on_another_kind_of_device_sets_no_ceiling(monkeypatch):
     """CUDA torch beside CPU-only JAX: handing CUDA tensors to JAX raised out of the run's start,
     and no benchmark ran."""
@@ -527,6 +540,66 @@ def test_a_host_timed_jax_loss_counts_only_beyond_the_host_cost():
     assert "| holds (1 of 2 cases decided) |" in text
 
 
+def _jax_vs_torch(*records) -> "report.Matchup":
+    (m,) = report.matchups(list(records), report.CLAIMS[0].contests[0])  # JAX (a), PyTorch (b)
+    return m
+
+
+def _stock(impl, framework, median_s, case="c", **extra):
+    return _record("matmul", impl, framework, "stock", case, 1e9, "bfloat16", median_s, **extra)
+
+
+def test_a_difference_within_either_sides_spread_is_a_tie_both_ways():
+    """5 % apart with a 10 % p20-p80 spread on one side: no winner, whichever side is faster
+    and whichever side is noisy."""
+    def winner(jax_s, torch_s, jax_spread, torch_spread):
+        return _jax_vs_torch(_stock("xla", "jax", jax_s, spread=jax_spread),
+                             _stock("torch", "torch", torch_s, spread=torch_spread)).winner
+
+    assert winner(1.00e-3, 1.05e-3, 0.10, 0.01) == "tie"
+    assert winner(1.00e-3, 1.05e-3, 0.01, 0.10) == "tie"
+    assert winner(1.05e-3, 1.00e-3, 0.10, 0.10) == "tie"
+    assert winner(1.00e-3, 1.50e-3, 0.10, 0.10) == "a"
+    assert winner(1.50e-3, 1.00e-3, 0.10, 0.10) == "b"
+
+
+def test_framework_verdicts_count_ok_stock_records_only():
+    """A hand-written Pallas kernel is no framework's default, and a wrong result keeps its time
+    but is never a side's best."""
+    m = _jax_vs_torch(_stock("xla", "jax", 2e-3),
+                      _record("matmul", "pallas", "jax", "hand", "c", 1e9, "bfloat16", 0.5e-3),
+                      _stock("xla_cudnn", "jax", 0.4e-3, status="failed",
+                             reason="wrong result: relative error 0.9 over budget 0.01"),
+                      _stock("torch", "torch", 1e-3))
+    assert m.a["impl"] == "xla" and m.winner == "b"
+
+
+def test_a_timed_wrong_result_never_sets_the_best_stock():
+    wrong = _stock("torch_math", "torch", 0.5e-3, status="failed",
+                   reason="wrong result: relative error 0.9 over budget 0.01")
+    assert report._best_stock([wrong, _stock("torch", "torch", 1e-3)]) == {
+        ("matmul", "c", "bfloat16", "fwd"): 1e-3}
+
+
+def test_the_verdicts_ratio_is_a_geometric_mean():
+    """JAX twice as fast on one case and half as fast on the other: 1x, where a mean says
+    1.25x."""
+    records = [_stock("xla", "jax", 1e-3, "c1"), _stock("torch", "torch", 2e-3, "c1"),
+               _stock("xla", "jax", 2e-3, "c2"), _stock("torch", "torch", 1e-3, "c2")]
+    text = report.render_markdown("t", [report.verdicts_section(records, None)])
+    assert "geometric mean of PyTorch time / JAX time: 1x" in text
+
+
+def test_a_host_timed_loss_within_noise_of_the_host_cost_is_bound():
+    """JAX host-timed at 1.1 ms with 0.08 ms of host cost per call, torch's device time 1 ms,
+    5 % spreads: JAX's device time is at least 1.02 ms, within torch's noise: not a loss."""
+    jax = _stock("xla", "jax", 1.1e-3, spread=0.05,
+                 timing_method="perf_counter+block_until_ready+l2_flush")
+    torch = _stock("torch", "torch", 1e-3, spread=0.05, timing_method="cuda_events+l2_flush")
+    (m,) = report.matchups([jax, torch], report.CLAIMS[0].contests[0], host_call_s=0.08e-3)
+    assert m.winner == "bound"
+
+
 def test_where_the_winner_flips_counts_sizes_within_noise_and_merges_equal_sizes():
     """"At every size" only when every size has a winner beyond noise; a threshold is said of
     the sizes with one, naming how many had none; cases of one size (FLOPs) are one size, so
@@ -638,6 +711,8 @@ def test_device_time_fed_to_pytest_benchmark_survives_its_profiling_call():
     class Benchmark:  # pedantic as pytest-benchmark runs it, plus the profiling call
         def pedantic(self, target, rounds, iterations, warmup_rounds):
             self.durations = []
+            for _ in range(warmup_rounds):  # a warmup round would take a sample untimed
+                target()
             for _ in range(rounds):
                 start = self._timer()
                 target()

@@ -232,3 +232,13 @@ def test_targets_section_in_the_written_report(tmp_path):
     text = (tmp_path / "summary.md").read_text()
     assert "## Targets" in text and "| matmul at >= 95% of cuBLAS" in text
     assert results.load(tmp_path / "results.jsonl")  # the records are read, not rewritten
+
+
+def test_a_throughput_exactly_at_its_target_meets_it():
+    """The target reads ">= 550 TFLOP/s": 550 in every case it covers meets it."""
+    long = [c for c in cases.cases("attention", "standard")
+            if c.dims["D"] == 128 and min(c.dims["Sq"], c.dims["Sk"]) >= 4096]
+    runs = [rec("attention", "triton", c.name, 1e-3, dims=c.dims, tflops=550.0) for c in long]
+    (verdict,) = [v for v in targets.judge(runs, None)
+                  if v.target.startswith("attention forward") and v.impl == "triton"]
+    assert (verdict.word, verdict.reached) == ("met", 550.0)

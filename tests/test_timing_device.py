@@ -89,6 +89,40 @@ def test_large_kernels_are_timed_as_before(gpu):
     assert t.reps == 10  # the 10 ms budget over ~2.1 ms per repetition, at least min_reps
 
 
+def test_small_kernels_get_the_repetitions_the_budget_pays_for(gpu):
+    # 10 us kernels after 90 us flushes: the 10 ms budget pays for about 100, capped at 60
+    t = timing.time_cuda_events(kernel_call(gpu, 20 * US, 10 * US), POLICY)
+    assert t.reps == POLICY.max_reps
+
+
+def test_the_repetition_count_is_sized_on_flushed_calls(gpu):
+    # a repetition is a 90 us flush and a 10 us kernel: a 3 ms budget pays for about 30 (sized
+    # on unflushed calls, about 150)
+    policy = timing.Policy(warmup_s=0.0, budget_s=3e-3, min_reps=10, max_reps=1000)
+    t = timing.time_cuda_events(kernel_call(gpu, 20 * US, 10 * US), policy)
+    assert 29 <= t.reps <= 31
+
+
+def test_every_timed_call_follows_an_l2_flush_of_its_own(gpu, monkeypatch):
+    """The simulated GPU has no cache to show a warm L2, so the order itself is checked."""
+    flush = timing._flush_l2
+    flushed, unflushed = [False], [0]
+
+    def flushing():
+        flushed[0] = True
+        flush()
+
+    def call():
+        unflushed[0] += not flushed[0]
+        flushed[0] = False
+        gpu.host += 20 * US
+        gpu.enqueue(10 * US)
+
+    monkeypatch.setattr(timing, "_flush_l2", flushing)
+    timing.time_cuda_events(call, POLICY)
+    assert unflushed[0] == 0
+
+
 def test_gate_grows_when_the_host_slows_down(gpu):
     # the launch path is 5 us while the repetition count is estimated, then 400 us: the first
     # gate is too short, and the batch is queued again behind a longer one

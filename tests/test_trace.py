@@ -229,3 +229,16 @@ def test_run_trace_gives_each_worker_its_tracks_and_each_counter_its_unit(tmp_pa
              for p in trace.packet if p.track_descriptor.HasField("counter")}
     assert units == {"rss_bytes": (pb.CounterDescriptor.UNIT_SIZE_BYTES, ""),
                      "sm_clock_mhz": (0, "MHz"), "throttled": (0, "")}
+
+
+def test_a_jax_traces_offset_converts_the_warmups_start_from_us_to_ns(tmp_path, monkeypatch):
+    """The epoch offset is the clock read just before "warmup" opened, less the warmup's start
+    in the profile (in us). On a CPU the warmup opens about 18 us into the profile, too close
+    for the real capture's window to tell us from ns; here it opens 5 ms in."""
+    anchor_ns = 1_800_000_000_000_000_000
+    monkeypatch.setattr(trace, "run_jax_profiled", lambda run, path: anchor_ns)
+    monkeypatch.setattr(trace, "read", lambda path: [
+        {"ph": "X", "name": "warmup", "ts": 5000.0, "dur": 100.0, "pid": 1, "tid": 1}])
+    _, offset_ns, clock = trace._capture_jax(lambda: None, tmp_path / "xla", 1, 1)
+    assert clock == "profile-relative"
+    assert offset_ns == anchor_ns - 5_000_000
