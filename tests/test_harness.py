@@ -229,7 +229,7 @@ def test_a_few_wrong_elements_fail_where_the_norm_hides_them():
 
 def test_a_wrong_block_of_small_rows_fails_on_their_own_scale():
     """Under a causal mask late queries' outputs are several times smaller than the first
-    queries'. In bfloat16 the last 64 queries of 1024 leaving out their last 64 keys (a dropped
+    queries'. In bfloat16 the last 64 queries of 2048 leaving out their last 64 keys (a dropped
     final key block) hides in the norm and, on the whole output's scale, in the worst element;
     on their rows' scale it is far over budget."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
