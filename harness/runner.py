@@ -94,8 +94,6 @@ class Runner:
             record, timing = self._worker.run(b)
         except WorkerFailure as e:
             record, timing = self._failed(b, str(e))
-            record["isolated"] = True
-            return record, timing
         record["isolated"] = True
         return record, timing
 

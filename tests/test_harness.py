@@ -529,14 +529,25 @@ def test_torch_compile_stays_compiled_over_many_shapes(monkeypatch):
                                        rtol=1e-5, atol=1e-5)
 
 
+def _bench_as_triton_matmul(fn, case_index: int, dtype: str, tmp_path, monkeypatch) -> dict:
+    """The record of a benchmark of `fn` standing in for the Triton matmul on a smoke case."""
+    from harness import bench
+    from harness.cases import cases
+
+    get = registry.get
+    spy = dataclasses.replace(get("matmul", "triton"), fn=fn, reset=None)
+    monkeypatch.setattr(registry, "get",
+                        lambda op, name: spy if name == "triton" else get(op, name))
+    rec, _ = bench.Session("t", str(tmp_path)).run(
+        bench.Bench("matmul", "triton", cases("matmul", "smoke")[case_index], dtype))
+    return rec
+
+
 def test_an_autotuner_cannot_hide_unwritten_elements(tmp_path, monkeypatch):
     """An autotuner tries its configs on the real arguments: here the first call writes every
     element (a config tried while tuning) and later calls all but the last (the config chosen).
     The checked output comes from a call into a buffer poisoned anew, so the gap is a NaN and
     the record says wrong result (the first call's output had hidden it)."""
-    from harness import bench
-    from harness.cases import cases
-
     calls = []
 
     def tuned_then_short(a, b, out=None):
@@ -549,12 +560,7 @@ def test_an_autotuner_cannot_hide_unwritten_elements(tmp_path, monkeypatch):
         calls.append(1)
         return out
 
-    get = registry.get
-    spy = dataclasses.replace(get("matmul", "triton"), fn=tuned_then_short, reset=None)
-    monkeypatch.setattr(registry, "get",
-                        lambda op, name: spy if name == "triton" else get(op, name))
-    rec, _ = bench.Session("t", str(tmp_path)).run(
-        bench.Bench("matmul", "triton", cases("matmul", "smoke")[0], "float32"))
+    rec = _bench_as_triton_matmul(tuned_then_short, 0, "float32", tmp_path, monkeypatch)
     assert (rec["status"], rec["reason"]) == ("failed", "wrong result: output holds NaN or inf")
 
 
@@ -564,9 +570,6 @@ def test_the_timed_call_is_judged_as_well_as_the_checked_one(tmp_path, monkeypat
     output: an allocating path that returns float32 (twice the bytes written, judged on its
     extra precision) or wrong values fails the benchmark, though what it writes into `out=` is
     right."""
-    from harness import bench
-    from harness.cases import cases
-
     def right_only_into_out(a, b, out=None):
         if out is not None:
             return out.copy_(a @ b)
@@ -574,12 +577,7 @@ def test_the_timed_call_is_judged_as_well_as_the_checked_one(tmp_path, monkeypat
             return a.float() @ b.float()
         return (a @ b).flip(0)
 
-    get = registry.get
-    spy = dataclasses.replace(get("matmul", "triton"), fn=right_only_into_out, reset=None)
-    monkeypatch.setattr(registry, "get",
-                        lambda op, name: spy if name == "triton" else get(op, name))
-    rec, _ = bench.Session("t", str(tmp_path)).run(
-        bench.Bench("matmul", "triton", cases("matmul", "smoke")[1], "bfloat16"))
+    rec = _bench_as_triton_matmul(right_only_into_out, 1, "bfloat16", tmp_path, monkeypatch)
     assert rec["status"] == "failed"
     assert rec["reason"] == (
         "wrong result: output dtype float32, expected bfloat16 (the inputs')" if fault == "dtype"
@@ -591,7 +589,6 @@ def test_the_timed_call_is_judged_as_well_as_the_checked_one(tmp_path, monkeypat
 def test_a_benchmark_with_one_wrong_element_is_a_wrong_result(tmp_path, monkeypatch):
     """One element of a 256x256 bfloat16 product off by half the largest magnitude: its
     Frobenius error is inside the budget, the record fails on the worst element, and says both."""
-    from harness import bench
     from harness.cases import cases
 
     def one_element_off(a, b, out=None):
@@ -599,14 +596,8 @@ def test_a_benchmark_with_one_wrong_element_is_a_wrong_result(tmp_path, monkeypa
         product[100, 200] += product.abs().max() / 2
         return product if out is None else out.copy_(product)
 
-    get = registry.get
-    spy = dataclasses.replace(get("matmul", "triton"), fn=one_element_off, reset=None)
-    monkeypatch.setattr(registry, "get",
-                        lambda op, name: spy if name == "triton" else get(op, name))
-    case = cases("matmul", "smoke")[1]
-    assert case.dims == {"M": 256, "K": 256, "N": 256}
-    rec, _ = bench.Session("t", str(tmp_path)).run(bench.Bench("matmul", "triton", case,
-                                                               "bfloat16"))
+    assert cases("matmul", "smoke")[1].dims == {"M": 256, "K": 256, "N": 256}
+    rec = _bench_as_triton_matmul(one_element_off, 1, "bfloat16", tmp_path, monkeypatch)
     assert rec["status"] == "failed"
     assert rec["reason"].startswith("wrong result: worst element off by ")
     # half the largest magnitude is at least half its row's largest (less bf16 rounding)
