@@ -102,8 +102,8 @@ class Calls:
 
     def checked(self, output):
         """What `first` returned (an output, or a tuple of gradients) as the check compares it."""
-        if isinstance(output, (tuple, list)):
-            return [self.to_contract(o) for o in output]
+        if isinstance(output, (tuple, list)):  # its own type: a forward's tuple is reported so
+            return type(output)(self.to_contract(o) for o in output)
         return self.to_contract(output)
 
 
@@ -304,17 +304,22 @@ def _grads_err(outs, refs) -> check.Error:
     return check.worst(check.error(o, r) for o, r in zip(outs, refs))
 
 
-def judged(calls: Calls, output, ref, mode: str, dtype: str) -> tuple[check.Error, str]:
+def judged(calls: Calls, output, ref, mode: str, dtype: str,
+           framework: str) -> tuple[check.Error, str]:
     """The error of the checked call's `output` (as Calls.checked gives it) and, where the timed
     call makes an output of its own (checked writing into a poisoned buffer, timed allocating
     one), of the timed call's too, the worse of each measure: the call that is timed is the one
-    judged. With it, the contract's dtype fault if either output breaks it ("" if none)."""
+    judged. With it, the contract's dtype fault if either output breaks it ("" if none).
+    Raises check.WrongOutput for an output that is not one array of `framework` (each
+    gradient, in a backward) or not the answer's shape."""
     outputs = [output]
     if calls.timed is not calls.first:
         outputs.append(calls.checked(timing.sync(calls.timed())))
+    arrays = [a for o in outputs for a in (o if mode != "fwd" else [o])]
+    for a in arrays:
+        check.check_array(a, framework)
     err = check.worst(check.error(o, ref) if mode == "fwd" else _grads_err(o, ref)
                       for o in outputs)
-    arrays = [a for o in outputs for a in (o if isinstance(o, list) else [o])]
     return err, check.wrong_dtype(arrays, dtype)
 
 
@@ -395,6 +400,8 @@ class Session:
                 measured = self._measure(impl, b, rec)
         except NotImplementedError as e:  # e.g. a forward-only kernel asked for its backward
             rec.update(status="skipped", reason=_reason(e))
+        except check.WrongOutput as e:  # no error could be measured on it
+            rec.update(status="failed", reason=f"wrong result: {e}")
         except Exception as e:  # the implementation failed: record it and go on
             rec.update(status="failed", reason=_reason(e))
         lost = guards.cuda_context_error() if rec["status"] == "failed" else None
@@ -435,7 +442,7 @@ class Session:
             rec["autotuned"] = autotuned
         output = calls.checked(first.output if calls.repoisoned is None
                                else timing.sync(calls.repoisoned()))
-        err, wrong_dtype = judged(calls, output, ref, b.mode, b.dtype)
+        err, wrong_dtype = judged(calls, output, ref, b.mode, b.dtype, impl.framework)
         t = timing.time_fn(calls.timed, impl.framework, ON_CUDA, self.policy)
         phases += t.phases
         rec["flags"] = guards.flags()

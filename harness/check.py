@@ -47,6 +47,37 @@ ELEMENT_FACTOR = 8.0
 ROW_FLOOR = 0.25
 
 
+class WrongOutput(ValueError):
+    """An output no error can be measured on: not one array of the implementation's framework,
+    or not the answer's shape. The benchmark records it as a wrong result."""
+
+
+# what an implementation of each framework returns (DESIGN.md section 3)
+ARRAY_TYPE = {"torch": "torch.Tensor", "jax": "jax.Array"}
+
+
+def check_array(output, framework: str) -> None:
+    """Raises WrongOutput unless `output` is one array of `framework`."""
+    if framework == "torch":
+        ok = isinstance(output, torch.Tensor)
+    else:
+        import jax
+
+        ok = isinstance(output, jax.Array)
+    if not ok:
+        raise WrongOutput(f"output is {_described(output)}, expected one {ARRAY_TYPE[framework]} "
+                          f"(framework {framework})")
+
+
+def _described(value) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    kind = type(value)
+    return f"a {kind.__module__.split('.')[0]}.{kind.__qualname__}"
+
+
 class Error(NamedTuple):
     frobenius: float  # ||out - ref||_F / ||ref||_F
     element: float  # the worst element, on its row's scale (see above)
@@ -57,7 +88,7 @@ def error(out, ref: torch.Tensor) -> Error:
     """Both measures in float64; NaN or inf anywhere in `out` gives inf for both."""
     out64 = as_float64(out, ref.device)
     if out64.shape != ref.shape:
-        raise ValueError(f"output has shape {tuple(out64.shape)}, expected {tuple(ref.shape)}")
+        raise WrongOutput(f"output has shape {tuple(out64.shape)}, expected {tuple(ref.shape)}")
     if not torch.isfinite(out64).all():
         return Error(math.inf, math.inf)
     diff = out64.sub_(ref) if out64 is not out else out64 - ref

@@ -65,7 +65,7 @@ def wrong_result(op: str, impl_name: str, case: Case, dtype: str) -> str:
         # benchmarks do, check a call made after it into the output poisoned anew. (The
         # interpreter tries one config.)
         output = calls.repoisoned()
-    err, wrong_dtype = judged(calls, calls.checked(output), ref, "fwd", dtype)
+    err, wrong_dtype = judged(calls, calls.checked(output), ref, "fwd", dtype, impl.framework)
     return wrong_dtype or check.wrong(err, dtype, stock)
 
 
@@ -77,7 +77,8 @@ def wrong_gradients(op: str, impl_name: str, case: Case, dtype: str) -> str:
     do = _grad_output(case, dtype, impl.framework, DEVICE)
     build = _torch_grad_calls if impl.framework == "torch" else _jax_grad_calls
     calls = build(impl, case, arrays, do, "fwd_bwd")
-    err, wrong_dtype = judged(calls, calls.checked(calls.first()), refs, "fwd_bwd", dtype)
+    err, wrong_dtype = judged(calls, calls.checked(calls.first()), refs, "fwd_bwd",
+                              dtype, impl.framework)
     return wrong_dtype or check.wrong(err, dtype, stock)
 
 

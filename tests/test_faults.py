@@ -19,6 +19,7 @@ EXPECTED_FAILURES = {
     "fault_hang": "timeout: no result after",
     "fault_wrong": "wrong result: relative error",
     "fault_nan": "wrong result: output holds NaN or inf",
+    "fault_tuple": "wrong result: output is a tuple of 2, expected one torch.Tensor",
     "fault_kill": "worker process died (signal SIGKILL)",
     "fault_oom": "OutOfMemoryError: CUDA out of memory",
     "fault_lost_context": "CUDA context lost after it",

@@ -564,26 +564,56 @@ def test_an_autotuner_cannot_hide_unwritten_elements(tmp_path, monkeypatch):
     assert (rec["status"], rec["reason"]) == ("failed", "wrong result: output holds NaN or inf")
 
 
-@pytest.mark.parametrize("fault", ["dtype", "values"])
+@pytest.mark.parametrize("fault", ["dtype", "values", "tuple"])
 def test_the_timed_call_is_judged_as_well_as_the_checked_one(tmp_path, monkeypatch, fault):
     """A kernel is checked writing into a NaN-poisoned `out=` and timed allocating its own
     output: an allocating path that returns float32 (twice the bytes written, judged on its
-    extra precision) or wrong values fails the benchmark, though what it writes into `out=` is
-    right."""
+    extra precision), wrong values or a tuple fails the benchmark, though what it writes into
+    `out=` is right."""
     def right_only_into_out(a, b, out=None):
         if out is not None:
             return out.copy_(a @ b)
         if fault == "dtype":
             return a.float() @ b.float()
+        if fault == "tuple":
+            return a @ b, None
         return (a @ b).flip(0)
 
     rec = _bench_as_triton_matmul(right_only_into_out, 1, "bfloat16", tmp_path, monkeypatch)
     assert rec["status"] == "failed"
-    assert rec["reason"] == (
-        "wrong result: output dtype float32, expected bfloat16 (the inputs')" if fault == "dtype"
-        else f"wrong result: relative error {rec['rel_err']:.3g} over budget "
-             f"{rec['err_budget']:.3g}")
-    assert fault == "dtype" or rec["rel_err"] > 1
+    if fault == "values":
+        assert rec["rel_err"] > 1
+        assert rec["reason"] == (f"wrong result: relative error {rec['rel_err']:.3g} over "
+                                 f"budget {rec['err_budget']:.3g}")
+    else:
+        assert rec["reason"] == {
+            "dtype": "wrong result: output dtype float32, expected bfloat16 (the inputs')",
+            "tuple": "wrong result: output is a tuple of 2, expected one torch.Tensor "
+                     "(framework torch)"}[fault]
+
+
+@pytest.mark.parametrize("framework, returns, reason", [
+    ("torch", lambda a, b: None, "output is None, expected one torch.Tensor (framework torch)"),
+    ("torch", lambda a, b: (a @ b, a),
+     "output is a tuple of 2, expected one torch.Tensor (framework torch)"),
+    ("torch", lambda a, b: (a @ b).numpy(),
+     "output is a numpy.ndarray, expected one torch.Tensor (framework torch)"),
+    ("torch", lambda a, b: (a @ b)[:-1], "output has shape (15, 256), expected (16, 256)"),
+    ("jax", lambda a, b: [a @ b], "output is a list of 1, expected one jax.Array (framework jax)"),
+    ("jax", lambda a, b: None, "output is None, expected one jax.Array (framework jax)"),
+], ids=["torch-none", "torch-tuple", "torch-numpy", "torch-short", "jax-list", "jax-none"])
+def test_an_output_that_is_not_one_array_of_the_answers_shape_is_a_wrong_result(
+        tmp_path, monkeypatch, framework, returns, reason):
+    """A plugin that returns no array, several, another framework's or a shorter one gets a
+    record saying so, not an AttributeError from deep in the check."""
+    from harness import bench
+    from harness.cases import cases
+
+    monkeypatch.setitem(registry._IMPLS, "matmul", dict(registry._IMPLS["matmul"]))
+    registry.register("matmul", "mine", framework=framework)(returns)
+    rec, measured = bench.Session("t", str(tmp_path)).run(
+        bench.Bench("matmul", "mine", cases("matmul", "smoke")[2], "float32"))
+    assert (rec["status"], rec["reason"], measured) == ("failed", f"wrong result: {reason}", None)
 
 
 def test_a_benchmark_with_one_wrong_element_is_a_wrong_result(tmp_path, monkeypatch):

@@ -33,6 +33,11 @@ def wrong(a, b):
     return a @ b + 1
 
 
+@_plugin("fault_tuple")
+def returns_a_tuple(a, b):
+    return a @ b, None
+
+
 @_plugin("fault_nan")
 def nan(a, b):
     out = a @ b
