@@ -68,6 +68,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 # The report is written even when some implementations failed; the exit status stays pytest's.
+# A run refused before its first record (a bad filter) leaves no report and no run directory.
 # Exit status 75 (harness.runner.CONTEXT_LOST_EXIT): a benchmark left the process's CUDA context
 # unusable, and the benchmarks after it that needed that process were not run; each such pass
 # records at least that benchmark, so resuming in a fresh process until there is none ends.
@@ -81,7 +82,8 @@ bench: $(SETUP)
 			$(PYTEST_ARGS); status=$$?; \
 	done; \
 	[ -z "$$lost" ] || [ $$status -ne 0 ] || status=1; \
-	$(PY) -m harness.report $(RUN_DIR) || status=1; exit $$status
+	if [ -f $(RUN_DIR)/results.jsonl ]; then $(PY) -m harness.report $(RUN_DIR) || status=1; \
+	else rmdir $(RUN_DIR) 2>/dev/null; fi; exit $$status
 
 # reports/<run>/index.html and summary.md; RUN=<run-id> or a directory such as
 # reports/baselines/<gpu>/<date> (default: reports/latest). BASE=<run> adds a comparison.

@@ -26,7 +26,6 @@ from harness.cases import Case
 from kernels import ON_CUDA, reference, registry
 from kernels.registry import Impl
 
-MODES_BY_OP = {"matmul": ("fwd",), "conv2d": ("fwd",), "attention": cases_mod.ATTENTION_MODES}
 STOCK_FOR_ERROR = "torch"  # the stock op whose error in the same dtype sets the budget's scale
 # Off a TPU a TPU kernel runs only in the TPU interpreter: its timings say nothing about the kernel
 # and cost minutes on CPU (race detection, simulated cores). `make test` checks it there.
@@ -74,7 +73,7 @@ def plan(ops, impl_filter, tier, dtypes, modes, shapes=()) -> list[Bench]:
             names = [n for n in names if n in impl_filter]
         for case in cases_mod.chosen(op, tier, shapes):
             for dtype in dtypes:
-                for mode in (m for m in MODES_BY_OP[op] if m in modes):
+                for mode in (m for m in cases_mod.MODES_BY_OP[op] if m in modes):
                     out += [Bench(op, name, case, dtype, mode) for name in names]
     return out
 

@@ -16,6 +16,7 @@ DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": 
                  "half": "float16", "bf16": "bfloat16"}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 ATTENTION_MODES = ("fwd", "bwd", "fwd_bwd")
+MODES_BY_OP = {"matmul": ("fwd",), "conv2d": ("fwd",), "attention": ATTENTION_MODES}
 
 
 @dataclass(frozen=True)

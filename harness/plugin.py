@@ -135,6 +135,9 @@ class Selection:
         if bad_modes:
             raise pytest.UsageError(f"unknown mode(s) {bad_modes}; valid: "
                                     f"{list(cases_mod.ATTENTION_MODES)}")
+        if not any(m in self.modes for op in self.ops for m in cases_mod.MODES_BY_OP[op]):
+            raise pytest.UsageError(f"mode(s) {self.modes} select no benchmark of {self.ops}: "
+                                    "only attention has a backward (matmul and conv2d: fwd)")
 
 
 def _selection(config) -> Selection:

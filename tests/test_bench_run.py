@@ -260,6 +260,8 @@ class _Options:
     ("--tier=huge", "unknown tier 'huge'; valid: ['smoke', 'standard', 'full']"),
     ("--dtypes=int8", "dtype must be one of"),
     ("--modes=sideways", "unknown mode(s) ['sideways']"),
+    ("--modes=bwd", "mode(s) ['bwd'] select no benchmark of ['matmul']: only attention has a "
+                    "backward"),
     ("--shapes=4096x4096", "shape '4096x4096' is in none of the case formats (matmul: MxKxN"),
     ("--shapes=b1_h2_q5_k9_d16_full", "shape(s) ['b1_h2_q5_k9_d16_full'] are not of the "
                                       "selected op(s) ['matmul']"),

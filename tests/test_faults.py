@@ -92,6 +92,20 @@ def test_a_lost_cuda_context_in_process_is_resumed_in_a_fresh_one(tmp_path):
     assert proc.returncode != 0  # a benchmark failed, though the last pass had no failure
 
 
+def test_a_bad_filter_stops_make_bench_before_a_run_exists(tmp_path):
+    """A refused filter is the one message: no report step complaining of a run with no records
+    after it, and no empty run directory left behind."""
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "bench", f"PYTHON={sys.executable}", "OPS=matmul",
+         "MODES=bwd", "RUN=refused"],
+        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "ERROR: mode(s) ['bwd'] select no benchmark of ['matmul']" in out, out[-3000:]
+    assert "results.jsonl" not in out
+    assert not (tmp_path / "runs" / "refused").exists()
+
+
 @pytest.mark.parametrize("status, expected", [
     (pytest.ExitCode.OK, 75), (pytest.ExitCode.TESTS_FAILED, 75),
     (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERRUPTED),
