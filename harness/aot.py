@@ -429,6 +429,7 @@ def table(builds: list[Build], target: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from harness import cases as cases_mod
+    from kernels import registry
 
     p = argparse.ArgumentParser(prog="python -m harness.aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--ops", default="matmul,conv2d,attention")
@@ -457,8 +458,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--target: no shared-memory limit is known here for {args.target!r}, so its "
                 f"builds could not be checked; known: "
                 f"{', '.join(f'cuda:{c}' for c in SHARED_LIMIT)}")
-    dtypes = [cases_mod.DTYPE_ALIASES.get(d, d) for d in args.dtypes.split(",")]
-    ops, impls = args.ops.split(","), [n for n in args.impls.split(",") if n]
+    # each op and dtype once, as the bench takes them: fp32,float32 had built every case twice
+    ops, impls = list(dict.fromkeys(args.ops.split(","))), [n for n in args.impls.split(",") if n]
+    unknown = [op for op in ops if op not in registry.ops()]
+    if unknown:
+        p.error(f"--ops: {', '.join(unknown)} is not an op; those are {', '.join(registry.ops())}")
+    try:
+        dtypes = list(dict.fromkeys(cases_mod.normalize_dtype(d) for d in args.dtypes.split(",")))
+    except ValueError as e:
+        p.error(f"--dtypes: {e}")
     compiled_here = {impl.name for op in ops for impl in _implementations(
         op, lambda backend: _is_triton(backend) or _is_pallas(backend), ())}
     if set(impls) - compiled_here:

@@ -15,7 +15,7 @@ device work lies inside its time window.
 Either way `trace_offset_ns + ts * 1000` is the event's epoch time in ns, so the traces of one run
 line up with each other and with the run timeline (harness/timeline.py).
 
-    python -m harness.trace summary <trace>   # top kernels and the device time per repetition
+    python -m harness.trace summary <trace.json[.gz]>   # top kernels, device time per repetition
 """
 from __future__ import annotations
 
@@ -296,8 +296,7 @@ def top_kernels(events: list[dict], n: int = 5) -> list[dict]:
 
 
 # ---------------------------------------------------------------- command line
-def summary_text(path: Path | str, n: int = 10) -> str:
-    events = read(path)
+def summary_text(path: Path | str, events: list[dict], n: int = 10) -> str:
     reps = len(rep_windows(events))
     per_rep = device_time_per_rep(events)
     top = top_kernels(events, n)
@@ -315,11 +314,27 @@ def summary_text(path: Path | str, n: int = 10) -> str:
     return "\n".join(lines)
 
 
+def _refuse(message: str) -> int:
+    print(message, file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "summary":
-        print("usage: python -m harness.trace summary <trace.json[.gz]>", file=sys.stderr)
-        return 2
-    print(summary_text(argv[1]))
+        return _refuse("usage: python -m harness.trace summary <trace.json[.gz]>")
+    path = Path(argv[1])
+    if not path.is_file():
+        return _refuse(f"summary: no trace file at {path}")
+    # A native Perfetto trace (run.pftrace, the run timeline) is protobuf, not JSON, and holds
+    # benchmark slices and counters: no kernels or repetitions to summarise.
+    try:
+        events = read(path)
+    except (ValueError, gzip.BadGzipFile):  # undecodable, not JSON, not gzip
+        return _refuse(f"summary: {path} is not a Chrome/Perfetto JSON trace; it reads"
+                       " the benchmark traces torch.profiler and jax.profiler write"
+                       " (.json.gz, .perfetto.json.gz), not a native Perfetto .pftrace (open that"
+                       " at ui.perfetto.dev)")
+    print(summary_text(path, events))
     return 0
 
 

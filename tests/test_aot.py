@@ -179,6 +179,28 @@ def test_a_target_whose_shared_memory_limit_is_unknown_is_refused(capsys):
     assert aot.SHARED_LIMIT[100] == aot.SHARED_LIMIT[90]  # Blackwell's, as Hopper's: 227 KiB
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--ops", "matmu"], "--ops: matmu is not an op; those are attention, conv2d, matmul"),
+    (["--dtypes", "fp8"], "--dtypes: dtype must be one of ['float32', 'float16', 'bfloat16']")])
+def test_unknown_ops_and_dtypes_are_refused(args, message, capsys):
+    """make aot OPS=matmu ended in a ValueError traceback from the registry, DTYPES=fp8 in a
+    KeyError from the launches."""
+    with pytest.raises(SystemExit) as stop:
+        aot.main([*args, "--impls", "triton", "--shapes", "33x17x9"])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_dtype_named_twice_is_built_once(capsys, monkeypatch):
+    """--dtypes fp32,float32 launched every case twice: each build counted two cases for one."""
+    found = []
+    monkeypatch.setattr(aot, "compile_all", lambda launches, target, prune: found.extend(launches)
+                        or [aot.Build("k", "c", ["case"])])
+    assert aot.main(["--ops", "matmul", "--impls", "triton", "--shapes", "33x17x9", "--dtypes",
+                     "fp32,float32"]) == 0
+    assert [launch.case for launch in found] == ["33x17x9 float32"]
+
+
 def test_a_selection_with_no_kernel_fails(capsys):
     """A --cases pattern that finds no case printed "0 kernel builds" and exited 0."""
     assert aot.main(["--ops", "matmul", "--impls", "triton", "--cases", "no_such_case"]) == 1

@@ -231,6 +231,21 @@ def test_run_trace_gives_each_worker_its_tracks_and_each_counter_its_unit(tmp_pa
                      "sm_clock_mhz": (0, "MHz"), "throttled": (0, "")}
 
 
+def test_summary_refuses_a_missing_file_and_the_run_timeline(tmp_path, capsys):
+    """A missing file ended in a FileNotFoundError traceback, the run timeline (a protobuf
+    .pftrace, which holds no kernels) in a UnicodeDecodeError; both are one-line refusals."""
+    t0 = 1_800_000_000_000_000_000
+    timeline.write_run_trace(tmp_path / "run.pftrace", [_record("xla", t0)],
+                             [(t0, "rss_bytes", 1e9)])
+    assert trace.main(["summary", str(tmp_path / "missing.json.gz")]) == 2
+    assert capsys.readouterr().err == f"summary: no trace file at {tmp_path / 'missing.json.gz'}\n"
+    assert trace.main(["summary", str(tmp_path / "run.pftrace")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "run.pftrace is not a Chrome/Perfetto JSON trace" in err
+    assert "not a native Perfetto .pftrace" in err
+
+
 def test_a_jax_traces_offset_converts_the_warmups_start_from_us_to_ns(tmp_path, monkeypatch):
     """The epoch offset is the clock read just before "warmup" opened, less the warmup's start
     in the profile (in us). On a CPU the warmup opens about 18 us into the profile, too close
