@@ -88,7 +88,7 @@ bench: $(SETUP)
 # reports/<run>/index.html and summary.md; RUN=<run-id> or a directory such as
 # reports/baselines/<gpu>/<date> (default: reports/latest). BASE=<run> adds a comparison.
 report: $(SETUP)
-	$(PY) -m harness.report $(if $(REPORT_RUN),$(REPORT_RUN),reports/latest) \
+	$(PY) -m harness.report $(if $(REPORT_RUN),$(REPORT_RUN),$(REPORTS)/latest) \
 		$(if $(REPORT_OUT),--out $(REPORT_OUT)) $(if $(BASE),--compare $(BASE))
 
 # The benchmarks with a profiler trace each and the run timeline under profiles/<run-id>/.
@@ -106,7 +106,7 @@ compare: $(SETUP)
 	$(PY) -m harness.compare $(BASE) $(HEAD) --threshold $(THRESHOLD) --report
 
 summary: $(SETUP)
-	$(PY) -m harness.summary $(if $(REPORT_RUN),$(REPORTS)/runs/$(REPORT_RUN),$(REPORTS)/latest)
+	$(PY) -m harness.summary $(if $(REPORT_RUN),$(REPORT_RUN),$(REPORTS)/latest)
 
 clean-venv:
 	rm -rf $(VENV)

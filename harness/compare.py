@@ -6,7 +6,8 @@ BASE and HEAD are run ids under reports/runs, run directories, or benchmark.json
 the last two runs that have a benchmark.json. A change counts as a regression only when the median
 grew by more than the threshold AND by more than the noise seen in either run (the p20-p80 spread
 of its repetitions); a benchmark that was ok in BASE and failed in HEAD is one too. Exit status 1
-when there is a regression, 2 when the two runs have no benchmark ok in both (nothing compared).
+when there is a regression, 2 when the two runs have no benchmark ok in both (nothing compared) or
+when BASE or HEAD is not a run or cannot be read (CannotCompare, its message on stderr).
 
 A run is read from its benchmark.json and the records beside it (results.jsonl), which have the
 last word: they hold every benchmark of the run, those of its resumed calls (whose
@@ -28,6 +29,11 @@ from pathlib import Path
 from harness import results
 
 
+class CannotCompare(SystemExit):
+    """A BASE or HEAD that is not there or cannot be read. Uncaught (harness.report --compare) it
+    stops with its message; compare's main makes it exit status 2, as 1 means a regression."""
+
+
 def is_run(d: Path) -> bool:
     """A run directory: its pytest-benchmark file, or its records alone (a run with WORKERS=N,
     under which pytest-benchmark saves nothing)."""
@@ -35,15 +41,16 @@ def is_run(d: Path) -> bool:
 
 
 def json_path(ref: str) -> Path:
-    """A run's benchmark.json (which need not exist: see is_run), or any benchmark JSON file."""
+    """A run's benchmark.json (which need not exist: see is_run), or any benchmark JSON file.
+    What it returns names the same run again: main hands it on to the report."""
     p = Path(ref)
-    if p.is_file():
+    if p.is_file() or (p.name == "benchmark.json" and is_run(p.parent)):
         return p
     for d in (p, results.REPORTS / "runs" / ref):
         if is_run(d):
             return d / "benchmark.json"
-    raise SystemExit(f"no benchmark.json or results.jsonl for run {ref!r} (looked in {p} and "
-                     f"{results.REPORTS / 'runs' / ref})")
+    raise CannotCompare(f"no benchmark.json or results.jsonl for run {ref!r} (looked in {p} "
+                        f"and {results.REPORTS / 'runs' / ref})")
 
 
 def last_two() -> tuple[Path, Path]:
@@ -52,8 +59,8 @@ def last_two() -> tuple[Path, Path]:
                                                                  d / "results.jsonl")
                                     if f.is_file()))
     if len(runs) < 2:
-        raise SystemExit(f"need two runs under {results.REPORTS / 'runs'}, found {len(runs)}: "
-                         "run `make bench` twice or pass BASE= and HEAD=")
+        raise CannotCompare(f"need two runs under {results.REPORTS / 'runs'}, found "
+                            f"{len(runs)}: run `make bench` twice or pass BASE= and HEAD=")
     return runs[-2] / "benchmark.json", runs[-1] / "benchmark.json"
 
 
@@ -169,7 +176,7 @@ def entries(path: Path) -> dict[str, Entry]:
         benchmarks = _read(path).get("benchmarks", [])
     except ValueError as e:
         if not with_records:
-            raise SystemExit(f"cannot compare: {e}") from None
+            raise CannotCompare(f"cannot compare: {e}") from None
         benchmarks = []  # the records hold every benchmark of the run
     for b in benchmarks:
         stats, info = b.get("stats") or {}, b.get("extra_info") or {}
@@ -217,10 +224,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if len(args.runs) not in (0, 2):
         ap.error("give both BASE and HEAD, or neither")
-    base, head = (map(json_path, args.runs) if args.runs else last_two())
+    try:
+        base, head = map(json_path, args.runs) if args.runs else last_two()
+        base_entries, head_entries = entries(base), entries(head)
+    except CannotCompare as e:
+        print(e, file=sys.stderr)
+        return 2
     if not args.no_table:
         print_table(base, head)
-    base_entries, head_entries = entries(base), entries(head)
     found = changes(base_entries, head_entries)
     threshold = args.threshold / 100
     print(f"\nbase {base}\nhead {head}\n")
@@ -238,7 +249,9 @@ def main(argv=None) -> int:
     if args.report:
         from harness import report
 
-        if report.committed_baseline(head.parent):  # its report is the one its run wrote
+        if not (head.parent / "results.jsonl").is_file():  # a benchmark JSON file of no run
+            print(f"no report written: {head} is not in a run directory")
+        elif report.committed_baseline(head.parent):  # its report is the one its run wrote
             print(f"no report written: {head.parent} is a committed baseline")
         else:
             print("wrote", report.write(head.parent, str(base), args.threshold))

@@ -37,6 +37,8 @@ CANDIDATE_KINDS = ("hand", "plugin")  # measured against the best stock op of th
 # water mark; XLA:CPU allocates beyond the buffers it planned): a smaller number from one of them
 # does not show that less memory was used.
 LOWER_BOUND_METHODS = ("rss_high_water_delta", memory.XLA_CPU_PLAN)
+# The repository's own committed baselines: KERNELS_REPORTS moves the reports root, not them.
+BASELINES = Path(__file__).resolve().parent.parent / "reports" / "baselines"
 
 
 # ---------------------------------------------------------------- the document
@@ -205,7 +207,9 @@ class Run:
 
 def resolve(ref: str | None) -> Path:
     """The directory holding the run's results.jsonl."""
-    candidates = [Path(ref), results.run_dir(ref)] if ref else [results.REPORTS / "latest"]
+    # once each: an absolute ref is its own run_dir
+    candidates = list(dict.fromkeys([Path(ref), results.run_dir(ref)] if ref
+                                    else [results.REPORTS / "latest"]))
     for d in candidates:
         if (d / "results.jsonl").is_file():
             return d.resolve()
@@ -1127,7 +1131,7 @@ def build(run: Run, compare_to: str | None = None, threshold_pct: float = 10.0) 
 
 
 def committed_baseline(path: Path) -> bool:
-    return path.resolve().is_relative_to((results.REPORTS / "baselines").resolve())
+    return path.resolve().is_relative_to(BASELINES.resolve())
 
 
 def write(run_dir: Path, compare_to: str | None = None, threshold_pct: float = 10.0,
@@ -1136,7 +1140,7 @@ def write(run_dir: Path, compare_to: str | None = None, threshold_pct: float = 1
     be a committed baseline: its report is the one its run wrote)."""
     out = Path(out or run_dir)
     if committed_baseline(out):
-        raise SystemExit(f"{out} is a committed baseline under {results.REPORTS / 'baselines'}: "
+        raise SystemExit(f"{out} is a committed baseline under {BASELINES}: "
                          "its report is the one its run wrote; render it elsewhere with --out DIR "
                          "(make report REPORT_OUT=DIR)")
     run = load_run(run_dir)

@@ -1,6 +1,9 @@
 """The table `make bench` ends with, from a run's records.
 
-    python -m harness.summary [reports/latest]
+    python -m harness.summary [RUN]
+
+RUN is what harness.report takes (a run id under reports/runs, or any directory holding a
+results.jsonl; default reports/latest), or a results.jsonl file.
 """
 from __future__ import annotations
 
@@ -59,12 +62,11 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv=None):
+    from harness import report  # here, not at the top: report imports this module
+
     argv = sys.argv[1:] if argv is None else argv
-    run = Path(argv[0]) if argv else results.REPORTS / "latest"
-    path = run / "results.jsonl" if run.is_dir() else run
-    if not path.is_file():
-        raise SystemExit(f"no records to summarize: {path} does not exist (a run that wrote none, "
-                         "or RUN=<run id> for another run)")
+    ref = argv[0] if argv else None
+    path = Path(ref) if ref and Path(ref).is_file() else report.resolve(ref) / "results.jsonl"
     print(table(results.load(path)))
 
 

@@ -2,6 +2,7 @@
 real (tiny) benchmark run."""
 import base64
 import json
+import os
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -189,10 +190,16 @@ def test_report_elsewhere_links_back_to_the_runs_traces(synthetic_run, tmp_path)
 
 
 def test_a_committed_baseline_keeps_its_report(tmp_path, monkeypatch):
+    """A committed baseline is one under the repository's reports/baselines, wherever
+    KERNELS_REPORTS moves the reports root (it had been looked for under the moved root)."""
+    assert report.BASELINES == ROOT / "reports" / "baselines"
+    monkeypatch.setattr(results, "REPORTS", tmp_path / "elsewhere")  # KERNELS_REPORTS
+    assert report.committed_baseline(ROOT / "reports" / "baselines" / "any-gpu" / "run")
+    # a stand-in for the repository's baselines: the real ones are never written by a test
+    monkeypatch.setattr(report, "BASELINES", tmp_path / "baselines")
     baseline = tmp_path / "baselines" / "gpu" / "2026-01-01" / "run"
     baseline.mkdir(parents=True)
     (baseline / "results.jsonl").write_text("")
-    monkeypatch.setattr(results, "REPORTS", tmp_path)
     with pytest.raises(SystemExit, match="committed baseline.*--out DIR"):
         report.write(baseline)
     assert not (baseline / "index.html").exists()
@@ -275,6 +282,65 @@ def test_compare_section(synthetic_run, tmp_path):
     assert all(word in text for word in ("REGRESSION", "faster", "same", "+50.0%",
                                          "FAILED: wrong result: boom",
                                          "SKIPPED: needs a CUDA GPU"))
+
+
+@pytest.mark.parametrize("calls", ["records alone (WORKERS=N)", "a resumed call's file alone"])
+def test_compare_reads_a_base_without_benchmark_json(synthetic_run, tmp_path, monkeypatch,
+                                                     capsys, calls):
+    """A base run with no benchmark.json (WORKERS=N, a run begun with RESUME, every benchmark
+    failed) is compared by its records, and the comparison lands in the head's report; the
+    report had been handed the base's missing benchmark.json and stopped after the verdicts."""
+    base = tmp_path / "runs" / "base"
+    base.mkdir()
+    for rec in synthetic_records():
+        results.append(base / "results.jsonl", rec)
+    if calls != "records alone (WORKERS=N)":
+        _benchmark_json(base / "benchmark-resumed-010203.json", {"x": 1e-3})
+    assert compare.main([str(base), str(synthetic_run), "--report"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {synthetic_run / 'index.html'}" in out and "0 regression(s)" in out
+    assert "0 regression(s)" in check_page(synthetic_run).text("compare")
+    # the last two runs by default: the same, base older than head
+    monkeypatch.setattr(results, "REPORTS", tmp_path)
+    os.utime(base / "results.jsonl", (1, 1))
+    assert compare.main(["--no-table", "--report"]) == 0
+    assert f"wrote {synthetic_run / 'index.html'}" in capsys.readouterr().out
+
+
+def test_compare_exits_2_on_a_run_it_cannot_read(synthetic_run, tmp_path, monkeypatch, capsys):
+    """No such run, too few runs, or a file that is not JSON: a usage error with its one-line
+    message (exit status 2), not the regression that exit status 1 means."""
+    monkeypatch.setattr(results, "REPORTS", tmp_path)
+    assert compare.main(["nope", str(synthetic_run), "--no-table", "--report"]) == 2
+    assert "no benchmark.json or results.jsonl for run 'nope'" in capsys.readouterr().err
+    assert compare.main(["--no-table"]) == 2
+    assert "need two runs" in capsys.readouterr().err
+    cut = tmp_path / "cut.json"
+    cut.write_text('{"benchmarks": [')
+    assert compare.main([str(cut), str(synthetic_run), "--no-table"]) == 2
+    assert "cannot compare: " in capsys.readouterr().err
+    # a benchmark JSON file of no run is compared, and no report is written for it
+    bench = _benchmark_json(tmp_path / "bench.json", {"a": 1e-3})
+    assert compare.main([str(bench), str(bench), "--no-table", "--report"]) == 0
+    assert "no report written" in capsys.readouterr().out
+
+
+def test_summary_takes_a_run_id_or_directory_as_report_does(synthetic_run, capsys):
+    """make summary RUN=<directory> had looked under reports/runs/<directory>: the summary takes
+    RUN as the report does, a run id under the reports root (KERNELS_REPORTS) or a directory."""
+    from harness import summary
+
+    counts = "19 records: 16 ok, 2 failed, 1 skipped"
+    for ref in (str(synthetic_run), str(synthetic_run / "results.jsonl")):
+        summary.main([ref])
+        assert capsys.readouterr().out.strip().endswith(counts), ref
+    env = {**outer_env(), "KERNELS_REPORTS": str(synthetic_run.parent.parent),
+           "PYTHONPATH": str(ROOT)}
+    by_id = subprocess.run([sys.executable, "-m", "harness.summary", "syn"], cwd=synthetic_run,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert by_id.stdout.strip().endswith(counts), by_id.stderr[-2000:]
+    with pytest.raises(SystemExit, match="no results.jsonl for run 'nope'"):
+        summary.main(["nope"])
 
 
 def test_peaks_measure_on_cpu():
