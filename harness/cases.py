@@ -185,8 +185,9 @@ _FORMATS = {
 
 
 def _side(text: str):
+    """`2` or `2x1`; a pair of equal sides is the one number (s1x1 is the case s1, one name)."""
     h, _, w = text.partition("x")
-    return (int(h), int(w)) if w else int(h)
+    return (int(h), int(w)) if w and int(w) != int(h) else int(h)
 
 
 def _from_fields(op: str, f: dict) -> Case:

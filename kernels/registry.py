@@ -105,6 +105,12 @@ def register(op: str, name: str, *, framework: str, kind: str = "plugin", backen
                          "one converts its inputs in `prepare` and returns a view")
 
     def add(fn):
+        taken = _IMPLS[op].get(name)
+        if kind == "plugin" and (taken is not None or (op, name) in _DISABLED):
+            # its records would stand under a name that reports and targets read as another's
+            by = f"the {taken.kind} implementation" if taken else "an implementation disabled here"
+            raise ValueError(f"{op} implementation name {name!r} is taken by {by}; a plugin "
+                             "needs a name of its own")
         if enabled:
             _IMPLS[op][name] = Impl(op, name, fn, framework, kind, backend, prepare, reset,
                                     accepts_out, tuple(tags), layout)

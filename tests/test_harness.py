@@ -131,6 +131,10 @@ def test_a_parsed_case_is_canonical_and_complete():
     assert conv.dims == {"N": 1, "H": 9, "W": 7, "C": 6, "K": 4, "KH": 3, "KW": 2,
                          "stride": (2, 1), "padding": (0, 1), "dilation": 2, "groups": 2}
     assert conv.name == "my_layer_n1_9x7x6_k3x2x4_s2x1_p0x1_d2_g2"
+    # a pair of equal sides is the one number: one case, one name, the same inputs
+    square = cases.parse("n1_5x5x2_k1x1x2_s1x1_p2x2_d3x3_g1")
+    assert square == cases.parse("n1_5x5x2_k1x1x2_s1_p2_d3")
+    assert square.name == "n1_5x5x2_k1x1x2_s1_p2_d3"
 
 
 def test_the_case_listing_names_every_case_of_the_tier(capsys):
@@ -609,6 +613,7 @@ def test_an_output_that_is_not_one_array_of_the_answers_shape_is_a_wrong_result(
     from harness import bench
     from harness.cases import cases
 
+    registry.load_builtins()  # before the copy: loaded into it, they would go when it goes
     monkeypatch.setitem(registry._IMPLS, "matmul", dict(registry._IMPLS["matmul"]))
     registry.register("matmul", "mine", framework=framework)(returns)
     rec, measured = bench.Session("t", str(tmp_path)).run(
@@ -803,6 +808,7 @@ def test_fp32_is_true_fp32_in_torch_once_the_implementations_load():
 
 
 def test_register_adds_and_disables(monkeypatch):
+    registry.load_builtins()  # before the copy: loaded into it, they would go when it goes
     monkeypatch.setitem(registry._IMPLS, "matmul", dict(registry._IMPLS["matmul"]))
     monkeypatch.setattr(registry, "_DISABLED", dict(registry._DISABLED))
 
@@ -817,6 +823,13 @@ def test_register_adds_and_disables(monkeypatch):
     assert registry.disabled("matmul")["gone"] == "no GPU"
     with pytest.raises(KeyError, match="no GPU"):
         registry.get("matmul", "gone")
+    # a plugin under a name already taken would have its records read as the other's
+    with pytest.raises(ValueError, match="matmul implementation name 'torch' is taken by the "
+                                         "stock implementation; a plugin needs a name of its own"):
+        registry.register("matmul", "torch", framework="torch")(mine)
+    assert registry.get("matmul", "torch").kind == "stock"
+    with pytest.raises(ValueError, match="'gone' is taken by an implementation disabled here"):
+        registry.register("matmul", "gone", framework="torch")(mine)
     with pytest.raises(ValueError, match="framework must be"):
         registry.register("matmul", "x", framework="numpy")
     same = lambda a: a  # noqa: E731
