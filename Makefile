@@ -19,6 +19,9 @@ DTYPES ?=
 MODES ?= fwd
 REPORT_RUN := $(RUN)
 RUN ?= $(if $(RESUME),$(RESUME),$(shell date +%Y%m%d-%H%M%S))
+ifneq ($(and $(RESUME),$(filter-out $(RESUME),$(RUN))),)
+$(error RESUME=$(RESUME) and RUN=$(RUN) name two runs: RESUME=<run-id> alone continues a run)
+endif
 # Expanded once: a recursive RUN re-ran `date` at every use, so a run that began with a slow setup
 # (installing the venv) wrote its records under one id and looked for them under another.
 RUN := $(RUN)
@@ -40,11 +43,16 @@ TARGETS_FIRST ?=
 # comma-separated case names (harness.cases.parse): these cases instead of the tier's
 SHAPES ?=
 
+ifneq ($(filter-out 0 1,$(PROFILE) $(TARGETS_FIRST)),)
+$(error PROFILE and TARGETS_FIRST take 1 or 0, got PROFILE=$(PROFILE) TARGETS_FIRST=$(TARGETS_FIRST))
+endif
+
 # the reports root, as harness.results has it (KERNELS_REPORTS moves it, e.g. in the tests)
 REPORTS := $(or $(KERNELS_REPORTS),reports)
 RUN_DIR := $(REPORTS)/runs/$(RUN)
 # ISOLATE=1: hand-written kernels run in a worker process too (plugins always do; ISOLATE=0: none)
-ISOLATION := $(if $(filter 1 all,$(ISOLATE)),all,$(if $(filter 0 none,$(ISOLATE)),none,plugins))
+# (any other value goes to pytest as it is, which refuses it)
+ISOLATION := $(if $(filter 1 all,$(ISOLATE)),all,$(if $(filter 0 none,$(ISOLATE)),none,$(or $(ISOLATE),plugins)))
 BENCH_JSON := $(RUN_DIR)/benchmark$(if $(RESUME),-resumed-$(shell date +%H%M%S),).json
 BENCH_FLAGS = --bench --ops=$(OPS) --impls=$(IMPLS) --tier=$(TIER) --dtypes=$(DTYPES) \
 	--modes=$(MODES) $(if $(SHAPES),--shapes='$(SHAPES)') --run-id=$(RUN) \
@@ -68,7 +76,8 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 # The report is written even when some implementations failed; the exit status stays pytest's.
-# A run refused before its first record (a bad filter) leaves no report and no run directory.
+# A refused call (pytest's usage error, exit 4: a bad filter, a RUN already used) writes no
+# report, and leaves no run directory it made.
 # Exit status 75 (harness.runner.CONTEXT_LOST_EXIT): a benchmark left the process's CUDA context
 # unusable, and the benchmarks after it that needed that process were not run; each such pass
 # records at least that benchmark, so resuming in a fresh process until there is none ends.
@@ -82,7 +91,8 @@ bench: $(SETUP)
 			$(PYTEST_ARGS); status=$$?; \
 	done; \
 	[ -z "$$lost" ] || [ $$status -ne 0 ] || status=1; \
-	if [ -f $(RUN_DIR)/results.jsonl ]; then $(PY) -m harness.report $(RUN_DIR) || status=1; \
+	if [ $$status -ne 4 ] && [ -f $(RUN_DIR)/results.jsonl ]; then \
+		$(PY) -m harness.report $(RUN_DIR) || status=1; \
 	else rmdir $(RUN_DIR) 2>/dev/null; fi; exit $$status
 
 # reports/<run>/index.html and summary.md; RUN=<run-id> or a directory such as
@@ -275,7 +285,7 @@ endif
 ifneq ($(GPU_PROFILE_S),0)
 	-$(call gpu_stage,profile,$(GPU_PROFILE_S),$(MAKE) --no-print-directory bench PYTHON=$(GPU_PY) \
 		TIER=standard IMPLS=$(GPU_PROFILE_IMPLS) DTYPES=$(GPU_DTYPES) MODES=fwd \
-		RUN=$(GPU_RUN)-profile PROFILE=1 \
+		RUN=$(GPU_RUN)-profile $(if $(RESUME),RESUME=$(GPU_RUN)-profile) PROFILE=1 \
 		ISOLATE=$(GPU_ISOLATE) TIMEOUT=$(GPU_TIMEOUT) \
 		PYTEST_ARGS='-k "$(GPU_PROFILE_CASES)"') >> $(OUT)/bench.txt 2>&1
 	$(gpu_pack)

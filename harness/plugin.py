@@ -105,22 +105,24 @@ class Selection:
         bad_ops = [o for o in self.ops if o not in registry.ops()]
         if bad_ops:
             raise pytest.UsageError(f"unknown op(s) {bad_ops}; valid: {registry.ops()}")
+        # first: the implementations a plugin that failed would have added are unknown below
+        broken = {p: e for p, e in registry.import_errors().items()
+                  if p in registry.plugin_paths()}
+        if broken:
+            raise pytest.UsageError("plugin(s) failed to import: " + "; ".join(
+                f"{p}: {e}" for p, e in broken.items()))
         known = {n for op in self.ops for n in set(registry.impls(op)) | set(registry.disabled(op))}
-        bad_impls = [i for i in self.impls if i not in known]
-        if bad_impls:
-            raise pytest.UsageError(f"unknown implementation(s) {bad_impls}; valid for "
-                                    f"{self.ops}: {sorted(known)}")
+        for option, names in (("", self.impls), (" to retime", _csv(config.getoption("retime")))):
+            bad_impls = [i for i in names if i not in known]
+            if bad_impls:
+                raise pytest.UsageError(f"unknown implementation(s){option} {bad_impls}; valid "
+                                        f"for {self.ops}: {sorted(known)}")
         unselected = [c.name for c in self.shapes if c.op not in self.ops]
         if unselected:
             raise pytest.UsageError(f"shape(s) {unselected} are not of the selected op(s) "
                                     f"{self.ops}")
         if self.tier not in cases_mod.TIERS:
             raise pytest.UsageError(f"unknown tier {self.tier!r}; valid: {list(cases_mod.TIERS)}")
-        broken = {p: e for p, e in registry.import_errors().items()
-                  if p in registry.plugin_paths()}
-        if broken:
-            raise pytest.UsageError("plugin(s) failed to import: " + "; ".join(
-                f"{p}: {e}" for p, e in broken.items()))
         self.isolation = config.getoption("isolate")
         from harness.runner import ISOLATION
         if self.isolation not in ISOLATION:
@@ -152,11 +154,25 @@ def _selection(config) -> Selection:
 def pytest_configure(config):
     if config.getoption("bench"):
         _selection(config)  # bad filters are refused before anything is collected
+        worker = getattr(config, "workerinput", None)
         if not config.getoption("run_id"):
             # one run for all pytest-xdist workers, chosen by the controller (each worker had
             # chosen a run, and a directory, of its own)
-            worker = getattr(config, "workerinput", None)
             config.option.run_id = worker["kernels_run_id"] if worker else results.new_run_id()
+        if worker is None:
+            _check_run_id(config)
+
+
+def _check_run_id(config) -> None:
+    """A run's records come from one call and the calls that resume it. Another call under its
+    id added records of benchmarks it already held: an implementation rated against itself."""
+    run_id, resume = config.getoption("run_id"), config.getoption("resume")
+    held = results.load(results.run_dir(run_id) / "results.jsonl", missing_ok=True)
+    if held and not resume:
+        raise pytest.UsageError(f"run {run_id!r} already holds {len(held)} records: "
+                                f"RESUME={run_id} continues it, another RUN starts a new run")
+    if resume and not held:
+        print(f"run {run_id!r} holds no records yet: starting it")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -214,7 +230,7 @@ def _deselect_recorded(config, items) -> None:
 
 
 class RunState:
-    """One process's part of a run: its records, its runner, its telemetry and traces."""
+    """One process's part of a run: its records file, its runner, its telemetry and traces."""
 
     def __init__(self, config):
         from harness.bench import Session
@@ -231,7 +247,6 @@ class RunState:
                                      retime=tuple(_csv(config.getoption("retime"))),
                                      compile_cold=config.getoption("compile_cold")),
                              _selection(config).isolation, config.getoption("bench_timeout"))
-        self.records: list[dict] = []
         if self.worker in (None, "gw0"):  # one process measures the roofline ceilings
             from harness import peaks
 
@@ -242,7 +257,6 @@ class RunState:
         if self.worker:  # benchmarks on several workers overlap in time: the timeline keeps
             record["worker"] = self.worker  # each worker's on tracks of its own
         results.append(self.path, record)
-        self.records.append(record)
 
     def finish(self) -> None:
         """Telemetry and command into env.json; with --profile the run timeline as well."""
@@ -288,14 +302,12 @@ def pytest_terminal_summary(terminalreporter, config):
 def _print_table(terminalreporter, config) -> None:
     if not config.getoption("bench"):
         return
-    state = getattr(config, "_kernels_run", None)
-    if state is not None:
-        path, records = state.path, state.records
-    else:  # the xdist controller: the workers wrote the records
-        if not config.getoption("run_id"):
-            return
-        path = results.run_dir(config.getoption("run_id")) / "results.jsonl"
-        records = results.load(path, missing_ok=True)
+    if not config.getoption("run_id"):
+        return
+    # the whole run's, as make summary prints them: a resumed run's too, and under xdist the
+    # workers'
+    path = results.run_dir(config.getoption("run_id")) / "results.jsonl"
+    records = results.load(path, missing_ok=True)
     if not records:
         return
     from harness.summary import table

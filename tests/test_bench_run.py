@@ -9,6 +9,7 @@ import pytest
 
 from harness import cases, compare, plugin, results, targets
 from harness.bench import plan
+from kernels import registry
 from tests.checking import outer_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,7 +246,7 @@ class _Options:
 
     DEFAULTS = {"ops": "matmul", "impls": "", "tier": "smoke", "dtypes": "", "modes": "",
                 "isolate": "plugins", "resume": False, "run_id": "", "shapes": "",
-                "bench_timeout": 900.0}
+                "bench_timeout": 900.0, "retime": ""}
 
     def __init__(self, **given):
         self.values = {**self.DEFAULTS, **given}
@@ -262,6 +263,7 @@ class _Options:
     ("--modes=sideways", "unknown mode(s) ['sideways']"),
     ("--modes=bwd", "mode(s) ['bwd'] select no benchmark of ['matmul']: only attention has a "
                     "backward"),
+    ("--retime=trtion", "unknown implementation(s) to retime ['trtion']; valid for ['matmul']"),
     ("--shapes=4096x4096", "shape '4096x4096' is in none of the case formats (matmul: MxKxN"),
     ("--shapes=b1_h2_q5_k9_d16_full", "shape(s) ['b1_h2_q5_k9_d16_full'] are not of the "
                                       "selected op(s) ['matmul']"),
@@ -271,6 +273,25 @@ def test_bad_options_list_the_valid_ones(option, message):
     with pytest.raises(pytest.UsageError) as refused:
         plugin._selection(_Options(**{name: value}))
     assert message in str(refused.value)
+
+
+def test_a_plugin_that_failed_to_import_is_named_before_its_implementations(monkeypatch):
+    """IMPLS naming a plugin's implementation had been refused as unknown, hiding the cause."""
+    monkeypatch.setenv("KERNELS_PLUGINS", "mine.py")
+    monkeypatch.setitem(registry._IMPORT_ERRORS, "mine.py", "SyntaxError: '(' was never closed")
+    with pytest.raises(pytest.UsageError, match=r"plugin\(s\) failed to import: mine.py: "
+                                                r"SyntaxError: '\(' was never closed"):
+        plugin._selection(_Options(impls="my_matmul"))
+
+
+def test_resuming_a_run_with_no_records_says_it_starts_it(tmp_path, capsys):
+    """RESUME of a run id that holds nothing (a typo, or a first call that recorded nothing) is
+    not refused (make gpu resumes its profile run on every call) but said."""
+    run = str(tmp_path / "new")  # an absolute id: run_dir puts it where it says
+    plugin._check_run_id(_Options(run_id=run, resume=True))
+    assert capsys.readouterr().out == f"run {run!r} holds no records yet: starting it\n"
+    plugin._check_run_id(_Options(run_id=run, resume=False))  # a new run: nothing to say
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("seconds", [0.0, -5.0, float("nan")])

@@ -227,6 +227,17 @@ def test_killed_run_resumes_to_the_same_records(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:]
     assert "run cut already holds a record of every selected benchmark" in again.stdout
     assert _keys(tmp_path, "cut") == expected
+    # the resumed call's table is the whole run's, as make summary prints it
+    assert f"{len(expected)} records: {len(expected)} ok" in resumed.stdout, resumed.stdout[-3000:]
+
+    # another call under the run's id, not resuming it, is refused: it would add a second
+    # record of each benchmark (an implementation rated against itself)
+    reused = subprocess.run(_bench_cmd(tmp_path, "cut", impls), cwd=ROOT, env=_env(tmp_path),
+                            capture_output=True, text=True, timeout=600)
+    assert reused.returncode == pytest.ExitCode.USAGE_ERROR
+    assert (f"run 'cut' already holds {len(expected)} records: RESUME=cut continues it"
+            in reused.stderr), reused.stderr[-3000:]
+    assert _keys(tmp_path, "cut") == expected
 
 
 def test_two_workers_make_the_same_records_as_one(tmp_path):
