@@ -17,6 +17,8 @@ from harness import results, timing
 def _fmt_time(s):
     if s is None:
         return "-"
+    if s == 0:  # a compile time clamped at zero (its first call no slower than the median): no unit
+        return "0"
     s = float(f"{s:.3g}")  # rounded first: 999.6 us is "1 ms", not "1e+03 us"
     for unit, scale in (("s", 1), ("ms", 1e-3), ("us", 1e-6)):
         if s >= scale:

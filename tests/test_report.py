@@ -765,8 +765,8 @@ def test_memory_verdict_leaves_out_a_backward_alone_and_a_planned_cpu_figure():
 def test_times_are_rounded_before_their_unit_is_chosen():
     from harness.summary import _fmt_time
 
-    assert [_fmt_time(s) for s in (0.0009996, 0.99996, 0.00099949, 1.5e-5, None)] == [
-        "1 ms", "1 s", "999 us", "15 us", "-"]
+    assert [_fmt_time(s) for s in (0.0009996, 0.99996, 0.00099949, 1.5e-5, 2e-9, 0.0, None)] == [
+        "1 ms", "1 s", "999 us", "15 us", "2 ns", "0", "-"]
 
 
 def test_device_time_fed_to_pytest_benchmark_survives_its_profiling_call():
