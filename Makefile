@@ -96,7 +96,7 @@ bench: $(SETUP)
 	else rmdir $(RUN_DIR) 2>/dev/null; fi; exit $$status
 
 # reports/<run>/index.html and summary.md; RUN=<run-id> or a directory such as
-# reports/baselines/<gpu>/<date> (default: reports/latest). BASE=<run> adds a comparison.
+# reports/baselines/<gpu>/<date> (default: the reports root's latest). BASE=<run> adds a comparison.
 report: $(SETUP)
 	$(PY) -m harness.report $(if $(REPORT_RUN),$(REPORT_RUN),$(REPORTS)/latest) \
 		$(if $(REPORT_OUT),--out $(REPORT_OUT)) $(if $(BASE),--compare $(BASE))
@@ -243,6 +243,10 @@ gpu-wheels:
 # The machine's python3 is itself a venv: packages go beside it (PYTHONPATH), not into a new one.
 gpu: export PYTHONPATH := $(abspath $(GPU_SITE))
 gpu:
+	@# refused before the tests spend the call's minutes: the bench stage would refuse it anyway
+	@[ -n "$(RESUME)" ] || [ ! -s $(REPORTS)/runs/$(GPU_RUN)/results.jsonl ] || { \
+		echo "GPU_RUN=$(GPU_RUN) already holds records: RESUME=$(GPU_RUN) continues it" >&2; \
+		exit 2; }
 	@mkdir -p $(OUT)
 	$(GPU_PY) -m pip install -q --no-index --no-deps --target $(GPU_SITE) wheels/perfetto-*.whl \
 		|| echo "no perfetto wheel in wheels/: the run timeline will be missing"

@@ -100,10 +100,14 @@ class Calls:
     repoisoned: Callable[[], Any] | None = None
 
     def checked(self, output):
-        """What `first` returned (an output, or a tuple of gradients) as the check compares it."""
-        if isinstance(output, (tuple, list)):  # its own type: a forward's tuple is reported so
-            return type(output)(self.to_contract(o) for o in output)
-        return self.to_contract(output)
+        """What `first` returned (an output, or a tuple of gradients) as the check compares it.
+        What is not an array stays as it is, for check.check_array to name."""
+        if isinstance(output, (tuple, list)):  # a forward's tuple is reported as one
+            return (tuple if isinstance(output, tuple) else list)(map(self._contract, output))
+        return self._contract(output)
+
+    def _contract(self, output):
+        return self.to_contract(output) if hasattr(output, "shape") else output
 
 
 def _timed_form(impl: Impl, arrays: dict, *extra) -> tuple[Callable[..., Any], tuple, tuple,

@@ -137,9 +137,15 @@ class Selection:
         if bad_modes:
             raise pytest.UsageError(f"unknown mode(s) {bad_modes}; valid: "
                                     f"{list(cases_mod.ATTENTION_MODES)}")
-        if not any(m in self.modes for op in self.ops for m in cases_mod.MODES_BY_OP[op]):
-            raise pytest.UsageError(f"mode(s) {self.modes} select no benchmark of {self.ops}: "
-                                    "only attention has a backward (matmul and conv2d: fwd)")
+        from harness.bench import plan
+
+        if not plan(self.ops, self.impls, self.tier, self.dtypes, self.modes, self.shapes):
+            hint = ("; only attention has a backward (matmul and conv2d: fwd)"
+                    if "fwd" not in self.modes else "")
+            raise pytest.UsageError(
+                f"no benchmark is selected: op(s) {self.ops}, implementation(s) "
+                f"{self.impls or 'all'}, mode(s) {self.modes}, shape(s) "
+                f"{[c.name for c in self.shapes] or f'the tier {self.tier!r}'}{hint}")
 
 
 def _selection(config) -> Selection:

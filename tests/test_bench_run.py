@@ -261,8 +261,8 @@ class _Options:
     ("--tier=huge", "unknown tier 'huge'; valid: ['smoke', 'standard', 'full']"),
     ("--dtypes=int8", "dtype must be one of"),
     ("--modes=sideways", "unknown mode(s) ['sideways']"),
-    ("--modes=bwd", "mode(s) ['bwd'] select no benchmark of ['matmul']: only attention has a "
-                    "backward"),
+    ("--modes=bwd", "no benchmark is selected: op(s) ['matmul'], implementation(s) all, mode(s) "
+                    "['bwd'], shape(s) the tier 'smoke'; only attention has a backward"),
     ("--retime=trtion", "unknown implementation(s) to retime ['trtion']; valid for ['matmul']"),
     ("--shapes=4096x4096", "shape '4096x4096' is in none of the case formats (matmul: MxKxN"),
     ("--shapes=b1_h2_q5_k9_d16_full", "shape(s) ['b1_h2_q5_k9_d16_full'] are not of the "
@@ -275,8 +275,18 @@ def test_bad_options_list_the_valid_ones(option, message):
     assert message in str(refused.value)
 
 
+@pytest.mark.parametrize("given", [dict(impls="triton_tma"), dict(shapes="33x17x9")])
+def test_a_selection_of_no_benchmark_is_refused(given):
+    """Each filter valid, none of the benchmarks they leave has a backward: a Hopper matmul, or
+    matmul shapes only."""
+    with pytest.raises(pytest.UsageError, match=r"no benchmark is selected: op\(s\) \['matmul', "
+                                                r"'attention'\]"):
+        plugin._selection(_Options(ops="matmul,attention", modes="bwd", **given))
+
+
 def test_a_plugin_that_failed_to_import_is_named_before_its_implementations(monkeypatch):
     """IMPLS naming a plugin's implementation had been refused as unknown, hiding the cause."""
+    registry.load_builtins()  # first: loading it would try mine.py itself and say it is missing
     monkeypatch.setenv("KERNELS_PLUGINS", "mine.py")
     monkeypatch.setitem(registry._IMPORT_ERRORS, "mine.py", "SyntaxError: '(' was never closed")
     with pytest.raises(pytest.UsageError, match=r"plugin\(s\) failed to import: mine.py: "
@@ -286,7 +296,8 @@ def test_a_plugin_that_failed_to_import_is_named_before_its_implementations(monk
 
 def test_resuming_a_run_with_no_records_says_it_starts_it(tmp_path, capsys):
     """RESUME of a run id that holds nothing (a typo, or a first call that recorded nothing) is
-    not refused (make gpu resumes its profile run on every call) but said."""
+    not refused (make gpu RESUME=<run> resumes its profile run, <run>-profile, which a call cut
+    before its profile stage never started) but said."""
     run = str(tmp_path / "new")  # an absolute id: run_dir puts it where it says
     plugin._check_run_id(_Options(run_id=run, resume=True))
     assert capsys.readouterr().out == f"run {run!r} holds no records yet: starting it\n"

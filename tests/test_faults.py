@@ -101,9 +101,23 @@ def test_a_bad_filter_stops_make_bench_before_a_run_exists(tmp_path):
         cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "ERROR: mode(s) ['bwd'] select no benchmark of ['matmul']" in out, out[-3000:]
+    assert "ERROR: no benchmark is selected: op(s) ['matmul']" in out, out[-3000:]
     assert "results.jsonl" not in out
     assert not (tmp_path / "runs" / "refused").exists()
+
+
+def test_make_gpu_refuses_a_used_run_before_its_tests(tmp_path):
+    """A GPU_RUN that holds records, not resumed: refused at once, not after the test stages
+    have spent minutes of a short-lived GPU machine (the bench stage would refuse it then)."""
+    (tmp_path / "runs" / "used").mkdir(parents=True)
+    (tmp_path / "runs" / "used" / "results.jsonl").write_text('{"op": "matmul"}\n')
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "gpu", f"OUT={tmp_path / 'out'}", "GPU_RUN=used",
+         f"GPU_PY={sys.executable}"],
+        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "GPU_RUN=used already holds records: RESUME=used continues it" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("status, expected", [

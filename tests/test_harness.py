@@ -1,4 +1,5 @@
 """The harness itself: cases, inputs, checks, timing, memory, compile timing, records, registry."""
+import collections
 import dataclasses
 import json
 import math
@@ -600,12 +601,14 @@ def test_the_timed_call_is_judged_as_well_as_the_checked_one(tmp_path, monkeypat
     ("torch", lambda a, b: None, "output is None, expected one torch.Tensor (framework torch)"),
     ("torch", lambda a, b: (a @ b, a),
      "output is a tuple of 2, expected one torch.Tensor (framework torch)"),
+    ("torch", lambda a, b: collections.namedtuple("Pair", "out aux")(a @ b, a),
+     "output is a tuple of 2, expected one torch.Tensor (framework torch)"),
     ("torch", lambda a, b: (a @ b).numpy(),
      "output is a numpy.ndarray, expected one torch.Tensor (framework torch)"),
     ("torch", lambda a, b: (a @ b)[:-1], "output has shape (15, 256), expected (16, 256)"),
     ("jax", lambda a, b: [a @ b], "output is a list of 1, expected one jax.Array (framework jax)"),
     ("jax", lambda a, b: None, "output is None, expected one jax.Array (framework jax)"),
-], ids=["torch-none", "torch-tuple", "torch-numpy", "torch-short", "jax-list", "jax-none"])
+], ids=["torch-none", "torch-tuple", "torch-namedtuple", "torch-numpy", "torch-short", "jax-list", "jax-none"])
 def test_an_output_that_is_not_one_array_of_the_answers_shape_is_a_wrong_result(
         tmp_path, monkeypatch, framework, returns, reason):
     """A plugin that returns no array, several, another framework's or a shorter one gets a
