@@ -139,7 +139,10 @@ class Selection:
                                     f"{list(cases_mod.ATTENTION_MODES)}")
         from harness.bench import plan
 
-        if not plan(self.ops, self.impls, self.tier, self.dtypes, self.modes, self.shapes):
+        # every benchmark selected, computed once: the tests are parametrized with them
+        self.benchmarks = plan(self.ops, self.impls, self.tier, self.dtypes, self.modes,
+                               self.shapes)
+        if not self.benchmarks:
             hint = ("; only attention has a backward (matmul and conv2d: fwd)"
                     if "fwd" not in self.modes else "")
             raise pytest.UsageError(
@@ -190,10 +193,7 @@ def pytest_configure_node(node):
 def pytest_generate_tests(metafunc):
     if "bench_item" not in metafunc.fixturenames:
         return
-    from harness.bench import plan
-
-    sel = _selection(metafunc.config)
-    items = plan(sel.ops, sel.impls, sel.tier, sel.dtypes, sel.modes, sel.shapes)
+    items = _selection(metafunc.config).benchmarks
     # xdist_group is to keep a case's implementations on one worker (WORKERS=N, --dist
     # loadgroup), sharing one float64 reference; pytest-xdist 3.8 does not group them under
     # pytest 9.2 (README, "Many GPUs"), where each worker computes the reference itself.
