@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
+import shlex
 import sys
 
 
@@ -70,6 +72,15 @@ def versions() -> dict:
             "triton": _version("triton"), "jax": _version("jax"), "jaxlib": _version("jaxlib"),
             "numpy": _version("numpy"), "cuda": torch.version.cuda,
             "driver": nvml_info().get("driver")}
+
+
+def command(argv: list[str]) -> str:
+    """The pytest command as a user would re-run it: `python -m pytest ...` where the process
+    saw pytest's own __main__.py path, quoted as the shell needs (a --shapes list, say)."""
+    head, *args = argv
+    if os.path.basename(head) == "__main__.py" and "pytest" in head:
+        head = f"{sys.executable} -m pytest"
+    return " ".join([head, *map(shlex.quote, args)])
 
 
 def jax_device() -> str:

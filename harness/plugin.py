@@ -248,7 +248,8 @@ class RunState:
         self.path = self.dir / "results.jsonl"
         self.cache_root = tempfile.mkdtemp(prefix="kernels-compile-")
         self.profile_dir = results.start_profiles(run_id) if config.getoption("profile") else None
-        self.worker = getattr(config, "workerinput", {}).get("workerid")
+        self.workerinput = getattr(config, "workerinput", {})
+        self.worker = self.workerinput.get("workerid")
         self.runner = Runner(Session(run_id, self.cache_root, profile_dir=self.profile_dir,
                                      retime=tuple(_csv(config.getoption("retime"))),
                                      compile_cold=config.getoption("compile_cold")),
@@ -273,7 +274,9 @@ class RunState:
         samples = self.sampler.stop()
         suffix = f"-{self.worker}" if self.worker else ""
         results.write_json(self.dir / f"env{suffix}.json", {
-            "command": " ".join(sys.argv), "device": env.device_name(),
+            # an xdist worker's own argv is execnet's: the command is the controller's
+            "command": env.command(self.workerinput.get("mainargv", sys.argv)),
+            "device": env.device_name(),
             "versions": env.versions(), "gpu": env.nvml_info(),
             "telemetry": self.sampler.summary()})
         if self.profile_dir is not None:

@@ -48,6 +48,9 @@ def test_records_written_for_every_benchmark(two_runs):
         assert r["status"] == "ok" and r["median_s"] > 0 and r["rel_err"] <= r["err_budget"]
         assert r["p20_s"] <= r["median_s"] <= r["p80_s"]
     assert (reports / "latest").resolve() == (reports / "runs" / "run2").resolve()
+    # the command as it can be run again, not pytest's __main__.py path
+    env = json.loads((reports / "runs" / "run1" / "env.json").read_text())
+    assert env["command"].startswith(f"{sys.executable} -m pytest tests/bench -q --bench ")
     # the table at the end, after pytest-benchmark's own tables
     out = runs[0].stdout
     assert "kernel benchmarks" in out and "TFLOP/s" in out

@@ -1,6 +1,7 @@
 """Fault isolation, nothing lost, resume, and parallel workers, end to end through the bench."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -279,3 +280,9 @@ def test_workers_without_a_run_id_record_into_one_run(tmp_path):
     assert sorted(r["impl"] for r in records) == ["torch", "xla"]
     assert all(r["worker"] in ("gw0", "gw1") for r in records)
     assert f"records: {run / 'results.jsonl'}" in proc.stdout
+    # each worker's env.json names the command that was run (a worker's own argv is execnet's)
+    envs = sorted(run.glob("env-gw*.json"))
+    assert envs
+    for path in envs:
+        env = json.loads(path.read_text())
+        assert env["command"] == f"{sys.executable} -m pytest " + shlex.join(cmd[3:])
