@@ -194,7 +194,7 @@ GPU_TESTS_RAN ?=
 # for, or none once complete: `make gpu RESUME=<run>` goes on where the last call stopped, tests
 # and bench, with nothing carried from an earlier call's OUT while the machine is warm.
 # GPU_TESTS=no: a call without tests.
-GPU_JUNIT := reports/runs/$(GPU_RUN)/junit
+GPU_JUNIT := $(REPORTS)/runs/$(GPU_RUN)/junit
 ifeq ($(RESUME),)
 GPU_TESTS := yes
 else ifneq ($(strip $(GPU_TESTS_RAN)),)
@@ -209,7 +209,7 @@ GPU_TESTS_FIRST ?= test_pallas_mosaic.py test_ops_all_impls.py test_attention_ke
 GPU_SKIP_RAN := $(foreach f,$(GPU_TESTS_RAN),--skip-ran=$(abspath $(f)))
 GPU_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
 OUT ?= reports/gpu-out
-GPU_STAGE := reports/runs/.gpu-stage
+GPU_STAGE := $(REPORTS)/runs/.gpu-stage
 
 # $(call gpu_stage,<name>,<own limit s>,<command>[,<reserve s>]): the command under `timeout`, for
 # its own limit or what is left before the deadline less <reserve> (kept for the stages after it),
@@ -231,7 +231,7 @@ endef
 # that adds to them, so a later stage cut short loses nothing before it).
 define gpu_pack
 	rm -rf $(GPU_STAGE) && mkdir -p $(GPU_STAGE)
-	for d in reports/runs/$(GPU_RUN) reports/runs/$(GPU_RUN)-profile; do \
+	for d in $(REPORTS)/runs/$(GPU_RUN) $(REPORTS)/runs/$(GPU_RUN)-profile; do \
 		[ ! -d $$d ] || cp -r $$d $(GPU_STAGE)/; done
 	[ ! -d profiles/$(GPU_RUN)-profile ] || cp -r profiles/$(GPU_RUN)-profile $(GPU_STAGE)/traces
 	tar czf $(OUT)/run.tar.gz -C $(GPU_STAGE) .
@@ -240,8 +240,9 @@ endef
 gpu-wheels:
 	python3 -m pip download --no-deps -d wheels perfetto==0.59.1
 
-# The machine's python3 is itself a venv: packages go beside it (PYTHONPATH), not into a new one.
-gpu: export PYTHONPATH := $(abspath $(GPU_SITE))
+# The machine's python3 is itself a venv: packages go beside it (PYTHONPATH, ahead of what the
+# machine's own PYTHONPATH holds), not into a new one.
+gpu: export PYTHONPATH := $(abspath $(GPU_SITE))$(if $(PYTHONPATH),:$(PYTHONPATH))
 gpu:
 	@# refused before the tests spend the call's minutes: the bench stage would refuse it anyway
 	@[ -n "$(RESUME)" ] || [ ! -s $(REPORTS)/runs/$(GPU_RUN)/results.jsonl ] || { \
@@ -282,8 +283,8 @@ endif
 		$(if $(RESUME),RESUME=$(RESUME)) RETIME=$(GPU_RETIME) COLD=$(GPU_COLD) \
 		TARGETS_FIRST=$(GPU_TARGETS_FIRST) ISOLATE=$(GPU_ISOLATE) TIMEOUT=$(GPU_TIMEOUT), \
 		$(GPU_PROFILE_S)) > $(OUT)/bench.txt 2>&1; tail -5 $(OUT)/bench.txt
-	-$(GPU_PY) -m harness.report reports/runs/$(GPU_RUN) >> $(OUT)/bench.txt 2>&1
-	-sed -n '/^## Targets/,/^## Harness noise/p' reports/runs/$(GPU_RUN)/summary.md \
+	-$(GPU_PY) -m harness.report $(REPORTS)/runs/$(GPU_RUN) >> $(OUT)/bench.txt 2>&1
+	-sed -n '/^## Targets/,/^## Harness noise/p' $(REPORTS)/runs/$(GPU_RUN)/summary.md \
 		| grep '^|' | cut -d'|' -f2-6
 	$(gpu_pack)
 ifneq ($(GPU_PROFILE_S),0)

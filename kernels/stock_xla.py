@@ -83,6 +83,22 @@ def has_kernel(implementation: str, dtype) -> None:
                                 f"bfloat16 only")
 
 
+@contextlib.contextmanager
+def cudnn_limits(implementation: str):
+    """JAX's cuDNN attention refuses the shapes it has no kernel for (a head dim over 256 or not
+    a multiple of 8, among others) with a NotImplementedError while tracing: the same limit as
+    has_kernel's, a NoKernel."""
+    try:
+        yield
+    except contract.NoKernel:
+        raise
+    except NotImplementedError as e:
+        if implementation != "cudnn":
+            raise
+        raise contract.NoKernel(f"cuDNN attention (JAX) has no kernel for these inputs: {e}") \
+            from e
+
+
 def _register_attention(name, implementation, **extra):
     """The public call takes and returns the suite's layout, converting around the op; the bench
     times the op in its own layout, converted outside the timed call (registry.Layout), as a JAX
@@ -90,13 +106,15 @@ def _register_attention(name, implementation, **extra):
     def run(q, k, v, causal=False, scale=None):
         dims = contract.attention_args(q, k, v, causal, scale, "jax")
         has_kernel(implementation, q.dtype)
-        return _attention(q, k, v, dims.causal, dims.scale, implementation)
+        with cudnn_limits(implementation):
+            return _attention(q, k, v, dims.causal, dims.scale, implementation)
 
     def native(q, k, v, causal=False, scale=None):
         # the contract's checks on the suite's view of the arrays (shapes only, under jit)
         dims = contract.attention_args(_bsnd(q), _bsnd(k), _bsnd(v), causal, scale, "jax")
         has_kernel(implementation, q.dtype)
-        return _attention_bsnd(q, k, v, dims.causal, dims.scale, implementation)
+        with cudnn_limits(implementation):
+            return _attention_bsnd(q, k, v, dims.causal, dims.scale, implementation)
 
     registry.register("attention", name, framework="jax", kind="stock", reset=jax.clear_caches,
                       layout=registry.Layout(native, _bsnd, _bsnd, "q, k, v, out [B, S, heads, D]"),

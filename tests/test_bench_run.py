@@ -354,6 +354,22 @@ def test_targets_first_moves_what_the_targets_read_ahead(tmp_path):
     assert collected[0] == "matmul/1024x1024x1024-bfloat16/pallas" and len(first) == 120
 
 
+def test_a_profiled_run_profiles_the_jax_implementations_first(tmp_path):
+    """--profile: JAX's benchmarks before torch's (a torch.profiler session may keep CUPTI from
+    JAX's profiler, JAX's timer on a GPU, for the rest of the process), each part in the plan's
+    order."""
+    impls = ["pallas", "torch", "triton", "xla"]
+    proc = _bench(tmp_path, "prof", "--collect-only", "--profile", "--ops=matmul",
+                  f"--impls={','.join(impls)}", "--tier=smoke", "--dtypes=fp32")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    collected = [line.split("[", 1)[1].rstrip("]") for line in proc.stdout.splitlines()
+                 if line.startswith("tests/bench/test_bench.py::test_bench[")]
+    planned = [b.id for b in plan(["matmul"], impls, "smoke", ["float32"], ["fwd"])]
+    jax_first = [i for i in planned if i.endswith(("/pallas", "/xla"))]
+    assert collected == jax_first + [i for i in planned if i not in jax_first]
+    assert len(jax_first) == len(planned) // 2
+
+
 def test_a_bad_option_stops_the_run_as_a_usage_error(tmp_path):
     """End to end, once: pytest's usage-error exit (4), the message, no traceback."""
     proc = _bench(tmp_path, "bad", "--ops=matmul", "--tier=huge")

@@ -96,3 +96,20 @@ def test_jax_cudnn_attention_refuses_float32_as_a_missing_kernel():
     for dtype in ("float16", "bfloat16"):
         stock_xla.has_kernel("cudnn", jnp.dtype(dtype))
     stock_xla.has_kernel("xla", jnp.dtype("float32"))
+
+
+def test_jax_cudnn_attention_refuses_a_shape_as_a_missing_kernel():
+    """JAX's cuDNN attention refuses a head dim that is not a multiple of 8 (the D=1 case here)
+    with a NotImplementedError while tracing, which a GPU only shows: xla_cudnn names it a missing
+    kernel (skipped), as it does float32; the XLA one's NotImplementedError stays a failure."""
+    from kernels import contract, stock_xla
+
+    refusal = "The head dim must be <= 256 and a multiple of 8, but got 1."
+    with pytest.raises(contract.NoKernel, match=r"^cuDNN attention \(JAX\) has no kernel for "
+                                                  r"these inputs: The head dim must be"):
+        with stock_xla.cudnn_limits("cudnn"):
+            raise NotImplementedError(refusal)
+    with pytest.raises(NotImplementedError) as raised:
+        with stock_xla.cudnn_limits("xla"):
+            raise NotImplementedError(refusal)
+    assert not isinstance(raised.value, contract.NoKernel)
