@@ -278,6 +278,14 @@ class RunState:
     def add(self, record: dict) -> None:
         if self.worker:  # benchmarks on several workers overlap in time: the timeline keeps
             record["worker"] = self.worker  # each worker's on tracks of its own
+        timed = [(p["start_ns"], p["end_ns"]) for p in record.get("phases") or []
+                 if p["name"] in ("timed", "retime")]
+        if timed and self.sampler.source == "nvml":  # on a GPU: what the one reading missed
+            from harness import env
+
+            record["flags"] = guards.with_samples(record.get("flags") or [],
+                                                  self.sampler.during(timed),
+                                                  env.nvml_info().get("sm_clock_max_mhz"))
         results.append(self.path, record)
 
     def finish(self) -> None:

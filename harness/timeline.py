@@ -183,6 +183,14 @@ class Sampler:
             self._sample()
         self._sample()  # the state at stop
 
+    def during(self, windows: list[tuple[int, int]]) -> dict[str, list[float]]:
+        """Each counter's values sampled inside any of the (start_ns, end_ns) windows."""
+        values = defaultdict(list)
+        for t, name, value in list(self.samples):  # a copy: the thread appends meanwhile
+            if any(start <= t <= end for start, end in windows):
+                values[name].append(value)
+        return dict(values)
+
     def summary(self) -> dict:
         """min/max per counter and whether throttling was ever seen."""
         values = defaultdict(list)
