@@ -379,7 +379,10 @@ class Session:
             rec.update(status="skipped", reason=disabled[b.impl])
             return None
         impl = registry.get(b.op, b.impl)
-        rec.update(framework=impl.framework, kind=impl.kind, backend=impl.backend)
+        # interpreted: the Triton interpreter or Pallas' interpret mode, whose times say nothing
+        # about the kernel (the reports mark them and leave them out of the kernels' geomeans)
+        rec.update(framework=impl.framework, kind=impl.kind, backend=impl.backend,
+                   interpreted="interpreted" in impl.tags)
         if impl.layout is not None:
             rec["timed_layout"] = impl.layout.name
         if "tpu" in impl.tags and not env.jax_device().startswith("tpu"):

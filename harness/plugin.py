@@ -339,13 +339,13 @@ def _print_table(terminalreporter, config) -> None:
     # the whole run's, as make summary prints them: a resumed run's too, and under xdist the
     # workers'
     path = results.run_dir(config.getoption("run_id")) / "results.jsonl"
-    records = results.load(path, missing_ok=True)
+    records, dropped = results.for_reports(path)
     if not records:
         return
     from harness.summary import table
 
     terminalreporter.section("kernel benchmarks")
-    terminalreporter.write_line(table(records))
+    terminalreporter.write_line(table(records, dropped))
     terminalreporter.write_line(f"records: {path}")
 
 

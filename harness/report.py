@@ -30,6 +30,7 @@ from urllib.parse import quote
 from harness import compare, memory, results, targets, timing
 from harness import cases as cases_mod
 from harness import peaks as peaks_mod
+from harness import summary
 from harness.summary import _fmt, _fmt_time
 
 CANDIDATE_KINDS = ("hand", "plugin")  # measured against the best stock op of the same benchmark
@@ -79,8 +80,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def _num(x, spec: str) -> Cell:
-    return Cell(_fmt(x, spec), x)
+def _num(x, spec: str, unit: str = "") -> Cell:
+    return Cell(_fmt(x, spec) + (unit if x is not None else ""), x)
 
 
 def _si(x: float | None, unit: str) -> str:
@@ -199,6 +200,7 @@ class Run:
     env: dict
     peaks: dict | None
     out: Path | None = None  # where the report goes (links are relative to it): default `dir`
+    dropped: int = 0  # records of a benchmark recorded again later in the file (not shown)
 
     @property
     def report_dir(self) -> Path:
@@ -226,27 +228,8 @@ def _load_env(run_dir: Path) -> dict:
 
 
 def load_run(run_dir: Path) -> Run:
-    records = results.load(run_dir / "results.jsonl")
-    for r in records:
-        _recount(r)
-    return Run(run_dir, records, _load_env(run_dir), peaks_mod.load(run_dir))
-
-
-def _recount(r: dict) -> None:
-    """The record's FLOPs and bytes by today's count (harness.cases), and its TFLOP/s and GB/s
-    with them: a run recorded before a count was corrected (the conv2d and attention byte
-    floors) is judged as a new one would be; what it recorded is kept under `recorded_counts`."""
-    if not r.get("dims"):
-        return
-    case, mode = cases_mod.Case(r["op"], r["case"], r["dims"]), r.get("mode", "fwd")
-    counts = {"flops": cases_mod.flops(case, mode),
-              "bytes": cases_mod.min_bytes(case, r["dtype"], mode)}
-    if all(r.get(k) == v for k, v in counts.items()):
-        return
-    r["recorded_counts"] = {k: r.get(k) for k in counts}
-    r.update(counts)
-    if r.get("median_s"):
-        r.update(cases_mod.rates(counts["flops"], counts["bytes"], r["median_s"]))
+    records, dropped = results.for_reports(run_dir / "results.jsonl")
+    return Run(run_dir, records, _load_env(run_dir), peaks_mod.load(run_dir), dropped=dropped)
 
 
 def _benchmark(r: dict) -> tuple:
@@ -425,36 +408,46 @@ def _err_cell(r: dict) -> Cell:
     return Cell(f"{err:.2e} / {_fmt(budget, '.2e')}", err / budget if budget else None)
 
 
-RECORD_HEADERS = ["case", "dtype", "mode", "impl", "kind", "status", "median", "host per call",
-                  "TFLOP/s", "GB/s",
+RECORD_HEADERS = ["case", "dtype", "mode", "impl", "kind", "status", "median", "spread", "reps",
+                  "timed by", "host per call", "TFLOP/s", "GB/s",
                   "% roofline", "speedup vs best stock", "peak mem", "cold compile",
                   "warm compile", "rel err / budget", "flags / autotuned config / reason",
                   "trace"]
 
 
-def _record_row(r: dict, run: Run, best_stock: dict) -> list[Cell]:
+def _peak_cell(r: dict) -> Cell:
+    """Peak memory; a lower bound (a process's RSS growth, XLA:CPU's buffer plan) says so."""
+    cell = _bytes(r.get("peak_bytes"))
+    if r.get("peak_bytes") is not None and r.get("peak_method") in LOWER_BOUND_METHODS:
+        return Cell(f">= {cell.text}", cell.sort)
+    return cell
+
+
+def _record_row(r: dict, run: Run, best_stock: dict, on_device: bool) -> list[Cell]:
+    """One record; a failed one keeps its time (a wrong result is timed) but no rates."""
+    ok = r["status"] == "ok"
     best = best_stock.get(_benchmark(r))
     speedup = (best / r["median_s"] if best and r.get("kind") in CANDIDATE_KINDS
-               and r["status"] == "ok" and r.get("median_s") else None)
-    note = r.get("reason") if r["status"] != "ok" else " ".join(
-        (r.get("flags") or []) + timing.caveats(r.get("timing_method"))
+               and ok and r.get("median_s") else None)
+    note = r.get("reason") if not ok else " ".join(
+        summary.notes(r, on_device)
         + ([f"timed in layout {r['timed_layout']};"] if r.get("timed_layout") else [])
         + [f"{kernel.strip('_')}: {config};" for kernel, config in
            (r.get("autotuned") or {}).items()])
+    spread = r.get("spread")
     return [Cell(r["case"]), Cell(r["dtype"]), Cell(r.get("mode", "fwd")), Cell(r["impl"]),
             Cell(r.get("kind") or "-"), Cell(r["status"]), _time(r.get("median_s")),
-            _time(r.get("host_s")), _num(r.get("tflops"), ".3g"), _num(r.get("gbps"), ".3g"),
+            _num(None if spread is None else 100 * spread, ".0f", "%"),
+            _num(r.get("reps"), "d"), Cell(r.get("timing_method") or "-"),
+            _time(r.get("host_s")), _num(r.get("tflops") if ok else None, ".3g"),
+            _num(r.get("gbps") if ok else None, ".3g"),
             _num(_roofline_pct(r, run.peaks), ".1f"), _times(speedup),
-            _bytes(r.get("peak_bytes")), _time(r.get("compile_cold_s")), _warm_cell(r),
+            _peak_cell(r), _time(r.get("compile_cold_s")), _warm_cell(r),
             _err_cell(r), Cell(note or ""), _trace_cell(run, r)]
 
 
 def _warm_cell(r: dict) -> Cell:
-    """Warm compile time; "(N built)" when the warm call compiled kernels no earlier benchmark
-    of its implementation had (N files added to the disk caches): partly a cold compile."""
-    built = r.get("compile_warm_built")
-    cell = _time(r.get("compile_warm_s"))
-    return Cell(f"{cell.text} ({built} built)", cell.sort) if built else cell
+    return Cell(summary.warm_text(r), r.get("compile_warm_s"))
 
 
 def op_section(op: str, run: Run) -> Section:
@@ -473,8 +466,9 @@ def op_section(op: str, run: Run) -> Section:
     if not run.peaks:
         blocks.append("no measured ceilings in this run (no peaks.json): no roofline drawn, "
                       "no % of roofline (python -m harness.peaks RUN_DIR measures them)")
-    best = _best_stock(records)
-    blocks.append(Table(RECORD_HEADERS, [_record_row(r, run, best) for r in records]))
+    best, on_device = _best_stock(records), timing.device_timed(run.records)
+    blocks.append(Table(RECORD_HEADERS, [_record_row(r, run, best, on_device)
+                                         for r in records]))
     return Section(op, f"op-{op}", blocks)
 
 
@@ -501,29 +495,46 @@ def kernels_section(run: Run) -> Section:
     roofline."""
     best = _best_stock(run.records)
     groups: dict[tuple, list[dict]] = defaultdict(list)
+    interpreted = 0
     for r in _ok(run.records):
         if r.get("kind") in CANDIDATE_KINDS and _benchmark(r) in best:
+            if r.get("interpreted"):
+                interpreted += 1
+                continue
             groups[(_op_family(r), r.get("mode", "fwd"), r["dtype"], r["impl"])].append(r)
+    left_out = (f"records of kernels run in an interpreter here (the Triton interpreter, "
+                f"Pallas' interpret mode) left out, their times saying nothing about the "
+                f"kernels: {interpreted}." if interpreted else "")
     if not groups:
-        return Section("Hand-written kernels vs the best stock", "kernels",
-                       ["no hand-written kernel and stock op measured on the same benchmark"])
+        return Section("Hand-written kernels vs the best stock", "kernels", [
+            f"no hand-written kernel outside an interpreter measured beside a stock op: {left_out}"
+            if interpreted else
+            "no hand-written kernel and stock op measured on the same benchmark"])
     on_device = timing.device_timed(run.records)
+    stock_flagged = {_benchmark(r) for r in _ok(run.records) if r.get("kind") == "stock"
+                     and r.get("flags") and best.get(_benchmark(r)) == r["median_s"]}
     rows = []
     for (op, mode, dtype, impl), recs in sorted(groups.items()):
         ratios = [best[_benchmark(r)] / r["median_s"] for r in recs]
         roof = [x for x in (_roofline_pct(r, run.peaks) for r in recs) if x is not None]
         host = sum(on_device and timing.timed_by(r, timing.HOST_CLOCK_METHOD) for r in recs)
+        flagged = sum(bool(r.get("flags")) or _benchmark(r) in stock_flagged for r in recs)
         rows.append([Cell(op), Cell(mode), Cell(dtype), Cell(impl), Cell(str(len(recs))),
                      _num(100 * statistics.geometric_mean(ratios), ".1f"),
                      _num(100 * min(ratios), ".1f"), _num(100 * max(ratios), ".1f"),
-                     _num(statistics.mean(roof) if roof else None, ".1f"), Cell(str(host))])
+                     _num(statistics.mean(roof) if roof else None, ".1f"), Cell(str(host)),
+                     Cell(str(flagged))])
     return Section("Hand-written kernels vs the best stock", "kernels", [
         "Throughput as a percentage of the fastest stock implementation of the same case, dtype "
         "and mode (geometric mean, worst and best case), and the mean share of the measured "
         "roofline. On a GPU, a case timed on the host clock (a JAX kernel its profile could "
-        "not time) holds its dispatch: its percentage is a lower bound.",
+        "not time) holds its dispatch: its percentage is a lower bound. Flagged: cases where a "
+        "measurement guard flagged the kernel's record or the best stock one's (throttling, a "
+        "low clock, a shared GPU; the records' notes say which): measured under another clock "
+        "than a clean case. "
+        + left_out,
         Table(["op", "mode", "dtype", "impl", "cases", "% of best stock (geomean)", "worst %",
-               "best %", "% roofline (mean)", "host-clock cases"], rows)])
+               "best %", "% roofline (mean)", "host-clock cases", "flagged cases"], rows)])
 
 
 NOISE_MIN_S = targets.NOISE_MIN_S  # below this, launch and clock jitter dominate any timer
@@ -542,12 +553,12 @@ def noise_section(run: Run) -> Section:
         if changes:
             rows.append([Cell(label), Cell(str(len(changes))),
                          _num(statistics.median(changes), ".2f"), _num(changes[0], ".2f"),
-                         Cell(str(sum(c > 2 for c in changes)))])
+                         Cell(str(sum(c >= 2 for c in changes)))])
     worst = twice[0]
     return Section("Harness noise", "noise", [
         "The same benchmark timed twice in this run, with its memory measurement in between: "
         "|second median / first - 1|.",
-        Table(["benchmarks", "count", "median |change| %", "max |change| %", "over 2%"], rows),
+        Table(["benchmarks", "count", "median |change| %", "max |change| %", "2% or more"], rows),
         f"largest: {worst['op']} {worst['case']} {worst['dtype']} {worst.get('mode', 'fwd')} "
         f"{worst['impl']} ({100 * worst['again_change']:+.2f}%)"])
 
@@ -741,6 +752,9 @@ def environment_section(run: Run) -> Section:
              if env.get("telemetry") else "- (no telemetry recorded)"),
             ("flags on records", ", ".join(f"{f}: {n}" for f, n in sorted(flags.items()))
              or "none"),
+            ("records written twice", "earlier records of a benchmark recorded again later in "
+             f"results.jsonl, left out (the last of each is shown): {run.dropped}"
+             if run.dropped else "none"),
             ("measured ceilings", _peaks_text(run.peaks)),
             ("FLOP and byte counts", _recounted_text(recs))]
     return Section("Environment", "environment",

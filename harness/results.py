@@ -12,6 +12,8 @@ import time
 import uuid
 from pathlib import Path
 
+from harness import cases as cases_mod
+
 _ROOT = Path(__file__).resolve().parent.parent
 REPORTS = Path(os.environ.get("KERNELS_REPORTS", _ROOT / "reports"))
 PROFILES = Path(os.environ.get("KERNELS_PROFILES", _ROOT / "profiles"))
@@ -86,3 +88,37 @@ def load(path: Path, missing_ok: bool = False) -> list[dict]:
 def record_key(r: dict) -> str:
     mode = r.get("mode", "fwd")
     return f"{r['op']}/{r['impl']}/{r['case']}-{r['dtype']}" + ("" if mode == "fwd" else f"-{mode}")
+
+
+def recount(r: dict) -> None:
+    """The record's FLOPs and bytes by today's count (harness.cases), and its TFLOP/s and GB/s
+    with them: a run recorded before a count was corrected (the conv2d and attention byte
+    floors) is judged as a new one would be; what it recorded is kept under `recorded_counts`."""
+    if not r.get("dims"):
+        return
+    case, mode = cases_mod.Case(r["op"], r["case"], r["dims"]), r.get("mode", "fwd")
+    counts = {"flops": cases_mod.flops(case, mode),
+              "bytes": cases_mod.min_bytes(case, r["dtype"], mode)}
+    if all(r.get(k) == v for k, v in counts.items()):
+        return
+    r["recorded_counts"] = {k: r.get(k) for k in counts}
+    r.update(counts)
+    if r.get("median_s"):
+        r.update(cases_mod.rates(counts["flops"], counts["bytes"], r["median_s"]))
+
+
+def last_of_each(records: list[dict]) -> tuple[list[dict], int]:
+    """One record per benchmark, the last one written (results.jsonl files concatenated from
+    runs that overlap hold some twice: each would otherwise count in every geomean and the
+    best of two would be taken), and how many earlier ones were dropped."""
+    last = {record_key(r): r for r in records}
+    return [r for r in records if last[record_key(r)] is r], len(records) - len(last)
+
+
+def for_reports(path: Path) -> tuple[list[dict], int]:
+    """A run's records as the reports read them: counted by today's FLOP and byte counts, one
+    per benchmark (last_of_each: the duplicates dropped are counted)."""
+    records, dropped = last_of_each(load(path, missing_ok=True))
+    for r in records:
+        recount(r)
+    return records, dropped

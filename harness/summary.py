@@ -30,12 +30,32 @@ def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
-def table(records: list[dict]) -> str:
-    """Per case: each implementation's median, host time per call (GPU), TFLOP/s, percent of the
-    best, error, compile time."""
-    head = f"  {'impl':<16}{'status':<9}{'median':>11}{'host/call':>11}{'TFLOP/s':>10}" \
-           f"{'% best':>8}" \
-           f"{'rel err':>10}{'cold':>10}{'warm':>10}  note"
+def notes(r: dict, on_device: bool) -> list[str]:
+    """What a reader must know before trusting an ok record's figures: the measurement guards'
+    flags (throttling, a low clock, a shared GPU), the timing method's caveats, a host-clock
+    time in a run whose others are device times (dispatch included: not comparable with them),
+    and a kernel run in an interpreter (its time says nothing about the kernel)."""
+    host = on_device and timing.timed_by(r, timing.HOST_CLOCK_METHOD)
+    return ((r.get("flags") or []) + timing.caveats(r.get("timing_method"))
+            + (["timing:host_clock"] if host else [])
+            + (["interpreted"] if r.get("interpreted") else []))
+
+
+def warm_text(r: dict) -> str:
+    """Warm compile time; "(N built)" when the warm call compiled kernels no earlier benchmark
+    of its implementation had (N files added to the disk caches): partly a cold compile."""
+    built = r.get("compile_warm_built")
+    return _fmt_time(r.get("compile_warm_s")) + (f" ({built} built)" if built else "")
+
+
+def table(records: list[dict], dropped: int = 0) -> str:
+    """Per case: each implementation's median and its spread (p20 to p80 over the median), host
+    time per call (GPU), TFLOP/s, percent of the best, error, compile time. A failed record's
+    time is shown (a wrong result is timed), its rates are not."""
+    head = f"  {'impl':<16}{'status':<9}{'median':>11}{'spread':>8}{'host/call':>11}" \
+           f"{'TFLOP/s':>10}{'% best':>8}" \
+           f"{'rel err':>10}{'cold':>10}{'warm':>14}  note"
+    on_device = timing.device_timed(records)
     lines = []
 
     def group(r):
@@ -49,17 +69,22 @@ def table(records: list[dict]) -> str:
         lines.append(f"{op} {case} {dtype}" + ("" if mode == "fwd" else f" {mode}"))
         lines.append(head)
         for r in rows:
-            pct = 100 * r["tflops"] / best if best and r["status"] == "ok" else None
-            note = r["reason"] if r["status"] != "ok" else " ".join(
-                (r.get("flags") or []) + timing.caveats(r.get("timing_method")))
+            ok = r["status"] == "ok"
+            pct = 100 * r["tflops"] / best if best and ok else None
+            spread = 100 * r["spread"] if r.get("spread") is not None else None
+            note = " ".join(notes(r, on_device)) if ok else r["reason"]
             lines.append(f"  {r['impl']:<16}{r['status']:<9}{_fmt_time(r['median_s']):>11}"
-                         f"{_fmt_time(r.get('host_s')):>11}{_fmt(r['tflops'], '.3g'):>10}"
-                         f"{_fmt(pct, '.0f'):>8}"
+                         f"{_fmt(spread, '.0f') + ('%' if spread is not None else ''):>8}"
+                         f"{_fmt_time(r.get('host_s')):>11}"
+                         f"{_fmt(r['tflops'] if ok else None, '.3g'):>10}"
+                         f"{_fmt(pct, '.1f'):>8}"
                          f"{_fmt(r['rel_err'], '.2e'):>10}{_fmt_time(r['compile_cold_s']):>10}"
-                         f"{_fmt_time(r['compile_warm_s']):>10}  {note[:90]}")
+                         f"{warm_text(r):>14}  {note[:90]}")
         lines.append("")
     counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "failed", "skipped")}
-    lines.append(f"{len(records)} records: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    lines.append(f"{len(records)} records: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+                 + (f"; earlier records of a benchmark recorded again later, left out: {dropped}"
+                    if dropped else ""))
     return "\n".join(lines)
 
 
@@ -69,7 +94,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ref = argv[0] if argv else None
     path = Path(ref) if ref and Path(ref).is_file() else report.resolve(ref) / "results.jsonl"
-    print(table(results.load(path)))
+    print(table(*results.for_reports(path)))
 
 
 if __name__ == "__main__":

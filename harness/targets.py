@@ -132,8 +132,16 @@ def vs_stock(records, target: str, op: str, impl: str, stock: str, threshold_pct
                    "%", f"{len(pct)} cases; worst {worst} {pct[worst]:.1f}%, best {best} "
                         f"{pct[best]:.1f}%" + (
                             f"; {len(host)} of them timed on the host clock against {stock}'s "
-                            "device time, dispatch included (a lower bound)" if host else ""),
+                            "device time, dispatch included (a lower bound)" if host else "")
+                        + _flagged_text([(ok[c], theirs[c]) for c in pct]),
                    failed, absent)
+
+
+def _flagged_text(compared: list[tuple[dict, ...]]) -> str:
+    """How many of the compared cases a measurement guard flagged (throttling, a low clock, a
+    shared GPU) in any of their records: those were measured under other clocks than the rest."""
+    flagged = sum(any(r.get("flags") for r in records) for records in compared)
+    return f"; {flagged} of them flagged (throttled, low clock or shared)" if flagged else ""
 
 
 def ahead_on_a_class(records, target: str, op: str, impl: str, stock: str,
@@ -158,7 +166,8 @@ def ahead_on_a_class(records, target: str, op: str, impl: str, stock: str,
     best = max(pct, key=pct.get)
     return Verdict(target, impl, pct[best], ">", 100.0, "%", f"best class {best}; " + "; ".join(
         f"{k} {pct[k]:.1f}% ({len(classes[k])} layer{'s' * (len(classes[k]) > 1)})"
-        for k in sorted(pct)), failed, absent)
+        for k in sorted(pct)) + _flagged_text([(ok[c], theirs[c]) for c in judged]),
+                   failed, absent)
 
 
 def throughput(records, target: str, op: str, impl: str, threshold_tflops: float,
@@ -174,7 +183,8 @@ def throughput(records, target: str, op: str, impl: str, threshold_tflops: float
     above = sum(t >= threshold_tflops for t in tflops.values())
     return Verdict(target, impl, min(tflops.values()), ">=", threshold_tflops, "TFLOP/s",
                    f"{above} of {len(tflops)} cases at or above; "
-                   + ", ".join(f"{c} {tflops[c]:.0f}" for c in sorted(tflops)), failed, absent)
+                   + ", ".join(f"{c} {tflops[c]:.0f}" for c in sorted(tflops))
+                   + _flagged_text([(mine[c],) for c in tflops]), failed, absent)
 
 
 def backward_over_forward(records, target: str, op: str, impl: str, limit: float) -> Verdict:
@@ -196,7 +206,8 @@ def backward_over_forward(records, target: str, op: str, impl: str, limit: float
     worst, best = max(ratio, key=ratio.get), min(ratio, key=ratio.get)
     return Verdict(target, impl, ratio[worst], "<=", limit, "x",
                    f"{len(ratio)} cases; worst {worst} {ratio[worst]:.2f}x, best {best} "
-                   f"{ratio[best]:.2f}x", failed, absent)
+                   f"{ratio[best]:.2f}x" + _flagged_text([(ok_fwd[c], ok_bwd[c]) for c in ratio]),
+                   failed, absent)
 
 
 def retimed(records: list[dict], min_s: float = 0.0) -> list[dict]:

@@ -1161,7 +1161,8 @@ def test_an_in_process_timeout_keeps_the_time_it_took(tmp_path, monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels are compiled on a GPU")
 def test_interpreted_kernels_have_no_memory_figure(tmp_path):
     """Off a GPU the hand-written Triton and Pallas kernels run in interpreters: their records
-    say so instead of giving the interpreter's memory as the kernel's; stock ops are measured."""
+    say so (`interpreted`, which the reports show and keep out of the kernels' geomeans) instead
+    of giving the interpreter's memory as the kernel's; stock ops are measured."""
     from harness import bench
     from harness.cases import cases
 
@@ -1173,8 +1174,10 @@ def test_interpreted_kernels_have_no_memory_figure(tmp_path):
         assert rec["status"] == "ok", rec["reason"]
         assert (rec["peak_bytes"], rec["peak_method"]) == (None, bench.INTERPRETED_MEMORY)
         assert "memory" not in {p["name"] for p in rec["phases"]}
+        assert rec["interpreted"] is True
     rec, _ = session.run(bench.Bench("matmul", "xla", case, "float32"))
     assert "interpreted" not in registry.get("matmul", "xla").tags
+    assert rec["interpreted"] is False
     assert rec["peak_bytes"] > 0 and rec["peak_method"].startswith(memory.XLA_METHOD)
 
 

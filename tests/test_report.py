@@ -225,7 +225,7 @@ def test_a_resumed_runs_telemetry_is_its_last_commands(synthetic_run):
     assert "throttling not seen" in environment and "throttled:power: 4" in environment
 
 
-def test_a_run_is_judged_by_todays_flop_and_byte_counts(tmp_path):
+def test_a_run_is_judged_by_todays_flop_and_byte_counts(tmp_path, capsys):
     """A record made before a count was corrected (the conv2d byte floor, in the 2026-11-23 H100
     baseline: its 1x1 stride-2 shortcut read as 3.13 TB/s, over the copy ceiling) gets today's
     bytes and GB/s in the report, which says so; what it recorded is kept."""
@@ -249,6 +249,15 @@ def test_a_run_is_judged_by_todays_flop_and_byte_counts(tmp_path):
     assert "recorded_counts" not in matmul
     env = report.environment_section(run)
     assert "1 of 2 records held other counts (bytes)" in report.render_markdown("t", [env])
+    # make summary reads the run as the report does: a FLOP count corrected since shows there too
+    from harness import summary
+
+    results.append(run_dir / "results.jsonl", {**current, "case": "u", "flops": 1,
+                                               "median_s": 2e-6, "tflops": 5e-7})
+    summary.main([str(run_dir)])
+    lines = capsys.readouterr().out.splitlines()
+    row = lines[lines.index("matmul u float32") + 2]
+    assert row.split()[6] == "6.4e-05"  # 2 * 4^3 FLOPs in 2 us, not the recorded 5e-07
 
 
 def test_peaks_give_a_roofline(synthetic_run):
@@ -464,6 +473,94 @@ def test_kernels_vs_best_stock_and_noise_sections():
         "t", [report.noise_section(empty)])
 
 
+def test_kernels_section_leaves_out_interpreted_kernels_and_counts_flagged_cases():
+    """A kernel run in an interpreter (Triton's, Pallas' interpret mode) is timed, but its time
+    says nothing about the kernel: no share of the best stock. A case counts as flagged when
+    the kernel's record or the best stock one's was (the slower stock's flags do not count)."""
+    recs = [_record("matmul", "torch", "torch", "stock", "a", 1e9, "bfloat16", 1e-3),
+            _record("matmul", "xla", "jax", "stock", "a", 1e9, "bfloat16", 2e-3,
+                    flags=["throttled:power"]),
+            _record("matmul", "triton", "torch", "hand", "a", 1e9, "bfloat16", 2e-3),
+            _record("matmul", "torch", "torch", "stock", "b", 1e9, "bfloat16", 1e-3,
+                    flags=["low_clock:1485/1980"]),
+            _record("matmul", "triton", "torch", "hand", "b", 1e9, "bfloat16", 1e-3),
+            _record("matmul", "torch", "torch", "stock", "c", 1e9, "bfloat16", 1e-3),
+            _record("matmul", "triton", "torch", "hand", "c", 1e9, "bfloat16", 1e-3,
+                    flags=["throttled:power"]),
+            _record("matmul", "pallas", "jax", "hand", "a", 1e9, "bfloat16", 80e-3,
+                    interpreted=True)]
+    section = report.kernels_section(report.Run(Path("unused"), recs, {}, None))
+    table = section.blocks[1]
+    (row,) = table.rows  # no pallas row
+    column = {h: c.text for h, c in zip(table.headers, row)}
+    assert column["impl"] == "triton" and column["cases"] == "3"
+    assert column["flagged cases"] == "2"  # b (its best stock) and c (its own); not a
+    assert section.blocks[0].endswith("records of kernels run in an interpreter here (the Triton "
+                                      "interpreter, Pallas' interpret mode) left out, their "
+                                      "times saying nothing about the kernels: 1.")
+    alone = report.kernels_section(report.Run(Path("unused"), [recs[0], recs[-1]], {}, None))
+    assert alone.blocks[0].startswith("no hand-written kernel outside an interpreter measured "
+                                      "beside a stock op: records of kernels run in an "
+                                      "interpreter here")
+
+
+def test_record_notes_say_what_limits_a_figure():
+    """The end-of-run table and the report's records say, beside a figure: a host-clock time in
+    a run timed on the device, a kernel run in an interpreter, the guards' flags; the report
+    adds the spread, the repetitions, the timing method, and a lower-bound memory figure."""
+    from harness import summary
+
+    device = _record("matmul", "torch", "torch", "stock", "a", 1e9, "bfloat16", 1e-3,
+                     timing_method="cuda_events+l2_flush+gated", spread=0.123)
+    host = _record("matmul", "xla", "jax", "stock", "a", 1e9, "bfloat16", 150e-6,
+                   timing_method="perf_counter+block_until_ready+l2_flush",
+                   flags=["throttled:power"], peak_method=memory.XLA_CPU_PLAN)
+    interpreted = _record("matmul", "triton", "torch", "hand", "a", 1e9, "bfloat16", 9e-2,
+                          interpreted=True, timing_method="perf_counter")
+    assert summary.notes(host, on_device=True) == ["throttled:power", "timing:host_clock"]
+    assert summary.notes(host, on_device=False) == ["throttled:power"]  # all on the host: alike
+    assert summary.notes(interpreted, on_device=False) == ["interpreted"]
+    text = summary.table([device, host, interpreted])
+    line = next(x for x in text.splitlines() if x.split()[:1] == ["xla"])
+    assert line.endswith("throttled:power timing:host_clock")
+    assert next(x for x in text.splitlines() if x.split()[:1] == ["torch"]).split()[4] == "12%"
+    run = report.Run(Path("unused"), [device, host, interpreted], {}, None)
+    table = report.op_section("matmul", run).blocks[-1]
+    rows = {r[3].text: {h: c.text for h, c in zip(table.headers, r)} for r in table.rows}
+    assert rows["torch"]["spread"] == "12%" and rows["torch"]["reps"] == "10"
+    assert rows["torch"]["timed by"] == "cuda_events+l2_flush+gated"
+    assert rows["xla"]["peak mem"] == ">= 1 kB" and rows["torch"]["peak mem"] == "2 kB"
+    assert "timing:host_clock" in rows["xla"]["flags / autotuned config / reason"]
+    assert "interpreted" in rows["triton"]["flags / autotuned config / reason"]
+
+
+def test_a_benchmark_recorded_twice_counts_once_the_last_time(tmp_path, capsys):
+    """results.jsonl files concatenated from runs that overlap: the report and the summary keep
+    the last record of each benchmark, say how many they left out, and every figure (best
+    stock, geomeans) sees one record per benchmark."""
+    from harness import summary
+
+    first = _record("matmul", "torch", "torch", "stock", "a", 1e9, "bfloat16", 1e-3)
+    again = _record("matmul", "torch", "torch", "stock", "a", 1e9, "bfloat16", 2e-3)
+    kernel = _record("matmul", "triton", "torch", "hand", "a", 1e9, "bfloat16", 2e-3)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for rec in (first, kernel, again):
+        results.append(run_dir / "results.jsonl", rec)
+    run = report.load_run(run_dir)
+    assert [r["median_s"] for r in run.records] == [2e-3, 2e-3] and run.dropped == 1
+    env = report.render_markdown("t", [report.environment_section(run)])
+    assert "recorded again later in results.jsonl, left out (the last of each is shown): 1" in env
+    kernels = report.render_markdown("t", [report.kernels_section(run)])
+    row = next(line for line in kernels.splitlines() if "| triton |" in line)
+    assert row.split("|")[6].strip() == "100.0"  # against the last torch record, not the best
+    summary.main([str(run_dir)])
+    out = capsys.readouterr().out
+    assert ("2 records: 2 ok, 0 failed, 0 skipped; earlier records of a benchmark recorded "
+            "again later, left out: 1") in out
+    assert out.count("  torch ") == 1
+
+
 def _phases(start_s: float, *steps: tuple[str, float]) -> list[dict]:
     out, t = [], start_s
     for name, seconds in steps:
@@ -550,7 +647,9 @@ def test_a_wrong_result_keeps_its_time_but_no_share_of_the_best_or_roofline():
                     status="failed", reason="wrong result: relative error 0.9 over budget 0.01")
     lines = summary.table([wrong, ok]).splitlines()
     assert [line.split()[:2] for line in lines[2:4]] == [["torch", "ok"], ["pallas", "failed"]]
-    assert lines[2].split()[6] == "100" and lines[3].split()[6] == "-"
+    # median (2 tokens), spread, host/call, TFLOP/s, % best: its rates are not the failed one's
+    assert lines[2].split()[4:8] == ["2%", "-", "0.5", "100.0"]
+    assert lines[3].split()[4:8] == ["2%", "-", "-", "-"]
     assert report._roofline_pct(ok, FAKE_PEAKS) is not None
     assert report._roofline_pct(wrong, FAKE_PEAKS) is None
 

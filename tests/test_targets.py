@@ -181,8 +181,23 @@ def test_a_host_timed_kernel_against_device_timed_stock_is_said_to_be_a_lower_bo
     assert v.reached == pytest.approx(50.0)
     assert "3 of them timed on the host clock against torch's device time" in v.detail
     section = report.kernels_section(report.Run(Path("u"), runs, {}, None))
-    (row,) = section.blocks[1].rows
-    assert [row[3].text, row[-1].text] == ["pallas", "3"]
+    table = section.blocks[1]
+    (row,) = table.rows
+    column = dict(zip(table.headers, row))
+    assert [column["impl"].text, column["host-clock cases"].text] == ["pallas", "3"]
+
+
+def test_a_target_counts_the_cases_measured_under_a_guards_flag():
+    """A throttled or low-clock record (either side of a comparison) was measured at other
+    clocks than the rest: each target's figure says how many of its cases hold one."""
+    runs = [rec("matmul", "torch", c, 1e-3, flags=["throttled:power"] if i == 0 else [])
+            for i, c in enumerate(MATMUL)]
+    runs += [rec("matmul", "triton", c, 1e-3, flags=["low_clock:1485/1980"] if i < 2 else [])
+             for i, c in enumerate(MATMUL)]
+    v = the(targets.judge(runs, None), "matmul at >= 95%", "triton")
+    assert v.detail.endswith("; 2 of them flagged (throttled, low clock or shared)")
+    clean = [{**r, "flags": []} for r in runs]
+    assert "flagged" not in the(targets.judge(clean, None), "matmul at >= 95%", "triton").detail
 
 
 def test_tier_time_counts_the_standard_tiers_benchmarks_only():
