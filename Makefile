@@ -49,6 +49,7 @@ endif
 
 # the reports root, as harness.results has it (KERNELS_REPORTS moves it, e.g. in the tests)
 REPORTS := $(or $(KERNELS_REPORTS),reports)
+PROFILES := $(or $(KERNELS_PROFILES),profiles)
 RUN_DIR := $(REPORTS)/runs/$(RUN)
 # ISOLATE=1: hand-written kernels run in a worker process too (plugins always do; ISOLATE=0: none)
 # (any other value goes to pytest as it is, which refuses it)
@@ -233,7 +234,7 @@ define gpu_pack
 	rm -rf $(GPU_STAGE) && mkdir -p $(GPU_STAGE)
 	for d in $(REPORTS)/runs/$(GPU_RUN) $(REPORTS)/runs/$(GPU_RUN)-profile; do \
 		[ ! -d $$d ] || cp -r $$d $(GPU_STAGE)/; done
-	[ ! -d profiles/$(GPU_RUN)-profile ] || cp -r profiles/$(GPU_RUN)-profile $(GPU_STAGE)/traces
+	[ ! -d $(PROFILES)/$(GPU_RUN)-profile ] || cp -r $(PROFILES)/$(GPU_RUN)-profile $(GPU_STAGE)/traces
 	tar czf $(OUT)/run.tar.gz -C $(GPU_STAGE) .
 endef
 

@@ -35,7 +35,6 @@ HOPPER_ONLY = ("a Hopper GPU kernel, benchmarked on one only: elsewhere it runs 
                "interpreter, whose timings say nothing about the kernel (the tests check its "
                "results there)")
 # An interpreted kernel's memory (numpy arrays, XLA's emulation buffers) is not the kernel's.
-INTERPRETED_MEMORY = "not measured: the kernel runs in an interpreter here"
 
 
 @dataclass(frozen=True)
@@ -454,7 +453,7 @@ class Session:
         rec["flags"] = guards.flags()
         cold_s, warm_s = first.compile_times(t.median_s)
         if "interpreted" in impl.tags:
-            peak, peak_method = None, INTERPRETED_MEMORY
+            peak, peak_method = None, memory.INTERPRETED
         else:
             with timing.phase(phases, "memory"):
                 peak, peak_method = memory.peak_bytes(calls.timed, impl.framework, ON_CUDA,

@@ -79,8 +79,8 @@ def command(argv: list[str]) -> str:
     saw pytest's own __main__.py path, quoted as the shell needs (a --shapes list, say)."""
     head, *args = argv
     if os.path.basename(head) == "__main__.py" and "pytest" in head:
-        head = f"{sys.executable} -m pytest"
-    return " ".join([head, *map(shlex.quote, args)])
+        return shlex.join([sys.executable, "-m", "pytest", *args])
+    return shlex.join([head, *args])
 
 
 def jax_device() -> str:

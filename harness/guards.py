@@ -6,8 +6,7 @@ Each flag is a short string stored in the record's `flags` and shown in tables a
   throttled:while_timed                a sample during the timing saw them held down (power,
                                        thermal or another slowdown), the reading after did not
   gpu_shared:N                         N other processes have a context on this GPU
-  low_clock:S/M                        SM clock S MHz, under 80% of its maximum M (the lowest of
-                                       the reading after and the samples during the timing)
+  low_clock:S/M                        SM clock S MHz, under 80% of its maximum M
   guards_unavailable:E                 a GPU is here but NVML could not be read (error E)
 Without a GPU (NVML absent) there is nothing to guard and the list is empty.
 
@@ -65,20 +64,19 @@ def flags() -> list[str]:
     return out
 
 
-def with_samples(flags: list[str], sampled: dict[str, list[float]],
-                 sm_max: float | None) -> list[str]:
+def flagged(record: dict) -> bool:
+    """Whether a guard flagged the record: its figures were measured under other conditions
+    than a clean record's (or ones NVML could not tell)."""
+    return bool(record.get("flags"))
+
+
+def with_samples(flags: list[str], sampled: dict[str, list[float]]) -> list[str]:
     """`flags` (the reading after the timing) with what the telemetry sampled during it adds: a
-    throttle or a low clock that had ended by the time of that one reading."""
-    out = list(flags)
-    if any(sampled.get("throttled", [])) and not any(f.startswith("throttled:") for f in out):
-        out.append("throttled:while_timed")
-    clocks = sampled.get("sm_clock_mhz", [])
-    if clocks and sm_max and min(clocks) < LOW_CLOCK * sm_max:
-        out = [f for f in out if not f.startswith("low_clock:")]
-        low = min([min(clocks)] + [float(f.split(":")[1].split("/")[0]) for f in flags
-                                    if f.startswith("low_clock:")])
-        out.append(f"low_clock:{low:.0f}/{sm_max:.0f}")
-    return out
+    throttle that had ended by the time of that one reading. (Not a low clock: a sample taken
+    while the GPU sat idle, as it does while a JAX profile is read, shows the idle clock.)"""
+    if any(sampled.get("throttled", [])) and not any(f.startswith("throttled:") for f in flags):
+        return [*flags, "throttled:while_timed"]
+    return list(flags)
 
 
 def _readings(pynvml, h) -> list[str]:

@@ -206,7 +206,7 @@ def _bench_item(item):
     return getattr(item, "callspec", None) and item.callspec.params.get("bench_item")
 
 
-def _profiled_by_jax(item) -> bool:
+def _jax_framework(item) -> bool:
     from kernels import registry
 
     b = _bench_item(item)
@@ -216,16 +216,15 @@ def _profiled_by_jax(item) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """--resume: benchmarks whose record the run already holds are deselected. --profile: the
-    JAX implementations' benchmarks first, since JAX's timer on a GPU is its profiler: CUDA before
-    13.2 (the H100 machine's 13.0) lets one CUPTI subscriber in at a time, and torch.profiler's
-    (Kineto's) may hold its subscription for the rest of the process, where the JAX profile would
-    see no kernels and fall back to the host clock. --targets-first: the benchmarks the targets
-    read move ahead of the others. Each part keeps its own order."""
+    """--resume: benchmarks whose record the run already holds are deselected. --targets-first:
+    the benchmarks the targets read move ahead of the others. --profile: the JAX
+    implementations' benchmarks before all others (the targets' order within each part), since
+    JAX's timer on a GPU is its profiler: CUDA before 13.2 (the H100 machine's 13.0) lets one
+    CUPTI subscriber in at a time, and torch.profiler's (Kineto's) may hold its subscription for
+    the rest of the process, where the JAX profile would see no kernels and fall back to the
+    host clock. Each part keeps its own order."""
     if config.getoption("resume"):
         _deselect_recorded(config, items)
-    if config.getoption("profile"):
-        items.sort(key=lambda item: not _profiled_by_jax(item))  # stable
     if config.getoption("targets_first"):
         from harness import targets
 
@@ -234,6 +233,8 @@ def pytest_collection_modifyitems(config, items):
             return b is None or not targets.read_by_targets(b.op, b.impl, b.case, b.dtype, b.mode)
 
         items.sort(key=later)  # stable
+    if config.getoption("profile"):
+        items.sort(key=lambda item: not _jax_framework(item))  # stable
 
 
 def _deselect_recorded(config, items) -> None:
@@ -278,14 +279,12 @@ class RunState:
     def add(self, record: dict) -> None:
         if self.worker:  # benchmarks on several workers overlap in time: the timeline keeps
             record["worker"] = self.worker  # each worker's on tracks of its own
+        # the timing of median_s (not a retime's, after the memory and trace steps)
         timed = [(p["start_ns"], p["end_ns"]) for p in record.get("phases") or []
-                 if p["name"] in ("timed", "retime")]
+                 if p["name"] == "timed"]
         if timed and self.sampler.source == "nvml":  # on a GPU: what the one reading missed
-            from harness import env
-
             record["flags"] = guards.with_samples(record.get("flags") or [],
-                                                  self.sampler.during(timed),
-                                                  env.nvml_info().get("sm_clock_max_mhz"))
+                                                  self.sampler.during(timed))
         results.append(self.path, record)
 
     def finish(self) -> None:
@@ -339,7 +338,7 @@ def _print_table(terminalreporter, config) -> None:
     # the whole run's, as make summary prints them: a resumed run's too, and under xdist the
     # workers'
     path = results.run_dir(config.getoption("run_id")) / "results.jsonl"
-    records, dropped = results.for_reports(path)
+    records, dropped = results.for_reports(path, missing_ok=True)
     if not records:
         return
     from harness.summary import table

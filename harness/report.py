@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from harness import compare, memory, results, targets, timing
-from harness import cases as cases_mod
+from harness import compare, guards, memory, results, targets, timing
 from harness import peaks as peaks_mod
 from harness import summary
 from harness.summary import _fmt, _fmt_time
@@ -262,8 +261,10 @@ def ceiling_tflops(peaks: dict | None, dtype: str, intensity: float) -> float | 
 
 
 def _roofline_pct(r: dict, peaks: dict | None) -> float | None:
-    """Achieved over attainable TFLOP/s, for an ok record (a wrong result is timed too)."""
-    if r["status"] != "ok" or r.get("tflops") is None or not r.get("bytes"):
+    """Achieved over attainable TFLOP/s, for an ok record (a wrong result is timed too) of a
+    kernel not run in an interpreter."""
+    if (r["status"] != "ok" or r.get("tflops") is None or not r.get("bytes")
+            or summary.interpreted(r)):
         return None
     ceiling = ceiling_tflops(peaks, r["dtype"], r["flops"] / r["bytes"])
     return 100 * r["tflops"] / ceiling if ceiling else None
@@ -428,7 +429,7 @@ def _record_row(r: dict, run: Run, best_stock: dict, on_device: bool) -> list[Ce
     ok = r["status"] == "ok"
     best = best_stock.get(_benchmark(r))
     speedup = (best / r["median_s"] if best and r.get("kind") in CANDIDATE_KINDS
-               and ok and r.get("median_s") else None)
+               and ok and r.get("median_s") and not summary.interpreted(r) else None)
     note = r.get("reason") if not ok else " ".join(
         summary.notes(r, on_device)
         + ([f"timed in layout {r['timed_layout']};"] if r.get("timed_layout") else [])
@@ -498,7 +499,7 @@ def kernels_section(run: Run) -> Section:
     interpreted = 0
     for r in _ok(run.records):
         if r.get("kind") in CANDIDATE_KINDS and _benchmark(r) in best:
-            if r.get("interpreted"):
+            if summary.interpreted(r):
                 interpreted += 1
                 continue
             groups[(_op_family(r), r.get("mode", "fwd"), r["dtype"], r["impl"])].append(r)
@@ -512,13 +513,13 @@ def kernels_section(run: Run) -> Section:
             "no hand-written kernel and stock op measured on the same benchmark"])
     on_device = timing.device_timed(run.records)
     stock_flagged = {_benchmark(r) for r in _ok(run.records) if r.get("kind") == "stock"
-                     and r.get("flags") and best.get(_benchmark(r)) == r["median_s"]}
+                     and guards.flagged(r) and best.get(_benchmark(r)) == r["median_s"]}
     rows = []
     for (op, mode, dtype, impl), recs in sorted(groups.items()):
         ratios = [best[_benchmark(r)] / r["median_s"] for r in recs]
         roof = [x for x in (_roofline_pct(r, run.peaks) for r in recs) if x is not None]
         host = sum(on_device and timing.timed_by(r, timing.HOST_CLOCK_METHOD) for r in recs)
-        flagged = sum(bool(r.get("flags")) or _benchmark(r) in stock_flagged for r in recs)
+        flagged = sum(guards.flagged(r) or _benchmark(r) in stock_flagged for r in recs)
         rows.append([Cell(op), Cell(mode), Cell(dtype), Cell(impl), Cell(str(len(recs))),
                      _num(100 * statistics.geometric_mean(ratios), ".1f"),
                      _num(100 * min(ratios), ".1f"), _num(100 * max(ratios), ".1f"),
@@ -530,9 +531,8 @@ def kernels_section(run: Run) -> Section:
         "roofline. On a GPU, a case timed on the host clock (a JAX kernel its profile could "
         "not time) holds its dispatch: its percentage is a lower bound. Flagged: cases where a "
         "measurement guard flagged the kernel's record or the best stock one's (throttling, a "
-        "low clock, a shared GPU; the records' notes say which): measured under another clock "
-        "than a clean case. "
-        + left_out,
+        "low clock, a shared GPU, or NVML unreadable; the records' notes say which)."
+        + (f" {left_out}" if left_out else ""),
         Table(["op", "mode", "dtype", "impl", "cases", "% of best stock (geomean)", "worst %",
                "best %", "% roofline (mean)", "host-clock cases", "flagged cases"], rows)])
 

@@ -115,10 +115,10 @@ def last_of_each(records: list[dict]) -> tuple[list[dict], int]:
     return [r for r in records if last[record_key(r)] is r], len(records) - len(last)
 
 
-def for_reports(path: Path) -> tuple[list[dict], int]:
+def for_reports(path: Path, missing_ok: bool = False) -> tuple[list[dict], int]:
     """A run's records as the reports read them: counted by today's FLOP and byte counts, one
     per benchmark (last_of_each: the duplicates dropped are counted)."""
-    records, dropped = last_of_each(load(path, missing_ok=True))
+    records, dropped = last_of_each(load(path, missing_ok=missing_ok))
     for r in records:
         recount(r)
     return records, dropped

@@ -11,7 +11,7 @@ import sys
 from itertools import groupby
 from pathlib import Path
 
-from harness import results, timing
+from harness import memory, results, timing
 
 
 def _fmt_time(s):
@@ -30,6 +30,13 @@ def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def interpreted(r: dict) -> bool:
+    """Whether the record's kernel ran in an interpreter (the Triton interpreter, Pallas'
+    interpret mode): its time says nothing about the kernel. Records made before the field
+    existed say so by their memory method."""
+    return bool(r.get("interpreted")) or r.get("peak_method") == memory.INTERPRETED
+
+
 def notes(r: dict, on_device: bool) -> list[str]:
     """What a reader must know before trusting an ok record's figures: the measurement guards'
     flags (throttling, a low clock, a shared GPU), the timing method's caveats, a host-clock
@@ -38,7 +45,7 @@ def notes(r: dict, on_device: bool) -> list[str]:
     host = on_device and timing.timed_by(r, timing.HOST_CLOCK_METHOD)
     return ((r.get("flags") or []) + timing.caveats(r.get("timing_method"))
             + (["timing:host_clock"] if host else [])
-            + (["interpreted"] if r.get("interpreted") else []))
+            + (["interpreted"] if interpreted(r) else []))
 
 
 def warm_text(r: dict) -> str:
@@ -54,7 +61,7 @@ def table(records: list[dict], dropped: int = 0) -> str:
     time is shown (a wrong result is timed), its rates are not."""
     head = f"  {'impl':<16}{'status':<9}{'median':>11}{'spread':>8}{'host/call':>11}" \
            f"{'TFLOP/s':>10}{'% best':>8}" \
-           f"{'rel err':>10}{'cold':>10}{'warm':>14}  note"
+           f"{'rel err':>10}{'cold':>10}{'warm':>19}  note"
     on_device = timing.device_timed(records)
     lines = []
 
@@ -79,7 +86,7 @@ def table(records: list[dict], dropped: int = 0) -> str:
                          f"{_fmt(r['tflops'] if ok else None, '.3g'):>10}"
                          f"{_fmt(pct, '.1f'):>8}"
                          f"{_fmt(r['rel_err'], '.2e'):>10}{_fmt_time(r['compile_cold_s']):>10}"
-                         f"{warm_text(r):>14}  {note[:90]}")
+                         f"{warm_text(r):>19}  {note[:90]}")
         lines.append("")
     counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "failed", "skipped")}
     lines.append(f"{len(records)} records: " + ", ".join(f"{n} {s}" for s, n in counts.items())

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from harness import cases as cases_mod
-from harness import timing
+from harness import guards, timing
 
 DTYPE = "bfloat16"
 NOISE_MIN_S = 100e-6  # the noise target is for kernels over 100 us
@@ -138,10 +138,10 @@ def vs_stock(records, target: str, op: str, impl: str, stock: str, threshold_pct
 
 
 def _flagged_text(compared: list[tuple[dict, ...]]) -> str:
-    """How many of the compared cases a measurement guard flagged (throttling, a low clock, a
-    shared GPU) in any of their records: those were measured under other clocks than the rest."""
-    flagged = sum(any(r.get("flags") for r in records) for records in compared)
-    return f"; {flagged} of them flagged (throttled, low clock or shared)" if flagged else ""
+    """How many of the compared cases a measurement guard flagged in any of their records."""
+    flagged = sum(any(guards.flagged(r) for r in records) for records in compared)
+    return (f"; {flagged} of them flagged by a measurement guard (throttled, low clock, shared "
+            "GPU or NVML unreadable)" if flagged else "")
 
 
 def ahead_on_a_class(records, target: str, op: str, impl: str, stock: str,

@@ -16,6 +16,7 @@ counter track per sampled counter, with its unit. Open the file in ui.perfetto.d
 """
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import defaultdict
@@ -184,10 +185,15 @@ class Sampler:
         self._sample()  # the state at stop
 
     def during(self, windows: list[tuple[int, int]]) -> dict[str, list[float]]:
-        """Each counter's values sampled inside any of the (start_ns, end_ns) windows."""
+        """Each counter's values sampled inside any of the (start_ns, end_ns) windows. The
+        samples are in time order: each window is found by bisection, not by a scan of the
+        whole run's (the thread may append meanwhile: `taken` bounds the search)."""
+        samples, taken = self.samples, len(self.samples)
         values = defaultdict(list)
-        for t, name, value in list(self.samples):  # a copy: the thread appends meanwhile
-            if any(start <= t <= end for start, end in windows):
+        for start, end in windows:
+            first = bisect.bisect_left(samples, start, hi=taken, key=lambda s: s[0])
+            last = bisect.bisect_right(samples, end, lo=first, hi=taken, key=lambda s: s[0])
+            for _, name, value in samples[first:last]:
                 values[name].append(value)
         return dict(values)
 

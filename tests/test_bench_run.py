@@ -368,6 +368,15 @@ def test_a_profiled_run_profiles_the_jax_implementations_first(tmp_path):
     jax_first = [i for i in planned if i.endswith(("/pallas", "/xla"))]
     assert collected == jax_first + [i for i in planned if i not in jax_first]
     assert len(jax_first) == len(planned) // 2
+    # with --targets-first too: still every JAX benchmark first, the targets' first in each part
+    proc = _bench(tmp_path, "prof2", "--collect-only", "--profile", "--targets-first",
+                  "--ops=matmul", f"--impls={','.join(impls)}", "--tier=standard",
+                  "--dtypes=bf16")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    collected = [line.split("[", 1)[1].rstrip("]") for line in proc.stdout.splitlines()
+                 if line.startswith("tests/bench/test_bench.py::test_bench[")]
+    is_jax = [i.endswith(("/pallas", "/xla")) for i in collected]
+    assert is_jax == sorted(is_jax, reverse=True) and any(is_jax) and not all(is_jax)
 
 
 def test_a_bad_option_stops_the_run_as_a_usage_error(tmp_path):

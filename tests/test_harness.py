@@ -708,40 +708,41 @@ def test_guards_read_the_gpu_named_by_uuid_and_say_when_nvml_fails(monkeypatch):
     assert guards.flags() == []  # no GPU: nothing to guard
 
 
-def test_telemetry_sampled_while_timed_adds_what_the_reading_after_missed(tmp_path,
-                                                                          monkeypatch):
-    """The guards read NVML once, after the timing; a throttle or a low clock that ended before
-    that reading shows in the run's telemetry samples taken during the timing, and the record
-    gets its flag when it is written (samples outside the timed phases do not count)."""
-    from harness import env, guards, plugin
+def test_telemetry_sampled_while_timed_adds_what_the_reading_after_missed(tmp_path):
+    """The guards read NVML once, after the timing; a throttle that ended before that reading
+    shows in the run's telemetry samples taken during the timing, and the record gets its flag
+    when it is written (samples outside the timed phase, a retime's among them, do not count)."""
+    from harness import guards, plugin
     from harness.timeline import Sampler
 
-    assert guards.with_samples([], {"throttled": [0.0, 1.0], "sm_clock_mhz": [1980, 1700]},
-                               1980) == ["throttled:while_timed"]
-    assert guards.with_samples(["throttled:power"], {"throttled": [1.0]}, 1980) == [
+    assert guards.with_samples([], {"throttled": [0.0, 1.0]}) == ["throttled:while_timed"]
+    assert guards.with_samples(["throttled:power"], {"throttled": [1.0]}) == [
         "throttled:power"]  # the reading after already says it, with its reason
-    assert guards.with_samples(["low_clock:1500/1980"], {"sm_clock_mhz": [1980, 1400]},
-                               1980) == ["low_clock:1400/1980"]  # the lowest of both
-    assert guards.with_samples([], {"sm_clock_mhz": [1600]}, 1980) == []  # over 80%
-    assert guards.with_samples([], {}, None) == []
+    assert guards.with_samples(["low_clock:1500/1980"], {"throttled": [0.0]}) == [
+        "low_clock:1500/1980"]
+    assert guards.with_samples([], {}) == []
 
     sampler = Sampler()
     sampler.source = "nvml"
     sampler.samples = [(100, "throttled", 1.0), (100, "sm_clock_mhz", 1000.0),  # before
-                       (250, "throttled", 0.0), (250, "sm_clock_mhz", 1400.0),  # timed
+                       (250, "throttled", 0.0), (250, "sm_clock_mhz", 1980.0),  # timed
+                       (300, "throttled", 1.0),  # timed, at its end
                        (450, "throttled", 1.0),  # the memory phase, after
-                       (650, "sm_clock_mhz", 1980.0)]  # retime
-    assert sampler.during([(200, 300), (600, 700)]) == {"throttled": [0.0],
-                                                        "sm_clock_mhz": [1400.0, 1980.0]}
+                       (650, "throttled", 1.0)]  # retime
+    assert sampler.during([(200, 300)]) == {"throttled": [0.0, 1.0], "sm_clock_mhz": [1980.0]}
+    assert sampler.during([(200, 260), (600, 700)]) == {"throttled": [0.0, 1.0],
+                                                        "sm_clock_mhz": [1980.0]}
+    assert sampler.during([(700, 800)]) == {}
     state = plugin.RunState.__new__(plugin.RunState)
     state.path, state.worker, state.sampler = tmp_path / "results.jsonl", None, sampler
-    monkeypatch.setattr(env, "nvml_info", lambda: {"sm_clock_max_mhz": 1980})
-    phases = [{"name": "timed", "start_ns": 200, "end_ns": 300},
+    phases = [{"name": "timed", "start_ns": 200, "end_ns": 260},
               {"name": "memory", "start_ns": 400, "end_ns": 500},
               {"name": "retime", "start_ns": 600, "end_ns": 700}]
     state.add({"op": "matmul", "flags": [], "phases": phases})
+    state.add({"op": "matmul", "flags": [], "phases": [{**phases[0], "end_ns": 300}]})
     state.add({"op": "matmul", "status": "skipped", "phases": []})
-    assert [r.get("flags") for r in results.load(state.path)] == [["low_clock:1400/1980"], None]
+    assert [r.get("flags") for r in results.load(state.path)] == [
+        [], ["throttled:while_timed"], None]
 
 
 def test_a_warm_only_call_counts_the_compile_cache_files_it_built(tmp_path, monkeypatch):
@@ -1172,7 +1173,7 @@ def test_interpreted_kernels_have_no_memory_figure(tmp_path):
         assert "interpreted" in registry.get("matmul", name).tags
         rec, _ = session.run(bench.Bench("matmul", name, case, "float32"))
         assert rec["status"] == "ok", rec["reason"]
-        assert (rec["peak_bytes"], rec["peak_method"]) == (None, bench.INTERPRETED_MEMORY)
+        assert (rec["peak_bytes"], rec["peak_method"]) == (None, memory.INTERPRETED)
         assert "memory" not in {p["name"] for p in rec["phases"]}
         assert rec["interpreted"] is True
     rec, _ = session.run(bench.Bench("matmul", "xla", case, "float32"))

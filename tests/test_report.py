@@ -532,6 +532,15 @@ def test_record_notes_say_what_limits_a_figure():
     assert rows["xla"]["peak mem"] == ">= 1 kB" and rows["torch"]["peak mem"] == "2 kB"
     assert "timing:host_clock" in rows["xla"]["flags / autotuned config / reason"]
     assert "interpreted" in rows["triton"]["flags / autotuned config / reason"]
+    # an interpreted kernel's time gives it no speedup over the stock op and no roofline share
+    run = report.Run(Path("unused"), [device, host, interpreted], {}, FAKE_PEAKS)
+    table = report.op_section("matmul", run).blocks[-1]
+    rows = {r[3].text: {h: c.text for h, c in zip(table.headers, r)} for r in table.rows}
+    assert rows["triton"]["speedup vs best stock"] == rows["triton"]["% roofline"] == "-"
+    assert rows["torch"]["% roofline"] != "-"
+    # a record made before the field existed says so by its memory method
+    older = {k: v for k, v in interpreted.items() if k != "interpreted"}
+    assert summary.notes({**older, "peak_method": memory.INTERPRETED}, False) == ["interpreted"]
 
 
 def test_a_benchmark_recorded_twice_counts_once_the_last_time(tmp_path, capsys):

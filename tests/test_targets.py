@@ -195,7 +195,8 @@ def test_a_target_counts_the_cases_measured_under_a_guards_flag():
     runs += [rec("matmul", "triton", c, 1e-3, flags=["low_clock:1485/1980"] if i < 2 else [])
              for i, c in enumerate(MATMUL)]
     v = the(targets.judge(runs, None), "matmul at >= 95%", "triton")
-    assert v.detail.endswith("; 2 of them flagged (throttled, low clock or shared)")
+    assert v.detail.endswith("; 2 of them flagged by a measurement guard (throttled, low clock, "
+                             "shared GPU or NVML unreadable)")
     clean = [{**r, "flags": []} for r in runs]
     assert "flagged" not in the(targets.judge(clean, None), "matmul at >= 95%", "triton").detail
 
