@@ -98,18 +98,35 @@ def test_jax_cudnn_attention_refuses_float32_as_a_missing_kernel():
     stock_xla.has_kernel("xla", jnp.dtype("float32"))
 
 
-def test_jax_cudnn_attention_refuses_a_shape_as_a_missing_kernel():
+def test_jax_cudnn_attention_refuses_a_shape_as_a_missing_kernel(monkeypatch):
     """JAX's cuDNN attention refuses a head dim that is not a multiple of 8 (the D=1 case here)
-    with a NotImplementedError while tracing, which a GPU only shows: xla_cudnn names it a missing
-    kernel (skipped), as it does float32; the XLA one's NotImplementedError stays a failure."""
+    with a NotImplementedError while tracing, which a GPU only shows: xla_cudnn's call and its
+    timed native-layout call (registered on a GPU only: built here as the GPU builds them, the
+    refusal simulated) name it a missing kernel, skipped, as float32 is; the XLA one's
+    NotImplementedError stays a failure."""
+    import jax.numpy as jnp
+
     from kernels import contract, stock_xla
 
-    refusal = "The head dim must be <= 256 and a multiple of 8, but got 1."
-    with pytest.raises(contract.NoKernel, match=r"^cuDNN attention \(JAX\) has no kernel for "
-                                                  r"these inputs: The head dim must be"):
-        with stock_xla.cudnn_limits("cudnn"):
-            raise NotImplementedError(refusal)
-    with pytest.raises(NotImplementedError) as raised:
-        with stock_xla.cudnn_limits("xla"):
-            raise NotImplementedError(refusal)
-    assert not isinstance(raised.value, contract.NoKernel)
+    built = {}
+
+    def capture(op, name, **extra):
+        return lambda run: built.setdefault(name, (run, extra["layout"].fn))
+
+    def refuses(*args):
+        raise NotImplementedError("The head dim must be <= 256 and a multiple of 8, but got 1.")
+
+    monkeypatch.setattr(stock_xla.registry, "register", capture)
+    monkeypatch.setattr(stock_xla, "_attention", refuses)
+    monkeypatch.setattr(stock_xla, "_attention_bsnd", refuses)
+    stock_xla._register_attention("probe_cudnn", "cudnn")
+    stock_xla._register_attention("probe_xla", "xla")
+    q = jnp.ones((1, 1, 1, 1), jnp.float16)
+    for call in built["probe_cudnn"]:
+        with pytest.raises(contract.NoKernel, match=r"^cuDNN attention \(JAX\) has no kernel "
+                                                      r"for these inputs: The head dim must be"):
+            call(q, q, q)
+    for call in built["probe_xla"]:
+        with pytest.raises(NotImplementedError) as raised:
+            call(q, q, q)
+        assert not isinstance(raised.value, contract.NoKernel)
