@@ -286,3 +286,70 @@ def test_workers_without_a_run_id_record_into_one_run(tmp_path):
     for path in envs:
         env = json.loads(path.read_text())
         assert env["command"] == f"{sys.executable} -m pytest " + shlex.join(cmd[3:])
+
+
+def test_each_framework_has_its_own_worker_and_jax_its_own_on_a_gpu(monkeypatch):
+    """A worker serves one framework; on a GPU every JAX implementation runs in the JAX worker
+    (its memory pool never shrinks, and its GPU timer is its profiler), unless isolation is
+    none; off a GPU the isolation setting alone decides."""
+    from harness import runner as runner_mod
+    from harness.bench import Bench
+    from harness.cases import cases
+
+    case = cases("matmul", "smoke")[0]
+
+    def placed(isolation, on_cuda):
+        monkeypatch.setattr(runner_mod, "ON_CUDA", on_cuda)
+        r = runner_mod.Runner(object(), isolation)
+        return {i: r.worker_for(Bench("matmul", i, case, "float32"))
+                for i in ("torch", "triton", "xla", "pallas")}
+
+    assert placed("plugins", False) == dict.fromkeys(("torch", "triton", "xla", "pallas"))
+    assert placed("all", False) == {"torch": None, "triton": "torch", "xla": None,
+                                    "pallas": "jax"}
+    assert placed("plugins", True) == {"torch": None, "triton": None, "xla": "jax",
+                                       "pallas": "jax"}
+    assert placed("all", True) == {"torch": None, "triton": "torch", "xla": "jax",
+                                   "pallas": "jax"}
+    assert set(placed("none", True).values()) == {None}
+
+
+def test_a_torch_benchmark_out_of_memory_beside_the_jax_worker_runs_again_without_it(
+        monkeypatch):
+    """On a GPU, a torch benchmark that ran out of memory while the JAX worker (and its pool)
+    lived is run again once that worker is stopped; the record keeps the first reason. Without
+    a JAX worker, or for another failure, the failure stands."""
+    from harness import runner as runner_mod
+    from harness.bench import Bench
+    from harness.cases import cases
+
+    monkeypatch.setattr(runner_mod, "ON_CUDA", True)
+    oom = ("OutOfMemoryError: CUDA out of memory. Tried to allocate 16.00 GiB. GPU 0 has a "
+           "total capacity of 79.18 GiB of which 15.93 GiB is free.")
+
+    class Session:
+        def __init__(self, *reasons):
+            self.reasons = list(reasons)
+
+        def run(self, b):
+            reason = self.reasons.pop(0)
+            return {"status": "failed" if reason else "ok", "reason": reason}, None
+
+    class Worker:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    b = Bench("matmul", "torch", cases("matmul", "smoke")[0], "float32")
+    runner, worker = runner_mod.Runner(Session(oom, ""), "plugins"), Worker()
+    runner._workers["jax"] = worker
+    record, _ = runner.run(b)
+    assert record["status"] == "ok" and worker.closed and "jax" not in runner._workers
+    assert record["retried_after"].startswith(oom) and "JAX worker" in record["retried_after"]
+    for session, workers in ((Session(oom), {}), (Session("RuntimeError: boom"),
+                                                   {"jax": Worker()})):
+        runner = runner_mod.Runner(session, "plugins")
+        runner._workers.update(workers)
+        record, _ = runner.run(b)
+        assert record["status"] == "failed" and "retried_after" not in record
