@@ -23,6 +23,26 @@ LOW_CLOCK = 0.8
 # This run's own processes beside this one and its parent: the benchmark workers (harness.worker),
 # whose idle CUDA contexts are not another user of the GPU.
 own_processes: set[int] = set()
+# The process that runs this run's benchmarks and starts its workers: this one, or in a worker
+# its parent (harness.worker sets it). Its children, the workers (one per framework), are its
+# own: a worker's sibling is no other user of the GPU either.
+run_process: int | None = None
+
+
+def _parent(pid: int) -> int | None:
+    """A process's parent, from /proc/<pid>/stat; None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def ours(pid: int) -> bool:
+    """Whether a process on the GPU is this run's: this one, its parent, its workers, and a
+    worker's siblings."""
+    root = run_process or os.getpid()
+    return pid in {os.getpid(), os.getppid(), root, *own_processes} or _parent(pid) == root
 
 
 def nvml_handle():
@@ -87,8 +107,7 @@ def _readings(pynvml, h) -> list[str]:
         out.append("throttled:power")
     if reasons & reason_mask(pynvml, THERMAL_REASONS):
         out.append("throttled:thermal")
-    ours = {os.getpid(), os.getppid(), *own_processes}
-    others = [p for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h) if p.pid not in ours]
+    others = [p for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h) if not ours(p.pid)]
     if others:
         out.append(f"gpu_shared:{len(others)}")
     sm = pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)

@@ -4,16 +4,18 @@ Isolation: "plugins" (default) sends user plugins to a worker process; "all" als
 hand-written kernels (`ISOLATE=1`); "none" runs everything in-process. A worker serves one
 framework: torch's implementations and JAX's never share one. On a GPU (unless "none") every JAX
 implementation runs in the JAX worker: JAX's memory pool grows to the largest working set it
-has met and never gives memory back, so torch beside it in one process ran out of memory with
-the GPU mostly free to it (the 2026-11-23 H100 run: `torch_compile` attention at 16k tokens
-failed to allocate 16 GiB where the process held 63 GiB, 1.5 GiB of it torch's); apart, each
-framework has the card to itself while it runs, and JAX's profiler (its GPU timer) never meets
-a torch.profiler session. The two processes still share the card's memory, and the JAX
-worker's pool stays after its benchmarks: a torch benchmark that runs out of GPU memory while
-the JAX worker lives is run again, once, after that worker is stopped (its pool freed; the next
-JAX benchmark starts a fresh one), and its record keeps the first attempt's reason
-(`retried_after`). In-process benchmarks are bounded by SIGALRM, which ends a hang in Python
-code; a hang inside native code needs the worker, whose timeout kills the process.
+has met (up to its default cap, 75% of the card) and never gives memory back, so torch beside it
+in one process ran out of memory with the card's memory held by JAX (the 2026-11-23 H100 run:
+`torch_compile` attention at 16k tokens failed to allocate 16 GiB where the process held 63 GiB,
+3 GiB of it torch's); and JAX's profiler (its GPU timer) never meets a torch.profiler session
+in its process. The processes still share the card's memory, and the JAX worker's pool stays
+after its benchmarks: a torch benchmark that runs out of GPU memory while the JAX worker lives,
+asking for what would fit beside its own process's memory on an otherwise empty card, is run
+again, once, after that worker is stopped (its pool freed; the next JAX benchmark starts a fresh
+one, whose first benchmark of each implementation compiles cold again), and its record keeps the
+first attempt's reason (`retried_after`) and phases. In-process benchmarks are bounded by
+SIGALRM, which ends a hang in Python code; a hang inside native code needs the worker, whose
+timeout kills the process.
 
 A benchmark that poisons its process's CUDA context (harness.guards.cuda_context_error) costs a
 worker its life; in-process, where nothing can recover the context, the benchmarks after it that
@@ -26,6 +28,7 @@ without running, instead of each spending the whole timeout.
 """
 from __future__ import annotations
 
+import re
 import signal
 import time
 from contextlib import contextmanager
@@ -38,7 +41,22 @@ from kernels import ON_CUDA, registry
 ISOLATION = ("plugins", "all", "none")
 CONTEXT_LOST_EXIT = 75  # the Makefile's bench target resumes the run on this exit status
 HUNG_AFTER = 2
-OUT_OF_MEMORY = "out of memory"  # in torch's OutOfMemoryError, in XLA's RESOURCE_EXHAUSTED too
+OUT_OF_MEMORY = "out of memory"  # in torch's OutOfMemoryError ("CUDA out of memory. ...")
+_GIB = {"B": 2**-30, "KiB": 2**-20, "MiB": 2**-10, "GiB": 1.0, "TiB": 2**10}
+# torch's OutOfMemoryError: what it asked for, the card's size, what this process held
+_TORCH_OOM = re.compile(r"Tried to allocate ([\d.]+) (\w+)\. GPU \d+ has a total capacity of "
+                        r"([\d.]+) (\w+) of which [\d.]+ \w+ is free\. Including non-PyTorch "
+                        r"memory, this process has ([\d.]+) (\w+) memory in use")
+
+
+def _fits_without_others(reason: str) -> bool:
+    """Whether the allocation torch could not make would fit beside this process's own memory
+    on a card with no other process on it; True where the message does not say."""
+    m = _TORCH_OOM.search(reason)
+    if m is None or any(unit not in _GIB for unit in m.group(2, 4, 6)):
+        return True
+    asked, total, held = (float(m.group(i)) * _GIB[m.group(i + 1)] for i in (1, 3, 5))
+    return asked <= total - held
 
 
 @contextmanager
@@ -90,10 +108,12 @@ class Runner:
         record, timing = self._run(b)
         if self._jax_pool_in_the_way(b, record):
             self._workers.pop("jax").close()
-            first = record["reason"]
+            first = record
             record, timing = self._run(b)
-            record["retried_after"] = (f"{first}; run again after the JAX worker, whose memory "
-                                       "pool held the GPU's memory, was stopped")
+            record["retried_after"] = (f"{first['reason']}; run again after the JAX worker, "
+                                       "whose memory pool held the GPU's memory, was stopped")
+            # the first attempt's time stays in the run's breakdown
+            record["phases"] = (first.get("phases") or []) + (record.get("phases") or [])
         if record["status"] == "failed":
             _account_until_now(record, start_ns)
         if TIMED_OUT in record["reason"]:
@@ -101,10 +121,13 @@ class Runner:
         return record, timing
 
     def _jax_pool_in_the_way(self, b: Bench, record: dict) -> bool:
-        """Whether `b`, not a JAX benchmark, ran out of GPU memory while the JAX worker lived."""
-        return (ON_CUDA and record["status"] == "failed" and "jax" in self._workers
-                and OUT_OF_MEMORY in (record.get("reason") or "").lower()
-                and self.worker_for(b) != "jax")
+        """Whether `b`, not a JAX benchmark, ran out of GPU memory while the JAX worker lived,
+        asking for what would have fit without it (a CUDA context `b` lost ends the matter)."""
+        reason = record.get("reason") or ""
+        worker = self._workers.get("jax")
+        return (ON_CUDA and record["status"] == "failed" and worker is not None and worker.alive
+                and not record.get("context_lost") and OUT_OF_MEMORY in reason.lower()
+                and self.worker_for(b) != "jax" and _fits_without_others(reason))
 
     def _run(self, b: Bench):
         framework = self.worker_for(b)

@@ -41,11 +41,13 @@ def notes(r: dict, on_device: bool) -> list[str]:
     """What a reader must know before trusting an ok record's figures: the measurement guards'
     flags (throttling, a low clock, a shared GPU), the timing method's caveats, a host-clock
     time in a run whose others are device times (dispatch included: not comparable with them),
-    and a kernel run in an interpreter (its time says nothing about the kernel)."""
+    a kernel run in an interpreter (its time says nothing about the kernel), and a benchmark run
+    a second time after running out of memory beside the JAX worker (retried_after says why)."""
     host = on_device and timing.timed_by(r, timing.HOST_CLOCK_METHOD)
     return ((r.get("flags") or []) + timing.caveats(r.get("timing_method"))
             + (["timing:host_clock"] if host else [])
-            + (["interpreted"] if interpreted(r) else []))
+            + (["interpreted"] if interpreted(r) else [])
+            + (["retried:out_of_memory"] if r.get("retried_after") else []))
 
 
 def warm_text(r: dict) -> str:

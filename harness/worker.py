@@ -20,9 +20,13 @@ STARTUP_TIMEOUT_S = 300.0  # importing torch and jax, loading plugins: not the b
 
 
 def _serve(conn, settings: dict) -> None:
+    import os
+
     from harness import env
     from harness.bench import Session
     from kernels import registry
+
+    guards.run_process = os.getppid()  # the run's process: the other workers are its children
 
     # What the first benchmark would otherwise pay inside its timeout (5 s on the 2-core CPU
     # machine): the implementations, plugins included; the versions every record carries; and
@@ -107,6 +111,10 @@ class IsolatedRunner:
             self._kill()
             record["reason"] += "; its worker was retired, the next benchmark gets a fresh one"
         return record, timing
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
 
     def close(self) -> None:
         if self.proc is not None and self.proc.is_alive():

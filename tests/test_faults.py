@@ -317,39 +317,73 @@ def test_each_framework_has_its_own_worker_and_jax_its_own_on_a_gpu(monkeypatch)
 def test_a_torch_benchmark_out_of_memory_beside_the_jax_worker_runs_again_without_it(
         monkeypatch):
     """On a GPU, a torch benchmark that ran out of memory while the JAX worker (and its pool)
-    lived is run again once that worker is stopped; the record keeps the first reason. Without
-    a JAX worker, or for another failure, the failure stands."""
+    lived, asking for what would fit beside its own process on an empty card, is run again once
+    that worker is stopped; the record keeps the first reason and phases. No retry without a
+    live JAX worker, for an allocation larger than the card less its own memory, after a lost
+    CUDA context, or for another failure."""
     from harness import runner as runner_mod
     from harness.bench import Bench
     from harness.cases import cases
 
     monkeypatch.setattr(runner_mod, "ON_CUDA", True)
-    oom = ("OutOfMemoryError: CUDA out of memory. Tried to allocate 16.00 GiB. GPU 0 has a "
-           "total capacity of 79.18 GiB of which 15.93 GiB is free.")
+
+    def oom(asked_gib):
+        return (f"OutOfMemoryError: CUDA out of memory. Tried to allocate {asked_gib:.2f} GiB. "
+                "GPU 0 has a total capacity of 79.18 GiB of which 15.93 GiB is free. Including "
+                "non-PyTorch memory, this process has 4.00 GiB memory in use. Of the allocated "
+                "memory 1.50 GiB is allocated by PyTorch")
 
     class Session:
-        def __init__(self, *reasons):
-            self.reasons = list(reasons)
+        def __init__(self, *outcomes):
+            self.outcomes = list(outcomes)
 
         def run(self, b):
-            reason = self.reasons.pop(0)
-            return {"status": "failed" if reason else "ok", "reason": reason}, None
+            reason, extra = self.outcomes.pop(0)
+            return {"status": "failed" if reason else "ok", "reason": reason,
+                    "phases": [{"name": "setup", "start_ns": 1, "end_ns": 2}], **extra}, None
 
     class Worker:
-        closed = False
+        def __init__(self, alive=True):
+            self.alive, self.closed = alive, False
 
         def close(self):
             self.closed = True
 
     b = Bench("matmul", "torch", cases("matmul", "smoke")[0], "float32")
-    runner, worker = runner_mod.Runner(Session(oom, ""), "plugins"), Worker()
+    runner, worker = runner_mod.Runner(Session((oom(16), {}), ("", {})), "plugins"), Worker()
     runner._workers["jax"] = worker
     record, _ = runner.run(b)
     assert record["status"] == "ok" and worker.closed and "jax" not in runner._workers
-    assert record["retried_after"].startswith(oom) and "JAX worker" in record["retried_after"]
-    for session, workers in ((Session(oom), {}), (Session("RuntimeError: boom"),
-                                                   {"jax": Worker()})):
-        runner = runner_mod.Runner(session, "plugins")
+    assert record["retried_after"].startswith(oom(16))
+    assert "JAX worker" in record["retried_after"]
+    assert [p["name"] for p in record["phases"]] == ["setup", "setup"]
+    for first, workers in ((oom(16), {}), (oom(16), {"jax": Worker(alive=False)}),
+                           (oom(76), {"jax": Worker()}),  # over 79.18 - 4 GiB: never fits
+                           ("RuntimeError: boom", {"jax": Worker()})):
+        runner = runner_mod.Runner(Session((first, {}), ("", {})), "plugins")
         runner._workers.update(workers)
         record, _ = runner.run(b)
-        assert record["status"] == "failed" and "retried_after" not in record
+        assert record["status"] == "failed" and "retried_after" not in record, first
+    lost = runner_mod.Runner(Session((oom(16), {"context_lost": "AcceleratorError: x"}),
+                                     ("", {})), "plugins")
+    lost._workers["jax"] = Worker()
+    assert lost.run(b)[0]["status"] == "failed"
+
+
+def test_a_workers_siblings_are_the_runs_own_processes_on_the_gpu(monkeypatch):
+    """A worker (one per framework) sees its sibling's CUDA context on the GPU: a child of the
+    run's process like itself, not another user of the GPU (gpu_shared)."""
+    import os
+
+    from harness import guards
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert guards.ours(os.getpid()) and guards.ours(child.pid)  # this process's child
+        monkeypatch.setattr(guards, "run_process", os.getppid())  # as in a worker
+        assert not guards.ours(child.pid)  # a child of the worker's own: not its sibling
+        assert guards.ours(os.getpid())  # a child of the run's process
+        assert not guards.ours(1)
+    finally:
+        child.kill()
+        child.wait()

@@ -520,6 +520,8 @@ def test_record_notes_say_what_limits_a_figure():
     assert summary.notes(host, on_device=True) == ["throttled:power", "timing:host_clock"]
     assert summary.notes(host, on_device=False) == ["throttled:power"]  # all on the host: alike
     assert summary.notes(interpreted, on_device=False) == ["interpreted"]
+    assert summary.notes({**device, "retried_after": "OutOfMemoryError: ..."}, True) == [
+        "retried:out_of_memory"]
     text = summary.table([device, host, interpreted])
     line = next(x for x in text.splitlines() if x.split()[:1] == ["xla"])
     assert line.endswith("throttled:power timing:host_clock")
