@@ -43,10 +43,11 @@ CONTEXT_LOST_EXIT = 75  # the Makefile's bench target resumes the run on this ex
 HUNG_AFTER = 2
 OUT_OF_MEMORY = "out of memory"  # in torch's OutOfMemoryError ("CUDA out of memory. ...")
 _GIB = {"B": 2**-30, "KiB": 2**-20, "MiB": 2**-10, "GiB": 1.0, "TiB": 2**10}
-# torch's OutOfMemoryError: what it asked for, the card's size, what this process held
+# torch's OutOfMemoryError: what it asked for, the card's size, what this process held (other
+# processes' holdings, "Process N has X memory in use.", may come between)
 _TORCH_OOM = re.compile(r"Tried to allocate ([\d.]+) (\w+)\. GPU \d+ has a total capacity of "
-                        r"([\d.]+) (\w+) of which [\d.]+ \w+ is free\. Including non-PyTorch "
-                        r"memory, this process has ([\d.]+) (\w+) memory in use")
+                        r"([\d.]+) (\w+) of which [\d.]+ \w+ is free\..*?Including "
+                        r"non-PyTorch memory, this process has ([\d.]+) (\w+) memory in use")
 
 
 def _fits_without_others(reason: str) -> bool:

@@ -364,6 +364,10 @@ def test_a_torch_benchmark_out_of_memory_beside_the_jax_worker_runs_again_withou
         runner._workers.update(workers)
         record, _ = runner.run(b)
         assert record["status"] == "failed" and "retried_after" not in record, first
+    # other processes' holdings may be listed before this process's own
+    other = oom(77).replace("is free. ", "is free. Process 77 has 60.00 GiB memory in use. ")
+    assert not runner_mod._fits_without_others(other)
+    assert runner_mod._fits_without_others(other.replace("77.00 GiB", "16.00 GiB"))
     lost = runner_mod.Runner(Session((oom(16), {"context_lost": "AcceleratorError: x"}),
                                      ("", {})), "plugins")
     lost._workers["jax"] = Worker()
