@@ -34,7 +34,6 @@ TPU_ONLY = ("a TPU kernel, benchmarked on a TPU only: elsewhere it runs in the T
 HOPPER_ONLY = ("a Hopper GPU kernel, benchmarked on one only: elsewhere it runs in Mosaic GPU's "
                "interpreter, whose timings say nothing about the kernel (the tests check its "
                "results there)")
-# An interpreted kernel's memory (numpy arrays, XLA's emulation buffers) is not the kernel's.
 
 
 @dataclass(frozen=True)
@@ -452,7 +451,7 @@ class Session:
         phases += t.phases
         rec["flags"] = guards.flags()
         cold_s, warm_s = first.compile_times(t.median_s)
-        if "interpreted" in impl.tags:
+        if rec["interpreted"]:
             peak, peak_method = None, memory.INTERPRETED
         else:
             with timing.phase(phases, "memory"):

@@ -92,7 +92,8 @@ def _rss(fn: Callable[[], Any]) -> tuple[int, str]:
 
 XLA_METHOD = "xla.memory_analysis"
 XLA_CPU_PLAN = "xla.memory_analysis.cpu_plan"  # a lower bound: see the module's docstring
-# a kernel run in an interpreter here: its memory would be the interpreter's
+# a kernel run in an interpreter here: its memory (numpy arrays, XLA's emulation buffers) would
+# be the interpreter's, not the kernel's
 INTERPRETED = "not measured: the kernel runs in an interpreter here"
 
 
